@@ -36,7 +36,9 @@ def _rows(indices: Tensor, limit: int = 10) -> str:
 def _check_features(features: Mapping[str, Tensor]) -> list[str]:
     """Validate the feature tensors against each other; return the keys in sorted order."""
     if not isinstance(features, Mapping):
-        raise TypeError(f"features: expected a mapping of modality name -> tensor, got {type(features).__name__}")
+        raise TypeError(
+            f"features: expected a mapping of modality name -> tensor, got {type(features).__name__}"
+        )
     if len(features) == 0:
         raise ValueError("features: expected at least one modality, got an empty mapping")
     names = sorted(features)
@@ -63,7 +65,10 @@ def _check_present(
 ) -> tuple[int, dict[str, Tensor]]:
     """Validate ``present``; return the batch size and the masks of the featured modalities."""
     if not isinstance(present, Mapping):
-        raise TypeError(f"present: expected a mapping of modality name -> (B,) bool mask, got {type(present).__name__}")
+        raise TypeError(
+            "present: expected a mapping of modality name -> (B,) bool mask, "
+            f"got {type(present).__name__}"
+        )
     missing = [n for n in names if n not in present]
     if missing:
         raise ValueError(
@@ -161,7 +166,8 @@ def common_space_sum(
         t, mask = features[name], masks[name]
         if t.shape[0] == batch:
             # Full-batch tensor: absent rows are dropped (where, not multiply, so NaN there is ignored).
-            contribution = torch.where(mask[:, None, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+            zero = torch.zeros((), dtype=t.dtype, device=t.device)
+            contribution = torch.where(mask[:, None, None], t, zero)
             out = contribution if out is None else out + contribution
         else:
             base = out if out is not None else t.new_zeros((batch,) + tuple(t.shape[1:]))

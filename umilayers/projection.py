@@ -174,7 +174,8 @@ class FeatureProjection(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("num_tokens", num_tokens), ("heads", heads)):
+        sizes = {"in_dim": in_dim, "out_dim": out_dim, "num_tokens": num_tokens, "heads": heads}
+        for name, value in sizes.items():
             check_positive_int(name, value)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth: expected an int >= 0, got {depth!r}")
@@ -268,7 +269,9 @@ class FeatureProjection(nn.Module):
         """
         padding_mask = _check_inputs(x, padding_mask, self.in_dim)
         if self.max_tokens is not None and x.shape[1] > self.max_tokens:
-            raise ValueError(f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}")
+            raise ValueError(
+                f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
+            )
         if padding_mask is not None:
             # Padding values are never read: NaN there must not reach attention or the sums.
             x = x.masked_fill(padding_mask[..., None], 0.0)
@@ -334,7 +337,10 @@ class PooledProjection(nn.Module):
         self.proj = nn.Linear(in_dim, width, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_tokens={self.num_tokens}, mode={self.mode!r}"
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_tokens={self.num_tokens}, "
+            f"mode={self.mode!r}"
+        )
 
     def forward(
         self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
