@@ -100,14 +100,14 @@ class FeatureDataset(Dataset):
         arrays = self._arrays
         inputs, lengths = {}, {}
         for m in self.info.modalities:
-            inputs[m] = torch.from_numpy(np.asarray(arrays["features"][m][row], dtype=np.float32))
+            inputs[m] = torch.from_numpy(np.array(arrays["features"][m][row], dtype=np.float32))
             lens = arrays["lengths"][m]
             lengths[m] = int(lens[row]) if lens is not None else self.shapes[m][0]
         raw = np.asarray(arrays["targets"][row])
         if self.task == "classification":
             target = torch.tensor(int(raw), dtype=torch.int64)
         else:
-            target = torch.from_numpy(np.asarray(raw, dtype=np.float32))
+            target = torch.from_numpy(np.array(raw, dtype=np.float32))
         item = {
             "index": self.index_offset + int(row),
             "split_id": self.split_id,
