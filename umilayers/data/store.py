@@ -51,7 +51,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class StoreError(ValueError):
-    """A FeatureStore violates the ``umilayers-store/1`` format (the message names the file)."""
+    """A FeatureStore violates the ``umilayers-store/1`` format (the message names the file).
+
+    Example::
+
+        >>> try:
+        ...     FeatureStore("/nonexistent/store")
+        ... except StoreError as err:
+        ...     print(err)
+        /nonexistent/store/store.json: missing file (not a FeatureStore directory?)
+    """
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -232,16 +232,9 @@ def make_synthetic_store(
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     rng = np.random.default_rng(cfg.seed)
     layout = LAYOUTS[task]
-    names = sorted({m for mods in layout.values() for m in mods})
-    weak = WEAK_MODALITY[task]
-    shapes = {m: _shape(task, m, cfg) for m in names}
-    rank = {"classification": cfg.num_classes // 2, "regression": cfg.latent_dim,
-            "retrieval": 0}[task]
-    geometry = {}
-    for m in names:
-        r = rank or _LATENT.get(m, 2)
-        geometry[m] = _Modality(rng, *shapes[m], rank=r,
-                                noise=cfg.noise_weak if m == weak else cfg.noise)
+    geometry = _geometry(task, cfg, rng)
+    names = sorted(geometry)
+    shapes = {m: (g.tokens, g.dim) for m, g in geometry.items()}
     num_outputs = {"classification": cfg.num_classes, "regression": cfg.num_outputs,
                    "retrieval": cfg.embed_dim}[task]
     text = (cfg.text_tokens, cfg.text_dim) if task == "retrieval" else None
@@ -260,6 +253,18 @@ def make_synthetic_store(
                 lengths[m] = lens
         store.write_split(name, role, features, targets, lengths or None, **extra)
     return FeatureStore(path)
+
+
+def _geometry(task: str, cfg: SyntheticConfig, rng: np.random.Generator) -> dict[str, _Modality]:
+    """The fixed random geometry of every modality of ``task`` (the first draws of ``rng``)."""
+    names = sorted({m for mods in LAYOUTS[task].values() for m in mods})
+    rank = {"classification": cfg.num_classes // 2, "regression": cfg.latent_dim,
+            "retrieval": 0}[task]
+    return {
+        m: _Modality(rng, *_shape(task, m, cfg), rank=rank or _LATENT.get(m, 2),
+                     noise=cfg.noise_weak if m == WEAK_MODALITY[task] else cfg.noise)
+        for m in names
+    }
 
 
 class _ClassificationTask:
