@@ -696,7 +696,7 @@ def train_unimodal_encoder(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         history.append(total / count)
     model.eval()
