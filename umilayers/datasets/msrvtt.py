@@ -561,8 +561,9 @@ def split_arrays(
     """The arrays of every split, as written to the store.
 
     Returns:
-        split -> ``{"features": {m: (N, k_m, d_m)}, "lengths": {m: (N,)}, "text": (N, t, d),
-        "text_lengths": (N,)}``; a missing modality has length 0 and zero features.
+        split -> a dict with ``"features"`` (``{m: (N, k_m, d_m)}``), ``"lengths"``
+        (``{m: (N,)}``), ``"text"`` (``(N, t, d)``) and ``"text_lengths"`` (``(N,)``); a
+        missing modality has length 0 and zero features.
     """
     caps = dict(MAX_TOKENS) | dict(max_tokens or {})
     all_videos = [v for vids in splits.videos.values() for v in vids]
