@@ -24,6 +24,21 @@ from pathlib import Path
 from umilayers.datasets import msrvtt
 
 
+def _init_distributed(device: str) -> bool:
+    """Start the process group once for fit and evaluation under torchrun (then the recipe
+    reuses it instead of creating and destroying one per call)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
 def _fit_cli():
     try:
         from umilayers.cli import add_fit_arguments, fit_options
@@ -71,6 +86,16 @@ def build_parser(cli) -> argparse.ArgumentParser:
     return parser
 
 
+def _train(args, cli, store: Path, run: Path, rank: int) -> None:
+    from umilayers.recipes import fit
+
+    options = cli[1](args)
+    method = getattr(args, "method", "umi")
+    metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
+    if rank == 0:
+        print(json.dumps(metrics.get("test", metrics), indent=2))
+
+
 def main(argv=None) -> int:
     cli = _fit_cli()
     args = build_parser(cli).parse_args(argv)
@@ -101,13 +126,14 @@ def main(argv=None) -> int:
             print("error: training needs umilayers.recipes and umilayers.cli (not installed); "
                   "use --extract-only", file=sys.stderr)
             return 2
-        from umilayers.recipes import fit
+        owns_group = _init_distributed(getattr(args, "device", "auto"))
+        try:
+            _train(args, cli, store, run, rank)
+        finally:
+            if owns_group:
+                import torch.distributed as dist
 
-        options = cli[1](args)
-        method = getattr(args, "method", "umi")
-        metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
-        if rank == 0:
-            print(json.dumps(metrics.get("test", metrics), indent=2))
+                dist.destroy_process_group()
     except (msrvtt.MSRVTTDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -28,6 +28,21 @@ from pathlib import Path
 from umilayers.datasets import robot
 
 
+def _init_distributed(device: str) -> bool:
+    """Start the process group once for fit and evaluation under torchrun (then the recipe
+    reuses it instead of creating and destroying one per call)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
 def _fit_cli():
     try:
         from umilayers.cli import add_fit_arguments, fit_options
@@ -78,16 +93,22 @@ def _wait_for(path: Path, timeout_s: float = 24 * 3600) -> None:
         time.sleep(2.0)
 
 
-def evaluate_subsets(run: Path, store: Path, log=print) -> dict:
-    """MAE of the run's best model on the test split with each non-empty modality subset."""
+def evaluate_subsets(run: Path, store: Path, device: str = "auto", rank: int = 0, log=print) -> dict:
+    """MAE of the run's best model on the test split with each non-empty modality subset.
+
+    Under torchrun every rank calls this (evaluation is collective); only rank 0 writes.
+    """
     from umilayers.recipes import evaluate
 
     rows = []
     for subset in robot.subsets():
-        result = evaluate(run, store, split="test", modalities=list(subset))
+        result = evaluate(run, store, split="test", modalities=list(subset), device=device)
         rows.append({"modalities": list(subset), "mae": float(result["mae"])})
-        log(f"test MAE with {'+'.join(subset):28s} {rows[-1]['mae']:.4f}")
+        if rank == 0:
+            log(f"test MAE with {'+'.join(subset):28s} {rows[-1]['mae']:.4f}")
     summary = {"split": "test", "metric": "mae", "rows": rows}
+    if rank != 0:
+        return summary
     _atomic_write(run / "subsets.json", json.dumps(summary, indent=2) + "\n")
     lines = ["| modalities | test MAE |", "|---|---|"]
     lines += [f"| {' + '.join(r['modalities'])} | {r['mae']:.4f} |" for r in rows]
@@ -115,6 +136,17 @@ def _plot_subsets(rows, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _train(args, cli, store: Path, run: Path, rank: int) -> None:
+    from umilayers.recipes import fit
+
+    options = cli[1](args)
+    method = getattr(args, "method", "umi")
+    metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
+    if rank == 0:
+        print(json.dumps(metrics.get("test", metrics), indent=2))
+    evaluate_subsets(run, store, device=getattr(args, "device", "auto"), rank=rank)
 
 
 def main(argv=None) -> int:
@@ -145,15 +177,14 @@ def main(argv=None) -> int:
             print("error: training needs umilayers.recipes and umilayers.cli (not installed); "
                   "use --extract-only", file=sys.stderr)
             return 2
-        from umilayers.recipes import fit
+        owns_group = _init_distributed(getattr(args, "device", "auto"))
+        try:
+            _train(args, cli, store, run, rank)
+        finally:
+            if owns_group:
+                import torch.distributed as dist
 
-        options = cli[1](args)
-        options.pop("out", None)
-        method = getattr(args, "method", "umi")
-        metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
-        if rank == 0:
-            print(json.dumps(metrics.get("test", metrics), indent=2))
-            evaluate_subsets(run, store)
+                dist.destroy_process_group()
     except (robot.RobotDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
