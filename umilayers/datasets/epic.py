@@ -1135,8 +1135,8 @@ def extract_epic(
     in the store folder for verb/noun scoring.
 
     Returns:
-        ``{"splits": {name: clips}, "dropped": {name: clips}, "num_actions": int,
-        "modalities": {m: (tokens, dim)}}``.
+        A dict with ``splits`` (split name -> clips written), ``dropped`` (split name -> clips
+        dropped for missing inputs), ``num_actions`` and ``modalities`` (name -> (tokens, dim)).
     """
     from umilayers.data.store import FeatureStore
 
