@@ -315,7 +315,7 @@ def verb_noun_accuracy(
 
         >>> vocab = ActionVocabulary([(0, 0), (0, 1), (1, 1)])
         >>> verb_noun_accuracy(np.array([0, 2, 2]), np.array([1, 2, 0]), vocab)
-        {'action_top1': 0.3333333333333333, 'verb_top1': 0.6666666666666666, 'noun_top1': 0.6666666666666666}
+        {'action_top1': 0.3333333333333333, 'verb_top1': 0.6666666666666666, 'noun_top1': 0.3333333333333333}
     """
     predicted_actions = np.asarray(predicted_actions)
     true_actions = np.asarray(true_actions)
