@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ import tempfile
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "MODALITIES",
     "SETTINGS",
+    "ACTIONS_FILE",
     "EpicClip",
     "MissingInputError",
     "parse_timestamp",
