@@ -52,9 +52,14 @@ ASSIGNMENTS = ("label", "nearest")
 TASKS = ("classification", "regression", "retrieval")
 
 
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in its accumulation dtype: float16/bfloat16 go to float32, float64 stays."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _zero_like_graph(*tensors: Tensor) -> Tensor:
-    """A float32 zero connected to every tensor's graph (for empty batches)."""
-    return sum((t.sum() * 0.0).float() for t in tensors)  # type: ignore[return-value]
+    """A zero connected to every tensor's graph (for empty batches)."""
+    return sum(_acc(t.sum() * 0.0) for t in tensors)  # type: ignore[return-value]
 
 
 def _check_labels(name: str, labels, size: int, num: int, what: str) -> None:
@@ -73,7 +78,7 @@ def _check_labels(name: str, labels, size: int, num: int, what: str) -> None:
 
 
 def _mean_feature(features: Tensor, tokens: Tensor) -> Tensor:
-    """Check ``features`` against ``tokens`` and return the per-sample mean ``(B, D)`` in float32."""
+    """Check ``features`` against ``tokens``; return the per-sample mean ``(B, D)`` (see _acc)."""
     check_tensor("tokens", tokens, ("n_u", "D"), floating=True)
     sizes = {"D": int(tokens.shape[1])}
     check_tensor("features", features, None, floating=True)
@@ -83,7 +88,7 @@ def _mean_feature(features: Tensor, tokens: Tensor) -> Tensor:
         check_tensor("features", features, ("B", "D"), sizes)
     check_finite("features", features)
     check_finite("tokens", tokens)
-    return features.float().mean(1) if features.dim() == 3 else features.float()
+    return _acc(features).mean(1) if features.dim() == 3 else _acc(features)
 
 
 def assign_tokens(features: Tensor, tokens: Tensor) -> Tensor:
@@ -103,7 +108,7 @@ def assign_tokens(features: Tensor, tokens: Tensor) -> Tensor:
     """
     mean = _mean_feature(features, tokens)
     with torch.no_grad():
-        return _nearest(mean, tokens.float())
+        return _nearest(mean, _acc(tokens))
 
 
 def _nearest(mean: Tensor, tokens: Tensor) -> Tensor:
@@ -125,7 +130,7 @@ def alignment_loss(
     this mean and the sample's token, averaged over the batch. The token is ``tokens[labels]``
     for ``assign="label"`` (classification, one token per class) or the nearest token for
     ``assign="nearest"`` (the choice is not differentiated; the distance to the chosen token is).
-    Computed in float32 whatever the input dtype.
+    Computed in float32 for float16/bfloat16/float32 inputs (float64 stays float64).
 
     Args:
         features: ``(B, K, D)`` projected features of one modality, or ``(B, D)`` means.
@@ -134,7 +139,7 @@ def alignment_loss(
         assign: ``"label"`` or ``"nearest"``.
 
     Returns:
-        A float32 scalar. For ``B = 0`` a zero connected to the graph of both inputs.
+        A scalar. For ``B = 0`` a zero connected to the graph of both inputs.
 
     Raises:
         ValueError: wrong shapes (naming the argument), NaN/inf in ``features`` or ``tokens``,
@@ -156,10 +161,10 @@ def alignment_loss(
         index = labels.to(device=tokens.device, dtype=torch.long)
     else:
         with torch.no_grad():
-            index = _nearest(mean.detach(), tokens.detach().float())
+            index = _nearest(mean.detach(), _acc(tokens.detach()).to(mean.dtype))
     if mean.shape[0] == 0:
         return _zero_like_graph(features, tokens)
-    target = tokens.float()[index]
+    target = _acc(tokens).to(mean.dtype)[index]
     return (mean - target).pow(2).sum(-1).mean()
 
 
@@ -182,7 +187,7 @@ class AlignmentLoss(nn.Module):
     Shape:
         - features: ``(B, K, D)`` or ``(B, D)`` (already averaged over ``K``)
         - labels: ``(B,)`` integer, only for ``assign="label"``
-        - output: ``()`` float32
+        - output: ``()`` (float32; float64 for float64 inputs)
 
     Example::
 
@@ -261,7 +266,7 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     _check_labels("labels", labels, sizes["B"], sizes["C"], "class indices")
     if sizes["B"] == 0:
         return _zero_like_graph(logits)
-    return F.cross_entropy(logits.float(), labels.to(logits.device, torch.long))
+    return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long))
 
 
 def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor) -> Tensor:
@@ -287,8 +292,8 @@ def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor) -> Tensor:
         )
     if sizes["B"] == 0:
         return _zero_like_graph(logits, pseudo_probs)
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    return F.kl_div(log_q, pseudo_probs.float().to(logits.device), reduction="batchmean")
+    log_q = F.log_softmax(_acc(logits), dim=-1)
+    return F.kl_div(log_q, pseudo_probs.to(logits.device, log_q.dtype), reduction="batchmean")
 
 
 def _mse(pred: Tensor, target_name: str, target: Tensor) -> Tensor:
@@ -299,7 +304,8 @@ def _mse(pred: Tensor, target_name: str, target: Tensor) -> Tensor:
     check_finite(target_name, target)
     if sizes["B"] == 0:
         return _zero_like_graph(pred, target)
-    return F.mse_loss(pred.float(), target.float().to(pred.device))
+    pred = _acc(pred)
+    return F.mse_loss(pred, target.to(pred.device, pred.dtype))
 
 
 def regression_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -349,7 +355,7 @@ def triplet_loss(sim: Tensor, margin: float = 0.2) -> Tensor:
     n = int(sim.shape[0])
     if n <= 1:
         return _zero_like_graph(sim)
-    sim = sim.float()
+    sim = _acc(sim)
     positive = sim.diagonal()
     off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
     rows = F.relu(margin - positive[:, None] + sim)  # query i against every item j
@@ -363,13 +369,13 @@ def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     Shape:
         - a: ``(B, E)``
         - b: ``(B, E)``
-        - output: ``(B, B)`` float32
+        - output: ``(B, B)`` (float32, or float64 for float64 inputs)
     """
     sizes: dict = {}
     check_tensor("a", a, ("B", "E"), sizes, floating=True)
     check_tensor("b", b, ("B", "E"), sizes, floating=True)
-    a = F.normalize(a.float(), dim=-1, eps=eps)
-    b = F.normalize(b.float(), dim=-1, eps=eps)
+    a = F.normalize(_acc(a), dim=-1, eps=eps)
+    b = F.normalize(_acc(b), dim=-1, eps=eps).to(a.dtype)
     return a @ b.t()
 
 
