@@ -109,7 +109,7 @@ def test_alignment_empty_batch_is_zero_with_grad():
     module = AlignmentLoss(4, 3)
     features = torch.zeros(0, 5, 3, requires_grad=True)
     loss = module(features, labels=torch.zeros(0, dtype=torch.long))
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     loss.backward()
     assert features.grad.shape == features.shape
     assert torch.equal(module.tokens.grad, torch.zeros(4, 3))
