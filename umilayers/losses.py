@@ -416,8 +416,8 @@ class TaskLoss(nn.Module):
         >>> float(loss.supervised(logits, torch.tensor([0, 1, 2, 4]))) > 0
         True
         >>> probs = torch.softmax(logits, dim=-1)
-        >>> round(float(loss.pseudo(logits, probs)), 6)
-        0.0
+        >>> abs(float(loss.pseudo(logits, probs))) < 1e-6  # KL of a distribution to itself
+        True
         >>> TaskLoss("retrieval", margin=0.1).supervised(torch.randn(3, 8), torch.randn(3, 8)).shape
         torch.Size([])
     """
