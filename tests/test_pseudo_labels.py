@@ -71,9 +71,9 @@ def test_averages_match_numpy_reference(n, c, num_modalities, total_epochs, wind
 def test_error_bound_values_and_fp16_is_much_coarser_than_fp32():
     fp16 = PseudoLabelBank(1, 1, ["a"], 10, 10)
     fp32 = PseudoLabelBank(1, 1, ["a"], 10, 10, dtype=torch.float32)
-    assert fp16.error_bound() == pytest.approx(5.5 * (2**-11 + 4 * 2**-24 + 2**-25))
+    assert fp16.error_bound() == pytest.approx(5.5 * (2**-11 + 8 * 2**-24 + 2**-25))
     assert fp16.error_bound() < 3e-3
-    assert fp32.error_bound() < 2e-6
+    assert fp32.error_bound() < 3.1e-6
     # the bound is not vacuous: plain float16 rounding of 1/3 already costs ~1e-4
     bank = PseudoLabelBank(1, 1, ["a"], 1, 1)
     bank.update("a", torch.tensor([0]), torch.tensor([[1 / 3]]), 0)
