@@ -38,7 +38,8 @@ On disk
 ``storage=path`` keeps the arrays in ``.npy`` files mapped into memory (a numpy memmap:
 ``mean.<modality>.npy``, ``seen.<modality>.npy``, plus ``bank.json``), so the process holds only
 the pages it touched since the last release; the bank releases them (``madvise(DONTNEED)``,
-the data stays in the file and the page cache) once ``resident_budget`` bytes were touched.
+the data stays in the file and the page cache) once ``resident_budget`` bytes were touched;
+the maps are advised ``MADV_RANDOM`` so that touching a row does not map its neighbours.
 :meth:`PseudoLabelBank.save` writes the same layout, every file to a temporary name in the
 same folder and then renamed (``os.replace``), ``bank.json`` last;
 :meth:`PseudoLabelBank.load` reads it back bit-exactly, in memory or mapped.
@@ -179,8 +180,9 @@ class PseudoLabelBank:
         dtype: storage dtype of the means: ``torch.float16`` (default), ``torch.bfloat16`` or
             ``torch.float32``.
         overwrite: replace a bank already in ``storage``.
-        resident_budget: memmap mode only: bytes of mapped pages touched before the bank
-            releases them from the process (default 64 MiB).
+        resident_budget: memmap mode only: bytes of mapped pages (counted pessimistically, in
+            whole pages) touched before the bank releases them from the process (default
+            64 MiB).
 
     Raises:
         ValueError: bad sizes, window, modality names or dtype; see also each method.
@@ -298,6 +300,11 @@ class PseudoLabelBank:
                                  np.dtype("<i8"), True)
             self._maps.append(mm)
             self._seen[m] = torch.from_numpy(array)
+        if hasattr(mmap, "MADV_RANDOM"):
+            # rows are visited in a random order: no readahead, and no "fault-around" mapping
+            # 64 KiB of neighbours per touched row, which would multiply the resident size
+            for mm in self._maps:
+                mm.madvise(mmap.MADV_RANDOM)
 
     @property
     def _np_dtype(self) -> np.dtype:
@@ -591,7 +598,9 @@ class PseudoLabelBank:
     def _note_touched(self, rows: int) -> None:
         if not self._maps:
             return
-        self._touched += rows * self.num_outputs * self.dtype.itemsize
+        # pessimistic, in whole pages: a row of the means spans up to two pages more than its
+        # bytes, and its bit mask maps one page of its own
+        self._touched += rows * (self.num_outputs * self.dtype.itemsize + 3 * mmap.PAGESIZE)
         if self._touched >= self.resident_budget:
             self.release()
 
