@@ -113,7 +113,7 @@ def test_alignment_empty_batch_is_zero_with_grad():
     loss.backward()
     assert features.grad.shape == features.shape
     assert torch.equal(module.tokens.grad, torch.zeros(4, 3))
-    assert float(AlignmentLoss(4, 3, assign="nearest")(torch.zeros(0, 3))) == 0.0
+    assert AlignmentLoss(4, 3, assign="nearest")(torch.zeros(0, 3)).item() == 0.0
 
 
 def test_alignment_errors():
@@ -222,17 +222,17 @@ def test_triplet_zero_when_positives_win_by_margin_and_symmetric():
 def test_triplet_small_batches():
     sim = torch.randn(1, 1, requires_grad=True)
     loss = triplet_loss(sim)
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     loss.backward()
     assert sim.grad is not None
 
 
 def test_empty_batches_are_zero():
     logits = torch.zeros(0, 3, requires_grad=True)
-    assert float(classification_loss(logits, torch.zeros(0, dtype=torch.long))) == 0.0
-    assert float(classification_pseudo_loss(logits, torch.zeros(0, 3))) == 0.0
-    assert float(regression_loss(logits, torch.zeros(0, 3))) == 0.0
-    assert float(triplet_loss(torch.zeros(0, 0))) == 0.0
+    assert classification_loss(logits, torch.zeros(0, dtype=torch.long)).item() == 0.0
+    assert classification_pseudo_loss(logits, torch.zeros(0, 3)).item() == 0.0
+    assert regression_loss(logits, torch.zeros(0, 3)).item() == 0.0
+    assert triplet_loss(torch.zeros(0, 0)).item() == 0.0
 
 
 def test_task_loss_errors():
@@ -290,3 +290,16 @@ def test_task_loss_gradients_flow():
         pred = torch.randn(3, 3, requires_grad=True)
         TaskLoss(task, margin=1.0).supervised(pred, target).backward()
         assert pred.grad.abs().sum() > 0, task
+
+
+def test_task_loss_under_autocast_and_compile():
+    logits, labels = torch.randn(4, 6), torch.tensor([0, 5, 2, 2])
+    loss = TaskLoss("classification")
+    expected = loss(logits, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(logits.bfloat16(), labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **tol(torch.bfloat16))
+    compiled = torch.compile(triplet_loss, backend="eager")
+    sim = torch.randn(5, 5)
+    torch.testing.assert_close(compiled(sim, 0.2), triplet_loss(sim, 0.2))
