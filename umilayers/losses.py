@@ -1,0 +1,471 @@
+"""Losses of the method: the feature alignment loss (Eq. 1) and the per-task losses of Eq. 3.
+
+The training objective of the paper is ``L = lambda * L_align + L_supervised + alpha * L_pseudo``
+(Eq. 3). This module gives each term as a pure function plus a thin ``nn.Module``:
+
+- :func:`alignment_loss` / :class:`AlignmentLoss`: squared Euclidean distance between each
+  sample's mean projected feature and a learnable token (the class's token, or the nearest one).
+- :func:`classification_loss` (cross-entropy) and :func:`classification_pseudo_loss`
+  (``KL(pseudo || softmax(logits))``, batch mean);
+- :func:`regression_loss` and :func:`regression_pseudo_loss` (mean squared error, "L2");
+- :func:`triplet_loss`: max-margin ranking over a ``(B, B)`` similarity matrix, both directions,
+  positives on the diagonal (as Collaborative Experts' ``MaxMarginRankingLoss`` with
+  ``fix_norm=True``);
+- :class:`TaskLoss` dispatches supervised and pseudo losses per task for the model.
+
+Every function checks its inputs at the boundary (shapes, label ranges, NaN/inf) and raises a
+``ValueError``/``TypeError`` naming the argument. An empty batch (``B = 0``) gives a zero that
+is still connected to the inputs' graph, so ``backward()`` works and adds zero gradients.
+
+Shape letters: ``B`` batch, ``K`` tokens, ``D`` width, ``C`` classes or outputs, ``E`` embedding
+size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from umilayers._validation import check_choice, check_finite, check_positive_int, check_tensor
+
+__all__ = [
+    "ASSIGNMENTS",
+    "TASKS",
+    "alignment_loss",
+    "assign_tokens",
+    "AlignmentLoss",
+    "classification_loss",
+    "classification_pseudo_loss",
+    "regression_loss",
+    "regression_pseudo_loss",
+    "triplet_loss",
+    "cosine_similarity_matrix",
+    "TaskLoss",
+]
+
+#: Token assignments of :class:`AlignmentLoss`.
+ASSIGNMENTS = ("label", "nearest")
+#: Tasks served by :class:`TaskLoss`.
+TASKS = ("classification", "regression", "retrieval")
+
+
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in its accumulation dtype: float16/bfloat16 go to float32, float64 stays."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _zero_like_graph(*tensors: Tensor) -> Tensor:
+    """A zero connected to every tensor's graph (for empty batches)."""
+    return sum(_acc(t.sum() * 0.0) for t in tensors)  # type: ignore[return-value]
+
+
+def _check_labels(name: str, labels, size: int, num: int, what: str) -> None:
+    check_tensor(name, labels, ("B",), {"B": size})
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num:
+        bad = int(((labels < 0) | (labels >= num)).sum())
+        raise ValueError(
+            f"{name}: expected values in [0, {num}) ({what}), got min {lo}, max {hi} "
+            f"({bad} of {labels.numel()} out of range)"
+        )
+
+
+def _mean_feature(features: Tensor, tokens: Tensor) -> Tensor:
+    """Check ``features`` against ``tokens``; return the per-sample mean ``(B, D)`` (see _acc)."""
+    check_tensor("tokens", tokens, ("n_u", "D"), floating=True)
+    sizes = {"D": int(tokens.shape[1])}
+    check_tensor("features", features, None, floating=True)
+    if features.dim() == 3:
+        check_tensor("features", features, ("B", "K", "D"), sizes)
+    else:
+        check_tensor("features", features, ("B", "D"), sizes)
+    check_finite("features", features)
+    check_finite("tokens", tokens)
+    return _acc(features).mean(1) if features.dim() == 3 else _acc(features)
+
+
+def assign_tokens(features: Tensor, tokens: Tensor) -> Tensor:
+    """Index of the nearest token (squared Euclidean distance) for each sample's mean feature.
+
+    Args:
+        features: ``(B, K, D)`` projected features, or ``(B, D)`` means.
+        tokens: ``(n_u, D)`` alignment tokens.
+
+    Returns:
+        ``(B,)`` int64 indices into ``tokens``; ties go to the lowest index.
+
+    Shape:
+        - features: ``(B, K, D)`` or ``(B, D)``
+        - tokens: ``(n_u, D)``
+        - output: ``(B,)``
+    """
+    mean = _mean_feature(features, tokens)
+    with torch.no_grad():
+        return _nearest(mean, _acc(tokens))
+
+
+def _nearest(mean: Tensor, tokens: Tensor) -> Tensor:
+    # ||x - u||^2 = ||x||^2 - 2 x.u + ||u||^2; ||x||^2 is constant per row, so drop it.
+    scores = tokens.pow(2).sum(-1)[None, :] - 2.0 * mean @ tokens.t()
+    return scores.argmin(dim=1)
+
+
+def alignment_loss(
+    features: Tensor,
+    tokens: Tensor,
+    labels: Optional[Tensor] = None,
+    assign: str = "label",
+) -> Tensor:
+    """Feature alignment loss (Eq. 1): squared distance of each mean feature to its token.
+
+    For each sample the projected features are averaged over the ``K`` tokens (a ``(B, D)``
+    input is taken to be that mean already); the loss is the squared Euclidean distance between
+    this mean and the sample's token, averaged over the batch. The token is ``tokens[labels]``
+    for ``assign="label"`` (classification, one token per class) or the nearest token for
+    ``assign="nearest"`` (the choice is not differentiated; the distance to the chosen token is).
+    Computed in float32 for float16/bfloat16/float32 inputs (float64 stays float64).
+
+    Args:
+        features: ``(B, K, D)`` projected features of one modality, or ``(B, D)`` means.
+        tokens: ``(n_u, D)`` alignment tokens.
+        labels: ``(B,)`` integer class labels in ``[0, n_u)``; required for ``"label"``.
+        assign: ``"label"`` or ``"nearest"``.
+
+    Returns:
+        A scalar. For ``B = 0`` a zero connected to the graph of both inputs.
+
+    Raises:
+        ValueError: wrong shapes (naming the argument), NaN/inf in ``features`` or ``tokens``,
+            ``assign="label"`` without labels, labels out of ``[0, n_u)``.
+
+    Shape:
+        - features: ``(B, K, D)`` or ``(B, D)``
+        - tokens: ``(n_u, D)``
+        - labels: ``(B,)``
+        - output: ``()``
+    """
+    check_choice("assign", assign, ASSIGNMENTS)
+    mean = _mean_feature(features, tokens)
+    num_tokens = int(tokens.shape[0])
+    if assign == "label":
+        if labels is None:
+            raise ValueError('labels: required when assign="label", got None')
+        _check_labels("labels", labels, int(mean.shape[0]), num_tokens, "one token per class")
+        index = labels.to(device=tokens.device, dtype=torch.long)
+    else:
+        with torch.no_grad():
+            index = _nearest(mean.detach(), _acc(tokens.detach()).to(mean.dtype))
+    if mean.shape[0] == 0:
+        return _zero_like_graph(features, tokens)
+    target = _acc(tokens).to(mean.dtype)[index]
+    return (mean - target).pow(2).sum(-1).mean()
+
+
+class AlignmentLoss(nn.Module):
+    """Learnable alignment tokens and the feature alignment loss of Eq. 1.
+
+    Holds ``num_tokens`` tokens ``u`` of width ``dim``, initialised from ``N(0, 0.02^2)`` (the
+    small-normal init timm uses for learned tokens: tokens start near the origin, close to the
+    mean of freshly projected features, so the loss starts small and does not dominate Eq. 3).
+    The model calls it once per modality present and sums the results.
+
+    Args:
+        num_tokens: ``n_u``; one per class for ``assign="label"`` (3,806 for EPIC-Kitchens),
+            a free number for ``"nearest"`` (128 in the paper's robot and MSR-VTT settings).
+        dim: ``D``, the width of the projected features.
+        assign: ``"label"`` (the class's token) or ``"nearest"`` (nearest token).
+        device: factory keyword for the tokens.
+        dtype: factory keyword for the tokens.
+
+    Shape:
+        - features: ``(B, K, D)`` or ``(B, D)`` (already averaged over ``K``)
+        - labels: ``(B,)`` integer, only for ``assign="label"``
+        - output: ``()`` (float32; float64 for float64 inputs)
+
+    Example::
+
+        >>> import torch
+        >>> loss_fn = AlignmentLoss(num_tokens=10, dim=8)
+        >>> features = torch.randn(4, 16, 8, requires_grad=True)
+        >>> loss = loss_fn(features, labels=torch.tensor([0, 3, 3, 9]))
+        >>> loss.shape, bool(loss > 0)
+        (torch.Size([]), True)
+        >>> loss.backward()
+        >>> loss_fn.tokens.grad.shape
+        torch.Size([10, 8])
+        >>> nearest = AlignmentLoss(num_tokens=5, dim=8, assign="nearest")
+        >>> nearest.assign(features).shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        assign: str = "label",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("num_tokens", num_tokens)
+        check_positive_int("dim", dim)
+        check_choice("assign", assign, ASSIGNMENTS)
+        self.num_tokens = num_tokens
+        self.dim = dim
+        self.assignment = assign
+        self.tokens = nn.Parameter(torch.empty(num_tokens, dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the tokens from ``N(0, 0.02^2)``."""
+        nn.init.normal_(self.tokens, std=0.02)
+
+    def assign(self, features: Tensor) -> Tensor:
+        """Index of each sample's nearest token (squared Euclidean distance), ``(B,)`` int64."""
+        return assign_tokens(features, self.tokens)
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """Alignment loss of ``features`` to the tokens (see :func:`alignment_loss`).
+
+        Shape:
+            - features: ``(B, K, D)`` or ``(B, D)``
+            - labels: ``(B,)``
+            - output: ``()``
+        """
+        return alignment_loss(features, self.tokens, labels, assign=self.assignment)
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, dim={self.dim}, assign={self.assignment!r}"
+
+
+# ----------------------------------------------------------------------------- task losses
+
+
+def _check_logits(name: str, logits: Tensor, sizes: dict) -> None:
+    check_tensor(name, logits, ("B", "C"), sizes, floating=True)
+    check_finite(name, logits)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of ``logits`` against integer ``labels`` (mean over the batch).
+
+    Shape:
+        - logits: ``(B, C)``
+        - labels: ``(B,)`` integer in ``[0, C)``
+        - output: ``()``
+    """
+    sizes: dict = {}
+    _check_logits("logits", logits, sizes)
+    _check_labels("labels", labels, sizes["B"], sizes["C"], "class indices")
+    if sizes["B"] == 0:
+        return _zero_like_graph(logits)
+    return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long))
+
+
+def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor) -> Tensor:
+    """``KL(pseudo || softmax(logits))`` summed over classes, averaged over the batch.
+
+    The paper's pseudo-label loss for classification. ``pseudo_probs`` are the averaged
+    unimodal softmax outputs of :class:`umilayers.PseudoLabelBank`; they must be non-negative
+    but need not sum exactly to 1 (a float16 bank rounds them; see its error bound). Zero
+    entries contribute zero (``0 log 0 = 0``).
+
+    Shape:
+        - logits: ``(B, C)``
+        - pseudo_probs: ``(B, C)``
+        - output: ``()``
+    """
+    sizes: dict = {}
+    _check_logits("logits", logits, sizes)
+    check_tensor("pseudo_probs", pseudo_probs, ("B", "C"), sizes, floating=True)
+    check_finite("pseudo_probs", pseudo_probs)
+    if pseudo_probs.numel() and float(pseudo_probs.min()) < 0:
+        raise ValueError(
+            f"pseudo_probs: expected probabilities >= 0, got min {float(pseudo_probs.min()):.4g}"
+        )
+    if sizes["B"] == 0:
+        return _zero_like_graph(logits, pseudo_probs)
+    log_q = F.log_softmax(_acc(logits), dim=-1)
+    return F.kl_div(log_q, pseudo_probs.to(logits.device, log_q.dtype), reduction="batchmean")
+
+
+def _mse(pred: Tensor, target_name: str, target: Tensor) -> Tensor:
+    sizes: dict = {}
+    check_tensor("pred", pred, ("B", "C"), sizes, floating=True)
+    check_tensor(target_name, target, ("B", "C"), sizes, floating=True)
+    check_finite("pred", pred)
+    check_finite(target_name, target)
+    if sizes["B"] == 0:
+        return _zero_like_graph(pred, target)
+    pred = _acc(pred)
+    return F.mse_loss(pred, target.to(pred.device, pred.dtype))
+
+
+def regression_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error (the paper's "L2" loss), averaged over every element.
+
+    Shape:
+        - pred: ``(B, C)``
+        - target: ``(B, C)``
+        - output: ``()``
+    """
+    return _mse(pred, "target", target)
+
+
+def regression_pseudo_loss(pred: Tensor, pseudo_target: Tensor) -> Tensor:
+    """Mean squared error against averaged unimodal predictions (same as :func:`regression_loss`).
+
+    Shape:
+        - pred: ``(B, C)``
+        - pseudo_target: ``(B, C)``
+        - output: ``()``
+    """
+    return _mse(pred, "pseudo_target", pseudo_target)
+
+
+def triplet_loss(sim: Tensor, margin: float = 0.2) -> Tensor:
+    """Bidirectional max-margin ranking loss over a batch similarity matrix.
+
+    ``sim[i, j]`` is the similarity of query ``i`` (say a caption) and item ``j`` (a video);
+    matching pairs lie on the diagonal. Every off-diagonal entry is a negative in both
+    directions::
+
+        loss = mean over i != j of  relu(margin - sim[i, i] + sim[i, j])   (row: i -> videos)
+                               and  relu(margin - sim[i, i] + sim[j, i])   (column: i -> texts)
+
+    i.e. the mean of ``2 B (B - 1)`` hinge terms, as Collaborative Experts'
+    ``MaxMarginRankingLoss(fix_norm=True)``. With ``B <= 1`` there is no negative and the loss
+    is a zero connected to the graph.
+
+    Shape:
+        - sim: ``(B, B)``
+        - output: ``()``
+    """
+    check_tensor("sim", sim, ("B", "B"), floating=True)
+    check_finite("sim", sim)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+        raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
+    n = int(sim.shape[0])
+    if n <= 1:
+        return _zero_like_graph(sim)
+    sim = _acc(sim)
+    positive = sim.diagonal()
+    off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    rows = F.relu(margin - positive[:, None] + sim)  # query i against every item j
+    cols = F.relu(margin - positive[None, :] + sim)  # item j against every query i
+    return (rows[off].sum() + cols[off].sum()) / (2 * n * (n - 1))
+
+
+def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(B, B)`` cosine similarities ``sim[i, j] = cos(a[i], b[j])``.
+
+    Shape:
+        - a: ``(B, E)``
+        - b: ``(B, E)``
+        - output: ``(B, B)`` (float32, or float64 for float64 inputs)
+    """
+    sizes: dict = {}
+    check_tensor("a", a, ("B", "E"), sizes, floating=True)
+    check_tensor("b", b, ("B", "E"), sizes, floating=True)
+    a = F.normalize(_acc(a), dim=-1, eps=eps)
+    b = F.normalize(_acc(b), dim=-1, eps=eps).to(a.dtype)
+    return a @ b.t()
+
+
+class TaskLoss(nn.Module):
+    """Supervised and pseudo-label losses of Eq. 3 for one task.
+
+    ============== =============================== ==========================================
+    task           ``supervised(pred, target)``    ``pseudo(pred, pseudo_target)``
+    ============== =============================== ==========================================
+    classification CE(logits, labels)              KL(pseudo_probs || softmax(logits))
+    regression     MSE(pred, target)               MSE(pred, pseudo_target)
+    retrieval      triplet(cos(text, video))       triplet(cos(pseudo_target, pred))
+    ============== =============================== ==========================================
+
+    Retrieval: ``pred`` is the ``(B, E)`` video embedding of a branch and ``target`` the
+    ``(B, E)`` text embedding of its caption; the similarity matrix is the cosine similarity
+    ``sim[i, j] = cos(target[i], pred[j])`` (text i against video j) and the loss is
+    :func:`triplet_loss`. The pseudo loss does the same between the pseudo branch's embeddings
+    and the pseudo-label embeddings (the averaged, L2-normalised unimodal video embeddings of
+    the bank): each sample's embedding must be closer to its own pseudo-label than to the
+    other samples' pseudo-labels, by ``margin``.
+
+    Args:
+        task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
+        margin: the triplet margin (retrieval only).
+
+    Shape:
+        - pred: ``(B, C)`` logits / values, or ``(B, E)`` embeddings
+        - target: ``(B,)`` integer labels (classification) or ``(B, C)`` / ``(B, E)``
+        - pseudo_target: ``(B, C)`` or ``(B, E)``
+        - output: ``()``
+
+    Example::
+
+        >>> import torch
+        >>> loss = TaskLoss("classification")
+        >>> logits = torch.randn(4, 5)
+        >>> float(loss.supervised(logits, torch.tensor([0, 1, 2, 4]))) > 0
+        True
+        >>> probs = torch.softmax(logits, dim=-1)
+        >>> abs(float(loss.pseudo(logits, probs))) < 1e-6  # KL of a distribution to itself
+        True
+        >>> TaskLoss("retrieval", margin=0.1).supervised(torch.randn(3, 8), torch.randn(3, 8)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, task: str, margin: float = 0.2) -> None:
+        super().__init__()
+        check_choice("task", task, TASKS)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
+        self.task = task
+        self.margin = float(margin)
+
+    def supervised(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Loss of a branch's output against the ground truth (see the class table)."""
+        if self.task == "classification":
+            return classification_loss(pred, target)
+        if self.task == "regression":
+            return regression_loss(pred, target)
+        return triplet_loss(self._similarity("pred", pred, "target", target), self.margin)
+
+    def pseudo(self, pred: Tensor, pseudo_target: Tensor) -> Tensor:
+        """Loss of the pseudo branch's output against pseudo-labels (see the class table)."""
+        if self.task == "classification":
+            return classification_pseudo_loss(pred, pseudo_target)
+        if self.task == "regression":
+            return regression_pseudo_loss(pred, pseudo_target)
+        return triplet_loss(
+            self._similarity("pred", pred, "pseudo_target", pseudo_target), self.margin
+        )
+
+    @staticmethod
+    def _similarity(pred_name: str, pred: Tensor, target_name: str, target: Tensor) -> Tensor:
+        sizes: dict = {}
+        check_tensor(pred_name, pred, ("B", "E"), sizes, floating=True)
+        check_tensor(target_name, target, ("B", "E"), sizes, floating=True)
+        check_finite(pred_name, pred)
+        check_finite(target_name, target)
+        return cosine_similarity_matrix(target, pred)
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Same as :meth:`supervised`.
+
+        Shape:
+            - pred: ``(B, C)`` or ``(B, E)``
+            - target: ``(B,)``, ``(B, C)`` or ``(B, E)``
+            - output: ``()``
+        """
+        return self.supervised(pred, target)
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}" + (f", margin={self.margin}" if self.task == "retrieval" else "")
