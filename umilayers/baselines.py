@@ -231,15 +231,17 @@ class UnimodalModel(_BaselineMixin, nn.Module):
             if not isinstance(present, Mapping) or m not in present:
                 raise ValueError(f"present: expected a mapping with a mask for {m!r}")
             own_present = {m: present[m]}
+            check_bool_mask(f"present[{m!r}]", present[m], (None,))
+            lacking = int((~present[m]).sum())
+            if lacking:
+                raise ValueError(
+                    f"present[{m!r}]: UnimodalModel({m!r}) needs the modality on every row; {lacking} of "
+                    f"{present[m].shape[0]} rows lack it (select the rows with present[{m!r}])"
+                )
         own_masks = None
         if padding_masks is not None and padding_masks.get(m) is not None:
             own_masks = {m: padding_masks[m]}
-        batch, masks = check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim})
-        if inputs[m].shape[0] != batch:
-            raise ValueError(
-                f"present[{m!r}]: UnimodalModel({m!r}) needs the modality on every row; "
-                f"{batch - inputs[m].shape[0]} of {batch} rows lack it (select rows with present[{m!r}])"
-            )
+        _, masks = check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim})
         out = self.predict(inputs[m], None if own_masks is None else own_masks[m])
         branch = out[:, None]
         return UMIOutput(
