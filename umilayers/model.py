@@ -70,6 +70,13 @@ class UMIOutput:
         present: modality -> ``(B,)`` bool, the rows that had the modality.
         modality_outputs: modality -> ``(B_m, C)`` per-modality predictions on the rows having
             it (late fusion and unimodal models; empty for the others).
+
+    Example::
+
+        >>> import torch
+        >>> out = UMIOutput(prediction=torch.zeros(2, 3), branch_outputs=torch.zeros(2, 1, 3))
+        >>> out.branch_outputs.shape[1], out.modality_features
+        (1, {})
     """
 
     prediction: Tensor
@@ -83,7 +90,15 @@ class UMIOutput:
 class LossOutput:
     """Eq. 3 of the paper, total and terms: ``total = lambda * align + supervised + alpha * pseudo``.
 
-    Every field is a scalar tensor; a disabled term is an exact 0 (not weighted: the raw term).
+    Every field is a scalar tensor holding the raw (unweighted) term; a disabled term is an
+    exact 0.
+
+    Example::
+
+        >>> import torch
+        >>> t = torch.tensor
+        >>> LossOutput(total=t(2.5), align=t(0.0), supervised=t(2.0), pseudo=t(0.5)).total
+        tensor(2.5000)
     """
 
     total: Tensor
