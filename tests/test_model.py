@@ -197,10 +197,10 @@ def test_loss_terms_follow_eq3(task):
 
 
 def test_alignment_uses_label_tokens_for_classes_and_nearest_otherwise():
-    assert make_model().alignment.assign == "label"
-    assert make_model().alignment.tokens.shape[0] == C
+    model = make_model()
+    assert model.config.align_assign == "label" and model.alignment.tokens.shape[0] == C
     model = make_model("regression")
-    assert model.alignment.assign == "nearest" and model.alignment.tokens.shape[0] == 128
+    assert model.config.align_assign == "nearest" and model.alignment.tokens.shape[0] == 128
     assert make_model("regression", num_align_tokens=7).alignment.tokens.shape[0] == 7
 
 
