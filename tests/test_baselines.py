@@ -237,7 +237,8 @@ def test_build_model_maps_methods_to_modules():
 
 @pytest.mark.parametrize("method", ["umi", "pooled", "late-fusion", "vanilla", "unimodal"])
 def test_model_spec_round_trip(method):
-    kw = dict(modality_dims=DIMS, num_outputs=C, task="retrieval", text_dim=TEXT_DIM, dim=16, depth=1, heads=2, num_tokens=4)
+    kw = dict(modality_dims=DIMS, num_outputs=C, task="retrieval", text_dim=TEXT_DIM, dim=16, depth=1, heads=2,
+              num_tokens=4)
     if method == "unimodal":
         kw["modality"] = "audio"
     model = build_model(method, **kw).eval()

@@ -162,7 +162,8 @@ def test_token_layout_is_contiguous_per_branch():
     assert tokens.shape == (2, 9, 16)
     for g in range(3):
         torch.testing.assert_close(tokens[:, 3 * g], model.readout[g].expand(2, -1))
-        torch.testing.assert_close(tokens[:, 3 * g + 1 : 3 * g + 3], fused[:, 2 * g : 2 * g + 2] + model.positions[2 * g : 2 * g + 2])
+        slots = fused[:, 2 * g : 2 * g + 2] + model.positions[2 * g : 2 * g + 2]
+        torch.testing.assert_close(tokens[:, 3 * g + 1 : 3 * g + 3], slots)
     assert model.transformer.groups == 3
 
 
@@ -212,7 +213,8 @@ def test_disabled_terms_are_zero_and_structure_changes():
     targets = targets_for("classification", 4)
     losses = model.loss(out, targets)
     assert losses.align.item() == 0 and losses.pseudo.item() == 0
-    expected = (F.cross_entropy(out.branch_outputs[:, 0], targets) + F.cross_entropy(out.branch_outputs[:, 1], targets)) / 2
+    b0, b1 = out.branch_outputs[:, 0], out.branch_outputs[:, 1]
+    expected = (F.cross_entropy(b0, targets) + F.cross_entropy(b1, targets)) / 2
     torch.testing.assert_close(losses.supervised, expected)  # both branches supervised by ground truth
     torch.testing.assert_close(losses.total, losses.supervised)
     with pytest.raises(ValueError, match="use_pseudo=False"):

@@ -321,7 +321,9 @@ class UMIConfig:
                 raise ValueError("text_dim: required for task='retrieval' (the caption feature size)")
             check_positive_int("text_dim", self.text_dim)
         elif self.text_dim is not None:
-            raise ValueError(f"text_dim: only used by task='retrieval', got text_dim={self.text_dim} for task={self.task!r}")
+            raise ValueError(
+                f"text_dim: only used by task='retrieval', got text_dim={self.text_dim} for task={self.task!r}"
+            )
 
     @property
     def align_assign(self) -> str:
