@@ -376,3 +376,23 @@ def test_masked_mean_ignores_padding_values():
     y[0, 2:] = float("nan")
     torch.testing.assert_close(masked_mean(y, mask)[0], x[0, :2].mean(0))
     torch.testing.assert_close(masked_mean(y, mask)[1], x[1].mean(0))
+
+
+def test_accepts_a_collated_batch():
+    from umilayers.data.dataset import collate
+
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"index": 0, "split_id": 0, "inputs": {"rgb": torch.randn(5, 6, generator=g)}, "lengths": {"rgb": 4},
+         "target": torch.tensor(1)},
+        {"index": 7, "split_id": 1, "inputs": {"audio": torch.randn(3, 4, generator=g)}, "lengths": {"audio": 3},
+         "target": torch.tensor(3)},
+        {"index": 9, "split_id": 1, "inputs": {"audio": torch.randn(3, 4, generator=g)}, "lengths": {"audio": 3},
+         "target": torch.tensor(0)},
+    ]
+    batch = collate(items)
+    model = make_model()
+    out = model(batch.inputs, batch.padding_masks, batch.present)
+    assert out.prediction.shape == (3, C)
+    losses = model.loss(out, batch.targets, pseudo_for("classification", 3))
+    assert torch.isfinite(losses.total)
