@@ -1,0 +1,3 @@
+"""Adapters from real datasets' own formats to a FeatureStore."""
+
+__all__: list[str] = []
