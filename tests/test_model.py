@@ -1,0 +1,398 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.tolerances import tol
+from umilayers.losses import triplet_loss
+from umilayers.model import UMIConfig, UMIOutput, UnseenModalityModel, masked_mean
+from umilayers.projection import FeatureProjection, PooledProjection
+
+DIMS = {"audio": 4, "rgb": 6}
+C = 5
+TEXT_DIM = 7
+
+
+def make_model(task="classification", **overrides):
+    torch.manual_seed(0)
+    kwargs = dict(
+        modality_dims=DIMS, num_outputs=C, task=task, dim=16, num_tokens=4, projection_depth=1,
+        fusion_depth=1, heads=2, text_dim=TEXT_DIM if task == "retrieval" else None,
+    )
+    kwargs.update(overrides)
+    return UnseenModalityModel(**kwargs).eval()
+
+
+def make_batch(present, tokens=None, seed=1):
+    """Inputs in the sub-batch layout for a dict of (B,) bool masks; padding on some rows."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = tokens or {"audio": 3, "rgb": 5}
+    inputs, masks = {}, {}
+    for m, p in present.items():
+        rows = int(p.sum())
+        if rows == 0:
+            continue
+        inputs[m] = torch.randn(rows, tokens[m], DIMS[m], generator=g)
+        mask = torch.zeros(rows, tokens[m], dtype=torch.bool)
+        mask[0, tokens[m] - 1:] = True  # the first row of every modality has one padding token
+        masks[m] = mask
+    return inputs, masks
+
+
+def targets_for(task, batch, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    if task == "classification":
+        return torch.randint(0, C, (batch,), generator=g)
+    if task == "regression":
+        return torch.randn(batch, C, generator=g)
+    return torch.randn(batch, 3, TEXT_DIM, generator=g)
+
+
+def pseudo_for(task, batch, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, C, generator=g)
+    if task == "classification":
+        return x.softmax(-1)
+    return F.normalize(x, dim=-1) if task == "retrieval" else x
+
+
+PRESENT = {"audio": torch.tensor([True, False, True, True]), "rgb": torch.tensor([False, True, True, True])}
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "retrieval"])
+def test_output_shapes_per_task(task):
+    model = make_model(task)
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    assert isinstance(out, UMIOutput)
+    assert out.prediction.shape == (4, C)
+    assert out.branch_outputs.shape == (4, 2, C)
+    assert out.modality_features["audio"].shape == (3, 4, 16)
+    assert out.modality_features["rgb"].shape == (3, 4, 16)
+    assert set(out.present) == {"audio", "rgb"}
+    if task == "classification":
+        torch.testing.assert_close(out.prediction, out.branch_outputs.softmax(-1).mean(1))
+        torch.testing.assert_close(out.prediction.sum(-1), torch.ones(4))
+    elif task == "regression":
+        torch.testing.assert_close(out.prediction, out.branch_outputs.mean(1))
+    else:
+        torch.testing.assert_close(out.branch_outputs.norm(dim=-1), torch.ones(4, 2))
+        torch.testing.assert_close(out.prediction, F.normalize(out.branch_outputs.mean(1), dim=-1))
+
+
+def _per_sample(model, inputs, masks, present):
+    """Run every sample alone, with only its modalities and its valid tokens."""
+    batch = next(iter(present.values())).shape[0]
+    row_of = {m: torch.cumsum(p.long(), 0) - 1 for m, p in present.items()}
+    preds, branches = [], []
+    for i in range(batch):
+        single = {}
+        for m, p in present.items():
+            if p[i]:
+                r = int(row_of[m][i])
+                valid = ~masks[m][r]
+                single[m] = inputs[m][r : r + 1, valid]
+        out = model(single)
+        preds.append(out.prediction)
+        branches.append(out.branch_outputs)
+    return torch.cat(preds), torch.cat(branches)
+
+
+@pytest.mark.parametrize("projection", ["feature", "pooled"])
+def test_sub_batch_equals_per_sample(projection):
+    model = make_model(projection=projection)
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    pred, branches = _per_sample(model, inputs, masks, PRESENT)
+    torch.testing.assert_close(out.branch_outputs, branches, **tol(torch.float32))
+    torch.testing.assert_close(out.prediction, pred, **tol(torch.float32))
+
+
+@settings(max_examples=10)
+@given(st.lists(st.sampled_from([(True, False), (False, True), (True, True)]), min_size=1, max_size=5))
+def test_sub_batch_equals_per_sample_property(pattern):
+    model = _PROPERTY_MODEL
+    present = {
+        "audio": torch.tensor([a for a, _ in pattern]),
+        "rgb": torch.tensor([r for _, r in pattern]),
+    }
+    inputs, masks = make_batch(present)
+    out = model(inputs, masks, {m: present[m] for m in inputs})
+    _, branches = _per_sample(model, inputs, masks, present)
+    torch.testing.assert_close(out.branch_outputs, branches, **tol(torch.float32))
+
+
+_PROPERTY_MODEL = make_model()
+
+
+def test_absent_modality_projection_never_runs():
+    model = make_model()
+    calls = {m: [] for m in DIMS}
+    for m, proj in model.projections.items():
+        proj.register_forward_hook(lambda mod, args, kwargs_out, m=m: calls[m].append(args[0].shape[0]))
+    present = {"audio": torch.tensor([True, True, True]), "rgb": torch.tensor([False, False, False])}
+    inputs, masks = make_batch(present)
+    model(inputs, masks, present)
+    assert calls == {"audio": [3], "rgb": []}
+    present = {"audio": torch.tensor([True, False, True]), "rgb": torch.tensor([False, True, False])}
+    inputs, masks = make_batch(present)
+    model(inputs, masks, present)
+    assert calls == {"audio": [3, 2], "rgb": [1]}  # only the rows that have the modality
+
+
+def test_branches_do_not_see_each_other():
+    model = make_model(num_tokens=6, branches=2)
+    inputs, masks = make_batch(PRESENT)
+    before = model(inputs, masks, PRESENT).branch_outputs
+    with torch.no_grad():
+        model.positions[3:] += torch.randn(3, 16)  # group 1's slots
+        model.readout[1] += torch.randn(16)  # branch 1's readout
+    after = model(inputs, masks, PRESENT).branch_outputs
+    torch.testing.assert_close(after[:, 0], before[:, 0], atol=1e-6, rtol=0)
+    assert (after[:, 1] - before[:, 1]).abs().max() > 1e-3
+
+
+def test_token_layout_is_contiguous_per_branch():
+    model = make_model(num_tokens=6, branches=3)
+    fused = torch.randn(2, 6, 16)
+    tokens = model.branch_tokens(fused)
+    assert tokens.shape == (2, 9, 16)
+    for g in range(3):
+        torch.testing.assert_close(tokens[:, 3 * g], model.readout[g].expand(2, -1))
+        slots = fused[:, 2 * g : 2 * g + 2] + model.positions[2 * g : 2 * g + 2]
+        torch.testing.assert_close(tokens[:, 3 * g + 1 : 3 * g + 3], slots)
+    assert model.transformer.groups == 3
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "retrieval"])
+def test_loss_terms_follow_eq3(task):
+    model = make_model(task, align_weight=0.5, pseudo_weight=2.0)
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    targets, pseudo = targets_for(task, 4), pseudo_for(task, 4)
+    losses = model.loss(out, targets, pseudo)
+    for term in (losses.total, losses.align, losses.supervised, losses.pseudo):
+        assert term.dim() == 0 and term.item() >= 0
+    assert losses.align.item() > 0 and losses.supervised.item() > 0 and losses.pseudo.item() > 0
+    torch.testing.assert_close(losses.total, 0.5 * losses.align + losses.supervised + 2.0 * losses.pseudo)
+    b0, b1 = out.branch_outputs[:, 0], out.branch_outputs[:, 1]
+    if task == "classification":
+        torch.testing.assert_close(losses.supervised, F.cross_entropy(b0, targets))
+        torch.testing.assert_close(losses.pseudo, F.kl_div(b1.log_softmax(-1), pseudo, reduction="batchmean"))
+    elif task == "regression":
+        torch.testing.assert_close(losses.supervised, F.mse_loss(b0, targets))
+        torch.testing.assert_close(losses.pseudo, F.mse_loss(b1, pseudo))
+    else:
+        text = model.encode_text(targets)
+        torch.testing.assert_close(losses.supervised, triplet_loss(b0 @ text.T, margin=0.2))
+        torch.testing.assert_close(losses.pseudo, triplet_loss(b1 @ pseudo.T, margin=0.2))
+    # alignment: per modality on its rows, averaged over modalities
+    terms = []
+    for m, feats in out.modality_features.items():
+        labels = targets[PRESENT[m]] if task == "classification" else None
+        terms.append(model.alignment(feats, labels))
+    torch.testing.assert_close(losses.align, torch.stack(terms).mean())
+
+
+def test_alignment_uses_label_tokens_for_classes_and_nearest_otherwise():
+    model = make_model()
+    assert model.config.align_assign == "label" and model.alignment.tokens.shape[0] == C
+    model = make_model("regression")
+    assert model.config.align_assign == "nearest" and model.alignment.tokens.shape[0] == 128
+    assert make_model("regression", num_align_tokens=7).alignment.tokens.shape[0] == 7
+
+
+def test_disabled_terms_are_zero_and_structure_changes():
+    model = make_model(use_alignment=False, use_pseudo=False)
+    assert model.alignment is None and not model.needs_pseudo_labels
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    targets = targets_for("classification", 4)
+    losses = model.loss(out, targets)
+    assert losses.align.item() == 0 and losses.pseudo.item() == 0
+    b0, b1 = out.branch_outputs[:, 0], out.branch_outputs[:, 1]
+    expected = (F.cross_entropy(b0, targets) + F.cross_entropy(b1, targets)) / 2
+    torch.testing.assert_close(losses.supervised, expected)  # both branches supervised by ground truth
+    torch.testing.assert_close(losses.total, losses.supervised)
+    with pytest.raises(ValueError, match="use_pseudo=False"):
+        model.loss(out, targets, pseudo_for("classification", 4))
+
+
+def test_one_branch_puts_both_losses_on_the_single_readout():
+    model = make_model(branches=1)
+    assert model.readout.shape == (1, 16) and model.transformer.groups == 1
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    assert out.branch_outputs.shape == (4, 1, C)
+    targets, pseudo = targets_for("classification", 4), pseudo_for("classification", 4)
+    losses = model.loss(out, targets, pseudo)
+    b = out.branch_outputs[:, 0]
+    torch.testing.assert_close(losses.supervised, F.cross_entropy(b, targets))
+    torch.testing.assert_close(losses.pseudo, F.kl_div(b.log_softmax(-1), pseudo, reduction="batchmean"))
+
+
+def test_pooled_projection_switch():
+    model = make_model(projection="pooled")
+    assert all(isinstance(p, PooledProjection) for p in model.projections.values())
+    assert all(isinstance(p, FeatureProjection) for p in make_model().projections.values())
+    assert list(model.projections) == sorted(DIMS)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "retrieval"])
+def test_gradients_reach_every_parameter(task):
+    model = make_model(task).train()
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    model.loss(out, targets_for(task, 4), pseudo_for(task, 4)).total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not missing
+
+
+def test_absent_modality_gets_no_gradient():
+    model = make_model().train()
+    present = {"audio": torch.tensor([True, True, True]), "rgb": torch.tensor([False, False, False])}
+    inputs, masks = make_batch(present)
+    out = model(inputs, masks, present)
+    model.loss(out, targets_for("classification", 3), pseudo_for("classification", 3)).total.backward()
+    assert all(p.grad is None for p in model.projections["rgb"].parameters())
+    assert all(p.grad is not None for p in model.projections["audio"].parameters())
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    model = make_model("retrieval", branches=1, use_alignment=False)
+    data = json.loads(json.dumps(model.config_dict()))
+    clone = UnseenModalityModel.from_config(data).eval()
+    assert clone.config == model.config
+    clone.load_state_dict(model.state_dict())
+    inputs, masks = make_batch(PRESENT)
+    torch.testing.assert_close(clone(inputs, masks, PRESENT).prediction, model(inputs, masks, PRESENT).prediction)
+    with pytest.raises(ValueError, match="unknown keys"):
+        UMIConfig.from_dict({**data, "bogus": 1})
+
+
+def test_encode_text_shape_normalisation_and_padding():
+    model = make_model("retrieval")
+    text = torch.randn(3, 4, TEXT_DIM)
+    emb = model.encode_text(text)
+    assert emb.shape == (3, C)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[:, 2:] = True
+    padded = text.clone()
+    padded[:, 2:] = float("nan")
+    torch.testing.assert_close(model.encode_text(padded, mask), model.encode_text(text[:, :2]))
+    out = model(*make_batch(PRESENT)[:2], PRESENT)
+    losses = model.loss(out, torch.randn(4, 4, TEXT_DIM), pseudo_for("retrieval", 4),
+                        text_padding_mask=torch.zeros(4, 4, dtype=torch.bool))
+    assert torch.isfinite(losses.total)
+    with pytest.raises(RuntimeError, match="text side"):
+        make_model().encode_text(text)
+
+
+def test_present_entry_without_input_is_allowed_when_all_false():
+    model = make_model()
+    present = {"audio": torch.tensor([True, True]), "rgb": torch.tensor([False, False])}
+    inputs, masks = make_batch(present)
+    assert "rgb" not in inputs
+    assert model(inputs, masks, present).prediction.shape == (2, C)
+
+
+def test_no_present_means_every_modality_on_every_row():
+    model = make_model()
+    full = {"audio": torch.ones(3, dtype=torch.bool), "rgb": torch.ones(3, dtype=torch.bool)}
+    inputs, masks = make_batch(full)
+    torch.testing.assert_close(model(inputs, masks).prediction, model(inputs, masks, full).prediction)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"branches": 3}, ValueError, "branches must divide num_tokens"),
+        ({"task": "retrieval", "text_dim": None}, ValueError, "text_dim: required"),
+        ({"text_dim": 4}, ValueError, "only used by task='retrieval'"),
+        ({"num_align_tokens": 3}, ValueError, "must equal"),
+        ({"task": "ranking"}, ValueError, "task"),
+        ({"projection": "linear"}, ValueError, "projection"),
+        ({"modality_dims": {}}, ValueError, "modality_dims"),
+        ({"use_pseudo": 1}, TypeError, "use_pseudo"),
+        ({"fusion_depth": 0}, ValueError, "fusion_depth"),
+    ],
+)
+def test_bad_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_model(**kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_model()
+    x = {"audio": torch.randn(2, 3, 4), "rgb": torch.randn(2, 5, 6)}
+    with pytest.raises(ValueError, match=r"unknown modality \['depth'\]"):
+        model({**x, "depth": torch.randn(2, 3, 1)})
+    with pytest.raises(ValueError, match=r"inputs\['rgb'\]: expected shape .*got \(2, 5, 7\)"):
+        model({"audio": x["audio"], "rgb": torch.randn(2, 5, 7)})
+    with pytest.raises(ValueError, match="empty mapping"):
+        model({})
+    with pytest.raises(ValueError, match=r"expected 1 rows \(present\['rgb'\].sum\(\)"):
+        model(x, present={"audio": torch.tensor([True, True]), "rgb": torch.tensor([True, False])})
+    with pytest.raises(ValueError, match=r"no modality at all: rows \[1\]"):
+        model({"audio": x["audio"][:1]}, present={"audio": torch.tensor([True, False])})
+    with pytest.raises(ValueError, match="missing"):
+        model(x, present={"audio": torch.tensor([True, True])})
+    with pytest.raises(ValueError, match="has no 'rgb'"):
+        model({"audio": x["audio"]}, present={"audio": torch.tensor([True, True]), "rgb": torch.tensor([True, False])})
+    with pytest.raises(ValueError, match="without present"):
+        model({"audio": x["audio"], "rgb": x["rgb"][:1]})
+    with pytest.raises(ValueError, match=r"padding_masks\['rgb'\]"):
+        model(x, padding_masks={"rgb": torch.zeros(2, 4, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="bool"):
+        model(x, present={"audio": torch.ones(2), "rgb": torch.ones(2)})
+
+
+def test_bad_loss_arguments():
+    model = make_model()
+    out = model({"audio": torch.randn(2, 3, 4)})
+    with pytest.raises(ValueError, match="pseudo_targets: required"):
+        model.loss(out, torch.tensor([0, 1]))
+    pseudo = pseudo_for("classification", 2)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        model.loss(out, torch.tensor([0, 5]), pseudo)
+    with pytest.raises(TypeError, match="int64"):
+        model.loss(out, torch.tensor([0.0, 1.0]), pseudo)
+    with pytest.raises(ValueError, match="pseudo_targets: expected shape"):
+        model.loss(out, torch.tensor([0, 1]), torch.rand(2, 4))
+    with pytest.raises(ValueError, match="finite"):
+        model.loss(out, torch.tensor([0, 1]), torch.full((2, C), float("nan")))
+    with pytest.raises(ValueError, match="targets: expected"):
+        model.loss(out, torch.tensor([0, 1, 2]), pseudo)
+
+
+def test_masked_mean_ignores_padding_values():
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    y = x.clone()
+    y[0, 2:] = float("nan")
+    torch.testing.assert_close(masked_mean(y, mask)[0], x[0, :2].mean(0))
+    torch.testing.assert_close(masked_mean(y, mask)[1], x[1].mean(0))
+
+
+def test_accepts_a_collated_batch():
+    from umilayers.data.dataset import collate
+
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"index": 0, "split_id": 0, "inputs": {"rgb": torch.randn(5, 6, generator=g)}, "lengths": {"rgb": 4},
+         "target": torch.tensor(1)},
+        {"index": 7, "split_id": 1, "inputs": {"audio": torch.randn(3, 4, generator=g)}, "lengths": {"audio": 3},
+         "target": torch.tensor(3)},
+        {"index": 9, "split_id": 1, "inputs": {"audio": torch.randn(3, 4, generator=g)}, "lengths": {"audio": 3},
+         "target": torch.tensor(0)},
+    ]
+    batch = collate(items)
+    model = make_model()
+    out = model(batch.inputs, batch.padding_masks, batch.present)
+    assert out.prediction.shape == (3, C)
+    losses = model.loss(out, batch.targets, pseudo_for("classification", 3))
+    assert torch.isfinite(losses.total)

@@ -1,0 +1,682 @@
+"""Baselines of the paper (Table 4), with the forward/loss interface of :class:`UnseenModalityModel`.
+
+Every model here takes the sub-batch layout of ``docs/contracts.md`` (``inputs[m]`` holds the
+rows that have m, ``present[m]`` says which) and returns a :class:`~umilayers.model.UMIOutput`
+with one branch; ``loss(output, targets, pseudo_targets=None, *, text_padding_mask=None)``
+returns a :class:`~umilayers.model.LossOutput` (``align`` and ``pseudo`` are 0: no baseline uses
+them, and ``pseudo_targets`` must be None — check ``model.needs_pseudo_labels``). So one
+training recipe serves them all; :func:`build_model` maps the recipe's method names to modules.
+
+Shape letters: ``B`` batch, ``B_m`` rows that have modality m, ``k_m`` its tokens, ``d_m`` its
+feature size, ``D`` width, ``C`` outputs, ``t`` caption tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from umilayers._validation import check_bool_mask, check_choice, check_positive_int
+from umilayers.attention import GroupMaskedTransformer
+from umilayers.model import (
+    TASKS,
+    LossOutput,
+    TextEncoder,
+    UMIOutput,
+    UnseenModalityModel,
+    _check_targets,
+    check_batch,
+    combine_branches,
+    masked_mean,
+    supervised_term,
+)
+
+__all__ = [
+    "METHODS",
+    "PREDICTORS",
+    "UnimodalModel",
+    "LateFusion",
+    "VanillaTransformer",
+    "build_model",
+    "model_spec",
+    "model_from_spec",
+]
+
+METHODS = ("umi", "late-fusion", "vanilla", "pooled", "unimodal")
+PREDICTORS = ("linear", "transformer")
+
+
+def _check_task(task: str, text_dim: Optional[int], require_text: bool = True) -> None:
+    check_choice("task", task, TASKS)
+    if text_dim is not None:
+        if task != "retrieval":
+            raise ValueError(f"text_dim: only used by task='retrieval', got text_dim={text_dim} for task={task!r}")
+        check_positive_int("text_dim", text_dim)
+    elif task == "retrieval" and require_text:
+        raise ValueError("text_dim: required for task='retrieval' (the caption feature size)")
+
+
+def _refuse_pseudo(pseudo_targets: Optional[Tensor], name: str) -> None:
+    if pseudo_targets is not None:
+        raise ValueError(f"pseudo_targets: {name} has no pseudo branch and takes no pseudo-labels")
+
+
+class _BaselineMixin:
+    """Shared text side and loss checks of the baselines."""
+
+    task: str
+    num_outputs: int
+    text_dim: Optional[int]
+    margin: float
+    text_encoder: Optional[TextEncoder]
+
+    @property
+    def needs_pseudo_labels(self) -> bool:
+        """Always False: no baseline has a pseudo-label branch."""
+        return False
+
+    def encode_text(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Caption token features ``(B, t, d_text)`` -> L2-normalised ``(B, E)`` (retrieval only)."""
+        if self.text_encoder is None:
+            raise RuntimeError(
+                f"encode_text: this model has no text side (task={self.task!r}, text_dim={self.text_dim})"
+            )
+        return self.text_encoder(text, text_padding_mask)
+
+    def _check_loss_args(self, output: UMIOutput, targets, pseudo_targets, text_padding_mask) -> int:
+        _refuse_pseudo(pseudo_targets, type(self).__name__)
+        batch = output.branch_outputs.shape[0]
+        _check_targets(self.task, targets, batch, self.num_outputs, self.text_dim)
+        if text_padding_mask is not None:
+            if self.task != "retrieval":
+                raise ValueError(f"text_padding_mask: only used by task='retrieval', this model is {self.task!r}")
+            check_bool_mask("text_padding_mask", text_padding_mask, (batch, targets.shape[1]))
+        return batch
+
+
+def _loss_output(supervised: Tensor) -> LossOutput:
+    zero = supervised.new_zeros(())
+    return LossOutput(total=supervised, align=zero, supervised=supervised, pseudo=zero)
+
+
+class UnimodalModel(_BaselineMixin, nn.Module):
+    """One modality's tokens to a prediction: the unimodal baseline and stage 1 of the recipe.
+
+    ``predictor="linear"`` (the paper's unimodal baseline): masked mean pool over the tokens,
+    then ``Linear(d_m, C)``. ``predictor="transformer"``: ``Linear(d_m, D)``, a readout token,
+    ``depth`` transformer layers over the tokens (padding masked), ``LayerNorm + Linear(D, C)``
+    on the readout; it sees token-level structure that mean pooling destroys, so it usually gives
+    better pseudo-labels at a higher cost.
+
+    Every row of a batch must have the modality (select the rows with ``present[modality]``
+    first); other modalities in ``inputs`` are ignored. Retrieval outputs are L2-normalised
+    embeddings; with ``text_dim`` the model also has a :class:`~umilayers.model.TextEncoder`
+    and :meth:`loss` works (without it, only embeddings: what :class:`LateFusion` uses).
+
+    Args:
+        modality: the modality's name.
+        in_dim: its feature size ``d_m``.
+        num_outputs: classes, regression targets, or embedding size ``E``.
+        task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
+        predictor: ``"linear"`` or ``"transformer"``.
+        dim: width ``D`` of the transformer predictor.
+        depth: its layers.
+        heads: its attention heads.
+        text_dim: caption feature size (retrieval).
+        margin: triplet margin (retrieval).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - inputs[modality]: ``(B, k_m, d_m)``; padding_masks[modality]: ``(B, k_m)``
+        - output: :class:`~umilayers.model.UMIOutput` with prediction ``(B, C)``,
+          branch_outputs ``(B, 1, C)``, modality_outputs[modality] ``(B, C)``
+
+    Example::
+
+        >>> import torch
+        >>> model = UnimodalModel("rgb", in_dim=12, num_outputs=5)
+        >>> out = model({"rgb": torch.randn(3, 7, 12)})
+        >>> out.prediction.shape, out.branch_outputs.shape
+        (torch.Size([3, 5]), torch.Size([3, 1, 5]))
+        >>> model.loss(out, torch.tensor([0, 1, 4])).total.backward()
+    """
+
+    def __init__(
+        self,
+        modality: str,
+        in_dim: int,
+        num_outputs: int,
+        task: str = "classification",
+        predictor: str = "linear",
+        dim: int = 256,
+        depth: int = 2,
+        heads: int = 8,
+        text_dim: Optional[int] = None,
+        margin: float = 0.2,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(modality, str) or not modality:
+            raise ValueError(f"modality: expected a non-empty name, got {modality!r}")
+        check_positive_int("in_dim", in_dim)
+        check_positive_int("num_outputs", num_outputs)
+        check_choice("predictor", predictor, PREDICTORS)
+        _check_task(task, text_dim, require_text=False)
+        factory = {"device": device, "dtype": dtype}
+        self.modality, self.in_dim, self.num_outputs = modality, in_dim, num_outputs
+        self.task, self.predictor, self.text_dim, self.margin = task, predictor, text_dim, margin
+        self.hparams = {
+            "modality": modality, "in_dim": in_dim, "num_outputs": num_outputs, "task": task,
+            "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
+            "text_dim": text_dim, "margin": margin,
+        }
+        if predictor == "linear":
+            self.head = nn.Linear(in_dim, num_outputs, **factory)
+        else:
+            for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
+                check_positive_int(name, value)
+            self.embed = nn.Linear(in_dim, dim, **factory)
+            self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
+            nn.init.trunc_normal_(self.readout, std=0.02)
+            self.transformer = GroupMaskedTransformer(dim, depth, heads, groups=1, **factory)
+            self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
+        self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if text_dim is not None else None
+
+    def config_dict(self) -> dict[str, Any]:
+        """Constructor arguments as a JSON-serialisable dict."""
+        return dict(self.hparams)
+
+    def extra_repr(self) -> str:
+        return f"modality={self.modality!r}, task={self.task!r}, predictor={self.predictor!r}"
+
+    def predict(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """``(B, k_m, d_m)`` tokens -> ``(B, C)`` outputs (normalised embeddings for retrieval); no checks."""
+        if self.predictor == "linear":
+            out = self.head(masked_mean(x, padding_mask))
+        else:
+            if padding_mask is not None:
+                x = x.masked_fill(padding_mask[..., None], 0.0)
+            h = self.embed(x)
+            h = torch.cat([self.readout.expand(h.shape[0], -1, -1), h], dim=1)
+            mask = None
+            if padding_mask is not None:
+                mask = F.pad(padding_mask, (1, 0), value=False)
+            out = self.head(self.transformer(h, padding_mask=mask)[:, 0])
+        return F.normalize(out, dim=-1) if self.task == "retrieval" else out
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+    ) -> UMIOutput:
+        """Predict from this model's modality (every row must have it).
+
+        Shape:
+            - inputs[modality]: ``(B, k_m, d_m)``
+            - padding_masks[modality]: ``(B, k_m)``
+            - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``
+        """
+        m = self.modality
+        if not isinstance(inputs, Mapping) or m not in inputs:
+            got = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
+            raise ValueError(f"inputs: UnimodalModel({m!r}) needs modality {m!r}, got {got}")
+        own_present = None
+        if present is not None:
+            if not isinstance(present, Mapping) or m not in present:
+                raise ValueError(f"present: expected a mapping with a mask for {m!r}")
+            own_present = {m: present[m]}
+            check_bool_mask(f"present[{m!r}]", present[m], (None,))
+            lacking = int((~present[m]).sum())
+            if lacking:
+                raise ValueError(
+                    f"present[{m!r}]: UnimodalModel({m!r}) needs the modality on every row; {lacking} of "
+                    f"{present[m].shape[0]} rows lack it (select the rows with present[{m!r}])"
+                )
+        own_masks = None
+        if padding_masks is not None and padding_masks.get(m) is not None:
+            own_masks = {m: padding_masks[m]}
+        _, masks = check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim})
+        out = self.predict(inputs[m], None if own_masks is None else own_masks[m])
+        branch = out[:, None]
+        return UMIOutput(
+            prediction=combine_branches(self.task, branch),
+            branch_outputs=branch,
+            present=masks,
+            modality_outputs={m: out},
+        )
+
+    def loss(
+        self,
+        output: UMIOutput,
+        targets: Tensor,
+        pseudo_targets: Optional[Tensor] = None,
+        *,
+        text_padding_mask: Optional[Tensor] = None,
+    ) -> LossOutput:
+        """Supervised loss only (CE / MSE / triplet); see the module docstring.
+
+        Args:
+            output: this model's :meth:`forward` output.
+            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
+            pseudo_targets: must be None.
+            text_padding_mask: ``(B, t)`` caption padding (retrieval).
+        """
+        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
+        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        return _loss_output(supervised_term(self.task, output.branch_outputs[:, 0], targets, text_emb, self.margin))
+
+
+class LateFusion(_BaselineMixin, nn.Module):
+    """Late fusion: one :class:`UnimodalModel` per modality, predictions averaged per sample.
+
+    Each member runs on (and is trained on) only the rows that have its modality; a sample's
+    prediction is the average of its members' predictions over the modalities it has:
+    class probabilities for classification (``branch_outputs`` then holds the log of the
+    average, valid logits), values for regression, and for retrieval the L2-normalised mean of
+    the members' embeddings. For retrieval the members share one
+    :class:`~umilayers.model.TextEncoder`, so their embeddings live in one space. The loss is
+    the mean over the modalities in the batch of each member's supervised loss on its rows.
+
+    Args:
+        modality_dims: modality name -> ``d_m``.
+        num_outputs: classes, regression targets, or embedding size ``E``.
+        task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
+        predictor: the members' predictor, ``"linear"`` or ``"transformer"``.
+        dim: width of a transformer predictor.
+        depth: its layers.
+        heads: its heads.
+        text_dim: caption feature size (retrieval, required there).
+        margin: triplet margin (retrieval).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - inputs[m]: ``(B_m, k_m, d_m)``; padding_masks[m]: ``(B_m, k_m)``; present[m]: ``(B,)``
+        - output: prediction ``(B, C)``, branch_outputs ``(B, 1, C)``,
+          modality_outputs[m] ``(B_m, C)``
+
+    Example::
+
+        >>> import torch
+        >>> model = LateFusion({"rgb": 12, "audio": 6}, num_outputs=5)
+        >>> present = {"rgb": torch.tensor([True, True, False]), "audio": torch.tensor([False, True, True])}
+        >>> out = model({"rgb": torch.randn(2, 7, 12), "audio": torch.randn(2, 3, 6)}, present=present)
+        >>> out.prediction.shape, torch.allclose(out.prediction.sum(-1), torch.ones(3))
+        (torch.Size([3, 5]), True)
+    """
+
+    def __init__(
+        self,
+        modality_dims: Mapping[str, int],
+        num_outputs: int,
+        task: str = "classification",
+        predictor: str = "linear",
+        dim: int = 256,
+        depth: int = 2,
+        heads: int = 8,
+        text_dim: Optional[int] = None,
+        margin: float = 0.2,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(modality_dims, Mapping) or not modality_dims:
+            raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
+        _check_task(task, text_dim)
+        self.modality_dims = {m: modality_dims[m] for m in sorted(modality_dims)}
+        self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
+        self.hparams = {
+            "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
+            "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
+            "text_dim": text_dim, "margin": margin,
+        }
+        factory = {"device": device, "dtype": dtype}
+        self.members = nn.ModuleDict(
+            {
+                m: UnimodalModel(m, d, num_outputs, task, predictor, dim, depth, heads, None, margin, **factory)
+                for m, d in self.modality_dims.items()
+            }
+        )
+        self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
+
+    def config_dict(self) -> dict[str, Any]:
+        """Constructor arguments as a JSON-serialisable dict."""
+        return dict(self.hparams)
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+    ) -> UMIOutput:
+        """Average of the unimodal predictions over the modalities each sample has.
+
+        Shape:
+            - inputs[m]: ``(B_m, k_m, d_m)``
+            - padding_masks[m]: ``(B_m, k_m)``
+            - present[m]: ``(B,)``
+            - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``; modality_outputs[m]: ``(B_m, C)``
+        """
+        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims)
+        padding_masks = padding_masks or {}
+        outputs = {
+            m: self.members[m].predict(inputs[m], padding_masks.get(m)) for m in masks if inputs[m].shape[0] > 0
+        }
+        first = next(iter(outputs.values()))
+        total = first.new_zeros(batch, self.num_outputs)
+        count = first.new_zeros(batch, 1)
+        for m, out in outputs.items():
+            rows = masks[m].nonzero().flatten()
+            value = out.softmax(dim=-1) if self.task == "classification" else out
+            total = total.index_add(0, rows, value)
+            count = count.index_add(0, rows, torch.ones_like(out[:, :1]))
+        mean = total / count
+        if self.task == "classification":
+            branch = mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+            prediction = mean
+        elif self.task == "retrieval":
+            branch = prediction = F.normalize(mean, dim=-1)
+        else:
+            branch = prediction = mean
+        return UMIOutput(prediction=prediction, branch_outputs=branch[:, None], present=masks, modality_outputs=outputs)
+
+    def loss(
+        self,
+        output: UMIOutput,
+        targets: Tensor,
+        pseudo_targets: Optional[Tensor] = None,
+        *,
+        text_padding_mask: Optional[Tensor] = None,
+    ) -> LossOutput:
+        """Mean over modalities of each member's supervised loss on the rows having it.
+
+        Args:
+            output: this model's :meth:`forward` output.
+            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
+            pseudo_targets: must be None.
+            text_padding_mask: ``(B, t)`` caption padding (retrieval).
+        """
+        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
+        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        terms = []
+        for m, out in output.modality_outputs.items():
+            rows = output.present[m]
+            sub_text = text_emb[rows] if text_emb is not None else None
+            terms.append(supervised_term(self.task, out, targets[rows], sub_text, self.margin))
+        return _loss_output(torch.stack(terms).mean())
+
+
+class VanillaTransformer(_BaselineMixin, nn.Module):
+    """Early-fusion transformer with learned tokens for missing modalities (Gabeur et al. style).
+
+    Each modality's tokens are mapped by ``Linear(d_m, D)`` and get a learned modality
+    embedding; a modality a sample lacks is replaced by a learned token sequence ``(n_m, D)``
+    (``missing_tokens``, plus the same modality embedding). The sequences of every modality
+    (sorted names) are concatenated after a readout token, with a padding mask where a
+    modality's rows have fewer tokens than the longest; ``depth`` transformer layers
+    (a :class:`~umilayers.attention.GroupMaskedTransformer` with one group) run over them, and
+    ``LayerNorm + Linear(D, C)`` maps the readout to the output.
+
+    Args:
+        modality_dims: modality name -> ``d_m``.
+        num_outputs: classes, regression targets, or embedding size ``E``.
+        task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
+        dim: width ``D``.
+        depth: transformer layers.
+        heads: attention heads.
+        missing_tokens: length of the learned sequence standing in for a missing modality;
+            an int for all, or a mapping per modality (say, the store's token counts).
+        mlp_ratio: MLP width relative to ``dim``.
+        text_dim: caption feature size (retrieval, required there).
+        margin: triplet margin (retrieval).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - inputs[m]: ``(B_m, k_m, d_m)``; padding_masks[m]: ``(B_m, k_m)``; present[m]: ``(B,)``
+        - output: prediction ``(B, C)``, branch_outputs ``(B, 1, C)``
+
+    Example::
+
+        >>> import torch
+        >>> model = VanillaTransformer({"rgb": 12, "audio": 6}, num_outputs=5, dim=16, depth=1,
+        ...                            heads=2, missing_tokens={"rgb": 7, "audio": 3})
+        >>> present = {"rgb": torch.tensor([True, False]), "audio": torch.tensor([False, True])}
+        >>> out = model({"rgb": torch.randn(1, 7, 12), "audio": torch.randn(1, 3, 6)}, present=present)
+        >>> out.prediction.shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        modality_dims: Mapping[str, int],
+        num_outputs: int,
+        task: str = "classification",
+        dim: int = 256,
+        depth: int = 6,
+        heads: int = 8,
+        missing_tokens: Union[int, Mapping[str, int]] = 1,
+        mlp_ratio: float = 2.0,
+        text_dim: Optional[int] = None,
+        margin: float = 0.2,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(modality_dims, Mapping) or not modality_dims:
+            raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
+        _check_task(task, text_dim)
+        for name, value in (("num_outputs", num_outputs), ("dim", dim), ("depth", depth), ("heads", heads)):
+            check_positive_int(name, value)
+        names = sorted(modality_dims)
+        if isinstance(missing_tokens, Mapping):
+            absent = [m for m in names if m not in missing_tokens]
+            if absent:
+                raise ValueError(f"missing_tokens: no length for modalities {absent}")
+            lengths = {m: missing_tokens[m] for m in names}
+        else:
+            lengths = {m: missing_tokens for m in names}
+        for m in names:
+            check_positive_int(f"missing_tokens[{m!r}]", lengths[m])
+        factory = {"device": device, "dtype": dtype}
+        self.modality_dims = {m: modality_dims[m] for m in names}
+        self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
+        self.hparams = {
+            "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
+            "dim": dim, "depth": depth, "heads": heads, "missing_tokens": dict(lengths),
+            "mlp_ratio": mlp_ratio, "text_dim": text_dim, "margin": margin,
+        }
+        self.embed = nn.ModuleDict({m: nn.Linear(d, dim, **factory) for m, d in self.modality_dims.items()})
+        self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim, **factory)) for m in names})
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(lengths[m], dim, **factory)) for m in names})
+        self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
+        for p in [*self.modality_embed.values(), *self.missing.values(), self.readout]:
+            nn.init.trunc_normal_(p, std=0.02)
+        self.transformer = GroupMaskedTransformer(dim, depth, heads, mlp_ratio, groups=1, **factory)
+        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
+        self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
+
+    def config_dict(self) -> dict[str, Any]:
+        """Constructor arguments as a JSON-serialisable dict."""
+        return dict(self.hparams)
+
+    def _modality_sequence(
+        self, m: str, batch: int, x: Optional[Tensor], mask: Optional[Tensor], have: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(B, L_m, D)`` tokens and ``(B, L_m)`` padding: embedded rows where m is present, learned ones elsewhere."""
+        missing = self.missing[m]
+        rows_have, rows_miss = have.nonzero().flatten(), (~have).nonzero().flatten()
+        k_in = x.shape[1] if x is not None and rows_have.numel() else 0
+        k_miss = missing.shape[0] if rows_miss.numel() else 0
+        length = max(k_in, k_miss)
+        tokens = missing.new_zeros(batch, length, missing.shape[1])
+        padding = torch.ones(batch, length, dtype=torch.bool, device=missing.device)
+        if k_in:
+            if mask is not None:
+                x = x.masked_fill(mask[..., None], 0.0)  # padding values are never read
+            h = F.pad(self.embed[m](x), (0, 0, 0, length - k_in))
+            tokens = tokens.index_copy(0, rows_have, h)
+            own = mask if mask is not None else torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            padding = padding.index_copy(0, rows_have, F.pad(own, (0, length - k_in), value=True))
+        if k_miss:
+            seq = F.pad(missing, (0, 0, 0, length - k_miss)).expand(rows_miss.numel(), -1, -1)
+            tokens = tokens.index_copy(0, rows_miss, seq)
+            fill = torch.arange(length, device=padding.device) >= k_miss
+            padding = padding.index_copy(0, rows_miss, fill.expand(rows_miss.numel(), -1))
+        return tokens + self.modality_embed[m], padding
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+    ) -> UMIOutput:
+        """Fuse all modalities early; learned tokens stand in for the missing ones.
+
+        Shape:
+            - inputs[m]: ``(B_m, k_m, d_m)``
+            - padding_masks[m]: ``(B_m, k_m)``
+            - present[m]: ``(B,)``
+            - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``
+        """
+        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims)
+        padding_masks = padding_masks or {}
+        device = next(iter(masks.values())).device
+        sequences = [self.readout.expand(batch, -1, -1)]
+        paddings = [torch.zeros(batch, 1, dtype=torch.bool, device=device)]
+        for m in self.modality_dims:
+            have = masks.get(m, torch.zeros(batch, dtype=torch.bool, device=device))
+            tokens, padding = self._modality_sequence(m, batch, inputs.get(m), padding_masks.get(m), have)
+            sequences.append(tokens)
+            paddings.append(padding)
+        h = self.transformer(torch.cat(sequences, dim=1), padding_mask=torch.cat(paddings, dim=1))
+        out = self.head(h[:, 0])
+        if self.task == "retrieval":
+            out = F.normalize(out, dim=-1)
+        branch = out[:, None]
+        return UMIOutput(prediction=combine_branches(self.task, branch), branch_outputs=branch, present=masks)
+
+    def loss(
+        self,
+        output: UMIOutput,
+        targets: Tensor,
+        pseudo_targets: Optional[Tensor] = None,
+        *,
+        text_padding_mask: Optional[Tensor] = None,
+    ) -> LossOutput:
+        """Supervised loss only (CE / MSE / triplet).
+
+        Args:
+            output: this model's :meth:`forward` output.
+            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
+            pseudo_targets: must be None.
+            text_padding_mask: ``(B, t)`` caption padding (retrieval).
+        """
+        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
+        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        return _loss_output(supervised_term(self.task, output.branch_outputs[:, 0], targets, text_emb, self.margin))
+
+
+# --------------------------------------------------------------------------------------------
+# Factory
+
+_CLASSES = {
+    "UnseenModalityModel": UnseenModalityModel,
+    "UnimodalModel": UnimodalModel,
+    "LateFusion": LateFusion,
+    "VanillaTransformer": VanillaTransformer,
+}
+
+
+def build_model(
+    method: str,
+    modality_dims: Mapping[str, int],
+    num_outputs: int,
+    task: str = "classification",
+    *,
+    modality_tokens: Optional[Mapping[str, int]] = None,
+    text_dim: Optional[int] = None,
+    dim: Optional[int] = None,
+    depth: Optional[int] = None,
+    heads: Optional[int] = None,
+    num_tokens: Optional[int] = None,
+    device=None,
+    dtype=None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the model of one of the recipe's methods (:data:`METHODS`).
+
+    - ``"umi"``: :class:`~umilayers.model.UnseenModalityModel`; ``depth`` sets both
+      ``projection_depth`` and ``fusion_depth`` (unless given in ``kwargs``).
+    - ``"pooled"``: the same with ``projection="pooled"``.
+    - ``"late-fusion"``: :class:`LateFusion`.
+    - ``"vanilla"``: :class:`VanillaTransformer`; ``missing_tokens`` defaults to
+      ``modality_tokens`` (the store's token counts) when given.
+    - ``"unimodal"``: :class:`UnimodalModel` of ``kwargs["modality"]`` (optional when there is
+      one modality).
+
+    The shared hyper-parameters (``dim``, ``depth``, ``heads``, ``num_tokens``) are passed only
+    to the models that have them and left at each model's default when None; anything in
+    ``kwargs`` goes to the constructor as is (an unknown name is a ``TypeError`` from it).
+
+    Example::
+
+        >>> model = build_model("vanilla", {"rgb": 12, "audio": 6}, num_outputs=5, dim=16, depth=1, heads=2)
+        >>> type(model).__name__, model.needs_pseudo_labels
+        ('VanillaTransformer', False)
+        >>> spec = model_spec(model)
+        >>> type(model_from_spec(spec)).__name__
+        'VanillaTransformer'
+    """
+    check_choice("method", method, METHODS)
+    factory = {"device": device, "dtype": dtype}
+    shared = {k: v for k, v in (("dim", dim), ("heads", heads)) if v is not None}
+    if method in ("umi", "pooled"):
+        if depth is not None:
+            kwargs.setdefault("projection_depth", depth)
+            kwargs.setdefault("fusion_depth", depth)
+        if num_tokens is not None:
+            shared["num_tokens"] = num_tokens
+        if method == "pooled":
+            kwargs["projection"] = "pooled"
+        return UnseenModalityModel(modality_dims, num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory)
+    if depth is not None:
+        shared["depth"] = depth
+    if method == "late-fusion":
+        return LateFusion(modality_dims, num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory)
+    if method == "vanilla":
+        if modality_tokens is not None:
+            kwargs.setdefault("missing_tokens", dict(modality_tokens))
+        return VanillaTransformer(modality_dims, num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory)
+    modality = kwargs.pop("modality", None)
+    if modality is None:
+        if len(modality_dims) != 1:
+            raise ValueError(f"modality: method 'unimodal' needs one of {sorted(modality_dims)}")
+        modality = next(iter(modality_dims))
+    if modality not in modality_dims:
+        raise ValueError(f"modality: unknown modality {modality!r}; known {sorted(modality_dims)}")
+    return UnimodalModel(
+        modality, modality_dims[modality], num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory
+    )
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """JSON-serialisable ``{"class": name, "config": constructor kwargs}`` (for checkpoints)."""
+    name = type(model).__name__
+    if name not in _CLASSES or not hasattr(model, "config_dict"):
+        raise TypeError(f"model_spec: expected one of {sorted(_CLASSES)}, got {name}")
+    return {"class": name, "config": model.config_dict()}
+
+
+def model_from_spec(spec: Mapping[str, Any], device=None, dtype=None) -> nn.Module:
+    """Rebuild a model (fresh parameters) from :func:`model_spec`'s output."""
+    name = spec.get("class") if isinstance(spec, Mapping) else None
+    if name not in _CLASSES:
+        raise ValueError(f"spec: 'class' must be one of {sorted(_CLASSES)}, got {name!r}")
+    return _CLASSES[name](**spec["config"], device=device, dtype=dtype)
