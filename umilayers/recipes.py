@@ -87,6 +87,9 @@ RUN_FILES = (
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# Seconds to sleep after each training step: lets the kill -9 test interrupt a run mid-epoch.
+_STEP_DELAY = float(os.environ.get("UMILAYERS_STEP_DELAY", "0") or 0)
+
 
 class RunExistsError(FileExistsError):
     """The run directory already holds a run and neither ``resume`` nor ``overwrite`` was given."""
@@ -497,6 +500,8 @@ def _train_epoch(
         values = [float(t.detach()) for t in terms]
         sums[:4] += np.array(values) * rows
         sums[4] += rows
+        if _STEP_DELAY:
+            time.sleep(_STEP_DELAY)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{values[0]:.4f}")
