@@ -1,0 +1,117 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from umilayers.data import Batch, FeatureStore, collate
+
+MODS = {"rgb": (4, 3), "audio": (5, 2)}
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = FeatureStore.create(tmp_path / "s", "classification", 3, MODS)
+    rgb = np.arange(3 * 4 * 3, dtype=np.float16).reshape(3, 4, 3)
+    s.write_split("train_a", "train", {"rgb": rgb}, np.array([0, 1, 2]))
+    audio = -np.arange(2 * 5 * 2, dtype=np.float32).reshape(2, 5, 2)
+    s.write_split("train_b", "train", {"audio": audio}, np.array([2, 1]),
+                  lengths={"audio": np.array([5, 2])})
+    both = {"rgb": np.ones((2, 4, 3), np.float32), "audio": np.ones((2, 5, 2), np.float32)}
+    s.write_split("test", "test", both, np.array([1, 0]))
+    return FeatureStore(tmp_path / "s")
+
+
+def test_items_follow_the_contract(store):
+    item = store.dataset("train_b")[1]
+    assert set(item) == {"index", "split_id", "inputs", "lengths", "target"}
+    assert item["index"] == 3 + 1  # global train id: offset of train_b (3) + row
+    assert item["split_id"] == 1
+    assert list(item["inputs"]) == ["audio"] and item["inputs"]["audio"].dtype == torch.float32
+    np.testing.assert_array_equal(item["inputs"]["audio"].numpy(), -np.arange(10, 20).reshape(5, 2))
+    assert item["lengths"] == {"audio": 2}
+    assert item["target"].dtype == torch.int64 and int(item["target"]) == 1
+    rgb = store.dataset("train_a")[2]
+    assert rgb["inputs"]["rgb"].dtype == torch.float32 and rgb["lengths"] == {"rgb": 4}
+    test = store.dataset("test")[1]
+    assert test["index"] == 1 and test["split_id"] == 2  # val/test: the plain row
+    assert sorted(test["inputs"]) == ["audio", "rgb"]
+
+
+def test_dataset_index_errors(store):
+    ds = store.dataset("train_b")
+    assert len(ds) == 2 and ds[-1]["index"] == ds[1]["index"]
+    with pytest.raises(IndexError, match="out of range"):
+        ds[2]
+    with pytest.raises(KeyError, match="not in store"):
+        store.dataset("nope")
+
+
+def test_train_dataset_has_all_global_ids(store):
+    ds = store.train_dataset()
+    assert len(ds) == store.num_train == 5
+    assert [ds[i]["index"] for i in range(len(ds))] == list(range(5))
+
+
+def test_collate_sub_batches_and_masks(store):
+    ds = store.train_dataset()
+    items = [ds[4], ds[0], ds[3], ds[2]]  # audio(len 2), rgb, audio(len 5), rgb
+    batch = collate(items)
+    assert isinstance(batch, Batch) and batch.size == 4
+    assert list(batch.inputs) == ["audio", "rgb"]
+    assert batch.indices.tolist() == [4, 0, 3, 2]
+    assert batch.split_ids.tolist() == [1, 0, 1, 0]
+    assert batch.present["audio"].tolist() == [True, False, True, False]
+    assert batch.present["rgb"].tolist() == [False, True, False, True]
+    assert batch.inputs["audio"].shape == (2, 5, 2) and batch.inputs["rgb"].shape == (2, 4, 3)
+    torch.testing.assert_close(batch.inputs["audio"][0], items[0]["inputs"]["audio"])
+    torch.testing.assert_close(batch.inputs["rgb"][1], items[3]["inputs"]["rgb"])
+    assert batch.padding_masks["audio"].tolist() == [
+        [False, False, True, True, True],
+        [False, False, False, False, False],
+    ]
+    assert batch.padding_masks["rgb"] is None  # no row of the batch is padded
+    assert batch.targets.tolist() == [1, 0, 2, 2] and batch.targets.dtype == torch.int64
+    assert batch.text_padding_mask is None
+
+
+def test_collate_rejects_empty():
+    with pytest.raises(ValueError, match="at least one item"):
+        collate([])
+
+
+def test_batch_to_keeps_structure(store):
+    batch = collate([store.dataset("test")[0], store.dataset("test")[1]])
+    moved = batch.to("cpu")
+    assert moved.padding_masks == {"audio": None, "rgb": None}
+    assert moved.inputs["rgb"].shape == (2, 4, 3) and moved.present["audio"].all()
+    moved = batch.to(torch.device("cpu"), non_blocking=True)
+    assert moved.targets.tolist() == [1, 0]
+
+
+def test_regression_and_retrieval_targets(tmp_path):
+    reg = FeatureStore.create(tmp_path / "r", "regression", 2, {"rgb": (2, 2)})
+    reg.write_split("tr", "train", {"rgb": np.zeros((3, 2, 2), np.float32)},
+                    np.arange(6, dtype=np.float64).reshape(3, 2))
+    batch = collate([reg.dataset("tr")[i] for i in range(3)])
+    assert batch.targets.dtype == torch.float32 and batch.targets.shape == (3, 2)
+    ret = FeatureStore.create(tmp_path / "t", "retrieval", 8, {"rgb": (2, 2)}, text=(4, 3))
+    ret.write_split("tr", "train", {"rgb": np.zeros((2, 2, 2), np.float32)},
+                    np.ones((2, 4, 3), np.float32), target_lengths=np.array([4, 1]))
+    items = [ret.dataset("tr")[i] for i in range(2)]
+    assert items[1]["target_length"] == 1
+    batch = collate(items)
+    assert batch.targets.shape == (2, 4, 3)
+    assert batch.text_padding_mask.tolist() == [[False] * 4, [False, True, True, True]]
+
+
+def test_pickles_without_open_maps_and_works_with_workers(store):
+    ds = store.train_dataset()
+    ds[0]  # opens the memory maps of the first split
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.datasets[0]._arrays is None
+    loader = DataLoader(ds, batch_size=5, shuffle=False, num_workers=2, collate_fn=collate)
+    (batch,) = list(loader)
+    assert batch.indices.tolist() == [0, 1, 2, 3, 4]
+    assert batch.present["rgb"].tolist() == [True, True, True, False, False]

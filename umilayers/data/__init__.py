@@ -1,0 +1,21 @@
+"""Data: the FeatureStore on-disk format, datasets and collate, and the synthetic benchmark.
+
+See ``docs/store_format.rst`` for the format and the synthetic generator's model of the data.
+"""
+
+from umilayers.data.dataset import Batch, FeatureDataset, collate
+from umilayers.data.store import FORMAT, FeatureStore, SplitInfo, StoreError, check_store
+from umilayers.data.synthetic import SyntheticConfig, make_synthetic_store
+
+__all__ = [
+    "FORMAT",
+    "FeatureStore",
+    "SplitInfo",
+    "StoreError",
+    "check_store",
+    "FeatureDataset",
+    "Batch",
+    "collate",
+    "SyntheticConfig",
+    "make_synthetic_store",
+]

@@ -1,0 +1,232 @@
+"""Torch datasets over FeatureStore splits, and ``collate`` into modality sub-batches.
+
+An item (one sample) is a dict (``docs/contracts.md``)::
+
+    {"index": int,          # global train id for train splits, else the row
+     "split_id": int,       # the split's position in store.json
+     "inputs": {m: (k_m, d_m) float32 tensor},   # only the split's modalities
+     "lengths": {m: int},   # valid tokens (k_m when the store has no lengths file)
+     "target": tensor,      # () int64 | (T,) float32 | (text_tokens, text_dim) float32
+     "target_length": int}  # retrieval only: valid caption tokens
+
+:func:`collate` turns a list of items, possibly from splits with different modalities, into a
+:class:`Batch` whose ``inputs[m]`` holds only the rows that have modality ``m``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from umilayers.data.store import SplitInfo
+
+__all__ = ["FeatureDataset", "Batch", "collate"]
+
+
+class FeatureDataset(Dataset):
+    """One split of a :class:`~umilayers.data.store.FeatureStore`, read lazily from memory maps.
+
+    Built by ``FeatureStore.dataset(split)``. Arrays are opened with ``np.load(mmap_mode="r")`` on
+    first access in each process, so the dataset pickles cheaply to DataLoader workers (open maps
+    are dropped on pickling and reopened in the worker). Rows are converted to float32.
+
+    Example::
+
+        >>> import tempfile, numpy as np
+        >>> from umilayers.data.store import FeatureStore
+        >>> store = FeatureStore.create(tempfile.mkdtemp() + "/s", "classification", 2,
+        ...                             {"rgb": (3, 4)})
+        >>> store.write_split("tr", "train", {"rgb": np.ones((2, 3, 4), np.float16)}, np.array([0, 1]))
+        >>> item = store.dataset("tr")[1]
+        >>> item["index"], item["inputs"]["rgb"].dtype, item["lengths"], int(item["target"])
+        (1, torch.float32, {'rgb': 3}, 1)
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        info: SplitInfo,
+        split_id: int,
+        index_offset: int,
+        modalities: Mapping[str, tuple[int, int]],
+        task: str,
+        text: Optional[tuple[int, int]] = None,
+    ) -> None:
+        self.root = Path(root)
+        self.info = info
+        self.split_id = int(split_id)
+        self.index_offset = int(index_offset)
+        self.shapes = {m: tuple(modalities[m]) for m in info.modalities}
+        self.task = task
+        self.text = text
+        self._arrays: Optional[dict[str, Any]] = None
+
+    def __len__(self) -> int:
+        return self.info.size
+
+    def _open(self) -> dict[str, Any]:
+        folder = self.root / self.info.name
+        arrays: dict[str, Any] = {"features": {}, "lengths": {}}
+        for m in self.info.modalities:
+            arrays["features"][m] = np.load(folder / f"{m}.npy", mmap_mode="r")
+            lengths = folder / f"{m}.lengths.npy"
+            arrays["lengths"][m] = np.load(lengths) if lengths.is_file() else None
+        arrays["targets"] = np.load(folder / "targets.npy", mmap_mode="r")
+        text_lengths = folder / "targets.lengths.npy"
+        arrays["target_lengths"] = np.load(text_lengths) if text_lengths.is_file() else None
+        return arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = None  # memory maps are reopened in each worker
+        return state
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if not isinstance(row, (int, np.integer)) or isinstance(row, bool):
+            raise TypeError(f"row: expected an int, got {type(row).__name__}")
+        size = self.info.size
+        if row < 0:
+            row += size
+        if not 0 <= row < size:
+            raise IndexError(f"row {row} out of range for split {self.info.name!r} of size {size}")
+        if self._arrays is None:
+            self._arrays = self._open()
+        arrays = self._arrays
+        inputs, lengths = {}, {}
+        for m in self.info.modalities:
+            inputs[m] = torch.from_numpy(np.array(arrays["features"][m][row], dtype=np.float32))
+            lens = arrays["lengths"][m]
+            lengths[m] = int(lens[row]) if lens is not None else self.shapes[m][0]
+        raw = np.asarray(arrays["targets"][row])
+        if self.task == "classification":
+            target = torch.tensor(int(raw), dtype=torch.int64)
+        else:
+            target = torch.from_numpy(np.array(raw, dtype=np.float32))
+        item = {
+            "index": self.index_offset + int(row),
+            "split_id": self.split_id,
+            "inputs": inputs,
+            "lengths": lengths,
+            "target": target,
+        }
+        if self.task == "retrieval":
+            text_lengths = arrays["target_lengths"]
+            assert self.text is not None
+            item["target_length"] = int(text_lengths[row]) if text_lengths is not None else self.text[0]
+        return item
+
+    def __repr__(self) -> str:
+        return (f"FeatureDataset(split={self.info.name!r}, role={self.info.role!r}, "
+                f"size={self.info.size}, modalities={list(self.info.modalities)})")
+
+
+@dataclass
+class Batch:
+    """A collated batch in the sub-batch layout of ``docs/contracts.md``.
+
+    Attributes:
+        indices: global train ids (train splits) or rows (val/test).
+        inputs: ``{m: (B_m, k_m, d_m)}`` float32, the rows that have ``m``, in batch order.
+        padding_masks: ``{m: (B_m, k_m) bool or None}``, True = padding; ``None`` when no row of
+            the batch has padding for ``m``. Every key of ``inputs`` is present.
+        present: ``{m: (B,) bool}``; ``present[m].sum() == B_m``.
+        targets: ``(B,)`` int64 | ``(B, T)`` float32 | retrieval ``(B, text_tokens, text_dim)``.
+        text_padding_mask: retrieval ``(B, text_tokens)`` bool (None when captions are unpadded
+            or the task is not retrieval).
+        split_ids: the split of each row (position in ``store.json``).
+
+    Shape:
+        - indices, split_ids: ``(B,)`` int64
+
+    Example::
+
+        >>> items = [
+        ...     {"index": 0, "split_id": 0, "inputs": {"rgb": torch.ones(3, 2)},
+        ...      "lengths": {"rgb": 2}, "target": torch.tensor(1)},
+        ...     {"index": 5, "split_id": 1, "inputs": {"audio": torch.ones(4, 2)},
+        ...      "lengths": {"audio": 4}, "target": torch.tensor(0)},
+        ... ]
+        >>> batch = collate(items)
+        >>> batch.present["rgb"].tolist(), batch.inputs["rgb"].shape, batch.padding_masks["rgb"].tolist()
+        ([True, False], torch.Size([1, 3, 2]), [[False, False, True]])
+        >>> batch.padding_masks["audio"] is None, batch.indices.tolist(), batch.size
+        (True, [0, 5], 2)
+    """
+
+    indices: Tensor
+    inputs: dict[str, Tensor]
+    padding_masks: dict[str, Optional[Tensor]]
+    present: dict[str, Tensor]
+    targets: Tensor
+    text_padding_mask: Optional[Tensor]
+    split_ids: Tensor
+
+    @property
+    def size(self) -> int:
+        """The batch size ``B``."""
+        return int(self.indices.shape[0])
+
+    def _map(self, fn) -> "Batch":
+        def apply(value):
+            if value is None:
+                return None
+            if isinstance(value, dict):
+                return {k: apply(v) for k, v in value.items()}
+            return fn(value)
+
+        return Batch(**{f.name: apply(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor moved to ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """A copy in pinned memory (called by ``DataLoader(pin_memory=True)``)."""
+        return self._map(lambda t: t.pin_memory())
+
+
+def _padding_mask(lengths: Sequence[int], tokens: int) -> Optional[Tensor]:
+    lens = torch.tensor(lengths, dtype=torch.long)
+    if bool((lens >= tokens).all()):
+        return None
+    return torch.arange(tokens)[None, :] >= lens[:, None]
+
+
+def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
+    """Collate dataset items into a :class:`Batch` (modalities in sorted order).
+
+    Items may come from splits with different modality sets (e.g. a ``ConcatDataset`` over all
+    training splits); each modality's sub-batch holds only the rows that have it.
+    """
+    if len(items) == 0:
+        raise ValueError("collate: expected at least one item, got an empty list")
+    names = sorted({m for item in items for m in item["inputs"]})
+    inputs, masks, present = {}, {}, {}
+    for m in names:
+        rows = [item for item in items if m in item["inputs"]]
+        shapes = {tuple(item["inputs"][m].shape) for item in rows}
+        if len(shapes) != 1:
+            raise ValueError(f"collate: modality {m!r} has rows of different shapes {sorted(shapes)}")
+        inputs[m] = torch.stack([item["inputs"][m] for item in rows])
+        tokens = inputs[m].shape[1]
+        masks[m] = _padding_mask([int(item["lengths"].get(m, tokens)) for item in rows], tokens)
+        present[m] = torch.tensor([m in item["inputs"] for item in items], dtype=torch.bool)
+    targets = torch.stack([torch.as_tensor(item["target"]) for item in items])
+    text_mask = None
+    if "target_length" in items[0]:
+        text_mask = _padding_mask([int(item["target_length"]) for item in items], targets.shape[1])
+    return Batch(
+        indices=torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
+        inputs=inputs,
+        padding_masks=masks,
+        present=present,
+        targets=targets,
+        text_padding_mask=text_mask,
+        split_ids=torch.tensor([int(item["split_id"]) for item in items], dtype=torch.long),
+    )

@@ -1,0 +1,665 @@
+"""FeatureStore: the one on-disk format of umilayers (``umilayers-store/1``).
+
+A store is a directory holding ``store.json`` and one folder per split (see
+``docs/store_format.rst`` for the full specification)::
+
+    store.json
+    <split>/<modality>.npy           (size, tokens, dim) float16 or float32, read with mmap
+    <split>/<modality>.lengths.npy   optional (size,) int: valid tokens, the rest is padding
+    <split>/targets.npy              classification (size,) int64; regression (size, T) float32;
+                                     retrieval: caption token features (size, text_tokens, text_dim)
+    <split>/targets.lengths.npy      optional, retrieval only: (size,) int valid caption tokens
+
+``store.json`` is the source of truth: a split exists only once it is listed there. Writes go to a
+temporary folder inside the store that is renamed into place, then ``store.json`` is rewritten
+through a temporary file and ``os.replace``, so a failed or interrupted write never leaves a
+half-written split visible.
+
+Every violation found when opening or validating raises :class:`StoreError` (a ``ValueError``)
+naming the file and the expected versus found shape, key or value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from umilayers.data.dataset import FeatureDataset
+
+__all__ = ["FORMAT", "TASKS", "ROLES", "StoreError", "SplitInfo", "FeatureStore", "check_store"]
+
+FORMAT = "umilayers-store/1"
+TASKS = ("classification", "regression", "retrieval")
+ROLES = ("train", "val", "test")
+FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+_RESERVED = ("targets",)
+_CHUNK_BYTES = 64 * 2**20  # deep validation scans features in chunks of about this size
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class StoreError(ValueError):
+    """A FeatureStore violates the ``umilayers-store/1`` format (the message names the file).
+
+    Example::
+
+        >>> try:
+        ...     FeatureStore("/nonexistent/store")
+        ... except StoreError as err:
+        ...     print(err)
+        /nonexistent/store/store.json: missing file (not a FeatureStore directory?)
+    """
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split as declared in ``store.json``.
+
+    Example::
+
+        >>> SplitInfo("train_a", "train", 100, ("rgb",))
+        SplitInfo(name='train_a', role='train', size=100, modalities=('rgb',))
+    """
+
+    name: str
+    role: str
+    size: int
+    modalities: tuple[str, ...]
+
+
+def _is_pos_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _size_on_disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.npy") if p.is_file())
+
+
+def _human(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+class FeatureStore:
+    """A directory of token features in the ``umilayers-store/1`` format.
+
+    Opening a store (``FeatureStore(path)``) reads ``store.json`` and checks, cheaply, that every
+    declared file exists with the declared shape and dtype (arrays are opened with
+    ``np.load(mmap_mode="r")``; only the small label and length arrays are read), that every
+    val/test modality was seen by some training split, and that labels and lengths are in range.
+    ``deep=True`` (or :meth:`validate` with ``deep=True``) also scans all features for NaN/inf.
+
+    Args:
+        path: the store's directory.
+        deep: also scan every feature array for NaN/inf (reads all data once).
+
+    Attributes:
+        task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
+        num_outputs: classes ``C``, regression outputs ``T``, or (retrieval) the joint embedding
+            size ``E`` to train.
+        modalities: ``{name: (tokens, dim)}`` in sorted name order.
+        text: retrieval caption features ``(tokens, dim)``, else None.
+        splits: ``{name: SplitInfo}`` in the order of ``store.json``.
+
+    Example::
+
+        >>> import tempfile, numpy as np
+        >>> root = tempfile.mkdtemp()
+        >>> store = FeatureStore.create(root + "/s", "classification", 3, {"rgb": (4, 8)})
+        >>> store.write_split("train", "train", {"rgb": np.zeros((5, 4, 8), np.float32)},
+        ...                   np.array([0, 1, 2, 0, 1]))
+        >>> FeatureStore(root + "/s").splits["train"]
+        SplitInfo(name='train', role='train', size=5, modalities=('rgb',))
+    """
+
+    def __init__(self, path: PathLike, *, deep: bool = False) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "store.json"
+        if not meta_path.is_file():
+            raise StoreError(f"{meta_path}: missing file (not a FeatureStore directory?)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(f"{meta_path}: not valid JSON ({err})") from err
+        self._load_meta(meta)
+        self.validate(deep=deep)
+
+    # ------------------------------------------------------------------ metadata
+    def _load_meta(self, meta: Any) -> None:
+        where = self.path / "store.json"
+        if not isinstance(meta, dict):
+            raise StoreError(f"{where}: expected a JSON object, found {type(meta).__name__}")
+        for key in ("format", "task", "num_outputs", "modalities", "splits"):
+            if key not in meta:
+                raise StoreError(f"{where}: missing key {key!r}")
+        if meta["format"] != FORMAT:
+            raise StoreError(f"{where}: 'format' expected {FORMAT!r}, found {meta['format']!r}")
+        if meta["task"] not in TASKS:
+            raise StoreError(f"{where}: 'task' expected one of {list(TASKS)}, found {meta['task']!r}")
+        if not _is_pos_int(meta["num_outputs"]):
+            raise StoreError(
+                f"{where}: 'num_outputs' expected a positive int, found {meta['num_outputs']!r}"
+            )
+        self.task: str = meta["task"]
+        self.num_outputs: int = int(meta["num_outputs"])
+        self.modalities: dict[str, tuple[int, int]] = _parse_modalities(meta["modalities"], where)
+        text = meta.get("text")
+        if self.task == "retrieval" and text is None:
+            raise StoreError(f"{where}: task 'retrieval' needs a 'text' entry {{tokens, dim}}")
+        if self.task != "retrieval" and text is not None:
+            raise StoreError(f"{where}: 'text' is only allowed for task 'retrieval', found it "
+                             f"with task {self.task!r}")
+        self.text: Optional[tuple[int, int]] = (
+            None if text is None else _parse_shape_entry(text, f"{where}: 'text'")
+        )
+        if not isinstance(meta["splits"], dict):
+            raise StoreError(f"{where}: 'splits' expected an object, found {type(meta['splits']).__name__}")
+        self.splits: dict[str, SplitInfo] = {}
+        for name, entry in meta["splits"].items():
+            self.splits[name] = self._parse_split(name, entry, where)
+
+    def _parse_split(self, name: str, entry: Any, where: Path) -> SplitInfo:
+        label = f"{where}: split {name!r}"
+        if not _NAME.match(name):
+            raise StoreError(f"{label}: invalid split name (expected letters, digits, '_' or '-')")
+        if not isinstance(entry, dict):
+            raise StoreError(f"{label}: expected an object, found {type(entry).__name__}")
+        for key in ("role", "size", "modalities"):
+            if key not in entry:
+                raise StoreError(f"{label}: missing key {key!r}")
+        if entry["role"] not in ROLES:
+            raise StoreError(f"{label}: 'role' expected one of {list(ROLES)}, found {entry['role']!r}")
+        size = entry["size"]
+        if isinstance(size, int) and not isinstance(size, bool) and size == 0:
+            raise StoreError(f"{label}: empty split (size 0); a split needs at least one sample")
+        if not _is_pos_int(size):
+            raise StoreError(f"{label}: 'size' expected a positive int, found {size!r}")
+        mods = entry["modalities"]
+        if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
+            raise StoreError(f"{label}: 'modalities' expected a non-empty list of names, found {mods!r}")
+        unknown = sorted(set(mods) - set(self.modalities))
+        if unknown:
+            raise StoreError(
+                f"{label}: unknown modality {unknown} (declared modalities: {sorted(self.modalities)})"
+            )
+        if len(set(mods)) != len(mods):
+            raise StoreError(f"{label}: 'modalities' lists a name twice: {mods}")
+        return SplitInfo(name, entry["role"], int(size), tuple(sorted(mods)))
+
+    def _meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "task": self.task,
+            "num_outputs": self.num_outputs,
+            "modalities": {m: {"tokens": k, "dim": d} for m, (k, d) in self.modalities.items()},
+        }
+        if self.text is not None:
+            meta["text"] = {"tokens": self.text[0], "dim": self.text[1]}
+        meta["splits"] = {
+            s.name: {"role": s.role, "size": s.size, "modalities": list(s.modalities)}
+            for s in self.splits.values()
+        }
+        return meta
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        path: PathLike,
+        task: str,
+        num_outputs: int,
+        modalities: Mapping[str, tuple[int, int]],
+        text: Optional[tuple[int, int]] = None,
+        overwrite: bool = False,
+    ) -> "FeatureStore":
+        """Create an empty store (``store.json`` with no splits) and return it.
+
+        Args:
+            path: directory to create (may exist if empty, or with ``overwrite``).
+            task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
+            num_outputs: classes, regression outputs, or the retrieval embedding size.
+            modalities: ``{name: (tokens, dim)}``.
+            text: retrieval only (and required there): caption features ``(tokens, dim)``.
+            overwrite: replace an existing store at ``path`` (its contents are deleted).
+        """
+        path = Path(path)
+        if path.exists():
+            if not path.is_dir():
+                raise StoreError(f"{path}: exists and is not a directory")
+            if any(path.iterdir()):
+                if not overwrite:
+                    raise StoreError(f"{path}: directory is not empty (pass overwrite=True to replace)")
+                if not (path / "store.json").is_file():
+                    raise StoreError(f"{path}: refusing to overwrite a directory that holds no "
+                                     f"store.json (not a FeatureStore)")
+                shutil.rmtree(path)
+        meta = {
+            "format": FORMAT,
+            "task": task,
+            "num_outputs": num_outputs,
+            "modalities": {
+                m: _shape_entry(v, f"modalities[{m!r}]") for m, v in dict(modalities).items()
+            },
+            "splits": {},
+        }
+        if text is not None:
+            meta["text"] = _shape_entry(text, "text")
+        self = cls.__new__(cls)
+        self.path = path
+        self._load_meta(meta)  # validates before anything touches the disk
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path / "store.json", json.dumps(self._meta(), indent=2) + "\n")
+        return self
+
+    def write_split(
+        self,
+        name: str,
+        role: str,
+        features: Mapping[str, np.ndarray],
+        targets: np.ndarray,
+        lengths: Optional[Mapping[str, np.ndarray]] = None,
+        *,
+        target_lengths: Optional[np.ndarray] = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Write one split, validating every array before anything is written.
+
+        Args:
+            name: split name (letters, digits, ``_``, ``-``).
+            role: ``"train"``, ``"val"`` or ``"test"``.
+            features: ``{modality: (size, tokens, dim)}`` float arrays (float64 is stored as
+                float32); the split's modalities are the keys.
+            targets: classification ``(size,)`` ints in ``[0, num_outputs)``; regression
+                ``(size, num_outputs)`` floats; retrieval ``(size, text_tokens, text_dim)`` floats.
+            lengths: optional ``{modality: (size,)}`` valid token counts in ``[1, tokens]``.
+            target_lengths: retrieval only: optional ``(size,)`` valid caption token counts.
+            overwrite: replace an existing split of the same name.
+
+        Raises:
+            StoreError: naming the argument, expected and found shape/value; nothing is written.
+        """
+        arrays = self._check_split_arrays(name, role, features, targets, lengths, target_lengths)
+        if name in self.splits and not overwrite:
+            raise StoreError(f"{self.path / name}: split {name!r} already exists "
+                             f"(pass overwrite=True to replace it)")
+        size = len(arrays["targets.npy"])
+        tmp = self.path / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for filename, array in arrays.items():
+                np.save(tmp / filename, array, allow_pickle=False)
+            final = self.path / name
+            trash = None
+            if final.exists():  # a replaced split, or an orphan of an interrupted write
+                trash = self.path / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+            os.replace(tmp, final)
+            splits = dict(self.splits)
+            splits[name] = SplitInfo(name, role, size, tuple(sorted(features)))
+            old_splits, self.splits = self.splits, splits
+            try:
+                _atomic_write_text(self.path / "store.json", json.dumps(self._meta(), indent=2) + "\n")
+            except BaseException:
+                self.splits = old_splits
+                raise
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_split_arrays(
+        self,
+        name: str,
+        role: str,
+        features: Mapping[str, np.ndarray],
+        targets: np.ndarray,
+        lengths: Optional[Mapping[str, np.ndarray]],
+        target_lengths: Optional[np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """Validate in-memory arrays and return ``{filename: array to save}``."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise StoreError(f"write_split: invalid split name {name!r} (letters, digits, '_', '-')")
+        if role not in ROLES:
+            raise StoreError(f"write_split {name!r}: role expected one of {list(ROLES)}, found {role!r}")
+        if not features:
+            raise StoreError(f"write_split {name!r}: features is empty; a split needs a modality")
+        unknown = sorted(set(features) - set(self.modalities))
+        if unknown:
+            raise StoreError(f"write_split {name!r}: unknown modality {unknown} "
+                             f"(declared modalities: {sorted(self.modalities)})")
+        targets = np.asarray(targets)
+        if targets.ndim == 0 or len(targets) == 0:
+            raise StoreError(f"write_split {name!r}: empty split (targets has shape "
+                             f"{_shape(targets.shape)}); a split needs at least one sample")
+        size = len(targets)
+        out: dict[str, np.ndarray] = {}
+        for m in sorted(features):
+            tokens, dim = self.modalities[m]
+            label = f"write_split {name!r}: features[{m!r}] ({m}.npy)"
+            array = np.asarray(features[m])
+            if array.dtype == np.float64:
+                array = array.astype(np.float32)
+            if array.dtype not in FEATURE_DTYPES:
+                raise StoreError(f"{label}: expected dtype float16 or float32, found {array.dtype}")
+            if array.shape != (size, tokens, dim):
+                raise StoreError(f"{label}: expected shape (size={size}, tokens={tokens}, dim={dim}), "
+                                 f"found {_shape(array.shape)}")
+            if not np.isfinite(array).all():
+                raise StoreError(f"{label}: expected finite values, found "
+                                 f"{int((~np.isfinite(array)).sum())} NaN/inf entries")
+            out[f"{m}.npy"] = np.ascontiguousarray(array)
+        for m, value in dict(lengths or {}).items():
+            if m not in features:
+                raise StoreError(f"write_split {name!r}: lengths[{m!r}] given but {m!r} is not in "
+                                 f"features {sorted(features)}")
+            out[f"{m}.lengths.npy"] = _check_lengths(
+                np.asarray(value), size, self.modalities[m][0],
+                f"write_split {name!r}: lengths[{m!r}] ({m}.lengths.npy)")
+        out["targets.npy"] = self._check_targets(targets, size, f"write_split {name!r}: targets (targets.npy)")
+        if target_lengths is not None:
+            if self.task != "retrieval" or self.text is None:
+                raise StoreError(f"write_split {name!r}: target_lengths is only for task 'retrieval'")
+            out["targets.lengths.npy"] = _check_lengths(
+                np.asarray(target_lengths), size, self.text[0],
+                f"write_split {name!r}: target_lengths (targets.lengths.npy)")
+        return out
+
+    def _check_targets(self, targets: np.ndarray, size: int, label: str) -> np.ndarray:
+        if self.task == "classification":
+            if targets.shape != (size,):
+                raise StoreError(f"{label}: expected shape (size={size},), found {_shape(targets.shape)}")
+            if not np.issubdtype(targets.dtype, np.integer):
+                raise StoreError(f"{label}: expected integer class labels, found dtype {targets.dtype}")
+            _check_label_range(targets, self.num_outputs, label)
+            return targets.astype(np.int64)
+        if self.task == "regression":
+            expected = (size, self.num_outputs)
+        else:
+            assert self.text is not None
+            expected = (size, *self.text)
+        if targets.shape != expected:
+            names = "T" if self.task == "regression" else "text_tokens, text_dim"
+            raise StoreError(f"{label}: expected shape {_shape(expected)} (size, {names}), "
+                             f"found {_shape(targets.shape)}")
+        if not np.issubdtype(targets.dtype, np.floating):
+            raise StoreError(f"{label}: expected a float array, found dtype {targets.dtype}")
+        if not np.isfinite(targets).all():
+            raise StoreError(f"{label}: expected finite values, found "
+                             f"{int((~np.isfinite(targets)).sum())} NaN/inf entries")
+        return targets.astype(np.float32)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, deep: bool = True) -> None:
+        """Check every split's files against ``store.json``; raise :class:`StoreError` if not.
+
+        Always: files exist; shapes, dtypes, labels and lengths; every val/test modality is seen
+        by at least one training split (and a store with val/test splits has a training split).
+        With ``deep``: features and float targets hold no NaN/inf (reads every array once).
+        """
+        for info in self.splits.values():
+            self._validate_split(info, deep)
+        self._validate_coverage()
+
+    def _validate_coverage(self) -> None:
+        train = self.splits_with_role("train")
+        evaluation = [s for s in self.splits.values() if s.role != "train"]
+        where = self.path / "store.json"
+        if evaluation and not train:
+            raise StoreError(f"{where}: splits {[s.name for s in evaluation]} have no training "
+                             f"split to learn from (expected at least one split with role 'train')")
+        seen = {m for s in train for m in self.splits[s].modalities}
+        for info in evaluation:
+            unseen = sorted(set(info.modalities) - seen)
+            if unseen:
+                raise StoreError(
+                    f"{where}: {info.role} split {info.name!r} has modality {unseen} that no "
+                    f"training split has (training modalities: {sorted(seen)})"
+                )
+
+    def _load(self, file: Path, label: str) -> np.ndarray:
+        if not file.is_file():
+            raise StoreError(f"{file}: missing file ({label})")
+        try:
+            return np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise StoreError(f"{file}: cannot be read as a .npy array ({err})") from err
+
+    def _validate_split(self, info: SplitInfo, deep: bool) -> None:
+        folder = self.path / info.name
+        if not folder.is_dir():
+            raise StoreError(f"{folder}: missing folder of split {info.name!r} listed in store.json")
+        for m in info.modalities:
+            tokens, dim = self.modalities[m]
+            file = folder / f"{m}.npy"
+            array = self._load(file, f"modality {m!r} of split {info.name!r}")
+            expected = (info.size, tokens, dim)
+            if array.shape != expected:
+                raise StoreError(f"{file}: expected shape (size={info.size}, tokens={tokens}, "
+                                 f"dim={dim}), found {_shape(array.shape)}")
+            if array.dtype not in FEATURE_DTYPES:
+                raise StoreError(f"{file}: expected dtype float16 or float32, found {array.dtype}")
+            if deep:
+                _check_finite_chunked(array, file)
+            lengths_file = folder / f"{m}.lengths.npy"
+            if lengths_file.is_file():
+                _check_lengths(np.asarray(self._load(lengths_file, "lengths")), info.size, tokens,
+                               str(lengths_file))
+        for extra in sorted(folder.glob("*.npy")):
+            stem = extra.name[: -len(".npy")].removesuffix(".lengths")
+            if stem != "targets" and stem not in info.modalities:
+                raise StoreError(
+                    f"{extra}: modality {stem!r} is on disk but not listed for split {info.name!r} "
+                    f"in store.json (listed: {list(info.modalities)})"
+                )
+        file = folder / "targets.npy"
+        targets = self._load(file, f"targets of split {info.name!r}")
+        if self.task == "classification":
+            if targets.shape != (info.size,):
+                raise StoreError(f"{file}: expected shape (size={info.size},), found {_shape(targets.shape)}")
+            if not np.issubdtype(targets.dtype, np.integer):
+                raise StoreError(f"{file}: expected integer class labels, found dtype {targets.dtype}")
+            _check_label_range(np.asarray(targets), self.num_outputs, str(file))
+        else:
+            expected = (info.size, self.num_outputs) if self.task == "regression" else (info.size, *self.text)
+            if targets.shape != expected:
+                raise StoreError(f"{file}: expected shape {_shape(expected)}, found {_shape(targets.shape)}")
+            if targets.dtype not in FEATURE_DTYPES:
+                raise StoreError(f"{file}: expected dtype float16 or float32, found {targets.dtype}")
+            if deep:
+                _check_finite_chunked(targets, file)
+        lengths_file = folder / "targets.lengths.npy"
+        if lengths_file.is_file():
+            if self.task != "retrieval":
+                raise StoreError(f"{lengths_file}: caption lengths are only allowed for task "
+                                 f"'retrieval', found with task {self.task!r}")
+            _check_lengths(np.asarray(self._load(lengths_file, "caption lengths")), info.size,
+                           self.text[0], str(lengths_file))
+
+    # ------------------------------------------------------------------ access
+    def splits_with_role(self, role: str) -> list[str]:
+        """Names of the splits with ``role``, in ``store.json`` order."""
+        if role not in ROLES:
+            raise ValueError(f"role: expected one of {list(ROLES)}, got {role!r}")
+        return [s.name for s in self.splits.values() if s.role == role]
+
+    def train_index(self) -> dict[str, int]:
+        """Global id offset of each training split: ``id = offset[split] + row``.
+
+        Training splits are enumerated in ``store.json`` order; :attr:`num_train` is the total.
+        """
+        offsets, total = {}, 0
+        for name in self.splits_with_role("train"):
+            offsets[name] = total
+            total += self.splits[name].size
+        return offsets
+
+    @property
+    def num_train(self) -> int:
+        """Total number of training samples (the ``PseudoLabelBank``'s ``num_samples``)."""
+        return sum(self.splits[s].size for s in self.splits_with_role("train"))
+
+    def split_id(self, split: str) -> int:
+        """Index of ``split`` in ``store.json`` order (``Batch.split_ids``)."""
+        self._require_split(split)
+        return list(self.splits).index(split)
+
+    def _require_split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise KeyError(f"split {split!r} not in store {self.path} (splits: {list(self.splits)})")
+        return self.splits[split]
+
+    def targets(self, split: str) -> np.ndarray:
+        """The split's targets, loaded into memory."""
+        self._require_split(split)
+        return np.array(np.load(self.path / split / "targets.npy", mmap_mode="r"))
+
+    def dataset(self, split: str) -> "FeatureDataset":
+        """A torch ``Dataset`` over one split (items as in ``docs/contracts.md``)."""
+        from umilayers.data.dataset import FeatureDataset
+
+        info = self._require_split(split)
+        offset = self.train_index().get(split, 0) if info.role == "train" else 0
+        return FeatureDataset(self.path, info, self.split_id(split), offset, self.modalities,
+                              self.task, self.text)
+
+    def train_dataset(self):
+        """All training splits as one ``ConcatDataset`` (items carry global train ids)."""
+        from torch.utils.data import ConcatDataset
+
+        names = self.splits_with_role("train")
+        if not names:
+            raise StoreError(f"{self.path / 'store.json'}: no split with role 'train'")
+        return ConcatDataset([self.dataset(n) for n in names])
+
+    def summary(self) -> str:
+        """A readable table of the store: task, modalities, and per split role, size, files."""
+        lines = [
+            f"FeatureStore {self.path}  ({FORMAT})",
+            f"task: {self.task}   num_outputs: {self.num_outputs}",
+            "modalities: " + ", ".join(f"{m} (tokens={k}, dim={d})" for m, (k, d) in self.modalities.items()),
+        ]
+        if self.text is not None:
+            lines.append(f"text: tokens={self.text[0]}, dim={self.text[1]}")
+        rows = [("split", "role", "size", "modalities", "dtype", "disk")]
+        for info in self.splits.values():
+            folder = self.path / info.name
+            dtypes = sorted({str(np.load(folder / f"{m}.npy", mmap_mode="r").dtype) for m in info.modalities})
+            rows.append((info.name, info.role, str(info.size), ",".join(info.modalities),
+                         "/".join(dtypes), _human(_size_on_disk(folder))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if len(rows) == 1:
+            lines.append("(no splits)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({str(self.path)!r}, task={self.task!r}, "
+                f"splits={[s for s in self.splits]})")
+
+
+def check_store(path: PathLike, deep: bool = True) -> str:
+    """Open and validate a store (``umilayers check PATH``); return its summary.
+
+    Raises:
+        StoreError: the first violation found, naming the file.
+    """
+    store = FeatureStore(path, deep=deep)
+    return store.summary() + f"\nOK: {len(store.splits)} splits valid" + (
+        " (deep check: no NaN/inf)" if deep else "")
+
+
+# ---------------------------------------------------------------------- helpers
+def _shape_entry(value: Any, label: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return {"tokens": value[0], "dim": value[1]}
+    raise StoreError(f"{label}: expected (tokens, dim), found {value!r}")
+
+
+def _parse_shape_entry(entry: Any, label: str) -> tuple[int, int]:
+    if not isinstance(entry, dict) or set(entry) != {"tokens", "dim"}:
+        raise StoreError(f"{label}: expected {{'tokens': int, 'dim': int}}, found {entry!r}")
+    if not (_is_pos_int(entry["tokens"]) and _is_pos_int(entry["dim"])):
+        raise StoreError(f"{label}: tokens and dim must be positive ints, found {entry!r}")
+    return int(entry["tokens"]), int(entry["dim"])
+
+
+def _parse_modalities(value: Any, where: Path) -> dict[str, tuple[int, int]]:
+    if not isinstance(value, dict) or not value:
+        raise StoreError(f"{where}: 'modalities' expected a non-empty object, found {value!r}")
+    out = {}
+    for name in sorted(value):
+        if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
+            raise StoreError(f"{where}: invalid modality name {name!r} (letters, digits, '_', '-'; "
+                             f"not {list(_RESERVED)})")
+        out[name] = _parse_shape_entry(value[name], f"{where}: modality {name!r}")
+    return out
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, label: str) -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = int(((labels < 0) | (labels >= num_classes)).sum())
+        raise StoreError(f"{label}: labels expected in [0, {num_classes}), found range "
+                         f"[{low}, {high}] ({bad} out of range)")
+
+
+def _check_lengths(lengths: np.ndarray, size: int, tokens: int, label: str) -> np.ndarray:
+    if lengths.shape != (size,):
+        raise StoreError(f"{label}: expected shape (size={size},), found {_shape(lengths.shape)}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise StoreError(f"{label}: expected integer token counts, found dtype {lengths.dtype}")
+    low, high = int(lengths.min()), int(lengths.max())
+    if low < 1 or high > tokens:
+        raise StoreError(f"{label}: lengths expected in [1, {tokens}], found range [{low}, {high}]")
+    return lengths.astype(np.int64)
+
+
+def _check_finite_chunked(array: np.ndarray, file: Path) -> None:
+    row_bytes = max(1, math.prod(array.shape[1:]) * array.dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, len(array), step):
+        chunk = np.asarray(array[start:start + step])
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            bad_rows = np.nonzero(~finite.reshape(len(chunk), -1).all(axis=1))[0] + start
+            raise StoreError(f"{file}: expected finite values, found NaN/inf in "
+                             f"{int((~finite).sum())} entries (first bad row {int(bad_rows[0])})")

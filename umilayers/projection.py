@@ -1,0 +1,376 @@
+"""Feature projection: tokens of one modality ``(B, k_m, d_m)`` -> the common space ``(B, K, D)``.
+
+Shape letters: ``B`` batch, ``k_m`` tokens of the modality, ``d_m`` its feature size, ``K`` = k*
+(output slots), ``D`` = d* (common width).
+
+:class:`FeatureProjection` is the paper's learned projection (Sec. 4, "Feature Projection"): a few
+transformer layers over the input tokens produce logits ``(B, k_m, K)``; a softmax turns them into
+an attention matrix ``O``; the raw input features are reorganised to ``K`` tokens by
+``F' = O^T F``; a linear layer maps ``d_m -> D``. Two readings of the softmax are offered (see
+``docs/projection.rst``):
+
+- ``normalize="inputs"`` (paper text, default): softmax over the ``k_m`` axis, every output slot
+  is a convex combination of the input tokens (columns of ``O`` sum to 1);
+- ``normalize="slots"`` (the authors' released code): softmax over the ``K`` axis, every input
+  token spreads itself over the slots (rows of ``O`` sum to 1).
+
+:class:`PooledProjection` is the paper's "alternative feature projection" ablation: a masked mean
+pool over the tokens, then a linear layer, repeated or reshaped to ``(B, K, D)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from umilayers._validation import check_bool_mask, check_choice, check_positive_int, check_tensor
+from umilayers.attention import GroupMaskedTransformer
+
+__all__ = ["FeatureProjection", "PooledProjection", "sinusoidal_positions", "NORMALIZE", "POSITIONS"]
+
+#: Accepted values of ``FeatureProjection(normalize=...)``.
+NORMALIZE = ("inputs", "slots")
+#: Accepted values of ``FeatureProjection(positions=...)``.
+POSITIONS = (None, "learned", "sinusoidal")
+
+ProjectionOutput = Union[Tensor, tuple[Tensor, Tensor]]
+
+
+def sinusoidal_positions(
+    num_tokens: int, dim: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """Fixed sine/cosine position table ``(num_tokens, dim)`` (Vaswani et al. 2017).
+
+    Even channels hold ``sin(p / 10000^(2i/dim))``, odd channels the cosine; an odd ``dim`` drops
+    the last cosine channel. Computed in float32, then cast to ``dtype``.
+
+    Example::
+
+        >>> sinusoidal_positions(4, 6).shape
+        torch.Size([4, 6])
+    """
+    position = torch.arange(num_tokens, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    table = torch.zeros(num_tokens, dim, device=device, dtype=torch.float32)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
+    return table.to(dtype or torch.float32)
+
+
+def _check_inputs(
+    x: Tensor, padding_mask: Optional[Tensor], in_dim: int
+) -> Optional[Tensor]:
+    """Validate ``x`` and ``padding_mask``; return the mask, or None when nothing is padded.
+
+    Raises ValueError when a sample has no valid token (every token padding, or ``k_m == 0``).
+    """
+    sizes: dict[str, int] = {}
+    check_tensor("x", x, ("B", "k_m", in_dim), sizes, floating=True)
+    batch, tokens = x.shape[0], x.shape[1]
+    if padding_mask is not None:
+        check_bool_mask("padding_mask", padding_mask, ("B", "k_m"), sizes)
+        if padding_mask.device != x.device:
+            raise ValueError(
+                f"padding_mask: expected a mask on x's device {x.device}, got {padding_mask.device}"
+            )
+    if batch == 0:
+        return padding_mask
+    if tokens == 0:
+        raise ValueError(f"x: expected at least one token per sample, got k_m=0 (shape {tuple(x.shape)})")
+    if padding_mask is None:
+        return None
+    empty = padding_mask.all(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(
+            f"padding_mask: every token is padding in {len(rows)} row(s) [{shown}]; "
+            "each sample needs at least one valid token (drop those rows instead)"
+        )
+    return padding_mask
+
+
+class FeatureProjection(nn.Module):
+    """Learned projection of one modality's tokens to ``K`` tokens of width ``D`` (paper Sec. 4).
+
+    ``logits = head(transformer(embed(x) [+ positions]))`` has shape ``(B, k_m, K)``; a softmax
+    gives the attention matrix ``O``; the output is ``Linear_{d_m -> D}(O^T F)`` where ``F`` are
+    the *raw* input features.
+
+    ``normalize="inputs"`` (default, paper text): softmax over the ``k_m`` tokens, so every
+    column of ``O`` sums to 1 and each output slot is a convex combination of the input tokens;
+    the output's scale does not depend on ``k_m``.
+
+    ``normalize="slots"`` (the authors' released code): softmax over the ``K`` slots, so every row
+    of ``O`` sums to 1. Then ``O^T F`` *sums* over the inputs rather than averaging them: slot
+    ``k`` receives ``sum_n O[n, k] F[n]`` and the slots together hold ``sum_n F[n]``, so the output
+    grows with the number of valid tokens (about ``k_m / K`` times an average token when the
+    weights are near uniform). This is kept as released; normalise the features or pick
+    ``"inputs"`` when token counts vary a lot between samples.
+
+    Padding tokens (``padding_mask`` True) get exactly zero weight in both modes, are never
+    attended to by the transformer, and their feature values are never read (NaN in padding is
+    harmless). Without positions, or with padding appended after the valid tokens, adding padding
+    leaves the output unchanged (up to float rounding).
+
+    Since ``(O^T F) W^T = O^T (F W^T)``, the linear map is applied before the reorganisation when
+    that is cheaper (``in_dim > out_dim``); the result is the same up to rounding. The choice is
+    stored in the plain attribute ``project_first`` (a test flips it to compare both paths).
+
+    Args:
+        in_dim: feature size ``d_m`` of the input tokens.
+        out_dim: common width ``D`` (also the transformer's width).
+        num_tokens: number of output slots ``K``.
+        depth: transformer layers that compute the logits (0: logits straight from the embedding).
+        heads: attention heads (must divide ``out_dim``).
+        normalize: ``"inputs"`` (softmax over tokens) or ``"slots"`` (softmax over slots).
+        positions: ``None`` (default, any ``k_m``), ``"learned"`` (needs ``max_tokens``) or
+            ``"sinusoidal"``.
+        max_tokens: the most input tokens accepted; required for learned positions.
+        mlp_ratio: MLP hidden width of the transformer relative to ``out_dim``.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - x: ``(B, k_m, d_m)``
+        - padding_mask: ``(B, k_m)`` bool, True = padding (optional)
+        - output: ``(B, K, D)``; with ``return_weights=True`` also ``O`` of shape ``(B, k_m, K)``
+          (float32 unless the parameters are float64)
+
+    Example::
+
+        >>> import torch
+        >>> proj = FeatureProjection(in_dim=12, out_dim=16, num_tokens=4, depth=1, heads=2)
+        >>> x = torch.randn(3, 7, 12)
+        >>> mask = torch.zeros(3, 7, dtype=torch.bool)
+        >>> mask[0, 5:] = True  # sample 0 has 5 tokens
+        >>> out, weights = proj(x, padding_mask=mask, return_weights=True)
+        >>> out.shape, weights.shape
+        (torch.Size([3, 4, 16]), torch.Size([3, 7, 4]))
+        >>> torch.allclose(weights.sum(dim=1), torch.ones(3, 4))
+        True
+        >>> bool((weights[0, 5:] == 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 256,
+        num_tokens: int = 512,
+        depth: int = 6,
+        heads: int = 8,
+        normalize: str = "inputs",
+        positions: Optional[str] = None,
+        max_tokens: Optional[int] = None,
+        mlp_ratio: float = 2.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        sizes = {"in_dim": in_dim, "out_dim": out_dim, "num_tokens": num_tokens, "heads": heads}
+        for name, value in sizes.items():
+            check_positive_int(name, value)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth: expected an int >= 0, got {depth!r}")
+        if out_dim % heads:
+            raise ValueError(f"heads: must divide out_dim={out_dim}, got heads={heads}")
+        check_choice("normalize", normalize, NORMALIZE)
+        check_choice("positions", positions, POSITIONS)
+        if max_tokens is not None:
+            check_positive_int("max_tokens", max_tokens)
+        if positions == "learned" and max_tokens is None:
+            raise ValueError("max_tokens: required with positions='learned', got None")
+        if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio: expected a number > 0, got {mlp_ratio!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
+        self.normalize = normalize
+        self.positions = positions
+        self.max_tokens = max_tokens
+        self.embed = nn.Linear(in_dim, out_dim, **factory)
+        self.pos_embed: Optional[nn.Parameter] = None
+        if positions == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(max_tokens, out_dim, **factory))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.encoder: Optional[GroupMaskedTransformer] = None
+        if depth > 0:
+            self.encoder = GroupMaskedTransformer(out_dim, depth, heads, mlp_ratio, groups=1, **factory)
+        self.norm = nn.LayerNorm(out_dim, **factory)
+        self.head = nn.Linear(out_dim, num_tokens, **factory)
+        self.proj = nn.Linear(in_dim, out_dim, **factory)
+        # Fast path chosen once: project d_m -> D before the reorganisation when d_m > D.
+        self.project_first = in_dim > out_dim
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_tokens={self.num_tokens}, "
+            f"normalize={self.normalize!r}, positions={self.positions!r}, max_tokens={self.max_tokens}"
+        )
+
+    def _add_positions(self, h: Tensor) -> Tensor:
+        tokens = h.shape[1]
+        if self.positions is None:
+            return h
+        if self.positions == "learned":
+            return h + self.pos_embed[:tokens].to(h.dtype)
+        return h + sinusoidal_positions(tokens, self.out_dim, device=h.device, dtype=h.dtype)
+
+    def logits(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Slot logits ``(B, k_m, K)`` of already validated, padding-zeroed inputs."""
+        h = self._add_positions(self.embed(x))
+        if self.encoder is not None:
+            h = self.encoder(h, padding_mask=padding_mask)
+        return self.head(self.norm(h))
+
+    def weights(self, logits: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Attention matrix ``O`` ``(B, k_m, K)`` from logits, softmax in float32 (or float64).
+
+        Padding rows are exactly zero; columns (``"inputs"``) or valid rows (``"slots"``) sum to 1.
+        """
+        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logits = logits.to(work)
+        if self.normalize == "inputs":
+            if padding_mask is not None:
+                logits = logits.masked_fill(padding_mask[..., None], float("-inf"))
+            return torch.softmax(logits, dim=1)
+        weights = torch.softmax(logits, dim=2)
+        if padding_mask is not None:
+            weights = weights.masked_fill(padding_mask[..., None], 0.0)
+        return weights
+
+    def forward(
+        self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
+    ) -> ProjectionOutput:
+        """Project ``x`` to ``(B, K, D)``.
+
+        Args:
+            x: input tokens ``(B, k_m, d_m)``.
+            padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
+            return_weights: also return the attention matrix ``O``.
+
+        Returns:
+            ``(B, K, D)``, or ``(output, O)`` with ``O`` of shape ``(B, k_m, K)``.
+
+        Raises:
+            ValueError: wrong shapes, a sample whose tokens are all padding (the rows are named),
+                or more than ``max_tokens`` tokens.
+
+        Shape:
+            - x: ``(B, k_m, d_m)``
+            - padding_mask: ``(B, k_m)``
+            - output: ``(B, K, D)``; weights ``(B, k_m, K)``
+        """
+        padding_mask = _check_inputs(x, padding_mask, self.in_dim)
+        if self.max_tokens is not None and x.shape[1] > self.max_tokens:
+            raise ValueError(
+                f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
+            )
+        if padding_mask is not None:
+            # Padding values are never read: NaN there must not reach attention or the sums.
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        weights = self.weights(self.logits(x, padding_mask), padding_mask)
+        o = weights.to(x.dtype)
+        if self.project_first:
+            features = torch.nn.functional.linear(x, self.proj.weight)
+            out = torch.einsum("b n k, b n d -> b k d", o.to(features.dtype), features)
+            out = out + self.proj.bias.to(out.dtype)
+        else:
+            out = torch.einsum("b n k, b n d -> b k d", o, x)
+            out = self.proj(out)
+        return (out, weights) if return_weights else out
+
+
+class PooledProjection(nn.Module):
+    """The paper's "alternative feature projection" ablation: masked mean pool, then linear.
+
+    The valid tokens are averaged (padding ignored), then mapped to the common space either by
+    ``Linear(d_m -> D)`` repeated over the ``K`` slots (``mode="repeat"``) or by
+    ``Linear(d_m -> K * D)`` reshaped to ``(K, D)`` (``mode="reshape"``). ``return_weights=True``
+    returns the pooling weights in :class:`FeatureProjection`'s layout ``(B, k_m, K)`` (every
+    column is ``1 / n_valid`` on the valid tokens, 0 on padding), so callers treat both alike.
+
+    Args:
+        in_dim: feature size ``d_m`` of the input tokens.
+        out_dim: common width ``D``.
+        num_tokens: number of output slots ``K``.
+        mode: ``"repeat"`` or ``"reshape"``.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - x: ``(B, k_m, d_m)``
+        - padding_mask: ``(B, k_m)`` bool, True = padding (optional)
+        - output: ``(B, K, D)``; with ``return_weights=True`` also ``(B, k_m, K)``
+
+    Example::
+
+        >>> import torch
+        >>> pool = PooledProjection(in_dim=12, out_dim=16, num_tokens=4, mode="reshape")
+        >>> pool(torch.randn(3, 7, 12)).shape
+        torch.Size([3, 4, 16])
+    """
+
+    MODES = ("repeat", "reshape")
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 256,
+        num_tokens: int = 512,
+        mode: str = "repeat",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("num_tokens", num_tokens)):
+            check_positive_int(name, value)
+        check_choice("mode", mode, self.MODES)
+        self.in_dim, self.out_dim, self.num_tokens, self.mode = in_dim, out_dim, num_tokens, mode
+        width = out_dim if mode == "repeat" else num_tokens * out_dim
+        self.proj = nn.Linear(in_dim, width, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_tokens={self.num_tokens}, "
+            f"mode={self.mode!r}"
+        )
+
+    def forward(
+        self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
+    ) -> ProjectionOutput:
+        """Mean-pool the valid tokens and map them to ``(B, K, D)``.
+
+        Args:
+            x: input tokens ``(B, k_m, d_m)``.
+            padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
+            return_weights: also return the pooling weights repeated over the ``K`` slots.
+
+        Shape:
+            - x: ``(B, k_m, d_m)``
+            - padding_mask: ``(B, k_m)``
+            - output: ``(B, K, D)``; weights ``(B, k_m, K)``
+        """
+        padding_mask = _check_inputs(x, padding_mask, self.in_dim)
+        batch, tokens = x.shape[0], x.shape[1]
+        if padding_mask is None:
+            pool = torch.full((batch, tokens), 1.0 / max(tokens, 1), device=x.device, dtype=x.dtype)
+        else:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+            valid = (~padding_mask).to(x.dtype)
+            pool = valid / valid.sum(dim=1, keepdim=True).clamp_min(1)
+        pooled = torch.einsum("b n, b n d -> b d", pool, x)
+        y = self.proj(pooled)
+        if self.mode == "repeat":
+            out = repeat(y, "b d -> b k d", k=self.num_tokens)
+        else:
+            out = rearrange(y, "b (k d) -> b k d", k=self.num_tokens)
+        if return_weights:
+            return out, repeat(pool, "b n -> b n k", k=self.num_tokens)
+        return out
