@@ -8,6 +8,7 @@ The five pieces of the method are importable from the top level::
 
 from umilayers._version import __version__
 from umilayers.attention import GroupMaskedTransformer, group_attention
+from umilayers.data import Batch, FeatureStore, StoreError, collate, make_synthetic_store
 from umilayers.fusion import CommonSpaceSum, common_space_sum, modality_counts
 from umilayers.projection import FeatureProjection, PooledProjection
 
@@ -22,4 +23,10 @@ __all__ = [
     "common_space_sum",
     "modality_counts",
     "group_attention",
+    # data
+    "FeatureStore",
+    "StoreError",
+    "Batch",
+    "collate",
+    "make_synthetic_store",
 ]

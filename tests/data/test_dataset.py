@@ -115,3 +115,28 @@ def test_pickles_without_open_maps_and_works_with_workers(store):
     (batch,) = list(loader)
     assert batch.indices.tolist() == [0, 1, 2, 3, 4]
     assert batch.present["rgb"].tolist() == [True, True, True, False, False]
+
+
+def test_length_zero_marks_a_modality_missing_for_one_sample(tmp_path):
+    s = FeatureStore.create(tmp_path / "s", "classification", 3, MODS)
+    s.write_split("train_a", "train", {"rgb": np.ones((2, 4, 3), np.float32)}, np.array([0, 1]))
+    s.write_split("train_b", "train", {"audio": np.ones((2, 5, 2), np.float32)}, np.array([0, 1]))
+    both = {"rgb": np.ones((3, 4, 3), np.float32), "audio": np.ones((3, 5, 2), np.float32)}
+    s.write_split("test", "test", both, np.array([1, 0, 2]),
+                  lengths={"rgb": np.array([4, 0, 2]), "audio": np.array([0, 5, 5])})
+    data = FeatureStore(tmp_path / "s").dataset("test")
+    assert sorted(data[0]["inputs"]) == ["rgb"] and sorted(data[1]["inputs"]) == ["audio"]
+    batch = collate([data[0], data[1], data[2]])
+    assert batch.present["rgb"].tolist() == [True, False, True]
+    assert batch.present["audio"].tolist() == [False, True, True]
+    assert batch.inputs["rgb"].shape[0] == 2 and batch.inputs["audio"].shape[0] == 2
+
+
+def test_a_sample_without_any_modality_is_refused(tmp_path):
+    from umilayers.data import StoreError
+
+    s = FeatureStore.create(tmp_path / "s", "classification", 3, MODS)
+    both = {"rgb": np.ones((3, 4, 3), np.float32), "audio": np.ones((3, 5, 2), np.float32)}
+    with pytest.raises(StoreError, match=r"1 sample\(s\) have length 0 for every modality.*rows \[1\]"):
+        s.write_split("train", "train", both, np.array([1, 0, 2]),
+                      lengths={"rgb": np.array([4, 0, 2]), "audio": np.array([5, 0, 5])})

@@ -91,8 +91,12 @@ def test_create_refuses_non_empty_directory(tmp_path):
          "empty split"),
         ({"features": {"rgb": np.full((2, 4, 6), np.nan, np.float32)}},
          r"rgb.npy\): expected finite values, found 48 NaN/inf"),
+        ({"lengths": {"rgb": np.array([-1, 4])}},
+         r"lengths\['rgb'\] \(rgb.lengths.npy\): lengths expected in \[0, 4\], found range \[-1, 4\]"),
+        ({"lengths": {"rgb": np.array([0, 5])}},
+         r"lengths\['rgb'\] \(rgb.lengths.npy\): lengths expected in \[0, 4\], found range \[0, 5\]"),
         ({"lengths": {"rgb": np.array([0, 4])}},
-         r"lengths\['rgb'\] \(rgb.lengths.npy\): lengths expected in \[1, 4\], found range \[0, 4\]"),
+         r"1 sample\(s\) have length 0 for every modality .* rows \[0\]"),
         ({"targets": np.array([0.0, 1.0])}, "expected integer class labels, found dtype float64"),
         ({"role": "training"}, r"role expected one of \['train', 'val', 'test'\], found 'training'"),
     ],
@@ -241,7 +245,7 @@ def test_labels_out_of_range_on_disk(tmp_path):
 def test_lengths_out_of_range_on_disk(tmp_path):
     make(tmp_path)
     np.save(tmp_path / "s/train_b/audio.lengths.npy", np.array([1, 2, 3, 4]))
-    with pytest.raises(StoreError, match=r"audio.lengths.npy: lengths expected in \[1, 3\], found range \[1, 4\]"):
+    with pytest.raises(StoreError, match=r"audio.lengths.npy: lengths expected in \[0, 3\], found range \[1, 4\]"):
         FeatureStore(tmp_path / "s")
 
 

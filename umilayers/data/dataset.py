@@ -100,9 +100,12 @@ class FeatureDataset(Dataset):
         arrays = self._arrays
         inputs, lengths = {}, {}
         for m in self.info.modalities:
-            inputs[m] = torch.from_numpy(np.array(arrays["features"][m][row], dtype=np.float32))
             lens = arrays["lengths"][m]
-            lengths[m] = int(lens[row]) if lens is not None else self.shapes[m][0]
+            length = int(lens[row]) if lens is not None else self.shapes[m][0]
+            if length == 0:  # this sample lacks m: absent, never a zero tensor
+                continue
+            inputs[m] = torch.from_numpy(np.array(arrays["features"][m][row], dtype=np.float32))
+            lengths[m] = length
         raw = np.asarray(arrays["targets"][row])
         if self.task == "classification":
             target = torch.tensor(int(raw), dtype=torch.int64)

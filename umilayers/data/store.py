@@ -5,7 +5,8 @@ A store is a directory holding ``store.json`` and one folder per split (see
 
     store.json
     <split>/<modality>.npy           (size, tokens, dim) float16 or float32, read with mmap
-    <split>/<modality>.lengths.npy   optional (size,) int: valid tokens, the rest is padding
+    <split>/<modality>.lengths.npy   optional (size,) int: valid tokens, the rest is padding;
+                                     0 = this sample lacks the modality (absent, not zeros)
     <split>/targets.npy              classification (size,) int64; regression (size, T) float32;
                                      retrieval: caption token features (size, text_tokens, text_dim)
     <split>/targets.lengths.npy      optional, retrieval only: (size,) int valid caption tokens
@@ -304,7 +305,8 @@ class FeatureStore:
                 float32); the split's modalities are the keys.
             targets: classification ``(size,)`` ints in ``[0, num_outputs)``; regression
                 ``(size, num_outputs)`` floats; retrieval ``(size, text_tokens, text_dim)`` floats.
-            lengths: optional ``{modality: (size,)}`` valid token counts in ``[1, tokens]``.
+            lengths: optional ``{modality: (size,)}`` valid token counts in ``[0, tokens]``; 0 marks
+                the modality as missing for that sample (every sample must keep at least one).
             target_lengths: retrieval only: optional ``(size,)`` valid caption token counts.
             overwrite: replace an existing split of the same name.
 
@@ -388,7 +390,9 @@ class FeatureStore:
                                  f"features {sorted(features)}")
             out[f"{m}.lengths.npy"] = _check_lengths(
                 np.asarray(value), size, self.modalities[m][0],
-                f"write_split {name!r}: lengths[{m!r}] ({m}.lengths.npy)")
+                f"write_split {name!r}: lengths[{m!r}] ({m}.lengths.npy)", minimum=0)
+        _check_every_row_has_a_modality(
+            {m: out.get(f"{m}.lengths.npy") for m in features}, size, f"write_split {name!r}: lengths")
         out["targets.npy"] = self._check_targets(targets, size, f"write_split {name!r}: targets (targets.npy)")
         if target_lengths is not None:
             if self.task != "retrieval" or self.text is None:
@@ -462,6 +466,7 @@ class FeatureStore:
         folder = self.path / info.name
         if not folder.is_dir():
             raise StoreError(f"{folder}: missing folder of split {info.name!r} listed in store.json")
+        lengths: dict[str, Optional[np.ndarray]] = {}
         for m in info.modalities:
             tokens, dim = self.modalities[m]
             file = folder / f"{m}.npy"
@@ -475,9 +480,11 @@ class FeatureStore:
             if deep:
                 _check_finite_chunked(array, file)
             lengths_file = folder / f"{m}.lengths.npy"
+            lengths[m] = None
             if lengths_file.is_file():
-                _check_lengths(np.asarray(self._load(lengths_file, "lengths")), info.size, tokens,
-                               str(lengths_file))
+                lengths[m] = _check_lengths(np.asarray(self._load(lengths_file, "lengths")), info.size,
+                                            tokens, str(lengths_file), minimum=0)
+        _check_every_row_has_a_modality(lengths, info.size, f"{folder}/*.lengths.npy")
         for extra in sorted(folder.glob("*.npy")):
             stem = extra.name[: -len(".npy")].removesuffix(".lengths")
             if stem != "targets" and stem not in info.modalities:
@@ -642,15 +649,32 @@ def _check_label_range(labels: np.ndarray, num_classes: int, label: str) -> None
                          f"[{low}, {high}] ({bad} out of range)")
 
 
-def _check_lengths(lengths: np.ndarray, size: int, tokens: int, label: str) -> np.ndarray:
+def _check_lengths(lengths: np.ndarray, size: int, tokens: int, label: str, minimum: int = 1) -> np.ndarray:
     if lengths.shape != (size,):
         raise StoreError(f"{label}: expected shape (size={size},), found {_shape(lengths.shape)}")
     if not np.issubdtype(lengths.dtype, np.integer):
         raise StoreError(f"{label}: expected integer token counts, found dtype {lengths.dtype}")
     low, high = int(lengths.min()), int(lengths.max())
-    if low < 1 or high > tokens:
-        raise StoreError(f"{label}: lengths expected in [1, {tokens}], found range [{low}, {high}]")
+    if low < minimum or high > tokens:
+        raise StoreError(f"{label}: lengths expected in [{minimum}, {tokens}], found range [{low}, {high}]")
     return lengths.astype(np.int64)
+
+
+def _check_every_row_has_a_modality(
+    lengths: Mapping[str, Optional[np.ndarray]], size: int, label: str
+) -> None:
+    """A length of 0 marks a modality missing for one sample; no sample may miss them all."""
+    if not lengths or any(value is None for value in lengths.values()):
+        return  # a modality without a lengths file is present in every row
+    has_any = np.zeros(size, dtype=bool)
+    for value in lengths.values():
+        has_any |= np.asarray(value) > 0
+    if not has_any.all():
+        rows = np.flatnonzero(~has_any)
+        raise StoreError(
+            f"{label}: {rows.size} sample(s) have length 0 for every modality (no modality at all), "
+            f"rows {rows[:10].tolist()}{' ...' if rows.size > 10 else ''}"
+        )
 
 
 def _check_finite_chunked(array: np.ndarray, file: Path) -> None:

@@ -1,0 +1,92 @@
+"""EPIC-Kitchens-100 raw data -> token features in a FeatureStore (resumable, by shard).
+
+    python examples/epic_extract.py --annotations epic-kitchens-100-annotations \\
+        --rgb EPIC-KITCHENS --flow EPIC-KITCHENS --audio EPIC-audio --out epic_rgb_audio \\
+        --setting rgb+audio --weights rgb=swin3d_t-7615ae03.pth --weights audio=ast.pth
+
+See docs/datasets_epic.rst for the folder layout, the weights and the splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from umilayers.datasets import epic
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--annotations", required=True,
+                      help="folder holding EPIC_100_train.csv (and EPIC_100_validation.csv)")
+    data.add_argument("--rgb", help="root of <participant>/rgb_frames/<video>/frame_%%010d.jpg")
+    data.add_argument("--flow", help="root of <participant>/flow_frames/<video>/{u,v}/frame_%%010d.jpg")
+    data.add_argument("--audio", help="folder of <narration_id>.wav or <video_id>.wav files")
+    data.add_argument("--out", required=True, help="FeatureStore folder to write")
+    data.add_argument("--setting", required=True, choices=list(epic.SETTINGS))
+    data.add_argument("--split-dir", help="pin the splits: <split>.txt files of narration ids")
+    data.add_argument("--seed", type=int, default=0, help="participant shuffle seed (default 0)")
+    data.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
+                      metavar=("TRAIN", "VAL", "TEST"), help="participant fractions (default 0.8 0.1 0.1)")
+    data.add_argument("--skip-missing", action="store_true",
+                      help="drop clips whose frames or wav are missing (counts are reported)")
+
+    model = parser.add_argument_group("backbones")
+    model.add_argument("--weights", action="append", default=[],
+                       help="'random', a folder with rgb.pth/flow.pth/audio.pth, or MODALITY=PATH "
+                            "(repeatable); never downloaded")
+    model.add_argument("--frames", type=int, default=32, help="RGB frames per clip (default 32)")
+    model.add_argument("--flow-frames", type=int, help="flow frames per clip (default: --frames)")
+    model.add_argument("--image-size", type=int, default=224, help="RGB/flow input side (default 224)")
+    model.add_argument("--rgb-arch", default="swin3d_t", choices=["swin3d_t", "swin3d_s", "swin3d_b"])
+    model.add_argument("--flow-arch", default="resnet18", choices=["resnet18", "resnet50"])
+    model.add_argument("--audio-arch", default="vit_base_patch16_224",
+                       help="timm ViT name (default vit_base_patch16_224, as AST)")
+    model.add_argument("--audio-frames", type=int, default=400,
+                       help="10 ms filterbank frames per clip, padded/cropped (default 400)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--workers", type=int, default=0, help="input-decoding processes")
+    run.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
+    run.add_argument("--work-dir", help="shard folder (default <out>.shards); rerun to resume")
+    run.add_argument("--keep-shards", action="store_true")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    run.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    modalities = epic.SETTINGS[args.setting]
+    try:
+        config = epic.ExtractionConfig(
+            frames=args.frames, image_size=args.image_size, flow_frames=args.flow_frames,
+            rgb_arch=args.rgb_arch, flow_arch=args.flow_arch, audio_arch=args.audio_arch,
+            audio_frames=args.audio_frames, device=args.device, batch_size=args.batch_size,
+            workers=args.workers, weights=epic.resolve_weights(args.weights, modalities),
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    roots = {"rgb": args.rgb, "flow": args.flow, "audio": args.audio}
+    missing = [m for m in modalities if roots[m] is None]
+    if missing:
+        parser.error(f"--setting {args.setting} needs " + " ".join(f"--{m} ROOT" for m in missing))
+    report = epic.extract_epic(
+        args.annotations, roots, args.out, args.setting, config=config,
+        shard_size=args.shard_size, skip_missing=args.skip_missing, split_dir=args.split_dir,
+        seed=args.seed, fractions=args.fractions, work_dir=args.work_dir,
+        overwrite=args.overwrite, keep_shards=args.keep_shards, progress=not args.no_progress,
+    )
+    sizes = ", ".join(f"{m} {t}x{d}" for m, (t, d) in report["modalities"].items())
+    print(f"wrote {args.out}: {report['num_actions']} actions; tokens {sizes}; clips "
+          + ", ".join(f"{n} {c}" for n, c in report["splits"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Robot state regression (Lee et al., "Making Sense of Vision and Touch") end to end.
+
+    python examples/robot_train.py --data H5_DIR --out RUN [any umilayers fit option]
+
+1. Extraction (stage 1 of the paper's robot recipe): the episodes are split as Table 1 of
+   Zhang et al. ({image, depth} and {proprio, force} training halves, val/test with all four,
+   by episode), Lee et al.'s encoders are trained per modality on ``ee_yaw_next`` and their
+   tokens are written to ``RUN/store`` (or ``--store``; an existing store is reused).
+2. ``umilayers.recipes.fit`` on that store (unimodal stage, pseudo-labels, multimodal stage):
+   writes ``RUN/metrics.json`` as ``umilayers fit`` does (MAE on val and test).
+3. Every non-empty subset of the four modalities is evaluated on the test split with the best
+   model (the paper's Figure 3): ``RUN/subsets.json``, ``RUN/subsets.md``, ``RUN/subsets.png``.
+
+``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
+wait for the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from umilayers.datasets import robot
+
+
+def _init_distributed(device: str) -> bool:
+    """Start the process group once for fit and evaluation under torchrun (then the recipe
+    reuses it instead of creating and destroying one per call)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def _fit_cli():
+    try:
+        from umilayers.cli import add_fit_arguments, fit_options
+    except ImportError:
+        return None
+    return add_fit_arguments, fit_options
+
+
+def build_parser(cli) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data and extraction")
+    data.add_argument("--data", required=True, help="folder of the dataset's .h5 episode files")
+    data.add_argument("--store", default=None, help="FeatureStore to write or reuse (default RUN/store)")
+    data.add_argument("--extract-only", action="store_true", help="stop after writing the store")
+    data.add_argument("--skip-missing", action="store_true",
+                      help="drop episodes lacking a needed key (and report how many)")
+    data.add_argument("--z-dim", type=int, default=128, help="encoder width (Lee et al.: 128)")
+    data.add_argument("--image-size", type=int, default=128, help="resize image/depth (default 128 = as stored)")
+    data.add_argument("--force-window", type=int, default=32, help="force readings per step (default 32)")
+    data.add_argument("--encoder-epochs", type=int, default=5, help="stage-1 epochs per encoder")
+    data.add_argument("--encoder-lr", type=float, default=1e-3)
+    data.add_argument("--encoder-batch-size", type=int, default=64)
+    data.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for val")
+    data.add_argument("--test-fraction", type=float, default=0.2, help="episodes held out for test")
+    data.add_argument("--encoder-device", default="cpu", help="device of the stage-1 encoders")
+    if cli is not None:
+        cli[0](parser)
+    else:  # the recipe is not installed: extraction only
+        parser.add_argument("--out", required=True)
+        parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, mode) as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _wait_for(path: Path, timeout_s: float = 24 * 3600) -> None:
+    start = time.time()
+    while not path.is_file():
+        if time.time() - start > timeout_s:
+            raise TimeoutError(f"{path} did not appear (rank 0 extraction failed?)")
+        time.sleep(2.0)
+
+
+def evaluate_subsets(run: Path, store: Path, device: str = "auto", rank: int = 0, log=print) -> dict:
+    """MAE of the run's best model on the test split with each non-empty modality subset.
+
+    Under torchrun every rank calls this (evaluation is collective); only rank 0 writes.
+    """
+    from umilayers.recipes import evaluate
+
+    rows = []
+    for subset in robot.subsets():
+        result = evaluate(run, store, split="test", modalities=list(subset), device=device)
+        rows.append({"modalities": list(subset), "mae": float(result["mae"])})
+        if rank == 0:
+            log(f"test MAE with {'+'.join(subset):28s} {rows[-1]['mae']:.4f}")
+    summary = {"split": "test", "metric": "mae", "rows": rows}
+    if rank != 0:
+        return summary
+    _atomic_write(run / "subsets.json", json.dumps(summary, indent=2) + "\n")
+    lines = ["| modalities | test MAE |", "|---|---|"]
+    lines += [f"| {' + '.join(r['modalities'])} | {r['mae']:.4f} |" for r in rows]
+    _atomic_write(run / "subsets.md", "\n".join(lines) + "\n")
+    _plot_subsets(rows, run / "subsets.png")
+    return summary
+
+
+def _plot_subsets(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["+".join(r["modalities"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [r["mae"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("test MAE (lower is better)")
+    ax.set_title("Robot state regression: test modalities (Zhang et al., Fig. 3)")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _train(args, cli, store: Path, run: Path, rank: int) -> None:
+    from umilayers.recipes import fit
+
+    options = cli[1](args)
+    method = getattr(args, "method", "umi")
+    metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
+    if rank == 0:
+        print(json.dumps(metrics.get("test", metrics), indent=2))
+    evaluate_subsets(run, store, device=getattr(args, "device", "auto"), rank=rank)
+
+
+def main(argv=None) -> int:
+    cli = _fit_cli()
+    args = build_parser(cli).parse_args(argv)
+    run = Path(args.out)
+    store = Path(args.store) if args.store else run / "store"
+    rank = int(os.environ.get("RANK", "0"))
+    done_marker = store / "robot_extraction.json"
+    try:
+        if not done_marker.is_file():
+            if rank == 0:
+                run.mkdir(parents=True, exist_ok=True)
+                robot.build_robot_store(
+                    args.data, store, z_dim=args.z_dim, image_size=args.image_size,
+                    force_window=args.force_window, epochs=args.encoder_epochs,
+                    batch_size=args.encoder_batch_size, lr=args.encoder_lr, seed=args.seed,
+                    val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                    skip_missing=args.skip_missing, device=args.encoder_device,
+                )
+            else:
+                _wait_for(done_marker)
+        elif rank == 0:
+            print(f"reusing the store in {store}")
+        if args.extract_only:
+            return 0
+        if cli is None:
+            print("error: training needs umilayers.recipes and umilayers.cli (not installed); "
+                  "use --extract-only", file=sys.stderr)
+            return 2
+        owns_group = _init_distributed(getattr(args, "device", "auto"))
+        try:
+            _train(args, cli, store, run, rank)
+        finally:
+            if owns_group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+    except (robot.RobotDataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

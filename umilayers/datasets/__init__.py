@@ -1,0 +1,9 @@
+"""Adapters from the real datasets' own formats to a :class:`~umilayers.data.store.FeatureStore`.
+
+Each dataset lives in its own submodule, imported on demand (the extractors need optional
+extras such as ``umilayers[vision]``, ``umilayers[audio]`` and ``umilayers[datasets]``)::
+
+    from umilayers.datasets import epic, msrvtt, robot
+"""
+
+__all__: list[str] = []
