@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from umilayers.cli import add_fit_arguments, build_parser, fit_options, main

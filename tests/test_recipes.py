@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from umilayers.data import StoreError
 from umilayers.data.synthetic import make_synthetic_store

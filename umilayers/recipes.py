@@ -42,7 +42,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -397,7 +397,7 @@ class _TrainStep(nn.Module):
     def __init__(self, model: nn.Module, forward: Optional[Callable] = None) -> None:
         super().__init__()
         self.model = model
-        object.__setattr__(self, "_forward", forward or model)  # a compiled view, not a child
+        object.__setattr__(self, "_forward", model if forward is None else forward)  # a compiled view, not a child
 
     def forward(self, inputs, padding_masks, present, targets, pseudo_targets, text_padding_mask):
         output = self._forward(inputs, padding_masks, present)
@@ -437,7 +437,7 @@ class _Phase:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             step = DDP(step, device_ids=ids, find_unused_parameters=True)
         self.step = step
-        self.forward = forward or self.model
+        self.forward = self.model if forward is None else forward
 
     def state(self) -> dict[str, Any]:
         return {
@@ -736,6 +736,7 @@ class _Run:
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, Any]:
         if self.checkpoint:
+            restore_rng_state(self.checkpoint["rng"])  # then re-seeded per epoch anyway
             self.log({"event": "resume", "stage": self.checkpoint.get("stage"),
                       "epoch": self.checkpoint.get("epoch")})
         if self.cfg.uses_pseudo_labels:
