@@ -308,7 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 258, 514, 1026])
     p.add_argument("--groups", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: steadier on a shared machine; 0 = torch's choice)")
