@@ -8,7 +8,8 @@ possible: N=514, G=4 gives [129, 129, 128, 128]), with the layer's attention com
   every ratio is measured against, in the same run);
 - ``loop``: a Python loop over the groups, attention on each slice, then concatenation (the
   authors' released code's way);
-- ``auto``, ``fold`` (equal groups only), ``sdpa`` and, on CUDA, ``xformers``: this library.
+- ``auto``, ``fold`` (equal groups only), ``padded_fold``, ``sdpa`` and, on CUDA, ``xformers``:
+  this library.
 
 Reports the median of ``--repeats`` rounds (each round runs every method once, so a shared
 machine's load hits all alike), the median per-round ratio against ``dense``, and peak memory: on CUDA
@@ -140,7 +141,7 @@ def mask_bytes(method: str, b: int, h: int, n: int) -> int:
 def methods_for(args, group_sizes: list[int]) -> list[str]:
     probe = torch.empty(1, args.heads, sum(group_sizes), args.dim // args.heads, device=args.device, dtype=AUTOCAST_DTYPE or args.param_dtype)
     methods = ["dense", "loop", "auto"]
-    for backend in ("fold", "sdpa", "xformers"):
+    for backend in ("fold", "padded_fold", "sdpa", "xformers"):
         if backend == "xformers" and args.device.type != "cuda":
             continue
         reasons = backend_support(backend, probe, group_sizes)

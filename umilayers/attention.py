@@ -10,10 +10,13 @@ Backends (see ``docs/attention.rst``):
   the packed layout ``(1, B * N, H, h)``; CUDA only, no key padding.
 - ``"fold"``: equal groups reshaped into the batch dimension, plain
   ``F.scaled_dot_product_attention`` without a mask (exact; ~1/G of the dense work).
+- ``"padded_fold"``: unequal groups each padded to the largest, then folded like ``"fold"``
+  with the padding masked (exact; ``G * max(n_g)**2`` work instead of ``N**2``).
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` with one ``(N, N)`` boolean block mask,
   broadcast over batch and heads (with key padding: one ``(B, 1, N, N)`` boolean mask).
 - ``"reference"``: explicit float32 ``softmax(Q K^T / sqrt(h) + mask) V``, the test oracle.
-- ``"auto"``: the first of xformers, fold, sdpa that supports the input.
+- ``"auto"``: the first of xformers, fold, padded_fold, sdpa that supports the input
+  (padded_fold only when its padded work is at most half the dense ``N**2``).
 
 Selection: a backend other than ``"auto"`` given to the function or the module wins; otherwise
 the innermost :func:`attention_backend` context; otherwise the environment variable
@@ -60,11 +63,13 @@ __all__ = [
 ]
 
 #: Names accepted wherever a backend is chosen.
-BACKENDS = ("auto", "xformers", "fold", "sdpa", "reference")
+BACKENDS = ("auto", "xformers", "fold", "padded_fold", "sdpa", "reference")
 #: Environment variable read (at call time) when neither the caller nor a context chose.
 ENV_VAR = "UMILAYERS_ATTN_BACKEND"
 #: Order in which ``"auto"`` tries the backends.
-_AUTO_ORDER = ("xformers", "fold", "sdpa")
+_AUTO_ORDER = ("xformers", "fold", "padded_fold", "sdpa")
+#: ``auto`` takes padded_fold only when ``G * max(n_g)**2 <= _PADDED_FOLD_MAX_WORK * N**2``.
+_PADDED_FOLD_MAX_WORK = 0.5
 #: Floating dtypes xformers' kernels accept.
 _XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -228,6 +233,22 @@ def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Ten
     return rearrange(out, "(b g) h n d -> b h (g n) d", g=groups)
 
 
+def _padded_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
+    longest = max(group_sizes)
+
+    def pad(t: Tensor, value: Any = 0.0) -> Tensor:  # (..., N, *) -> (..., G * longest, *)
+        dim = 2 if t.dim() == 4 else 1
+        tail = (0, 0) if t.dim() == 4 else ()
+        parts = torch.split(t, list(group_sizes), dim=dim)
+        return torch.cat([F.pad(p, (*tail, 0, longest - p.shape[dim]), value=value) for p in parts], dim=dim)
+
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+    out = _fold(pad(q), pad(k), pad(v), [longest] * len(group_sizes), pad(key_padding_mask, True))
+    parts = torch.split(out, longest, dim=2)
+    return torch.cat([p[:, :, :n] for p, n in zip(parts, group_sizes)], dim=2)
+
+
 def _load_xformers() -> Any:
     """``xformers.ops`` or None; imported on first use only, and only for a CUDA input."""
     if "module" not in _xformers_cache:
@@ -256,7 +277,13 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) ->
     return rearrange(out, "1 (b n) h d -> b h n d", b=batch)
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "sdpa": _sdpa, "fold": _fold, "xformers": _xformers}
+_IMPLEMENTATIONS = {
+    "reference": _reference,
+    "sdpa": _sdpa,
+    "fold": _fold,
+    "padded_fold": _padded_fold,
+    "xformers": _xformers,
+}
 
 
 # --------------------------------------------------------------------------- selection
@@ -390,10 +417,16 @@ def select_backend(
         >>> q = torch.randn(2, 4, 6, 8)
         >>> select_backend("auto", q, [3, 3]), select_backend("auto", q, [2, 4])
         ('fold', 'sdpa')
+        >>> select_backend("auto", torch.randn(2, 4, 514, 8), [129, 129, 128, 128])
+        'padded_fold'
     """
     requested = _requested(backend)
     if requested == "auto":
         for candidate in _AUTO_ORDER:
+            if candidate == "padded_fold" and (
+                len(group_sizes) * max(group_sizes) ** 2 > _PADDED_FOLD_MAX_WORK * sum(group_sizes) ** 2
+            ):
+                continue  # the padding would cost more than masking the full square saves
             if not backend_support(candidate, q, group_sizes, key_padding_mask):
                 return candidate
         return "sdpa"  # unreachable: sdpa serves every valid input
