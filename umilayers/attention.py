@@ -1,65 +1,451 @@
 """Group-masked attention: token i attends to token j only inside their contiguous group (Eq. 2).
 
-Shape letters: ``B`` batch, ``N`` tokens, ``D`` width, ``H`` heads, ``G`` groups, ``h`` head size.
+The dual-branch prediction of the paper runs both branches in one pass; each branch's tokens
+attend only to the tokens of the same branch. Here a sequence of ``N`` tokens is cut into
+contiguous groups of sizes ``n_1 + ... + n_G = N`` and attention is block-diagonal over them.
 
-FIRST DRAFT: correct reference/sdpa/fold backends; backend selection, xformers, context manager
-and environment variable still to be completed.
+Backends (see ``docs/attention.rst``):
+
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` with a ``BlockDiagonalMask`` in
+  the packed layout ``(1, B * N, H, h)``; CUDA only, no key padding.
+- ``"fold"``: equal groups reshaped into the batch dimension, plain
+  ``F.scaled_dot_product_attention`` without a mask (exact; ~1/G of the dense work).
+- ``"padded_fold"``: unequal groups each padded to the largest, then folded like ``"fold"``
+  with the padding masked (exact; ``G * max(n_g)**2`` work instead of ``N**2``).
+- ``"sdpa"``: ``F.scaled_dot_product_attention`` with one ``(N, N)`` boolean block mask,
+  broadcast over batch and heads (with key padding: one ``(B, 1, N, N)`` boolean mask).
+- ``"reference"``: explicit float32 ``softmax(Q K^T / sqrt(h) + mask) V``, the test oracle.
+- ``"auto"``: the first of xformers, fold, padded_fold, sdpa that supports the input
+  (padded_fold only when its padded work is at most half the dense ``N**2``).
+
+Selection: a backend other than ``"auto"`` given to the function or the module wins; otherwise
+the innermost :func:`attention_backend` context; otherwise the environment variable
+``UMILAYERS_ATTN_BACKEND``; otherwise automatic selection.
+
+A query whose group holds no unpadded key attends to nothing: its output is exactly zero, and
+no NaN reaches the gradients, in every backend.
+
+Shape letters: ``B`` batch, ``N`` tokens, ``D`` width, ``H`` heads, ``G`` groups, ``h`` head size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence
+import os
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from umilayers._validation import check_bool_mask, check_positive_int, check_tensor
+from umilayers._validation import (
+    check_bool_mask,
+    check_choice,
+    check_positive_int,
+    check_tensor,
+)
 
-__all__ = ["group_attention", "block_mask", "GroupMaskedTransformer", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "AttentionBackendError",
+    "attention_backend",
+    "backend_support",
+    "select_backend",
+    "group_attention",
+    "block_mask",
+    "check_group_sizes",
+    "split_groups",
+    "pack_groups",
+    "GroupMaskedTransformer",
+]
 
-BACKENDS = ("auto", "xformers", "fold", "sdpa", "reference")
+#: Names accepted wherever a backend is chosen.
+BACKENDS = ("auto", "xformers", "fold", "padded_fold", "sdpa", "reference")
+#: Environment variable read (at call time) when neither the caller nor a context chose.
+ENV_VAR = "UMILAYERS_ATTN_BACKEND"
+#: Order in which ``"auto"`` tries the backends.
+_AUTO_ORDER = ("xformers", "fold", "padded_fold", "sdpa")
+#: ``auto`` takes padded_fold only when ``G * max(n_g)**2 <= _PADDED_FOLD_MAX_WORK * N**2``.
+_PADDED_FOLD_MAX_WORK = 0.5
+#: Floating dtypes xformers' kernels accept.
+_XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_override: Optional[str] = None  # set by attention_backend(); a plain global like torch.backends
+_xformers_cache: dict[str, Any] = {}  # "module" -> xformers.ops or None, "error" -> str
+_xformers_support_cache: dict[tuple, tuple[str, ...]] = {}
+
+
+class AttentionBackendError(ValueError):
+    """An explicitly requested attention backend cannot serve the input.
+
+    ``reasons`` lists why, one string per reason (like xformers' ``not_supported_reasons``).
+
+    Example::
+
+        >>> import torch
+        >>> q = torch.randn(1, 2, 5, 8)
+        >>> try:
+        ...     group_attention(q, q, q, [2, 3], backend="fold")
+        ... except AttentionBackendError as err:
+        ...     print(err.reasons[0])
+        fold needs equal group sizes, got [2, 3]
+    """
+
+    def __init__(self, backend: str, reasons: Sequence[str]) -> None:
+        self.backend = backend
+        self.reasons = list(reasons)
+        lines = "\n  - ".join(self.reasons)
+        super().__init__(f"attention backend {backend!r} cannot serve this input:\n  - {lines}")
+
+
+# --------------------------------------------------------------------------- groups and masks
+
+
+def check_group_sizes(group_sizes: Any, n: Optional[int] = None, name: str = "group_sizes") -> list[int]:
+    """Validate group sizes (a non-empty sequence of positive ints, summing to ``n`` if given).
+
+    Returns:
+        The sizes as a list of ``int``.
+
+    Raises:
+        TypeError: not a sequence of ints.
+        ValueError: empty, a size below 1, or a sum different from ``n``.
+    """
+    if isinstance(group_sizes, Tensor):
+        group_sizes = group_sizes.tolist()
+    if isinstance(group_sizes, (str, bytes)) or not isinstance(group_sizes, Sequence):
+        raise TypeError(f"{name}: expected a sequence of positive ints, got {type(group_sizes).__name__}")
+    sizes = list(group_sizes)
+    if not sizes:
+        raise ValueError(f"{name}: expected at least one group, got an empty sequence")
+    for i, size in enumerate(sizes):
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"{name}[{i}]: expected an int, got {type(size).__name__} {size!r}")
+        if size < 1:
+            raise ValueError(f"{name}[{i}]: expected a positive group size, got {size} (sizes {sizes})")
+    if n is not None and sum(sizes) != n:
+        raise ValueError(f"{name}: expected sizes summing to N={n}, got {sizes} (sum {sum(sizes)})")
+    return sizes
+
+
+def _group_ids(group_sizes: Sequence[int], device: Optional[torch.device]) -> Tensor:
+    counts = torch.tensor(list(group_sizes), device=device)
+    return torch.repeat_interleave(torch.arange(len(group_sizes), device=device), counts)
 
 
 def block_mask(group_sizes: Sequence[int], device: Optional[torch.device] = None) -> Tensor:
-    """Boolean ``(N, N)`` mask, True where token i may attend to token j (same group)."""
-    ids = torch.repeat_interleave(
-        torch.arange(len(group_sizes), device=device), torch.tensor(group_sizes, device=device)
-    )
+    """Boolean ``(N, N)`` mask, True where token i may attend to token j (same group).
+
+    It has exactly ``sum(n_g ** 2)`` True entries.
+
+    Example::
+
+        >>> block_mask([1, 2]).int()
+        tensor([[1, 0, 0],
+                [0, 1, 1],
+                [0, 1, 1]], dtype=torch.int32)
+    """
+    ids = _group_ids(check_group_sizes(group_sizes), device)
     return ids[:, None] == ids[None, :]
 
 
-def _key_mask(group_sizes: Sequence[int], key_padding_mask: Optional[Tensor], device) -> Tensor:
-    """Allowed-entry mask ``(B or 1, 1, N, N)`` combining groups and key padding."""
-    allowed = block_mask(group_sizes, device)[None, None]
+def split_groups(x: Tensor, group_sizes: Sequence[int], dim: int = -2) -> list[Tensor]:
+    """Cut ``x`` along ``dim`` into its contiguous groups (views, no copy).
+
+    Example::
+
+        >>> [t.shape[0] for t in split_groups(torch.zeros(5, 3), [2, 3], dim=0)]
+        [2, 3]
+    """
+    check_tensor("x", x)
+    sizes = check_group_sizes(group_sizes, x.shape[dim])
+    return list(torch.split(x, sizes, dim=dim))
+
+
+def pack_groups(groups: Sequence[Tensor], dim: int = -2) -> tuple[Tensor, list[int]]:
+    """Concatenate groups along ``dim``; the inverse of :func:`split_groups`.
+
+    Returns:
+        ``(packed, group_sizes)``.
+
+    Example::
+
+        >>> x, sizes = pack_groups([torch.zeros(2, 3), torch.ones(1, 3)], dim=0)
+        >>> x.shape, sizes
+        (torch.Size([3, 3]), [2, 1])
+    """
+    if not groups:
+        raise ValueError("groups: expected at least one tensor, got none")
+    for i, g in enumerate(groups):
+        check_tensor(f"groups[{i}]", g)
+    return torch.cat(list(groups), dim=dim), [int(g.shape[dim]) for g in groups]
+
+
+def _allowed(group_sizes: Sequence[int], key_padding_mask: Optional[Tensor], device) -> Tensor:
+    """Allowed-entry mask: ``(N, N)`` without padding, ``(B, 1, N, N)`` with it."""
+    allowed = block_mask(group_sizes, device)
     if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask[:, None, None, :]
+        allowed = allowed[None, None] & ~key_padding_mask[:, None, None, :]
     return allowed
 
 
+def _guard_empty_rows(allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows with no allowed key: let them attend everywhere, and report them to zero later.
+
+    A softmax over an all ``-inf`` row is NaN, and NaN poisons the backward pass even when the
+    output is zeroed afterwards; attending to every key then multiplying by zero is exact.
+    """
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | empty, empty
+
+
+# --------------------------------------------------------------------------- the backends
+
+
 def _reference(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    allowed = _key_mask(group_sizes, key_padding_mask, q.device)
+    allowed, empty = _guard_empty_rows(_allowed(group_sizes, key_padding_mask, q.device))
     scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully padded row attends to nothing
-    return (weights @ v.float()).to(q.dtype)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = (weights @ v.float()).masked_fill(empty, 0.0)
+    return out.to(q.dtype)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    allowed = _key_mask(group_sizes, key_padding_mask, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    allowed = _allowed(group_sizes, key_padding_mask, q.device)
+    if key_padding_mask is None:  # groups are non-empty: no empty row, the (N, N) mask suffices
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    allowed, empty = _guard_empty_rows(allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).masked_fill(empty, 0.0)
 
 
 def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
     groups = len(group_sizes)
-    fold = lambda t: rearrange(t, "b h (g n) d -> (b g) h n d", g=groups)  # noqa: E731
-    mask = None
-    if key_padding_mask is not None:
-        mask = ~rearrange(key_padding_mask, "b (g n) -> (b g) 1 1 n", g=groups)
-    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=mask)
+    q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=groups) for t in (q, k, v))
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        keep = ~rearrange(key_padding_mask, "b (g n) -> (b g) 1 1 n", g=groups)
+        empty = ~keep.any(dim=-1, keepdim=True)  # (B G, 1, 1, 1): a group made only of padding
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty).masked_fill(empty, 0.0)
     return rearrange(out, "(b g) h n d -> b h (g n) d", g=groups)
+
+
+def _padded_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
+    longest = max(group_sizes)
+
+    def pad(t: Tensor, value: Any = 0.0) -> Tensor:  # (..., N, *) -> (..., G * longest, *)
+        dim = 2 if t.dim() == 4 else 1
+        tail = (0, 0) if t.dim() == 4 else ()
+        parts = torch.split(t, list(group_sizes), dim=dim)
+        return torch.cat([F.pad(p, (*tail, 0, longest - p.shape[dim]), value=value) for p in parts], dim=dim)
+
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+    out = _fold(pad(q), pad(k), pad(v), [longest] * len(group_sizes), pad(key_padding_mask, True))
+    parts = torch.split(out, longest, dim=2)
+    return torch.cat([p[:, :, :n] for p, n in zip(parts, group_sizes)], dim=2)
+
+
+def _load_xformers() -> Any:
+    """``xformers.ops`` or None; imported on first use only, and only for a CUDA input."""
+    if "module" not in _xformers_cache:
+        try:
+            import xformers.ops as xops  # noqa: PLC0415 (lazy on purpose: no CPU kernels)
+
+            _xformers_cache["module"] = xops
+        except Exception as err:  # ImportError, or a broken binary extension
+            _xformers_cache["module"] = None
+            _xformers_cache["error"] = f"{type(err).__name__}: {err}"
+    return _xformers_cache["module"]
+
+
+def _xformers_bias(xops: Any, group_sizes: Sequence[int], batch: int, device: torch.device) -> Any:
+    return xops.fmha.BlockDiagonalMask.from_seqlens(list(group_sizes) * batch, device=device)
+
+
+def _xformers(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
+    batch, heads = q.shape[:2]
+    if batch == 0:
+        return v * 0.0
+    xops = _load_xformers()
+    bias = _xformers_bias(xops, group_sizes, batch, q.device)
+    q, k, v = (rearrange(t, "b h n d -> 1 (b n) h d") for t in (q, k, v))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    return rearrange(out, "1 (b n) h d -> b h n d", b=batch)
+
+
+_IMPLEMENTATIONS = {
+    "reference": _reference,
+    "sdpa": _sdpa,
+    "fold": _fold,
+    "padded_fold": _padded_fold,
+    "xformers": _xformers,
+}
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@contextlib.contextmanager
+def attention_backend(backend: str) -> Iterator[None]:
+    """Force a backend for every group attention that was not given one explicitly.
+
+    Contexts nest; the previous choice is restored on exit. ``attention_backend("auto")``
+    restores automatic selection inside the block (ignoring the environment variable). The
+    choice is process-global (like ``torch.backends`` flags), not per thread.
+
+    Example::
+
+        >>> import torch
+        >>> layer = GroupMaskedTransformer(dim=16, depth=1, heads=2, groups=2)
+        >>> with attention_backend("reference"):
+        ...     y = layer(torch.randn(2, 6, 16))
+        >>> y.shape
+        torch.Size([2, 6, 16])
+    """
+    global _override
+    check_choice("backend", backend, BACKENDS)
+    previous = _override
+    _override = backend
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _requested(backend: str) -> str:
+    """Apply the precedence: explicit > context manager > environment variable > auto."""
+    check_choice("backend", backend, BACKENDS)
+    if backend != "auto":
+        return backend
+    if _override is not None:
+        return _override
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}: expected one of {list(BACKENDS)}, got {env!r}")
+        return env
+    return "auto"
+
+
+def _xformers_reasons(q: Tensor, group_sizes: Sequence[int], key_padding_mask) -> list[str]:
+    reasons = []
+    if q.device.type != "cuda":
+        # Checked first: on a CPU-only machine xformers is never imported.
+        reasons.append(f"xformers needs a CUDA tensor, got device {q.device.type}")
+    if key_padding_mask is not None:
+        reasons.append(
+            "key_padding_mask is not supported with xformers: BlockDiagonalPaddedKeysMask only "
+            "expresses padding at the end of each group and has no backward kernel; use fold or sdpa"
+        )
+    if q.dtype not in _XFORMERS_DTYPES:
+        reasons.append(f"dtype={q.dtype} (xformers supports {list(_XFORMERS_DTYPES)})")
+    if reasons:
+        return reasons
+    if _load_xformers() is None:
+        return [f"xformers cannot be imported ({_xformers_cache['error']})"]
+    return list(_xformers_kernel_reasons(q, group_sizes))
+
+
+def _xformers_kernel_reasons(q: Tensor, group_sizes: Sequence[int]) -> tuple[str, ...]:
+    """Ask xformers' own dispatcher whether a kernel exists (cached per input signature)."""
+    key = (q.device, q.dtype, q.shape[1], q.shape[-1], max(group_sizes), q.requires_grad)
+    if key in _xformers_support_cache:
+        return _xformers_support_cache[key]
+    xops = _load_xformers()
+    reasons: tuple[str, ...] = ()
+    try:
+        from xformers.ops.fmha.common import Inputs  # noqa: PLC0415
+        from xformers.ops.fmha.dispatch import _dispatch_fw  # noqa: PLC0415
+    except Exception:  # private API moved: let the kernel call itself report problems
+        Inputs = None
+    if Inputs is not None:
+        sample = torch.empty(1, sum(group_sizes), q.shape[1], q.shape[-1], device=q.device, dtype=q.dtype)
+        inputs = Inputs(sample, sample, sample, attn_bias=_xformers_bias(xops, group_sizes, 1, q.device))
+        try:
+            _dispatch_fw(inputs, q.requires_grad)
+        except NotImplementedError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reasons = ("no xformers kernel for this input: " + "; ".join(lines[-6:]),)
+    _xformers_support_cache[key] = reasons
+    return reasons
+
+
+def backend_support(
+    backend: str,
+    q: Tensor,
+    group_sizes: Sequence[int],
+    key_padding_mask: Optional[Tensor] = None,
+) -> list[str]:
+    """Reasons why ``backend`` cannot serve this input; an empty list means it can.
+
+    ``backend`` is a concrete name (not ``"auto"``). ``q`` only lends its device, dtype and
+    shape ``(B, H, N, h)``. For ``"xformers"`` on CPU nothing of xformers is imported.
+
+    Example::
+
+        >>> q = torch.randn(2, 4, 6, 8)
+        >>> backend_support("fold", q, [3, 3])
+        []
+        >>> backend_support("xformers", q, [3, 3])
+        ['xformers needs a CUDA tensor, got device cpu']
+    """
+    check_choice("backend", backend, BACKENDS[1:])
+    if backend == "xformers":
+        return _xformers_reasons(q, group_sizes, key_padding_mask)
+    if backend == "fold" and len(set(group_sizes)) != 1:
+        return [f"fold needs equal group sizes, got {list(group_sizes)}"]
+    return []
+
+
+def select_backend(
+    backend: str,
+    q: Tensor,
+    group_sizes: Sequence[int],
+    key_padding_mask: Optional[Tensor] = None,
+) -> str:
+    """Resolve ``backend`` (with context manager and environment variable) to a concrete one.
+
+    Raises:
+        AttentionBackendError: the requested backend cannot serve the input (with the reasons).
+
+    Example::
+
+        >>> q = torch.randn(2, 4, 6, 8)
+        >>> select_backend("auto", q, [3, 3]), select_backend("auto", q, [2, 4])
+        ('fold', 'sdpa')
+        >>> select_backend("auto", torch.randn(2, 4, 514, 8), [129, 129, 128, 128])
+        'padded_fold'
+    """
+    requested = _requested(backend)
+    if requested == "auto":
+        for candidate in _AUTO_ORDER:
+            if candidate == "padded_fold" and (
+                len(group_sizes) * max(group_sizes) ** 2 > _PADDED_FOLD_MAX_WORK * sum(group_sizes) ** 2
+            ):
+                continue  # the padding would cost more than masking the full square saves
+            if not backend_support(candidate, q, group_sizes, key_padding_mask):
+                return candidate
+        return "sdpa"  # unreachable: sdpa serves every valid input
+    reasons = backend_support(requested, q, group_sizes, key_padding_mask)
+    if reasons:
+        raise AttentionBackendError(requested, reasons)
+    return requested
+
+
+def _check_inputs(q, k, v, group_sizes, key_padding_mask) -> list[int]:
+    sizes: dict[str, int] = {}
+    check_tensor("q", q, ("B", "H", "N", "h"), sizes, floating=True)
+    check_tensor("k", k, ("B", "H", "N", "h"), sizes, floating=True)
+    check_tensor("v", v, ("B", "H", "N", None), sizes, floating=True)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_padding_mask is not None:
+        check_bool_mask("key_padding_mask", key_padding_mask, ("B", "N"), sizes)
+    return check_group_sizes(group_sizes, sizes["N"])
 
 
 def group_attention(
@@ -70,22 +456,36 @@ def group_attention(
     backend: str = "auto",
     key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Attention restricted to contiguous token groups.
+    """Attention restricted to contiguous token groups (scale ``1 / sqrt(h)``).
 
     Args:
-        q, k, v: ``(B, H, N, h)``.
-        group_sizes: sizes of the contiguous groups; they sum to N.
-        backend: one of :data:`BACKENDS`.
-        key_padding_mask: ``(B, N)`` bool, True marks padding keys (never attended to).
+        q: queries ``(B, H, N, h)``.
+        k: keys ``(B, H, N, h)``.
+        v: values ``(B, H, N, h_v)``.
+        group_sizes: sizes of the contiguous groups; positive, summing to N.
+        backend: one of :data:`BACKENDS`; ``"auto"`` defers to the context manager, the
+            environment variable, then automatic selection.
+        key_padding_mask: ``(B, N)`` bool, True marks padding keys (never attended to). A query
+            whose group has no unpadded key gets a zero output.
 
     Returns:
-        ``(B, H, N, h)``.
+        ``(B, H, N, h_v)`` in the dtype of ``q``.
+
+    Raises:
+        AttentionBackendError: an explicitly chosen backend cannot serve the input.
+
+    Example::
+
+        >>> q = torch.randn(2, 4, 6, 8)
+        >>> group_attention(q, q, q, [2, 4]).shape
+        torch.Size([2, 4, 6, 8])
     """
-    if backend == "reference":
-        return _reference(q, k, v, group_sizes, key_padding_mask)
-    if backend == "fold" or (backend == "auto" and len(set(group_sizes)) == 1):
-        return _fold(q, k, v, group_sizes, key_padding_mask)
-    return _sdpa(q, k, v, group_sizes, key_padding_mask)
+    group_sizes = _check_inputs(q, k, v, group_sizes, key_padding_mask)
+    name = select_backend(backend, q, group_sizes, key_padding_mask)
+    return _IMPLEMENTATIONS[name](q, k, v, group_sizes, key_padding_mask)
+
+
+# --------------------------------------------------------------------------- the module
 
 
 class _Block(nn.Module):
@@ -102,9 +502,14 @@ class _Block(nn.Module):
             nn.Linear(dim, hidden, **factory), nn.GELU(), nn.Linear(hidden, dim, **factory)
         )
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, group_sizes, backend: str, padding_mask) -> Tensor:
+        # A method of its own so that benchmarks can swap in other ways of computing it.
+        return group_attention(q, k, v, group_sizes, backend, padding_mask)
+
     def forward(self, x: Tensor, group_sizes, backend: str, padding_mask: Optional[Tensor]) -> Tensor:
-        q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        attn = group_attention(q, k, v, group_sizes, backend, padding_mask)
+        qkv = self.qkv(self.norm1(x))
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        attn = self.attend(q, k, v, group_sizes, backend, padding_mask)
         x = x + self.proj(rearrange(attn, "b h n d -> b n (h d)"))
         return x + self.mlp(self.norm2(x))
 
@@ -112,24 +517,35 @@ class _Block(nn.Module):
 class GroupMaskedTransformer(nn.Module):
     """Pre-norm transformer whose attention is block-diagonal over contiguous token groups.
 
+    The attention backend is resolved as far as possible at construction: the requested name is
+    validated and stored in the plain attribute ``backend``, which a test may flip (for
+    instance to ``"reference"``) to compare paths; with fixed ``group_sizes`` a backend that can
+    never serve them (``fold`` with unequal groups) is refused at once. What depends on the input
+    (device, dtype, padding) is decided per call by :func:`select_backend`.
+
     Args:
         dim: token width D.
         depth: number of layers.
         heads: attention heads H (must divide ``dim``).
         mlp_ratio: hidden width of the MLP relative to ``dim``.
-        groups: number of equal contiguous groups (N must be divisible by it).
+        groups: number of equal contiguous groups (N must be divisible by it); default 1.
         group_sizes: explicit group sizes instead of ``groups``.
         backend: attention backend, one of :data:`BACKENDS`.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
 
     Shape:
         - x: ``(B, N, D)``
-        - padding_mask: ``(B, N)`` bool, True = padding
+        - padding_mask: ``(B, N)`` bool, True = padding (padded keys are never attended to)
         - output: ``(B, N, D)``
 
     Example::
 
         >>> import torch
         >>> layer = GroupMaskedTransformer(dim=32, depth=2, heads=4, groups=2)
+        >>> layer(torch.randn(3, 10, 32)).shape
+        torch.Size([3, 10, 32])
+        >>> layer.backend = "reference"  # flip to the oracle
         >>> layer(torch.randn(3, 10, 32)).shape
         torch.Size([3, 10, 32])
     """
@@ -151,17 +567,25 @@ class GroupMaskedTransformer(nn.Module):
             check_positive_int(name, value)
         if dim % heads:
             raise ValueError(f"heads: must divide dim={dim}, got heads={heads}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio: expected a positive number, got {mlp_ratio}")
         if groups is not None and group_sizes is not None:
             raise ValueError("give either groups or group_sizes, not both")
-        self.groups = groups if group_sizes is None else None
-        self.group_sizes = list(group_sizes) if group_sizes is not None else None
-        if self.groups is None and self.group_sizes is None:
-            self.groups = 1
+        if groups is not None:
+            check_positive_int("groups", groups)
+        check_choice("backend", backend, BACKENDS)
+        self.group_sizes = check_group_sizes(group_sizes) if group_sizes is not None else None
+        self.groups = None if self.group_sizes is not None else (groups or 1)
+        if backend == "fold" and self.group_sizes is not None and len(set(self.group_sizes)) > 1:
+            raise AttentionBackendError("fold", [f"fold needs equal group sizes, got {self.group_sizes}"])
+        if backend == "xformers" and device is not None and torch.device(device).type != "cuda":
+            raise AttentionBackendError("xformers", [f"xformers needs a CUDA device, got {device}"])
         self.backend = backend
+        self.dim = dim
+        self.heads = heads
         self.blocks = nn.ModuleList(
             _Block(dim, heads, mlp_ratio, device=device, dtype=dtype) for _ in range(depth)
         )
-        self.dim = dim
 
     def resolve_group_sizes(self, n: int) -> list[int]:
         """The group sizes used for a sequence of ``n`` tokens."""
@@ -185,3 +609,7 @@ class GroupMaskedTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, group_sizes, self.backend, padding_mask)
         return x
+
+    def extra_repr(self) -> str:
+        groups = f"group_sizes={self.group_sizes}" if self.group_sizes else f"groups={self.groups}"
+        return f"dim={self.dim}, heads={self.heads}, {groups}, backend={self.backend!r}"
