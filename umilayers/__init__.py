@@ -9,7 +9,7 @@ and so are the model, the baselines, the FeatureStore and the training recipe.
 """
 
 from umilayers._version import __version__
-from umilayers.attention import GroupMaskedTransformer, group_attention
+from umilayers.attention import GroupMaskedTransformer, attention_backend, group_attention
 from umilayers.baselines import LateFusion, UnimodalModel, VanillaTransformer, build_model
 from umilayers.data import Batch, FeatureStore, StoreError, collate, make_synthetic_store
 from umilayers.fusion import CommonSpaceSum, common_space_sum, modality_counts
@@ -41,6 +41,7 @@ __all__ = [
     "common_space_sum",
     "modality_counts",
     "group_attention",
+    "attention_backend",
     "alignment_loss",
     "TaskLoss",
     "classification_loss",
