@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -378,7 +377,6 @@ def _run_extract(epic_data, out, *extra):
 
 @pytest.fixture(scope="module")
 def epic_store(epic_data, tmp_path_factory):
-    pytest.importorskip("umilayers.data.store")
     out = tmp_path_factory.mktemp("stores") / "epic_rgb_flow_audio"
     assert _run_extract(epic_data, out, "--setting", "rgb+flow+audio", "--keep-shards") == 0
     return out
@@ -446,7 +444,6 @@ def test_random_weights_are_reproducible(epic_data):
 
 
 def test_skip_missing_drops_and_reports(epic_data, tmp_path, capsys):
-    pytest.importorskip("umilayers.data.store")
     clips = epic.load_annotations(epic_data["annotations"])
     splits = epic.build_splits(clips, "audio+flow", seed=0)
     dropped_participant = splits.splits["train_audio"].participants[-1]
@@ -516,8 +513,6 @@ def _env():
 # ------------------------------------------------------------------------------ training
 
 def test_epic_train_on_extracted_store(epic_store, tmp_path):
-    if importlib.util.find_spec("umilayers.recipes") is None:
-        pytest.skip("umilayers.recipes (the fit recipe) is not in this tree yet")
     epic_train = _example("epic_train")
     parser = epic_train.build_parser()
     defaults = parser.parse_args([str(epic_store), "--out", "run"])

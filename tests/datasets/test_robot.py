@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-h5py = pytest.importorskip("h5py")
+import h5py  # noqa: E402  (the [test] extra installs it)
 
 from umilayers.datasets import robot  # noqa: E402
 
@@ -145,7 +145,6 @@ def test_stage1_training_reduces_loss():
 
 
 def test_build_store(h5_dir, tmp_path):
-    pytest.importorskip("umilayers.data.store")
     from umilayers.data.store import FeatureStore
 
     out = tmp_path / "store"
@@ -171,7 +170,6 @@ def test_build_store(h5_dir, tmp_path):
 
 
 def test_skip_missing_drops_and_counts(h5_dir, tmp_path):
-    pytest.importorskip("umilayers.data.store")
     write_episode(h5_dir / "peg_9_1000.h5", steps=5, size=32, drop=("ee_forces_continuous",))
     with pytest.raises(robot.RobotDataError, match="peg_9_1000.h5.*ee_forces_continuous"):
         robot.build_robot_store(h5_dir, tmp_path / "s", z_dim=8, image_size=32, epochs=1,
@@ -191,7 +189,6 @@ def _example():
 
 
 def test_example_extract_only(h5_dir, tmp_path, capsys):
-    pytest.importorskip("umilayers.data.store")
     run = tmp_path / "run"
     main = _example().main
     assert main(["--data", str(h5_dir), "--out", str(run), "--extract-only",
@@ -202,10 +199,6 @@ def test_example_extract_only(h5_dir, tmp_path, capsys):
 
 
 def test_example_end_to_end(h5_dir, tmp_path):
-    recipes = pytest.importorskip("umilayers.recipes")
-    if not hasattr(recipes, "evaluate"):
-        pytest.skip("umilayers.recipes.evaluate not available yet")
-    pytest.importorskip("umilayers.cli")
     run = tmp_path / "run"
     assert _example().main(["--data", str(h5_dir), "--out", str(run), "--z-dim", "8",
                             "--image-size", "32", "--encoder-epochs", "1", "--epochs", "1",

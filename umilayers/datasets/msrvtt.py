@@ -652,20 +652,10 @@ def build_msrvtt_store(
         overwrite=overwrite,
     )
     for name, a in arrays.items():
-        try:
-            store.write_split(
-                name, splits.roles[name], a["features"], a["text"], lengths=a["lengths"],
-                target_lengths=a["text_lengths"],
-            )
-        except ValueError as err:
-            if missing == "lengths0" and any((l == 0).any() for l in a["lengths"].values()):
-                raise MSRVTTDataError(
-                    f"split {name!r}: this FeatureStore cannot mark a modality missing for some "
-                    f"rows of a split (length 0), which MSR-VTT needs ({err}). Use "
-                    f"missing='complete' (--missing complete) to keep only rows that have all "
-                    f"of their split's modalities instead."
-                ) from err
-            raise
+        store.write_split(
+            name, splits.roles[name], a["features"], a["text"], lengths=a["lengths"],
+            target_lengths=a["text_lengths"],
+        )
 
     def caption_text(v: str, c: int) -> Optional[str]:
         if data.raw_captions is None:
