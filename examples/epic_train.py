@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from umilayers._io import atomic_write_json
 from umilayers.cli import add_fit_arguments, fit_options
 from umilayers.datasets import epic
 from umilayers.recipes import fit
@@ -65,7 +66,7 @@ def add_verb_noun_metrics(store: Path, run: Path) -> Optional[dict[str, float]]:
     vocab = epic.ActionVocabulary.load(store / epic.ACTIONS_FILE)
     scores = epic.verb_noun_accuracy(predictions.argmax(axis=1), targets, vocab)
     metrics.setdefault("test", {}).update(scores)
-    epic._write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(metrics_path, metrics)
     return scores
 
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from umilayers._io import atomic_write_text
 from umilayers.datasets import robot
 
 
@@ -77,14 +78,6 @@ def build_parser(cli) -> argparse.ArgumentParser:
     return parser
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _wait_for(path: Path, timeout_s: float = 24 * 3600) -> None:
     start = time.time()
     while not path.is_file():
@@ -109,10 +102,10 @@ def evaluate_subsets(run: Path, store: Path, device: str = "auto", rank: int = 0
     summary = {"split": "test", "metric": "mae", "rows": rows}
     if rank != 0:
         return summary
-    _atomic_write(run / "subsets.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run / "subsets.json", json.dumps(summary, indent=2) + "\n")
     lines = ["| modalities | test MAE |", "|---|---|"]
     lines += [f"| {' + '.join(r['modalities'])} | {r['mae']:.4f} |" for r in rows]
-    _atomic_write(run / "subsets.md", "\n".join(lines) + "\n")
+    atomic_write_text(run / "subsets.md", "\n".join(lines) + "\n")
     _plot_subsets(rows, run / "subsets.png")
     return summary
 

@@ -53,7 +53,6 @@ import json
 import mmap
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -61,6 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from umilayers._io import atomic_write
 from umilayers._validation import check_bool_mask, check_finite, check_positive_int, check_tensor
 
 __all__ = ["PseudoLabelBank"]
@@ -94,21 +94,6 @@ def _popcount(bits: Tensor, width: int) -> Tensor:
     return count
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _npy_header(shape: tuple, np_dtype: np.dtype) -> dict:
     return {"descr": np.lib.format.dtype_to_descr(np_dtype), "fortran_order": False, "shape": shape}
 
@@ -124,7 +109,7 @@ def _write_npy(path: Path, array: np.ndarray, release=None) -> None:
             if release is not None:
                 release()
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _create_npy(path: Path, shape: tuple, np_dtype: np.dtype) -> None:
@@ -135,7 +120,7 @@ def _create_npy(path: Path, shape: tuple, np_dtype: np.dtype) -> None:
         np.lib.format.write_array_header_1_0(f, _npy_header(shape, np_dtype))
         f.truncate(f.tell() + nbytes)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _map_npy(path: Path, shape: tuple, np_dtype: np.dtype, writable: bool):
@@ -329,7 +314,7 @@ class PseudoLabelBank:
 
     def _write_meta(self, root: Path) -> None:
         meta = {"format": _FORMAT, "version": _VERSION, **self._config}
-        _atomic_write(root / "bank.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(root / "bank.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
     # ----------------------------------------------------------------- properties
 

@@ -51,16 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from umilayers._checkpoint import (
-    append_jsonl,
-    atomic_numpy_save,
-    atomic_torch_save,
-    atomic_write_json,
-    capture_rng_state,
-    derive_seed,
-    read_json,
-    restore_rng_state,
-)
+from umilayers._checkpoint import capture_rng_state, derive_seed, restore_rng_state
+from umilayers._io import append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write_json, read_json
 from umilayers._distributed import (
     DistContext,
     GlobalBatchSampler,

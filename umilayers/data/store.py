@@ -27,13 +27,14 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from umilayers._io import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from umilayers.data.dataset import FeatureDataset
@@ -86,20 +87,6 @@ def _is_pos_int(value: Any) -> bool:
 
 def _shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _size_on_disk(folder: Path) -> int:
@@ -282,7 +269,7 @@ class FeatureStore:
         self.path = path
         self._load_meta(meta)  # validates before anything touches the disk
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path / "store.json", json.dumps(self._meta(), indent=2) + "\n")
+        atomic_write_text(path / "store.json", json.dumps(self._meta(), indent=2) + "\n")
         return self
 
     def write_split(
@@ -333,7 +320,7 @@ class FeatureStore:
             splits[name] = SplitInfo(name, role, size, tuple(sorted(features)))
             old_splits, self.splits = self.splits, splits
             try:
-                _atomic_write_text(self.path / "store.json", json.dumps(self._meta(), indent=2) + "\n")
+                atomic_write_text(self.path / "store.json", json.dumps(self._meta(), indent=2) + "\n")
             except BaseException:
                 self.splits = old_splits
                 raise

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from umilayers._io import atomic_write_text
+
 __all__ = [
     "REQUIRED_COLUMNS",
     "MODALITIES",
@@ -291,7 +293,7 @@ class ActionVocabulary:
 
     def save(self, path: PathLike) -> None:
         """Write ``{"pairs": [[verb, noun], ...]}`` (index = action id), atomically."""
-        _write_text_atomic(Path(path), json.dumps({"pairs": self.pairs.tolist()}))
+        atomic_write_text(Path(path), json.dumps({"pairs": self.pairs.tolist()}))
 
     @classmethod
     def load(cls, path: PathLike) -> "ActionVocabulary":
@@ -498,7 +500,7 @@ def write_split_files(splits: EpicSplits, split_dir: PathLike) -> None:
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
     for split in splits.splits.values():
-        _write_text_atomic(split_dir / f"{split.name}.txt",
+        atomic_write_text(split_dir / f"{split.name}.txt",
                            "".join(c.narration_id + "\n" for c in split.clips))
 
 
@@ -985,19 +987,6 @@ def build_extractor(modality: str, root: PathLike, config: ExtractionConfig) -> 
 # --------------------------------------------------------------------------------------------
 # Resumable extraction
 # --------------------------------------------------------------------------------------------
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def _progress(total: int, description: str, enabled: bool):
     try:

@@ -34,12 +34,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from umilayers._io import atomic_write_text
 
 __all__ = [
     "MSRVTT_MODALITIES",
@@ -542,19 +543,6 @@ def _token_count(data: MSRVTTData, m: str, videos: Iterable[str], cap: int) -> i
     return max(1, min(cap, longest))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def split_arrays(
     data: MSRVTTData, splits: MSRVTTSplits, *, max_tokens: Optional[Mapping[str, int]] = None
 ) -> dict[str, dict[str, Any]]:
@@ -695,5 +683,5 @@ def build_msrvtt_store(
         name: [[v, c, caption_text(v, c)] for v, c in rows] for name, rows in splits.rows.items()
     }
     rows_json["left_out_training_video_ids"] = splits.dropped
-    _atomic_write_text(store_path / "msrvtt_rows.json", json.dumps(rows_json, indent=1))
+    atomic_write_text(store_path / "msrvtt_rows.json", json.dumps(rows_json, indent=1))
     return summary

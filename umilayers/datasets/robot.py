@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from umilayers._io import atomic_torch_save, atomic_write_text
 from umilayers._validation import check_positive_int, check_tensor
 
 __all__ = [
@@ -717,32 +717,6 @@ def encode(
     return np.concatenate(out)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_robot_store(
     data_dir: str | os.PathLike,
     store_path: str | os.PathLike,
@@ -837,9 +811,9 @@ def build_robot_store(
         "stage1_train_mse": losses,
         "dropped_episodes": [{"file": str(p), "reason": r} for p, r in dropped],
     }
-    _atomic_write_text(store_path / "robot_extraction.json", json.dumps(summary, indent=2))
-    _atomic_torch_save(
-        {m: enc.state_dict() for m, enc in encoders.items()}, store_path / "robot_encoders.pt"
+    atomic_write_text(store_path / "robot_extraction.json", json.dumps(summary, indent=2))
+    atomic_torch_save(
+        store_path / "robot_encoders.pt", {m: enc.state_dict() for m, enc in encoders.items()}
     )
     return summary
 
