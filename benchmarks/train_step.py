@@ -53,6 +53,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Mapping, Optional  # noqa: E402
 
@@ -243,7 +244,7 @@ def plot(path: Path, result: dict) -> None:
         axes[1].bar(methods, [p / 2**20 for p in peaks], color=["C3", "C0"])
         axes[1].set_ylabel("peak memory of one step (MiB)")
         axes[1].set_title(f"ours / released = {result['peak_ratio']:.2f}")
-    fig.suptitle(result["title"], fontsize=8)
+    fig.suptitle(textwrap.fill(result["title"], 130), fontsize=8)
     fig.tight_layout()
     _common.save_figure(fig, path)
     plt.close(fig)
