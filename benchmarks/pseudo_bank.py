@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,40 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"memory_mb": 1000.0, "memmap_mb": 300.0, "epoch_s": 10.0}
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb() -> int:
-    hwm = _status_kb("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atomic_write_bytes as _atomic_write  # noqa: E402
+from _common import peak_rss_kib as _peak_kb  # noqa: E402
+from _common import reset_peak_rss as _reset_peak  # noqa: E402
+from _common import status_kib as _status_kb  # noqa: E402
+from _common import table as _table  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- worker
@@ -197,13 +168,6 @@ def released_files(n: int, c: int, epochs: int, modalities: int, sample: int, tm
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _plot(result: dict, path: Path) -> None:
