@@ -219,12 +219,12 @@ def main(argv=None) -> int:
     parser.add_argument("--released-sample", type=int, default=200,
                         help="released-approach files written to measure their size")
     parser.add_argument("--tmpdir", default=None, help="where the memmap files go")
-    parser.add_argument("--out", default=str(ROOT / "results" / "pseudo_bank.json"))
+    parser.add_argument("--out", type=Path, default=ROOT / "results",
+                        help="folder for pseudo_bank.json and .png (quick: pseudo_bank_quick.*)")
     parser.add_argument("--worker", choices=["memory", "memmap"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.classes, args.epochs, args.released_sample = 2_000, 256, 2, 20
-        args.out = str(Path(args.out).with_name("pseudo_bank_quick.json"))
 
     if args.worker:
         print(json.dumps(worker(args)))
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
           f"data = {released['file_bytes']:,} B, {released['allocated_bytes_per_file']:,.0f} B allocated, "
           f"measured on {released['files_measured']} files)")
 
-    out = Path(args.out)
+    out = args.out / ("pseudo_bank_quick.json" if args.quick else "pseudo_bank.json")
     _atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
     _plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

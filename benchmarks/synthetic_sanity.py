@@ -19,6 +19,7 @@ Run: ``python benchmarks/synthetic_sanity.py [--beta 0.1] [--seed 0]``
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import tempfile
 
 import numpy as np
@@ -140,7 +141,11 @@ def main() -> None:
     parser.add_argument("--fit-size", type=int, default=3000)
     parser.add_argument("--learned", action="store_true",
                         help="also train a tiny attention-pooling classifier on the training splits")
+    parser.add_argument("--quick", action="store_true", help="smoke size (CI): --fit-size 300")
+    parser.add_argument("--out", type=Path, default=None, help="accepted for a uniform CLI; prints only")
     args = parser.parse_args()
+    if args.quick:
+        args.fit_size = 300
     root = tempfile.mkdtemp()
     print(f"beta (mean_signal) = {args.beta}, seed = {args.seed}; linear probes fit on "
           f"{args.fit_size} fully-modal rows, scored on the default store's test split")

@@ -52,6 +52,7 @@ if __name__ == "__main__":
     _common.pin_mmap_threshold()  # before torch allocates anything
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
@@ -65,6 +66,7 @@ from torch import Tensor  # noqa: E402
 import _common  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
+from umilayers.attention import attention_backend  # noqa: E402
 from umilayers.model import UMIOutput, UnseenModalityModel, combine_branches  # noqa: E402
 
 GOAL_SPEEDUP = 1.8
@@ -125,7 +127,9 @@ def released_forward(
         full_inputs: modality -> ``(B, k_m, d_m)`` for EVERY sample; rows that lack the modality
             hold stand-ins (random noise), which the 0/1 mask multiplies by zero.
         present: modality -> ``(B,)`` bool.
-        kernel: attention on each branch slice, ``"sdpa"`` or ``"matmul"`` (as ``vit.py``).
+        kernel: ``"sdpa"`` (fused attention in the projections and on each branch slice) or
+            ``"matmul"`` (hand-written attention everywhere, as ``feature_reorganization.py``
+            and ``vit.py`` write it).
 
     Returns:
         :class:`UMIOutput` like ``model.forward`` (``modality_features[m]`` holds the rows that
@@ -137,7 +141,11 @@ def released_forward(
     """
     g = model.config.branches
     names = sorted(full_inputs)
-    projected = {m: model.projections[m](full_inputs[m]) for m in names}  # every modality, every row
+    # feature_reorganization.py writes its attention by hand too: with kernel="matmul" the
+    # projections use the explicit float32 softmax(q k^T / sqrt(h)) v of the reference backend.
+    projection_kernel = attention_backend("reference") if kernel == "matmul" else contextlib.nullcontext()
+    with projection_kernel:
+        projected = {m: model.projections[m](full_inputs[m]) for m in names}  # every modality, every row
     features = None
     for m in names:
         masked = projected[m] * present[m].to(projected[m].dtype)[:, None, None]
