@@ -130,11 +130,16 @@ def test_padded_fold_matches_reference(case):
     assert_matches_reference("padded_fold", *case)
 
 
+@given(case_st())
+def test_loop_matches_reference(case):
+    assert_matches_reference("loop", *case)
+
+
 @given(case_st(min_batch=1), st.data())
 def test_perturbing_one_group_leaves_other_groups_bit_identical(case, data):
     q, k, v, sizes = case
     equal = len(set(sizes)) == 1
-    backends = ["reference", "sdpa", "padded_fold"] + (["fold"] if equal else [])
+    backends = ["reference", "sdpa", "loop", "padded_fold"] + (["fold"] if equal else [])
     j = data.draw(st.integers(0, len(sizes) - 1))
     sl = list(group_slices(sizes))[j]
     q2, k2, v2 = (t.clone() for t in (q, k, v))
@@ -155,13 +160,13 @@ def test_permuting_inside_a_group_permutes_the_output(case, data):
     sl = list(group_slices(sizes))[j]
     perm = torch.arange(sum(sizes))
     perm[sl] = perm[sl][torch.randperm(sizes[j], generator=torch.Generator().manual_seed(j))]
-    for backend in ["reference", "sdpa", "padded_fold"] + (["fold"] if len(set(sizes)) == 1 else []):
+    for backend in ["reference", "sdpa", "loop", "padded_fold"] + (["fold"] if len(set(sizes)) == 1 else []):
         out = group_attention(q, k, v, sizes, backend=backend)
         out_perm = group_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], sizes, backend=backend)
         torch.testing.assert_close(out_perm.float(), out[:, :, perm].float(), **tol(q.dtype, "fwd"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "fold", "padded_fold"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fold", "loop", "padded_fold"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_second_run_is_identical(backend, dtype):
     gen = torch.Generator().manual_seed(1)
@@ -173,7 +178,7 @@ def test_second_run_is_identical(backend, dtype):
     assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "fold", "padded_fold"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fold", "loop", "padded_fold"])
 def test_empty_batch_and_single_token(backend):
     q = torch.randn(0, 2, 6, 4, requires_grad=True)
     out = group_attention(q, q, q, [3, 3], backend=backend)
@@ -193,7 +198,7 @@ def test_key_padding_matches_reference_and_padded_keys_have_no_influence(case, d
     q, k, v, sizes = case
     batch, n = q.shape[0], q.shape[2]
     kpm = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch * n, max_size=batch * n))).view(batch, n)
-    backends = ["sdpa", "padded_fold"] + (["fold"] if len(set(sizes)) == 1 else [])
+    backends = ["sdpa", "loop", "padded_fold"] + (["fold"] if len(set(sizes)) == 1 else [])
     for backend in backends:
         assert_matches_reference(backend, q, k, v, sizes, kpm)
     k2, v2 = k.clone(), v.clone()
@@ -205,7 +210,7 @@ def test_key_padding_matches_reference_and_padded_keys_have_no_influence(case, d
         ), backend
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "fold", "padded_fold"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fold", "loop", "padded_fold"])
 def test_group_of_padding_only_gives_zero_rows_and_finite_grads(backend):
     q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
     kpm = torch.zeros(2, 8, dtype=torch.bool)
@@ -221,16 +226,21 @@ def test_group_of_padding_only_gives_zero_rows_and_finite_grads(backend):
 # --------------------------------------------------------------------------- selection
 
 
-def test_auto_picks_fold_for_equal_groups_and_sdpa_otherwise_on_cpu(monkeypatch):
+def test_auto_picks_fold_for_equal_groups_then_loop_then_padded_fold_then_sdpa_on_cpu(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     q = torch.randn(2, 2, 6, 4)
     assert select_backend("auto", q, [3, 3]) == "fold"
     assert select_backend("auto", q, [6]) == "fold"
-    assert select_backend("auto", q, [2, 4]) == "sdpa"  # padding [2, 4] to [4, 4] costs 32 > 36 / 2
-    assert select_backend("auto", q, [1, 5]) == "sdpa"
-    near_equal = torch.randn(1, 1, 514, 4)
-    assert select_backend("auto", near_equal, [129, 129, 128, 128]) == "padded_fold"
+    assert select_backend("auto", q, [2, 4]) == "loop"
+    assert select_backend("auto", q, [1, 5], torch.zeros(2, 6, dtype=torch.bool)) == "loop"
     assert select_backend("auto", q, [3, 3], torch.zeros(2, 6, dtype=torch.bool)) == "fold"
+    long = torch.randn(1, 1, 514, 4)
+    assert select_backend("auto", long, [129, 129, 128, 128]) == "loop"
+    assert select_backend("auto", long, [257, 257]) == "fold"
+    assert select_backend("auto", long, [65, 65] + [64] * 6) == "loop"  # up to 8 groups
+    many = [58] * 8 + [50]  # beyond the loop's group limit; padded work 9 * 58**2 <= 514**2 / 2
+    assert select_backend("auto", long, many) == "padded_fold"
+    assert select_backend("auto", long, [1] * 8 + [506]) == "sdpa"  # padding 9 * 506**2 > 514**2 / 2
 
 
 def test_explicit_unsupported_backend_lists_reasons():
@@ -339,10 +349,10 @@ def test_module_backends_agree_when_flipped():
     x = torch.randn(3, 10, 16)
     kpm = torch.rand(3, 10) < 0.3
     outputs = {}
-    for backend in ["reference", "fold", "padded_fold", "sdpa", "auto"]:
+    for backend in ["reference", "fold", "loop", "padded_fold", "sdpa", "auto"]:
         layer.backend = backend
         outputs[backend] = layer(x, kpm)
-    for backend in ["fold", "padded_fold", "sdpa", "auto"]:
+    for backend in ["fold", "loop", "padded_fold", "sdpa", "auto"]:
         torch.testing.assert_close(outputs[backend], outputs["reference"], **tol(torch.float32, "fwd"))
 
 
@@ -413,7 +423,7 @@ def test_xformers_matches_reference(dtype, sizes):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["fold", "padded_fold", "sdpa"])
+@pytest.mark.parametrize("backend", ["fold", "loop", "padded_fold", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_fold_and_sdpa_match_reference(backend, dtype):
     q, k, v = (torch.randn(2, 4, 40, 32, device="cuda", dtype=dtype) for _ in range(3))
@@ -437,4 +447,4 @@ def test_cuda_module_auto_runs_with_and_without_padding():
 
 
 def test_backends_constant_lists_every_implementation():
-    assert set(BACKENDS) == {"auto", "xformers", "fold", "padded_fold", "sdpa", "reference"}
+    assert set(BACKENDS) == {"auto", "xformers", "fold", "loop", "padded_fold", "sdpa", "reference"}

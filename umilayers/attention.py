@@ -12,11 +12,15 @@ Backends (see ``docs/attention.rst``):
   ``F.scaled_dot_product_attention`` without a mask (exact; ~1/G of the dense work).
 - ``"padded_fold"``: unequal groups each padded to the largest, then folded like ``"fold"``
   with the padding masked (exact; ``G * max(n_g)**2`` work instead of ``N**2``).
+- ``"loop"``: a Python loop over the groups, one plain ``F.scaled_dot_product_attention`` per
+  group without a mask (key padding: a ``(B, 1, 1, n_g)`` key mask per group), outputs
+  concatenated (exact; ``sum(n_g**2)`` work, ``G`` kernel calls).
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` with one ``(N, N)`` boolean block mask,
   broadcast over batch and heads (with key padding: one ``(B, 1, N, N)`` boolean mask).
 - ``"reference"``: explicit float32 ``softmax(Q K^T / sqrt(h) + mask) V``, the test oracle.
-- ``"auto"``: the first of xformers, fold, padded_fold, sdpa that supports the input
-  (padded_fold only when its padded work is at most half the dense ``N**2``).
+- ``"auto"``: the first of xformers, fold, loop, padded_fold, sdpa that supports the input
+  (loop only for at most ``_LOOP_MAX_GROUPS`` groups; padded_fold only when its padded work is
+  at most half the dense ``N**2``).
 
 Selection: a backend other than ``"auto"`` given to the function or the module wins; otherwise
 the innermost :func:`attention_backend` context; otherwise the environment variable
@@ -63,11 +67,14 @@ __all__ = [
 ]
 
 #: Names accepted wherever a backend is chosen.
-BACKENDS = ("auto", "xformers", "fold", "padded_fold", "sdpa", "reference")
+BACKENDS = ("auto", "xformers", "fold", "loop", "padded_fold", "sdpa", "reference")
 #: Environment variable read (at call time) when neither the caller nor a context chose.
 ENV_VAR = "UMILAYERS_ATTN_BACKEND"
 #: Order in which ``"auto"`` tries the backends.
-_AUTO_ORDER = ("xformers", "fold", "padded_fold", "sdpa")
+_AUTO_ORDER = ("xformers", "fold", "loop", "padded_fold", "sdpa")
+#: ``auto`` takes loop only for at most this many groups (one kernel call per group; see
+#: docs/attention.rst for the measurements behind the number).
+_LOOP_MAX_GROUPS = 8
 #: ``auto`` takes padded_fold only when ``G * max(n_g)**2 <= _PADDED_FOLD_MAX_WORK * N**2``.
 _PADDED_FOLD_MAX_WORK = 0.5
 #: Floating dtypes xformers' kernels accept.
@@ -222,15 +229,38 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Ten
 
 
 def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
+    # (B, H, G n, h) -> (B, H G, n, h): a view for contiguous inputs (no copy, unlike moving the
+    # groups into the batch dimension); the heads and groups are independent batch entries.
+    batch, heads, n, _ = q.shape
     groups = len(group_sizes)
-    q, k, v = (rearrange(t, "b h (g n) d -> (b g) h n d", g=groups) for t in (q, k, v))
+    size = n // groups
+    q, k, v = (t.reshape(batch, heads * groups, size, t.shape[-1]) for t in (q, k, v))
     if key_padding_mask is None:
         out = F.scaled_dot_product_attention(q, k, v)
     else:
-        keep = ~rearrange(key_padding_mask, "b (g n) -> (b g) 1 1 n", g=groups)
-        empty = ~keep.any(dim=-1, keepdim=True)  # (B G, 1, 1, 1): a group made only of padding
+        keep = ~key_padding_mask.reshape(batch, 1, groups, 1, size)
+        empty = ~keep.any(dim=-1, keepdim=True)  # (B, 1, G, 1, 1): a group made only of padding
+        keep = keep.expand(-1, heads, -1, -1, -1).reshape(batch, heads * groups, 1, size)
+        empty = empty.expand(-1, heads, -1, -1, -1).reshape(batch, heads * groups, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty).masked_fill(empty, 0.0)
-    return rearrange(out, "(b g) h n d -> b h (g n) d", g=groups)
+    return out.reshape(batch, heads, n, out.shape[-1])
+
+
+def _loop(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
+    # torch.split, not one slice per group: split's backward is one concatenation, while each
+    # slice's backward would write its gradient into a fresh zero tensor of the full size.
+    sizes = list(group_sizes)
+    parts = zip(*(torch.split(t, sizes, dim=2) for t in (q, k, v)))
+    if key_padding_mask is None:
+        outs = [F.scaled_dot_product_attention(qg, kg, vg) for qg, kg, vg in parts]
+    else:
+        outs = []
+        for (qg, kg, vg), pad in zip(parts, torch.split(key_padding_mask, sizes, dim=1)):
+            keep = ~pad[:, None, None, :]  # (B, 1, 1, n_g)
+            empty = ~keep.any(dim=-1, keepdim=True)  # (B, 1, 1, 1): this group is only padding
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep | empty)
+            outs.append(out.masked_fill(empty, 0.0))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _padded_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
@@ -281,6 +311,7 @@ _IMPLEMENTATIONS = {
     "reference": _reference,
     "sdpa": _sdpa,
     "fold": _fold,
+    "loop": _loop,
     "padded_fold": _padded_fold,
     "xformers": _xformers,
 }
@@ -416,13 +447,15 @@ def select_backend(
 
         >>> q = torch.randn(2, 4, 6, 8)
         >>> select_backend("auto", q, [3, 3]), select_backend("auto", q, [2, 4])
-        ('fold', 'sdpa')
-        >>> select_backend("auto", torch.randn(2, 4, 514, 8), [129, 129, 128, 128])
+        ('fold', 'loop')
+        >>> select_backend("auto", torch.randn(2, 4, 514, 8), [58] * 8 + [50])  # more than 8 groups
         'padded_fold'
     """
     requested = _requested(backend)
     if requested == "auto":
         for candidate in _AUTO_ORDER:
+            if candidate == "loop" and len(group_sizes) > _LOOP_MAX_GROUPS:
+                continue  # one kernel call per group: the Python overhead grows with G
             if candidate == "padded_fold" and (
                 len(group_sizes) * max(group_sizes) ** 2 > _PADDED_FOLD_MAX_WORK * sum(group_sizes) ** 2
             ):
