@@ -30,13 +30,7 @@ from umilayers._validation import (
 )
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import CommonSpaceSum
-from umilayers.losses import (
-    AlignmentLoss,
-    classification_loss,
-    classification_pseudo_loss,
-    regression_loss,
-    triplet_loss,
-)
+from umilayers.losses import AlignmentLoss, TaskLoss
 from umilayers.projection import FeatureProjection, PooledProjection
 
 __all__ = [
@@ -430,22 +424,19 @@ def _check_pseudo(pseudo_targets: Any, batch: int, num_outputs: int) -> None:
 
 
 def supervised_term(task: str, outputs: Tensor, targets: Tensor, text_emb: Optional[Tensor], margin: float) -> Tensor:
-    """Ground-truth loss of one branch: CE (classes), MSE (regression), triplet (retrieval)."""
-    if task == "classification":
-        return classification_loss(outputs, targets)
-    if task == "regression":
-        return regression_loss(outputs, targets)
-    assert text_emb is not None
-    return triplet_loss(outputs @ text_emb.T, margin=margin)
+    """Ground-truth loss of one branch (:meth:`TaskLoss.supervised <umilayers.losses.TaskLoss.supervised>`).
+
+    For retrieval the branch's video embeddings are ranked against ``text_emb``, the caption
+    embeddings of the batch; otherwise against ``targets``.
+    """
+    target = text_emb if task == "retrieval" else targets
+    assert target is not None, "retrieval needs the caption embeddings"
+    return TaskLoss(task, margin).supervised(outputs, target)
 
 
 def pseudo_term(task: str, outputs: Tensor, pseudo_targets: Tensor, margin: float) -> Tensor:
-    """Pseudo-label loss of one branch: KL (classes), MSE (regression), triplet (retrieval)."""
-    if task == "classification":
-        return classification_pseudo_loss(outputs, pseudo_targets)
-    if task == "regression":
-        return regression_loss(outputs, pseudo_targets)
-    return triplet_loss(outputs @ F.normalize(pseudo_targets, dim=-1).T, margin=margin)
+    """Pseudo-label loss of one branch (:meth:`TaskLoss.pseudo <umilayers.losses.TaskLoss.pseudo>`)."""
+    return TaskLoss(task, margin).pseudo(outputs, pseudo_targets)
 
 
 def combine_branches(task: str, branch_outputs: Tensor) -> Tensor:
