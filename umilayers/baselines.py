@@ -65,7 +65,7 @@ def _refuse_pseudo(pseudo_targets: Optional[Tensor], name: str) -> None:
 
 
 class _BaselineMixin:
-    """Shared text side and loss checks of the baselines."""
+    """Shared text side, loss checks and supervised-only loss of the baselines."""
 
     task: str
     num_outputs: int
@@ -95,6 +95,26 @@ class _BaselineMixin:
                 raise ValueError(f"text_padding_mask: only used by task='retrieval', this model is {self.task!r}")
             check_bool_mask("text_padding_mask", text_padding_mask, (batch, targets.shape[1]))
         return batch
+
+    def loss(
+        self,
+        output: UMIOutput,
+        targets: Tensor,
+        pseudo_targets: Optional[Tensor] = None,
+        *,
+        text_padding_mask: Optional[Tensor] = None,
+    ) -> LossOutput:
+        """Supervised loss only (CE / MSE / triplet).
+
+        Args:
+            output: this model's :meth:`forward` output.
+            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
+            pseudo_targets: must be None.
+            text_padding_mask: ``(B, t)`` caption padding (retrieval).
+        """
+        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
+        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        return _loss_output(supervised_term(self.task, output.branch_outputs[:, 0], targets, text_emb, self.margin))
 
 
 def _loss_output(supervised: Tensor) -> LossOutput:
@@ -251,25 +271,6 @@ class UnimodalModel(_BaselineMixin, nn.Module):
             modality_outputs={m: out},
         )
 
-    def loss(
-        self,
-        output: UMIOutput,
-        targets: Tensor,
-        pseudo_targets: Optional[Tensor] = None,
-        *,
-        text_padding_mask: Optional[Tensor] = None,
-    ) -> LossOutput:
-        """Supervised loss only (CE / MSE / triplet); see the module docstring.
-
-        Args:
-            output: this model's :meth:`forward` output.
-            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
-            pseudo_targets: must be None.
-            text_padding_mask: ``(B, t)`` caption padding (retrieval).
-        """
-        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
-        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
-        return _loss_output(supervised_term(self.task, output.branch_outputs[:, 0], targets, text_emb, self.margin))
 
 
 class LateFusion(_BaselineMixin, nn.Module):
@@ -561,26 +562,6 @@ class VanillaTransformer(_BaselineMixin, nn.Module):
             out = F.normalize(out, dim=-1)
         branch = out[:, None]
         return UMIOutput(prediction=combine_branches(self.task, branch), branch_outputs=branch, present=masks)
-
-    def loss(
-        self,
-        output: UMIOutput,
-        targets: Tensor,
-        pseudo_targets: Optional[Tensor] = None,
-        *,
-        text_padding_mask: Optional[Tensor] = None,
-    ) -> LossOutput:
-        """Supervised loss only (CE / MSE / triplet).
-
-        Args:
-            output: this model's :meth:`forward` output.
-            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
-            pseudo_targets: must be None.
-            text_padding_mask: ``(B, t)`` caption padding (retrieval).
-        """
-        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
-        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
-        return _loss_output(supervised_term(self.task, output.branch_outputs[:, 0], targets, text_emb, self.margin))
 
 
 # --------------------------------------------------------------------------------------------
