@@ -21,30 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from umilayers.cli import add_fit_arguments, fit_options
 from umilayers.datasets import msrvtt
-
-
-def _init_distributed(device: str) -> bool:
-    """Start the process group once for fit and evaluation under torchrun (then the recipe
-    reuses it instead of creating and destroying one per call)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return True
-
-
-def _fit_cli():
-    try:
-        from umilayers.cli import add_fit_arguments, fit_options
-    except ImportError:
-        return None
-    return add_fit_arguments, fit_options
+from umilayers.recipes import process_group
 
 
 def _modality_file(text: str) -> tuple[str, str]:
@@ -54,7 +33,7 @@ def _modality_file(text: str) -> tuple[str, str]:
     return name, path
 
 
-def build_parser(cli) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and extraction")
@@ -78,18 +57,14 @@ def build_parser(cli) -> argparse.ArgumentParser:
                       help="coverage of a group's modalities a video needs to join it (default 3 of 4)")
     data.add_argument("--missing", choices=["lengths0", "complete"], default="lengths0",
                       help="rows lacking a modality of their split: length 0 (default) or left out")
-    if cli is not None:
-        cli[0](parser)
-    else:
-        parser.add_argument("--out", required=True)
-        parser.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(parser)
     return parser
 
 
-def _train(args, cli, store: Path, run: Path, rank: int) -> None:
+def _train(args, store: Path, run: Path, rank: int) -> None:
     from umilayers.recipes import fit
 
-    options = cli[1](args)
+    options = fit_options(args)
     method = getattr(args, "method", "umi")
     metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
     if rank == 0:
@@ -97,8 +72,7 @@ def _train(args, cli, store: Path, run: Path, rank: int) -> None:
 
 
 def main(argv=None) -> int:
-    cli = _fit_cli()
-    args = build_parser(cli).parse_args(argv)
+    args = build_parser().parse_args(argv)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
@@ -122,18 +96,8 @@ def main(argv=None) -> int:
             print(f"reusing the store in {store}")
         if args.extract_only:
             return 0
-        if cli is None:
-            print("error: training needs umilayers.recipes and umilayers.cli (not installed); "
-                  "use --extract-only", file=sys.stderr)
-            return 2
-        owns_group = _init_distributed(getattr(args, "device", "auto"))
-        try:
-            _train(args, cli, store, run, rank)
-        finally:
-            if owns_group:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
+        with process_group(getattr(args, "device", "auto")):
+            _train(args, store, run, rank)
     except (msrvtt.MSRVTTDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

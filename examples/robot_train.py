@@ -26,33 +26,12 @@ import time
 from pathlib import Path
 
 from umilayers._io import atomic_write_text
+from umilayers.cli import add_fit_arguments, fit_options
 from umilayers.datasets import robot
+from umilayers.recipes import process_group
 
 
-def _init_distributed(device: str) -> bool:
-    """Start the process group once for fit and evaluation under torchrun (then the recipe
-    reuses it instead of creating and destroying one per call)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return True
-
-
-def _fit_cli():
-    try:
-        from umilayers.cli import add_fit_arguments, fit_options
-    except ImportError:
-        return None
-    return add_fit_arguments, fit_options
-
-
-def build_parser(cli) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and extraction")
@@ -70,11 +49,7 @@ def build_parser(cli) -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for val")
     data.add_argument("--test-fraction", type=float, default=0.2, help="episodes held out for test")
     data.add_argument("--encoder-device", default="cpu", help="device of the stage-1 encoders")
-    if cli is not None:
-        cli[0](parser)
-    else:  # the recipe is not installed: extraction only
-        parser.add_argument("--out", required=True)
-        parser.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(parser)
     return parser
 
 
@@ -131,10 +106,10 @@ def _plot_subsets(rows, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _train(args, cli, store: Path, run: Path, rank: int) -> None:
+def _train(args, store: Path, run: Path, rank: int) -> None:
     from umilayers.recipes import fit
 
-    options = cli[1](args)
+    options = fit_options(args)
     method = getattr(args, "method", "umi")
     metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
     if rank == 0:
@@ -143,8 +118,7 @@ def _train(args, cli, store: Path, run: Path, rank: int) -> None:
 
 
 def main(argv=None) -> int:
-    cli = _fit_cli()
-    args = build_parser(cli).parse_args(argv)
+    args = build_parser().parse_args(argv)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
@@ -166,18 +140,8 @@ def main(argv=None) -> int:
             print(f"reusing the store in {store}")
         if args.extract_only:
             return 0
-        if cli is None:
-            print("error: training needs umilayers.recipes and umilayers.cli (not installed); "
-                  "use --extract-only", file=sys.stderr)
-            return 2
-        owns_group = _init_distributed(getattr(args, "device", "auto"))
-        try:
-            _train(args, cli, store, run, rank)
-        finally:
-            if owns_group:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
+        with process_group(getattr(args, "device", "auto")):
+            _train(args, store, run, rank)
     except (robot.RobotDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

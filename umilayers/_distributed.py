@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "DistContext",
     "setup",
     "teardown",
+    "process_group",
     "GlobalBatchSampler",
     "shard_rows",
     "all_gather_rows",
@@ -110,6 +112,21 @@ def teardown(ctx: DistContext) -> None:
     """Destroy the process group if :func:`setup` created it."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistContext]:
+    """Hold one process group across several ``fit``/``evaluate`` calls under ``torchrun``.
+
+    Each call would otherwise create and destroy its own group, and a second group cannot be
+    created in the same ``torchrun`` launch (gloo's rendezvous store is gone). A no-op in a
+    single process.
+    """
+    ctx = setup(device)
+    try:
+        yield ctx
+    finally:
+        teardown(ctx)
 
 
 class GlobalBatchSampler:

@@ -58,12 +58,13 @@ from umilayers._distributed import (
     GlobalBatchSampler,
     all_gather_rows,
     all_reduce_sum,
+    process_group,
     setup,
     shard_rows,
     teardown,
 )
 
-__all__ = ["METHODS", "FitConfig", "RunExistsError", "fit", "evaluate", "metric_score"]
+__all__ = ["METHODS", "FitConfig", "RunExistsError", "fit", "evaluate", "metric_score", "process_group"]
 
 METHODS = ("umi", "late-fusion", "vanilla", "pooled", "unimodal")
 CHECKPOINT_VERSION = 1
