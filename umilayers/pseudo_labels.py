@@ -45,7 +45,7 @@ The file data itself lives in the kernel's page cache, as for any file: shared, 
 in the background and reclaimed under memory pressure (a container's memory cgroup does count
 it, as reclaimable cache). The small per-sample bit masks (8 bytes a sample) are memory-mapped.
 Mapping the means instead made every touched row fault about three pages back in after each
-release of the mapping, and at EPIC size cost 2 to 3 times the CPU time of this I/O.
+release of the mapping, and at EPIC size cost 1.4 to 2.3 times the CPU time of this I/O.
 :meth:`PseudoLabelBank.save` writes the same layout, every file to a temporary name in the
 same folder and then renamed (``os.replace``), ``bank.json`` last;
 :meth:`PseudoLabelBank.load` reads it back bit-exactly, in memory or file-backed.
