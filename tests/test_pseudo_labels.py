@@ -1,5 +1,9 @@
 import json
 import os
+import sys
+import tempfile
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +11,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from umilayers.pseudo_labels import PseudoLabelBank
+from umilayers.pseudo_labels import _IOV_MAX, PseudoLabelBank, _RowFile
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -45,13 +49,21 @@ def _random_updates(rng, bank, modalities, max_abs, skip=0.3, order="shuffled"):
     dtype=st.sampled_from(DTYPES),
     probabilities=st.booleans(),
     seed=st.integers(0, 2**16),
+    on_disk=st.booleans(),
 )
 def test_averages_match_numpy_reference(n, c, num_modalities, total_epochs, window_frac, dtype,
-                                        probabilities, seed):
+                                        probabilities, seed, on_disk):
+    with tempfile.TemporaryDirectory() as tmp:
+        _check_averages(n, c, num_modalities, total_epochs, window_frac, dtype, probabilities,
+                        seed, storage=tmp if on_disk else None)
+
+
+def _check_averages(n, c, num_modalities, total_epochs, window_frac, dtype, probabilities, seed,
+                    storage):
     rng = np.random.default_rng(seed)
     window = max(1, round(window_frac * total_epochs))
     modalities = ["audio", "rgb", "flow"][:num_modalities]
-    bank = PseudoLabelBank(n, c, modalities, window, total_epochs, dtype=dtype)
+    bank = PseudoLabelBank(n, c, modalities, window, total_epochs, storage=storage, dtype=dtype)
     max_abs = 1.0 if probabilities else 50.0
     sums, counts = _random_updates(rng, bank, modalities, max_abs)
     for m in modalities:
@@ -65,6 +77,7 @@ def test_averages_match_numpy_reference(n, c, num_modalities, total_epochs, wind
         bound = bank.error_bound(max_abs)
         err = np.abs(got.double().numpy() - expected).max()
         assert err <= bound, (err, bound)
+    bank.close()
 
 
 def test_error_bound_values_and_fp16_is_much_coarser_than_fp32():
@@ -162,8 +175,9 @@ def _filled_bank(storage=None, dtype=torch.float16, seed=0, **kwargs):
 def _assert_same_bank(a, b):
     assert a.config() == b.config()
     for m in a.modalities:
-        assert torch.equal(a._mean[m].view(torch.int16) if a.dtype != torch.float32 else a._mean[m],
-                           b._mean[m].view(torch.int16) if b.dtype != torch.float32 else b._mean[m])
+        ma, mb = a._means(m), b._means(m)
+        assert torch.equal(ma.view(torch.int16) if a.dtype != torch.float32 else ma,
+                           mb.view(torch.int16) if b.dtype != torch.float32 else mb)
         assert torch.equal(a._seen[m], b._seen[m])
 
 
@@ -187,10 +201,11 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype):
     _assert_same_bank(other, PseudoLabelBank.load(tmp_path / "bank"))
 
 
-def test_memmap_mode_gives_the_same_numbers(tmp_path):
-    memory = _filled_bank()
-    mapped = _filled_bank(storage=tmp_path / "a")
-    tight = _filled_bank(storage=tmp_path / "b", resident_budget=1)  # releases after every call
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memmap_mode_gives_the_same_numbers(tmp_path, dtype):
+    memory = _filled_bank(dtype=dtype)
+    mapped = _filled_bank(storage=tmp_path / "a", dtype=dtype)
+    tight = _filled_bank(storage=tmp_path / "b", dtype=dtype, resident_budget=1)  # 1-row chunks
     ids = torch.arange(17)
     for m in memory.modalities:
         assert torch.equal(memory.counts(m), mapped.counts(m))
@@ -207,8 +222,74 @@ def test_memmap_mode_gives_the_same_numbers(tmp_path):
     _assert_same_bank(memory, PseudoLabelBank.load(tmp_path / "a"))
     mapped.save(tmp_path / "a")  # saving onto its own storage just flushes
     _assert_same_bank(memory, PseudoLabelBank.load(tmp_path / "a"))
+    tight.save(tmp_path / "copy")  # streamed row by row from the files
+    _assert_same_bank(memory, PseudoLabelBank.load(tmp_path / "copy"))
+    with PseudoLabelBank.load(tmp_path / "copy", mmap=True, resident_budget=1) as reopened:
+        _assert_same_bank(memory, reopened)
+        assert torch.equal(reopened.targets(ids[:3], {"rgb": torch.ones(3, dtype=torch.bool)},),
+                           memory.targets(ids[:3], {"rgb": torch.ones(3, dtype=torch.bool)}))
     mapped.close()
     tight.close()
+
+
+@given(n=st.integers(1, 2200), width=st.integers(1, 3), seed=st.integers(0, 2**16),
+       runs=st.booleans())
+def test_row_file_gather_scatter_match_numpy(n, width, seed, runs):
+    """Positioned reads and writes: any order, repeats (reads), runs of adjacent rows longer
+    than one ``preadv`` call takes (``_IOV_MAX``)."""
+    rng = np.random.default_rng(seed)
+    reference = rng.integers(-2**15, 2**15, size=(n, width)).astype("<i2")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rows.npy")
+        np.save(path, reference)
+        rows_file = _RowFile(Path(path), (n, width), np.dtype("<i2"), writable=True)
+        try:
+            if runs:  # a long shuffled block of adjacent rows plus a few others
+                start = int(rng.integers(0, n))
+                stop = min(n, start + int(rng.integers(1, 2 * _IOV_MAX + 3)))
+                rows = np.concatenate([np.arange(start, stop), rng.integers(0, n, 5)])
+                rows = np.unique(rows)
+                rng.shuffle(rows)
+            else:
+                rows = rng.permutation(n)[: rng.integers(0, n + 1)]
+            with_repeats = np.concatenate([rows, rows[:3]])
+            assert np.array_equal(rows_file.gather(with_repeats), reference[with_repeats])
+            values = rng.integers(-2**15, 2**15, size=(len(rows), width)).astype("<i2")
+            rows_file.scatter(rows, values)
+            reference[rows] = values
+            assert np.array_equal(rows_file.read(0, n), reference)
+            lo = int(rng.integers(0, n))
+            assert np.array_equal(rows_file.read(lo, n), reference[lo:])
+        finally:
+            rows_file.close()
+        assert np.array_equal(np.load(path), reference)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_file_backed_bank_does_not_map_its_means(tmp_path):
+    """The process holds the batch, not the table: the means' files are never mapped."""
+    bank = PseudoLabelBank(300, 64, ["audio", "rgb"], window=2, total_epochs=2,
+                           storage=tmp_path / "bank")
+    ids = torch.randperm(300)[:100]
+    bank.update("rgb", ids, torch.rand(100, 64), 1)
+    bank.targets(ids, {"rgb": torch.ones(100, dtype=torch.bool)})
+    maps = open("/proc/self/maps").read()
+    assert str(tmp_path / "bank" / "seen.rgb.npy") in maps  # the 8-byte masks are mapped
+    assert "mean.rgb.npy" not in maps and "mean.audio.npy" not in maps
+    bank.close()
+
+
+def test_truncated_file_is_an_error(tmp_path):
+    bank = _filled_bank(storage=tmp_path / "a")
+    bank.close()
+    path = tmp_path / "a" / "mean.rgb.npy"
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 3)
+    with pytest.raises(OSError, match="mean.rgb.npy: file ends 3 bytes early"):
+        PseudoLabelBank.load(tmp_path / "a")
+    with PseudoLabelBank.load(tmp_path / "a", mmap=True) as mapped:
+        with pytest.raises(OSError, match=r"mean.rgb.npy: read \d+ of 10 bytes"):
+            mapped.targets(torch.tensor([16]), {"rgb": torch.tensor([True])})
 
 
 def test_memmap_storage_is_refused_when_it_holds_a_bank(tmp_path):
