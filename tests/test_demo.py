@@ -12,7 +12,7 @@ def test_format_table_layout_and_spread():
     lines = table.splitlines()
     assert lines[0].startswith("| method") and "top-1" in lines[0] and "MAE" in lines[0]
     assert "60.00 ± 14.14" in lines[2]  # top-1 as percent, mean ± sample std over seeds
-    assert "0.60 ± 0.14" in lines[3]
+    assert "0.600 ± 0.141" in lines[3]  # MAE with three decimals
 
 
 def test_headline_metric_per_task():

@@ -10,6 +10,10 @@ and prints
   versus pooled; with and without the alignment loss and the pseudo-label branch),
 
 then saves both as ``demo.json`` and a PNG bar chart (``demo.png``) in ``--out``.
+
+Every method and ablation is trained with one shared setting (:meth:`DemoSize.default`, chosen
+on the val split only), including ``unimodal_predictor="transformer"`` for stage 1 and the
+late-fusion members. Results and what they show: ``docs/accuracy.rst``.
 """
 
 from __future__ import annotations
@@ -136,10 +140,11 @@ def run_grid(
 
 def _cell(values: Sequence[float], task: str) -> str:
     scale = 100.0 if TASKS[task][1] == "top1" else 1.0
+    digits = 3 if TASKS[task][1] == "mae" else 2  # MAE differences live in the third decimal
     mean = statistics.fmean(values) * scale
     if len(values) < 2:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def format_table(results: Mapping, tasks: Sequence[str], title: str) -> str:
