@@ -12,7 +12,7 @@ def test_format_table_layout_and_spread():
     lines = table.splitlines()
     assert lines[0].startswith("| method") and "top-1" in lines[0] and "MAE" in lines[0]
     assert "60.00 ± 14.14" in lines[2]  # top-1 as percent, mean ± sample std over seeds
-    assert "0.60 ± 0.14" in lines[3]
+    assert "0.600 ± 0.141" in lines[3]  # MAE with three decimals
 
 
 def test_headline_metric_per_task():
@@ -31,8 +31,48 @@ def test_run_grid_trains_each_row_on_each_task(tmp_path):
     assert all(len(results[r][t]) == 1 for r in rows for t in ("classification", "regression"))
     assert 0.0 <= results["umi"]["classification"][0] <= 1.0
     assert len(logged) == 4
+    for number, options in enumerate(rows.values()):  # each run where run_dir says, with its result
+        saved = json.loads((demo.run_dir(tmp_path, "regression", number, options, 0) / "metrics.json").read_text())
+        assert saved["method"] == options["method"] and saved["test"]["mae"] == results[list(rows)[number]]["regression"][0]
 
 
 def test_main_rejects_bad_seeds(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--seeds", "0"])
+
+
+def test_demo_sizes_share_one_setting_for_every_method():
+    # The demo's fairness rule: one training setting for all methods; only the rows' own
+    # ablation switches differ.
+    for size in (demo.DemoSize.default(), demo.DemoSize.quick()):
+        assert size.model["unimodal_predictor"] == "transformer"
+        assert not set(size.model) & {"method", "no_align", "no_pseudo", "branches"}
+    for options in list(demo.METHODS.values()) + list(demo.ABLATIONS.values()):
+        assert set(options) <= {"method", "no_align", "no_pseudo", "branches"}
+
+
+def test_fit_unimodal_predictor_reaches_late_fusion_and_stage_one(tmp_path):
+    import torch
+
+    from umilayers.data.synthetic import make_synthetic_store
+    from umilayers.recipes import FitConfig, fit
+
+    store = make_synthetic_store("classification", tmp_path / "store", num_train=24, num_eval=12)
+    tiny = dict(dim=8, tokens=2, depth=1, heads=2, epochs=1, unimodal_epochs=1, pseudo_window=1,
+                batch_size=12, quiet=True)
+    fit(store, "late-fusion", tmp_path / "lf", unimodal_predictor="transformer", **tiny)
+    spec = torch.load(tmp_path / "lf" / "model.pt", weights_only=False)["spec"]
+    assert spec["class"] == "LateFusion" and spec["config"]["predictor"] == "transformer"
+    assert spec["config"]["depth"] == 1
+    fit(store, "late-fusion", tmp_path / "lin", **tiny)
+    spec = torch.load(tmp_path / "lin" / "model.pt", weights_only=False)["spec"]
+    assert spec["config"]["predictor"] == "linear"  # the paper's default is unchanged
+    with pytest.raises(ValueError, match="unimodal_predictor"):
+        FitConfig(unimodal_predictor="mlp").validate()
+
+
+def test_cli_parses_unimodal_predictor():
+    from umilayers.cli import build_parser, fit_options
+
+    args = build_parser().parse_args(["fit", "S", "--out", "O", "--unimodal-predictor", "transformer"])
+    assert fit_options(args)["unimodal_predictor"] == "transformer"

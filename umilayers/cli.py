@@ -50,6 +50,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser, *, method: bool = True) -
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--modality", default=None, help="the modality of --method unimodal")
+    run.add_argument("--unimodal-predictor", choices=("linear", "transformer"), default=d.unimodal_predictor,
+                     help="predictor of the unimodal models (stage 1, late fusion, --method unimodal): "
+                          "linear on mean-pooled tokens (the paper's, default) or a transformer over the tokens")
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=d.epochs, help=f"multimodal epochs (default {d.epochs})")

@@ -124,6 +124,12 @@ class FitConfig:
         no_align: ablation: no alignment loss.
         no_pseudo: ablation: no pseudo-label branch (skips stage 1).
         modality: the modality of ``method="unimodal"``.
+        unimodal_predictor: the unimodal models' predictor (stage 1, the late-fusion members and
+            ``method="unimodal"``): ``"linear"`` (the paper's: mean-pooled tokens, linear head)
+            or ``"transformer"`` (a ``depth``-layer transformer over the tokens with a readout
+            token, see :class:`~umilayers.baselines.UnimodalModel`); it sees token-level
+            structure that mean pooling destroys, which gives better pseudo-labels and a
+            stronger late-fusion baseline.
         amp: bf16 autocast (CUDA and CPU).
         compile: ``torch.compile`` the model.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
@@ -162,6 +168,7 @@ class FitConfig:
     no_align: bool = False
     no_pseudo: bool = False
     modality: Optional[str] = None
+    unimodal_predictor: str = "linear"
     amp: bool = False
     compile: bool = False
     device: str = "auto"
@@ -213,6 +220,9 @@ class FitConfig:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
         if self.dim % self.heads:
             raise ValueError(f"heads: must divide dim={self.dim}, got heads={self.heads}")
+        if self.unimodal_predictor not in ("linear", "transformer"):
+            raise ValueError(f"unimodal_predictor: expected 'linear' or 'transformer', "
+                             f"got {self.unimodal_predictor!r}")
         if self.method == "unimodal" and not self.modality:
             raise ValueError("modality: method 'unimodal' needs the modality to train on (--modality NAME)")
         if self.method != "unimodal" and self.modality:
@@ -304,6 +314,10 @@ def _model_kwargs(cfg: FitConfig, store, method: str, modality: Optional[str] = 
                       modality_tokens={m: int(k) for m, (k, _) in store.modalities.items()})
     elif method == "unimodal":
         kwargs["modality"] = modality
+    if method in ("unimodal", "late-fusion"):
+        kwargs["predictor"] = cfg.unimodal_predictor
+        if cfg.unimodal_predictor == "transformer":
+            kwargs["depth"] = max(1, projection_depth)
     return kwargs
 
 
