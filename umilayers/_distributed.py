@@ -109,8 +109,14 @@ def setup(device: str = "auto") -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`setup` created it."""
+    """Destroy the process group if :func:`setup` created it.
+
+    Every rank first waits at a barrier: a rank that destroys the group while another still
+    has gloo work in flight makes that rank abort at exit ("terminate called without an active
+    exception", SIGABRT), after it has finished and written everything.
+    """
     if ctx.owns_group and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
