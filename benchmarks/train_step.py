@@ -316,7 +316,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for m in steps
     }
     speedup = _common.median_ratio(times["released"], times["ours"])
-    peak_ratio = (peaks["ours"] / peaks["released"]) if peaks["ours"] and peaks["released"] else None
+    # Resident-set growth below zero means the step fit in memory freed earlier: not measurable.
+    measurable = all(peaks[m] is not None and peaks[m] > 0 for m in ("ours", "released"))
+    peak_ratio = peaks["ours"] / peaks["released"] if measurable else None
     info_after = _common.machine_info(device)
 
     rows = [["method", "median step (s)", "steps (s)", "peak memory (MiB)", "GFLOP fwd+bwd", "parameters (with grad)"]]
@@ -337,6 +339,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"FLOP ratio released/ours: {flop_ratio:.2f} (the speed-up if time followed the arithmetic)")
     if peak_ratio is not None:
         print(f"peak memory ours/released: {peak_ratio:.2f}")
+    else:
+        print("peak memory ours/released: not measurable at this size (no resident-set growth)")
     print(f"parameters: ours {total_params:,}, released-style {total_params:,} (the same module); "
           f"released attention kernel: {args.released_attention}")
 
