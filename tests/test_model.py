@@ -56,7 +56,9 @@ def pseudo_for(task, batch, seed=3):
     x = torch.randn(batch, C, generator=g)
     if task == "classification":
         return x.softmax(-1)
-    return F.normalize(x, dim=-1) if task == "retrieval" else x
+    if task == "retrieval":  # (B, B) teacher similarities cos(video_i, caption_j)
+        return F.normalize(x, dim=-1) @ F.normalize(torch.randn(batch, C, generator=g), dim=-1).T
+    return x
 
 
 PRESENT = {"audio": torch.tensor([True, False, True, True]), "rgb": torch.tensor([False, True, True, True])}
@@ -188,7 +190,10 @@ def test_loss_terms_follow_eq3(task):
     else:
         text = model.encode_text(targets)
         torch.testing.assert_close(losses.supervised, triplet_loss(b0 @ text.T, margin=0.2))
-        torch.testing.assert_close(losses.pseudo, triplet_loss(b1 @ pseudo.T, margin=0.2))
+        # relational distillation: KL(softmax(teacher / T) || softmax(cos(b1, text) / T)), T = 0.1
+        student = (b1 @ text.T / 0.1).log_softmax(-1)
+        teacher = (pseudo / 0.1).log_softmax(-1)
+        torch.testing.assert_close(losses.pseudo, (teacher.exp() * (teacher - student)).sum(-1).mean())
     # alignment: per modality on its rows, averaged over modalities
     terms = []
     for m, feats in out.modality_features.items():

@@ -11,6 +11,9 @@ The training objective of the paper is ``L = lambda * L_align + L_supervised + a
 - :func:`triplet_loss`: max-margin ranking over a ``(B, B)`` similarity matrix, both directions,
   positives on the diagonal (as Collaborative Experts' ``MaxMarginRankingLoss`` with
   ``fix_norm=True``);
+- :func:`similarity_distillation_loss`: KL between a teacher's and a student's row-wise softmax
+  over ``(B, B)`` video-to-caption similarities (the retrieval pseudo-label loss of the recipe,
+  which does not need the two embedding spaces to be the same);
 - :class:`TaskLoss` dispatches supervised and pseudo losses per task for the model.
 
 Every function checks its inputs at the boundary (shapes, label ranges, NaN/inf) and raises a
@@ -43,6 +46,7 @@ __all__ = [
     "regression_pseudo_loss",
     "triplet_loss",
     "cosine_similarity_matrix",
+    "similarity_distillation_loss",
     "TaskLoss",
 ]
 
@@ -379,6 +383,56 @@ def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return a @ b.t()
 
 
+def similarity_distillation_loss(
+    pred: Tensor, text: Tensor, teacher_similarity: Tensor, temperature: float = 0.1
+) -> Tensor:
+    """Relational distillation for retrieval: match a teacher's ranking of the batch's captions.
+
+    For each video ``i`` the teacher gives ``teacher_similarity[i, j]``, its cosine similarity
+    between video ``i`` and caption ``j`` measured in the teacher's own embedding space (for the
+    recipe: a unimodal model's video embedding against that same unimodal model's caption
+    embeddings). The student's similarity is ``cos(pred[i], text[j])`` in its own space. The loss
+    is the batch mean of ``KL(softmax(teacher[i] / T) || softmax(student[i] / T))`` over the
+    captions ``j``. Only similarities are compared, never embeddings, so the teacher and student
+    spaces need not be the same (each unimodal model has its own text encoder).
+
+    Args:
+        pred: ``(B, E)`` video embeddings of the student branch.
+        text: ``(B, E)`` the student's caption embeddings of the same batch.
+        teacher_similarity: ``(B, B)`` teacher cosine similarities, video row ``i``, caption column ``j``.
+        temperature: softmax temperature ``T > 0`` applied to both sides.
+
+    Shape:
+        - pred: ``(B, E)``
+        - text: ``(B, E)``
+        - teacher_similarity: ``(B, B)``
+        - output: ``()``
+
+    Example::
+
+        >>> import torch
+        >>> video, text = torch.randn(4, 8), torch.randn(4, 8)
+        >>> teacher = cosine_similarity_matrix(video, text)
+        >>> float(similarity_distillation_loss(video, text, teacher)) < 1e-6  # same ranking
+        True
+    """
+    sizes: dict = {}
+    check_tensor("pred", pred, ("B", "E"), sizes, floating=True)
+    check_tensor("text", text, ("B", "E"), sizes, floating=True)
+    check_tensor("teacher_similarity", teacher_similarity, ("B", "B"), sizes, floating=True)
+    for name, t in (("pred", pred), ("text", text), ("teacher_similarity", teacher_similarity)):
+        check_finite(name, t)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+    if pred.shape[0] == 0:
+        return _zero_like_graph(pred, text, teacher_similarity)
+    student = cosine_similarity_matrix(_acc(pred), _acc(text)) / temperature
+    teacher = _acc(teacher_similarity).to(student.dtype) / temperature
+    log_q = F.log_softmax(student, dim=-1)
+    log_p = F.log_softmax(teacher, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+
+
 class TaskLoss(nn.Module):
     """Supervised and pseudo-label losses of Eq. 3 for one task.
 
@@ -396,7 +450,9 @@ class TaskLoss(nn.Module):
     :func:`triplet_loss`. The pseudo loss does the same between the pseudo branch's embeddings
     and the pseudo-label embeddings (the averaged, L2-normalised unimodal video embeddings of
     the bank): each sample's embedding must be closer to its own pseudo-label than to the
-    other samples' pseudo-labels, by ``margin``.
+    other samples' pseudo-labels, by ``margin``. That retrieval pseudo loss needs the
+    pseudo-labels in the student's own embedding space; the model and recipe use
+    :func:`similarity_distillation_loss` instead, which compares similarities only.
 
     Args:
         task: ``"classification"``, ``"regression"`` or ``"retrieval"``.

@@ -30,7 +30,7 @@ from umilayers._validation import (
 )
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import CommonSpaceSum
-from umilayers.losses import AlignmentLoss, TaskLoss
+from umilayers.losses import AlignmentLoss, TaskLoss, similarity_distillation_loss
 from umilayers.projection import FeatureProjection, PooledProjection
 
 __all__ = [
@@ -418,8 +418,14 @@ def _check_targets(task: str, targets: Any, batch: int, num_outputs: int, text_d
         check_tensor("targets", targets, (batch, "t", text_dim), floating=True)
 
 
-def _check_pseudo(pseudo_targets: Any, batch: int, num_outputs: int) -> None:
-    check_tensor("pseudo_targets", pseudo_targets, (batch, num_outputs), floating=True)
+#: Softmax temperature of the retrieval pseudo loss (on cosine similarities; fixed, not tuned).
+RETRIEVAL_PSEUDO_TEMPERATURE = 0.1
+
+
+def _check_pseudo(pseudo_targets: Any, batch: int, num_outputs: int, task: str = "classification") -> None:
+    # Retrieval pseudo-labels are the teacher's (B, B) video-to-caption similarities.
+    shape = (batch, batch) if task == "retrieval" else (batch, num_outputs)
+    check_tensor("pseudo_targets", pseudo_targets, shape, floating=True)
     check_finite("pseudo_targets", pseudo_targets)
 
 
@@ -434,8 +440,18 @@ def supervised_term(task: str, outputs: Tensor, targets: Tensor, text_emb: Optio
     return TaskLoss(task, margin).supervised(outputs, target)
 
 
-def pseudo_term(task: str, outputs: Tensor, pseudo_targets: Tensor, margin: float) -> Tensor:
-    """Pseudo-label loss of one branch (:meth:`TaskLoss.pseudo <umilayers.losses.TaskLoss.pseudo>`)."""
+def pseudo_term(task: str, outputs: Tensor, pseudo_targets: Tensor, margin: float,
+                text_emb: Optional[Tensor] = None) -> Tensor:
+    """Pseudo-label loss of one branch.
+
+    Classification and regression: :meth:`TaskLoss.pseudo <umilayers.losses.TaskLoss.pseudo>`.
+    Retrieval: :func:`~umilayers.losses.similarity_distillation_loss` of the branch's video
+    embeddings against ``text_emb`` (this model's caption embeddings), with ``pseudo_targets``
+    the ``(B, B)`` similarities of the unimodal teachers, each in its own space.
+    """
+    if task == "retrieval":
+        assert text_emb is not None, "retrieval needs the caption embeddings"
+        return similarity_distillation_loss(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
     return TaskLoss(task, margin).pseudo(outputs, pseudo_targets)
 
 
@@ -693,9 +709,10 @@ class UnseenModalityModel(nn.Module):
             output: this model's :meth:`forward` output.
             targets: classification ``(B,)`` int64 labels; regression ``(B, C)``; retrieval the
                 caption token features ``(B, t, d_text)``.
-            pseudo_targets: ``(B, C)`` pseudo-labels from the
-                :class:`~umilayers.pseudo_labels.PseudoLabelBank` (class probabilities,
-                values, or video embeddings); required exactly when ``use_pseudo``.
+            pseudo_targets: pseudo-labels, required exactly when ``use_pseudo``: ``(B, C)`` class
+                probabilities or values from the :class:`~umilayers.pseudo_labels.PseudoLabelBank`;
+                for retrieval ``(B, B)`` teacher similarities ``cos(video_i, caption_j)``, each
+                row measured in its unimodal model's own space (see ``pseudo_term``).
             text_padding_mask: ``(B, t)`` bool for retrieval captions, True = padding.
 
         Returns:
@@ -711,7 +728,7 @@ class UnseenModalityModel(nn.Module):
         if cfg.use_pseudo:
             if pseudo_targets is None:
                 raise ValueError("pseudo_targets: required when use_pseudo=True (the pseudo branch's targets)")
-            _check_pseudo(pseudo_targets, batch, cfg.num_outputs)
+            _check_pseudo(pseudo_targets, batch, cfg.num_outputs, cfg.task)
         elif pseudo_targets is not None:
             raise ValueError("pseudo_targets: this model has use_pseudo=False and takes no pseudo-labels")
 
@@ -723,7 +740,7 @@ class UnseenModalityModel(nn.Module):
             supervised = supervised_term(cfg.task, branches[:, 0], targets, text_emb, cfg.margin)
             pseudo_branches = range(1, cfg.branches) if cfg.branches > 1 else [0]
             pseudo = torch.stack(
-                [pseudo_term(cfg.task, branches[:, g], pseudo_targets, cfg.margin) for g in pseudo_branches]
+                [pseudo_term(cfg.task, branches[:, g], pseudo_targets, cfg.margin, text_emb) for g in pseudo_branches]
             ).mean()
         else:
             supervised = torch.stack(

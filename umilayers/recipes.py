@@ -11,7 +11,10 @@ Stages
    model (mean-pooled tokens, linear head) is trained on the training samples that have it for
    ``unimodal_epochs`` epochs; after each of the last ``pseudo_window`` epochs it predicts on
    all of them and the predictions go into a :class:`~umilayers.pseudo_labels.PseudoLabelBank`,
-   saved to ``DIR/pseudo_labels/`` at the end of the stage.
+   saved to ``DIR/pseudo_labels/`` at the end of the stage. For retrieval each unimodal model
+   also embeds every training caption with its own text encoder (``text_embeddings.pt``), and
+   the pseudo-labels of stage 2 are ``(B, B)`` video-to-caption similarities averaged over the
+   sample's modalities, each measured in one unimodal space (see ``_Run.pseudo_targets``).
 2. **Multimodal**: the method is trained for ``epochs`` epochs on batches mixed from all
    training splits; after each epoch it is scored on the val splits (top-1, ``-mae`` or
    ``-mean_rank``) and the best epoch is kept; that model is finally scored on the test splits.
@@ -555,6 +558,27 @@ def _predict(model: nn.Module, forward: Callable, store, names: Sequence[str], k
     return result
 
 
+@torch.no_grad()
+def _encode_captions(model: nn.Module, store, names: Sequence[str], cfg: FitConfig,
+                     ctx: DistContext) -> dict[str, Tensor]:
+    """``model.encode_text`` of every caption of ``names`` (whatever modalities the rows have),
+    with their indices; sharded over the ranks and gathered like :func:`_predict`."""
+    dataset = _concat(store, names)
+    rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
+    loader = _loader(dataset, _RowSampler(rows, cfg.batch_size), (), cfg, ctx)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"text": [], "indices": []}
+    for batch in loader:
+        batch = batch.to(ctx.device, non_blocking=True)
+        with _autocast(cfg, ctx):
+            parts["text"].append(model.encode_text(batch.targets, batch.text_padding_mask).float())
+        parts["indices"].append(batch.indices)
+    model.train(was_training)
+    return {key: all_gather_rows(torch.cat(values) if values else _empty_like_rows(key, store, ctx), ctx).cpu()
+            for key, values in parts.items()}
+
+
 def _empty_like_rows(key: str, store, ctx: DistContext) -> Tensor:
     # A rank with no rows (more ranks than rows) still takes part in the gather.
     width = int(store.num_outputs)
@@ -817,8 +841,12 @@ class _Run:
                 self.bank.update(modality, predicted["indices"], predicted["prediction"], epoch)
                 record["pseudo_labels"] = int(predicted["indices"].numel())
                 if store.task == "retrieval" and epoch == cfg.unimodal_epochs - 1:
+                    # This unimodal model's embedding of EVERY train caption (also of rows without
+                    # the modality): the teacher similarities of the pseudo loss compare a video
+                    # with all the captions of a batch, in this model's own space.
+                    encoded = _encode_captions(phase.model, store, _splits(store, "train"), cfg, ctx)
                     table = torch.zeros(store.num_train, int(store.num_outputs))
-                    table[predicted["indices"]] = predicted["text"]
+                    table[encoded["indices"]] = encoded["text"]
                     self.text_embeddings[modality] = table
             self.save_checkpoint({
                 "stage": 1, "modalities_done": list(self.done), "bank": self.bank.state_dict(),
@@ -828,25 +856,35 @@ class _Run:
             self.log(record)
 
     def pseudo_targets(self, batch) -> Tensor:
-        """The batch's pseudo-labels (the paper's closest-to-ground-truth rule)."""
+        """The batch's pseudo-labels.
+
+        Classification and regression: ``(B, C)`` from the bank (the paper's
+        closest-to-ground-truth rule). Retrieval: ``(B, B)`` teacher similarities, row ``i``
+        the mean over the modalities ``m`` present in sample ``i`` of ``cos(p_i^m, t_j^m)``,
+        with ``p_i^m`` the bank's averaged video embedding of unimodal model ``m`` and ``t_j^m``
+        that same model's embedding of caption ``j``. Each cosine is measured in one unimodal
+        space and only similarities reach the loss
+        (:func:`~umilayers.losses.similarity_distillation_loss`), so the multimodal model is
+        never pulled towards embeddings of spaces foreign to its own text encoder, and the
+        teachers of several modalities can be averaged (their embeddings could not: each
+        unimodal model has its own text encoder). The average, like late fusion, was chosen over
+        the closest-to-ground-truth modality on the val split (docs/accuracy.rst).
+        """
         present = {m: v.cpu() for m, v in batch.present.items()}
         indices = batch.indices.cpu()
         if self.store.task != "retrieval":
             return self.bank.targets(indices, present, batch.targets.cpu(), device=self.ctx.device)
-        # Retrieval: each modality's pseudo embedding is compared with the caption embedding of
-        # that modality's own unimodal model (the spaces of two unimodal models differ).
-        out = torch.zeros(len(indices), int(self.store.num_outputs))
-        best = torch.full((len(indices),), -float("inf"))
+        total = torch.zeros(len(indices), len(indices))
+        count = torch.zeros(len(indices))
         for m, mask in present.items():
             rows = mask.nonzero().flatten()
             if rows.numel() == 0:
                 continue
             values = self.bank.targets(indices[rows], {m: torch.ones(rows.numel(), dtype=torch.bool)})
-            score = F.cosine_similarity(values, self.text_embeddings[m][indices[rows]], dim=-1)
-            better = score > best[rows]
-            out[rows[better]] = values[better]
-            best[rows[better]] = score[better]
-        return out.to(self.ctx.device)
+            captions = self.text_embeddings[m][indices]  # (B, E): every caption of the batch
+            total[rows] += F.normalize(values, dim=-1) @ F.normalize(captions, dim=-1).T  # (rows, B)
+            count[rows] += 1
+        return (total / count.clamp_min(1)[:, None]).to(self.ctx.device)
 
     # ------------------------------------------------------------------ stage 2
     def stage_multimodal(self) -> dict[str, Any]:
