@@ -139,3 +139,30 @@ def test_recipe_builds_teacher_similarities_in_each_unimodal_space(retrieval_sto
         if len(rows) > 1:  # differs from the single-teacher rows
             assert min(float((out[i] - r).abs().max()) for r in rows) > 1e-4
     assert out.abs().max() <= 1 + 1e-5
+
+
+def _worker(rank, world, port, store, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fit(store, "umi", out, dim=16, depth=1, heads=2, tokens=4, epochs=1, unimodal_epochs=1, pseudo_window=1,
+        batch_size=8, lr=1e-3, quiet=True, device="cpu")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_gathers_every_caption_embedding(retrieval_store, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, retrieval_store, str(tmp_path / "two")), nprocs=2, join=True)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+    tables = torch.load(tmp_path / "two" / "pseudo_labels" / "text_embeddings.pt")
+    for table in tables.values():  # rows of both ranks' shards, none left at zero
+        torch.testing.assert_close(table.norm(dim=-1), torch.ones(len(table)), atol=1e-4, rtol=0)
