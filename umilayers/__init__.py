@@ -21,6 +21,7 @@ from umilayers.losses import (
     classification_pseudo_loss,
     regression_loss,
     regression_pseudo_loss,
+    similarity_distillation_loss,
     triplet_loss,
 )
 from umilayers.model import LossOutput, UMIConfig, UMIOutput, UnseenModalityModel
@@ -49,6 +50,7 @@ __all__ = [
     "regression_loss",
     "regression_pseudo_loss",
     "triplet_loss",
+    "similarity_distillation_loss",
     # the model and the baselines
     "UnseenModalityModel",
     "UMIConfig",
