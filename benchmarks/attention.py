@@ -85,14 +85,14 @@ def equal_split(n: int, groups: int) -> list[int]:
     return [n // groups + (i < n % groups) for i in range(groups)]
 
 
-def dense_attend(q, k, v, group_sizes, backend=None, padding_mask=None):
+def dense_attend(q, k, v, group_sizes, key_padding_mask=None):
     """The obvious way: one boolean mask per batch row and head, (B, H, N, N), built per call."""
     b, h, n, _ = q.shape
     mask = block_mask(group_sizes, q.device).expand(b, h, n, n).contiguous()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def pyloop_attend(q, k, v, group_sizes, backend=None, padding_mask=None):
+def pyloop_attend(q, k, v, group_sizes, key_padding_mask=None):
     """The released code's way: attention over each group's slice, then concatenation."""
     outs = [
         F.scaled_dot_product_attention(qs, ks, vs)
@@ -101,6 +101,8 @@ def pyloop_attend(q, k, v, group_sizes, backend=None, padding_mask=None):
     return torch.cat(outs, dim=2)
 
 
+#: Ways of computing the attention that are not backends of the library: attention kernels
+#: (``umilayers.attention.AttentionKernel``) given to the layer as its ``backend``.
 BASELINES = {"dense": dense_attend, "pyloop": pyloop_attend}
 
 
@@ -123,16 +125,10 @@ def flops(b: int, n: int, d: int, mlp_ratio: float, group_sizes: list[int]) -> d
 
 
 def make_layer(method: str, args, group_sizes: list[int]) -> GroupMaskedTransformer:
-    layer = GroupMaskedTransformer(
+    return GroupMaskedTransformer(
         args.dim, args.depth, args.heads, mlp_ratio=args.mlp_ratio, group_sizes=group_sizes,
-        device=args.device, dtype=args.param_dtype,
+        backend=BASELINES.get(method, method), device=args.device, dtype=args.param_dtype,
     )
-    if method in BASELINES:
-        for block in layer.blocks:
-            block.attend = BASELINES[method]
-    else:
-        layer.backend = method
-    return layer
 
 
 def autocast(device: torch.device):

@@ -6,6 +6,17 @@ inside torch. Shape specs are tuples whose entries are an ``int`` (that size exa
 (any size) or a ``str`` (a named size: the first tensor that uses a name fixes it for the rest
 of the call, through the ``sizes`` dict the caller passes along).
 
+The checks of plain values (:func:`check_int`, :func:`check_number`, :func:`check_bool`,
+:func:`check_choice`, :func:`check_divides`) raise :class:`InvalidArgument` (a ``ValueError``)
+or :class:`InvalidArgumentType` (also a ``TypeError``). Both carry the argument's ``name`` and a
+``reason`` that may name other arguments, so one check serves Python callers and config fields
+(``epochs: expected an int >= 1, got 0``) and the command line, which renders the same error with
+its flags (``--epochs: expected an int >= 1, got 0``, see :meth:`InvalidArgument.message`).
+
+Checks that read tensor values back to the host (:func:`check_finite`, label ranges, ...) are a
+pipeline stall on a GPU: layers run them only when called with ``check_values=True``; data is
+checked once where it enters (the FeatureStore).
+
 Example::
 
     >>> import torch
@@ -17,27 +28,73 @@ Example::
     Traceback (most recent call last):
     ...
     ValueError: mask: expected shape (B=2, k_m=3), got (5, 3) (B is 2 from an earlier argument, got 5)
+    >>> err = InvalidArgument("heads", "must divide {dim}=256, got 3", refs=["dim"])
+    >>> str(err), err.message(lambda name: "--" + name)
+    ('heads: must divide dim=256, got 3', '--heads: must divide --dim=256, got 3')
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+import math
+import numbers
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ShapeSpec",
+    "InvalidArgument",
+    "InvalidArgumentType",
     "check_tensor",
     "check_bool_mask",
     "check_finite",
+    "check_int",
     "check_positive_int",
+    "check_number",
+    "check_bool",
     "check_choice",
+    "check_divides",
     "format_spec",
+    "format_indices",
 ]
 
 Dim = Union[int, str, None]
 ShapeSpec = Sequence[Dim]
+
+
+class InvalidArgument(ValueError):
+    """A bad argument, config field or command-line option.
+
+    Args:
+        name: the argument (or config field) whose value is wrong.
+        reason: what was expected and what was given; ``{other}`` stands for the name of another
+            argument listed in ``refs`` (rendered by :meth:`message`).
+        refs: the other arguments the reason mentions.
+
+    ``str(err)`` spells every name as Python does; the command line passes its own speller to
+    :meth:`message` (``heads`` -> ``--heads``).
+    """
+
+    def __init__(self, name: str, reason: str, refs: Sequence[str] = ()) -> None:
+        self.name = name
+        self.reason = reason
+        self.refs = tuple(refs)
+        super().__init__(self.message())
+
+    def message(self, spell: Callable[[str], str] = str) -> str:
+        """``"name: reason"`` with ``name`` and every name in ``refs`` passed through ``spell``."""
+        text = self.reason
+        for ref in self.refs:
+            text = text.replace("{" + ref + "}", spell(ref))
+        return f"{spell(self.name)}: {text}"
+
+    def __reduce__(self):  # picklable across processes (DataLoader workers, spawn)
+        return type(self), (self.name, self.reason, self.refs)
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """:class:`InvalidArgument` for a value of the wrong type (also a ``TypeError``)."""
 
 
 def format_spec(spec: ShapeSpec, sizes: Optional[Mapping[str, int]] = None) -> str:
@@ -124,15 +181,88 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
 
 
+def check_int(name: str, value: Any, minimum: Optional[int] = None, *, optional: bool = False) -> None:
+    """Raise unless ``value`` is an ``int`` (``bool`` is refused) of at least ``minimum``.
+
+    Example::
+
+        >>> check_int("epochs", 0, 1)
+        Traceback (most recent call last):
+        ...
+        umilayers._validation.InvalidArgument: epochs: expected an int >= 1, got 0
+    """
+    if optional and value is None:
+        return
+    wanted = "an int" + ("" if minimum is None else f" >= {minimum}") + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentType(name, f"expected {wanted}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(name, f"expected {wanted}, got {value}")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     """Raise unless ``value`` is an ``int`` greater than zero (``bool`` is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentType(name, f"expected a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
+        raise InvalidArgument(name, f"expected a positive int, got {value}")
+
+
+def check_number(name: str, value: Any, minimum: float = 0.0, *, strict: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number ``>= minimum`` (``> minimum`` if ``strict``).
+
+    Example::
+
+        >>> check_number("mlp_ratio", 0, strict=True)
+        Traceback (most recent call last):
+        ...
+        umilayers._validation.InvalidArgument: mlp_ratio: expected a number > 0, got 0
+    """
+    wanted = f"a number {'>' if strict else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentType(name, f"expected {wanted}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise InvalidArgument(name, f"expected {wanted}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a ``bool`` (``0``/``1`` are refused)."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentType(name, f"expected a bool, got {type(value).__name__} {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        raise InvalidArgument(name, f"expected one of {list(choices)}, got {value!r}")
+
+
+def check_divides(name: str, value: int, of: str, total: int) -> None:
+    """Raise unless ``value`` divides ``total`` (the argument ``of``): heads of a width, say.
+
+    Example::
+
+        >>> check_divides("heads", 3, "dim", 16)
+        Traceback (most recent call last):
+        ...
+        umilayers._validation.InvalidArgument: heads: must divide dim=16, got heads=3
+    """
+    if total % value:
+        raise InvalidArgument(name, f"must divide {{{of}}}={total}, got {{{name}}}={value}", refs=(of, name))
+
+
+def format_indices(indices: Iterable[Any], limit: int = 10) -> str:
+    """``[3, 8, 11, ...]``: the first ``limit`` of some row indices, for an error message.
+
+    Takes a tensor, a numpy array or any iterable of ints.
+
+    Example::
+
+        >>> format_indices(range(12), limit=3)
+        '[0, 1, 2, ...]'
+    """
+    if hasattr(indices, "tolist"):
+        indices = indices.tolist()
+    values = list(indices)
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return "[" + shown + (", ..." if len(values) > limit else "") + "]"

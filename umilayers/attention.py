@@ -24,7 +24,9 @@ Backends (see ``docs/attention.rst``):
 
 Selection: a backend other than ``"auto"`` given to the function or the module wins; otherwise
 the innermost :func:`attention_backend` context; otherwise the environment variable
-``UMILAYERS_ATTN_BACKEND``; otherwise automatic selection.
+``UMILAYERS_ATTN_BACKEND``; otherwise automatic selection. :func:`group_attention` validates and
+selects on every call; :class:`GroupMaskedTransformer` does both once per forward call, and its
+layers call the chosen kernel (:func:`resolve_kernel`) directly.
 
 A query whose group holds no unpadded key attends to nothing: its output is exactly zero, and
 no NaN reaches the gradients, in every backend.
@@ -37,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,9 @@ from torch import Tensor, nn
 from umilayers._validation import (
     check_bool_mask,
     check_choice,
+    check_divides,
+    check_int,
+    check_number,
     check_positive_int,
     check_tensor,
 )
@@ -55,9 +60,11 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "AttentionBackendError",
+    "AttentionKernel",
     "attention_backend",
     "backend_support",
     "select_backend",
+    "resolve_kernel",
     "group_attention",
     "block_mask",
     "check_group_sizes",
@@ -129,8 +136,7 @@ def check_group_sizes(group_sizes: Any, n: Optional[int] = None, name: str = "gr
     if not sizes:
         raise ValueError(f"{name}: expected at least one group, got an empty sequence")
     for i, size in enumerate(sizes):
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"{name}[{i}]: expected an int, got {type(size).__name__} {size!r}")
+        check_int(f"{name}[{i}]", size)
         if size < 1:
             raise ValueError(f"{name}[{i}]: expected a positive group size, got {size} (sizes {sizes})")
     if n is not None and sum(sizes) != n:
@@ -307,7 +313,11 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) ->
     return rearrange(out, "1 (b n) h d -> b h n d", b=batch)
 
 
-_IMPLEMENTATIONS = {
+#: What a backend name resolves to: ``kernel(q, k, v, group_sizes, key_padding_mask)``, with
+#: validated inputs of the shapes of :func:`group_attention`; it checks nothing.
+AttentionKernel = Callable[[Tensor, Tensor, Tensor, Sequence[int], Optional[Tensor]], Tensor]
+
+_IMPLEMENTATIONS: dict[str, AttentionKernel] = {
     "reference": _reference,
     "sdpa": _sdpa,
     "fold": _fold,
@@ -469,6 +479,26 @@ def select_backend(
     return requested
 
 
+def resolve_kernel(
+    backend: Union[str, AttentionKernel],
+    q: Tensor,
+    group_sizes: Sequence[int],
+    key_padding_mask: Optional[Tensor] = None,
+) -> AttentionKernel:
+    """The kernel that computes group attention for this input: ``backend`` itself when it is a
+    callable, else the implementation :func:`select_backend` picks.
+
+    Example::
+
+        >>> q = torch.randn(2, 4, 6, 8)
+        >>> resolve_kernel("auto", q, [3, 3])(q, q, q, [3, 3], None).shape
+        torch.Size([2, 4, 6, 8])
+    """
+    if callable(backend):
+        return backend
+    return _IMPLEMENTATIONS[select_backend(backend, q, group_sizes, key_padding_mask)]
+
+
 def _check_inputs(q, k, v, group_sizes, key_padding_mask) -> list[int]:
     sizes: dict[str, int] = {}
     check_tensor("q", q, ("B", "H", "N", "h"), sizes, floating=True)
@@ -514,8 +544,7 @@ def group_attention(
         torch.Size([2, 4, 6, 8])
     """
     group_sizes = _check_inputs(q, k, v, group_sizes, key_padding_mask)
-    name = select_backend(backend, q, group_sizes, key_padding_mask)
-    return _IMPLEMENTATIONS[name](q, k, v, group_sizes, key_padding_mask)
+    return resolve_kernel(backend, q, group_sizes, key_padding_mask)(q, k, v, group_sizes, key_padding_mask)
 
 
 # --------------------------------------------------------------------------- the module
@@ -535,16 +564,32 @@ class _Block(nn.Module):
             nn.Linear(dim, hidden, **factory), nn.GELU(), nn.Linear(hidden, dim, **factory)
         )
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, group_sizes, backend: str, padding_mask) -> Tensor:
-        # A method of its own so that benchmarks can swap in other ways of computing it.
-        return group_attention(q, k, v, group_sizes, backend, padding_mask)
-
-    def forward(self, x: Tensor, group_sizes, backend: str, padding_mask: Optional[Tensor]) -> Tensor:
+    def forward(
+        self, x: Tensor, kernel: AttentionKernel, group_sizes: Sequence[int], padding_mask: Optional[Tensor]
+    ) -> Tensor:
+        # The caller validated x and resolved the kernel once for all blocks.
         qkv = self.qkv(self.norm1(x))
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        attn = self.attend(q, k, v, group_sizes, backend, padding_mask)
+        attn = kernel(q, k, v, group_sizes, padding_mask)
         x = x + self.proj(rearrange(attn, "b h n d -> b n (h d)"))
         return x + self.mlp(self.norm2(x))
+
+
+class _Queries(NamedTuple):
+    """What backend selection reads of the queries (device, dtype, shape, grad), before they exist."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    requires_grad: bool
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the blocks' linear layers give for ``x``: autocast's when it is on."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class GroupMaskedTransformer(nn.Module):
@@ -554,7 +599,12 @@ class GroupMaskedTransformer(nn.Module):
     validated and stored in the plain attribute ``backend``, which a test may flip (for
     instance to ``"reference"``) to compare paths; with fixed ``group_sizes`` a backend that can
     never serve them (``fold`` with unequal groups) is refused at once. What depends on the input
-    (device, dtype, padding) is decided per call by :func:`select_backend`.
+    (device, dtype, padding) is decided once per call, by :func:`select_backend`, and every
+    layer then calls the chosen kernel directly (xformers' validate, dispatch, apply).
+
+    ``backend`` may also be an :data:`AttentionKernel`, a callable
+    ``kernel(q, k, v, group_sizes, key_padding_mask)`` used as is by every layer (timm's
+    ``Block(attn_layer=...)``): a benchmark passes the released code's attention this way.
 
     Args:
         dim: token width D.
@@ -563,7 +613,7 @@ class GroupMaskedTransformer(nn.Module):
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         groups: number of equal contiguous groups (N must be divisible by it); default 1.
         group_sizes: explicit group sizes instead of ``groups``.
-        backend: attention backend, one of :data:`BACKENDS`.
+        backend: attention backend, one of :data:`BACKENDS`, or an :data:`AttentionKernel`.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -591,22 +641,21 @@ class GroupMaskedTransformer(nn.Module):
         mlp_ratio: float = 2.0,
         groups: Optional[int] = None,
         group_sizes: Optional[Sequence[int]] = None,
-        backend: str = "auto",
+        backend: Union[str, AttentionKernel] = "auto",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
-        if dim % heads:
-            raise ValueError(f"heads: must divide dim={dim}, got heads={heads}")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio: expected a positive number, got {mlp_ratio}")
+        check_divides("heads", heads, "dim", dim)
+        check_number("mlp_ratio", mlp_ratio, strict=True)
         if groups is not None and group_sizes is not None:
             raise ValueError("give either groups or group_sizes, not both")
         if groups is not None:
             check_positive_int("groups", groups)
-        check_choice("backend", backend, BACKENDS)
+        if not callable(backend):
+            check_choice("backend", backend, BACKENDS)
         self.group_sizes = check_group_sizes(group_sizes) if group_sizes is not None else None
         self.groups = None if self.group_sizes is not None else (groups or 1)
         if backend == "fold" and self.group_sizes is not None and len(set(self.group_sizes)) > 1:
@@ -633,16 +682,31 @@ class GroupMaskedTransformer(nn.Module):
             raise ValueError(f"x: N={n} tokens cannot be split into groups={self.groups} equal groups")
         return [n // self.groups] * self.groups
 
+    def kernel(self, x: Tensor, group_sizes: Sequence[int], padding_mask: Optional[Tensor] = None) -> AttentionKernel:
+        """The attention kernel every layer uses for ``x`` (see :func:`resolve_kernel`).
+
+        Selection reads only the queries' device, dtype, shape ``(B, H, N, h)`` and whether they
+        need a gradient, all known from ``x`` before the first layer computes them.
+        """
+        if callable(self.backend):
+            return self.backend
+        batch, n, _ = x.shape
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.blocks[0].qkv.weight.requires_grad)
+        queries = _Queries(x.device, _compute_dtype(x), (batch, self.heads, n, self.dim // self.heads), grad)
+        return resolve_kernel(self.backend, queries, group_sizes, padding_mask)  # type: ignore[arg-type]
+
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         sizes: dict[str, int] = {}
         check_tensor("x", x, ("B", "N", self.dim), sizes, floating=True)
         if padding_mask is not None:
             check_bool_mask("padding_mask", padding_mask, ("B", "N"), sizes)
         group_sizes = self.resolve_group_sizes(x.shape[1])
+        kernel = self.kernel(x, group_sizes, padding_mask)
         for block in self.blocks:
-            x = block(x, group_sizes, self.backend, padding_mask)
+            x = block(x, kernel, group_sizes, padding_mask)
         return x
 
     def extra_repr(self) -> str:
         groups = f"group_sizes={self.group_sizes}" if self.group_sizes else f"groups={self.groups}"
-        return f"dim={self.dim}, heads={self.heads}, {groups}, backend={self.backend!r}"
+        backend = getattr(self.backend, "__name__", repr(self.backend)) if callable(self.backend) else repr(self.backend)
+        return f"dim={self.dim}, heads={self.heads}, {groups}, backend={backend}"
