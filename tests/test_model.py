@@ -1,3 +1,4 @@
+import functools
 import json
 
 import pytest
@@ -332,7 +333,8 @@ def test_bad_construction(kwargs, error, match):
 
 
 def test_bad_inputs_raise_clear_errors():
-    model = make_model()
+    # check_values=True adds the checks that read the masks' values; the rest run always.
+    model = functools.partial(make_model(), check_values=True)
     x = {"audio": torch.randn(2, 3, 4), "rgb": torch.randn(2, 5, 6)}
     with pytest.raises(ValueError, match=r"unknown modality \['depth'\]"):
         model({**x, "depth": torch.randn(2, 3, 1)})
@@ -363,13 +365,13 @@ def test_bad_loss_arguments():
         model.loss(out, torch.tensor([0, 1]))
     pseudo = pseudo_for("classification", 2)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        model.loss(out, torch.tensor([0, 5]), pseudo)
+        model.loss(out, torch.tensor([0, 5]), pseudo, check_values=True)
     with pytest.raises(TypeError, match="int64"):
         model.loss(out, torch.tensor([0.0, 1.0]), pseudo)
     with pytest.raises(ValueError, match="pseudo_targets: expected shape"):
         model.loss(out, torch.tensor([0, 1]), torch.rand(2, 4))
     with pytest.raises(ValueError, match="finite"):
-        model.loss(out, torch.tensor([0, 1]), torch.full((2, C), float("nan")))
+        model.loss(out, torch.tensor([0, 1]), torch.full((2, C), float("nan")), check_values=True)
     with pytest.raises(ValueError, match="targets: expected"):
         model.loss(out, torch.tensor([0, 1, 2]), pseudo)
 

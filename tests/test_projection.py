@@ -237,9 +237,9 @@ def test_all_padding_rows_raise_naming_the_rows():
     mask[1] = True
     mask[3] = True
     with pytest.raises(ValueError, match=r"padding_mask: every token is padding in 2 row\(s\) \[1, 3\]"):
-        proj(torch.randn(4, 3, IN_DIM), padding_mask=mask)
+        proj(torch.randn(4, 3, IN_DIM), padding_mask=mask, check_values=True)
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
-        PooledProjection(IN_DIM, OUT_DIM, 3)(torch.randn(4, 3, IN_DIM), padding_mask=mask)
+        PooledProjection(IN_DIM, OUT_DIM, 3)(torch.randn(4, 3, IN_DIM), padding_mask=mask, check_values=True)
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ def test_distillation_gradients_reach_video_and_text_and_empty_batch_backprops()
 )
 def test_distillation_validation_names_the_argument(args, match):
     with pytest.raises(ValueError, match=match):
-        similarity_distillation_loss(*args)
+        similarity_distillation_loss(*args, check_values=True)
 
 
 @pytest.mark.parametrize("temperature", [0, -1.0, True])

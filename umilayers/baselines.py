@@ -2,10 +2,12 @@
 
 Every model here takes the sub-batch layout of ``docs/contracts.md`` (``inputs[m]`` holds the
 rows that have m, ``present[m]`` says which) and returns a :class:`~umilayers.model.UMIOutput`
-with one branch; ``loss(output, targets, pseudo_targets=None, *, text_padding_mask=None)``
-returns a :class:`~umilayers.model.LossOutput` (``align`` and ``pseudo`` are 0: no baseline uses
-them, and ``pseudo_targets`` must be None — check ``model.needs_pseudo_labels``). So one
-training recipe serves them all; :func:`build_model` maps the recipe's method names to modules.
+with one branch; they are :class:`~umilayers.model.TaskModel`\ s, so
+``loss(output, targets, pseudo_targets=None, *, text_padding_mask=None)`` returns a
+:class:`~umilayers.model.LossOutput` (``align`` and ``pseudo`` are 0: no baseline uses them, and
+``pseudo_targets`` must be None — check ``model.needs_pseudo_labels``). So one training recipe
+serves them all; :func:`build_model` maps the recipe's method names (:data:`METHODS`) to modules,
+with the hyper-parameters of a :class:`~umilayers.model.ModelConfig`.
 
 Shape letters: ``B`` batch, ``B_m`` rows that have modality m, ``k_m`` its tokens, ``d_m`` its
 feature size, ``D`` width, ``C`` outputs, ``t`` caption tokens.
@@ -21,17 +23,20 @@ from torch import Tensor, nn
 
 from umilayers._validation import check_bool_mask, check_choice, check_positive_int
 from umilayers.attention import GroupMaskedTransformer
+from umilayers.fusion import sub_batch_rows
+from umilayers.losses import TASKS, TaskLoss
 from umilayers.model import (
-    TASKS,
     LossOutput,
+    ModelConfig,
+    TaskModel,
     TextEncoder,
     UMIOutput,
     UnseenModalityModel,
-    _check_targets,
+    _check_text_dim,
     check_batch,
     combine_branches,
     masked_mean,
-    supervised_term,
+    supervised_only,
 )
 
 __all__ = [
@@ -45,84 +50,25 @@ __all__ = [
     "model_from_spec",
 ]
 
+#: The recipe's methods, each a model :func:`build_model` makes.
 METHODS = ("umi", "late-fusion", "vanilla", "pooled", "unimodal")
+#: Predictors of the unimodal models; the first (mean-pooled tokens, linear head) is the paper's
+#: and the default.
 PREDICTORS = ("linear", "transformer")
 
 
-def _check_task(task: str, text_dim: Optional[int], require_text: bool = True) -> None:
-    check_choice("task", task, TASKS)
-    if text_dim is not None:
-        if task != "retrieval":
-            raise ValueError(f"text_dim: only used by task='retrieval', got text_dim={text_dim} for task={task!r}")
-        check_positive_int("text_dim", text_dim)
-    elif task == "retrieval" and require_text:
-        raise ValueError("text_dim: required for task='retrieval' (the caption feature size)")
+class _SupervisedOnly(TaskModel):
+    """Baselines whose loss is the supervised loss of their one branch."""
 
-
-def _refuse_pseudo(pseudo_targets: Optional[Tensor], name: str) -> None:
-    if pseudo_targets is not None:
-        raise ValueError(f"pseudo_targets: {name} has no pseudo branch and takes no pseudo-labels")
-
-
-class _BaselineMixin:
-    """Shared text side, loss checks and supervised-only loss of the baselines."""
-
-    task: str
-    num_outputs: int
-    text_dim: Optional[int]
-    margin: float
-    text_encoder: Optional[TextEncoder]
-
-    @property
-    def needs_pseudo_labels(self) -> bool:
-        """Always False: no baseline has a pseudo-label branch."""
-        return False
-
-    def encode_text(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """Caption token features ``(B, t, d_text)`` -> L2-normalised ``(B, E)`` (retrieval only)."""
-        if self.text_encoder is None:
-            raise RuntimeError(
-                f"encode_text: this model has no text side (task={self.task!r}, text_dim={self.text_dim})"
-            )
-        return self.text_encoder(text, text_padding_mask)
-
-    def _check_loss_args(self, output: UMIOutput, targets, pseudo_targets, text_padding_mask) -> int:
-        _refuse_pseudo(pseudo_targets, type(self).__name__)
-        batch = output.branch_outputs.shape[0]
-        _check_targets(self.task, targets, batch, self.num_outputs, self.text_dim)
-        if text_padding_mask is not None:
-            if self.task != "retrieval":
-                raise ValueError(f"text_padding_mask: only used by task='retrieval', this model is {self.task!r}")
-            check_bool_mask("text_padding_mask", text_padding_mask, (batch, targets.shape[1]))
-        return batch
-
-    def loss(
-        self,
-        output: UMIOutput,
-        targets: Tensor,
-        pseudo_targets: Optional[Tensor] = None,
-        *,
-        text_padding_mask: Optional[Tensor] = None,
+    def loss_terms(
+        self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
     ) -> LossOutput:
-        """Supervised loss only (CE / MSE / triplet).
-
-        Args:
-            output: this model's :meth:`forward` output.
-            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
-            pseudo_targets: must be None.
-            text_padding_mask: ``(B, t)`` caption padding (retrieval).
-        """
-        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
-        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
-        return _loss_output(supervised_term(self.task, output.branch_outputs[:, 0], targets, text_emb, self.margin))
+        """Supervised loss only (CE / MSE / triplet) of the one branch."""
+        text_emb = self.text_embeddings(targets, text_padding_mask)
+        return supervised_only(self.supervised_loss(output.branch_outputs[:, 0], targets, text_emb))
 
 
-def _loss_output(supervised: Tensor) -> LossOutput:
-    zero = supervised.new_zeros(())
-    return LossOutput(total=supervised, align=zero, supervised=supervised, pseudo=zero)
-
-
-class UnimodalModel(_BaselineMixin, nn.Module):
+class UnimodalModel(_SupervisedOnly):
     """One modality's tokens to a prediction: the unimodal baseline and stage 1 of the recipe.
 
     ``predictor="linear"`` (the paper's unimodal baseline): masked mean pool over the tokens,
@@ -171,12 +117,12 @@ class UnimodalModel(_BaselineMixin, nn.Module):
         in_dim: int,
         num_outputs: int,
         task: str = "classification",
-        predictor: str = "linear",
-        dim: int = 256,
+        predictor: str = PREDICTORS[0],
+        dim: int = ModelConfig.dim,
         depth: int = 2,
-        heads: int = 8,
+        heads: int = ModelConfig.heads,
         text_dim: Optional[int] = None,
-        margin: float = 0.2,
+        margin: float = ModelConfig.margin,
         device=None,
         dtype=None,
     ) -> None:
@@ -186,7 +132,8 @@ class UnimodalModel(_BaselineMixin, nn.Module):
         check_positive_int("in_dim", in_dim)
         check_positive_int("num_outputs", num_outputs)
         check_choice("predictor", predictor, PREDICTORS)
-        _check_task(task, text_dim, require_text=False)
+        check_choice("task", task, TASKS)
+        _check_text_dim(task, text_dim, required=False)
         factory = {"device": device, "dtype": dtype}
         self.modality, self.in_dim, self.num_outputs = modality, in_dim, num_outputs
         self.task, self.predictor, self.text_dim, self.margin = task, predictor, text_dim, margin
@@ -206,6 +153,7 @@ class UnimodalModel(_BaselineMixin, nn.Module):
             self.transformer = GroupMaskedTransformer(dim, depth, heads, groups=1, **factory)
             self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if text_dim is not None else None
+        self.task_loss = TaskLoss(task, margin)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-serialisable dict."""
@@ -234,8 +182,11 @@ class UnimodalModel(_BaselineMixin, nn.Module):
         inputs: Mapping[str, Tensor],
         padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
         present: Optional[Mapping[str, Tensor]] = None,
+        *,
+        check_values: bool = False,
     ) -> UMIOutput:
-        """Predict from this model's modality (every row must have it).
+        """Predict from this model's modality (every row must have it; ``check_values=True``
+        checks ``present`` says so, which reads it back to the host).
 
         Shape:
             - inputs[modality]: ``(B, k_m, d_m)``
@@ -252,7 +203,7 @@ class UnimodalModel(_BaselineMixin, nn.Module):
                 raise ValueError(f"present: expected a mapping with a mask for {m!r}")
             own_present = {m: present[m]}
             check_bool_mask(f"present[{m!r}]", present[m], (None,))
-            lacking = int((~present[m]).sum())
+            lacking = int((~present[m]).sum()) if check_values else 0
             if lacking:
                 raise ValueError(
                     f"present[{m!r}]: UnimodalModel({m!r}) needs the modality on every row; {lacking} of "
@@ -261,7 +212,7 @@ class UnimodalModel(_BaselineMixin, nn.Module):
         own_masks = None
         if padding_masks is not None and padding_masks.get(m) is not None:
             own_masks = {m: padding_masks[m]}
-        _, masks = check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim})
+        _, masks = check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, check_values=check_values)
         out = self.predict(inputs[m], None if own_masks is None else own_masks[m])
         branch = out[:, None]
         return UMIOutput(
@@ -272,8 +223,7 @@ class UnimodalModel(_BaselineMixin, nn.Module):
         )
 
 
-
-class LateFusion(_BaselineMixin, nn.Module):
+class LateFusion(TaskModel):
     """Late fusion: one :class:`UnimodalModel` per modality, predictions averaged per sample.
 
     Each member runs on (and is trained on) only the rows that have its modality; a sample's
@@ -317,19 +267,20 @@ class LateFusion(_BaselineMixin, nn.Module):
         modality_dims: Mapping[str, int],
         num_outputs: int,
         task: str = "classification",
-        predictor: str = "linear",
-        dim: int = 256,
+        predictor: str = PREDICTORS[0],
+        dim: int = ModelConfig.dim,
         depth: int = 2,
-        heads: int = 8,
+        heads: int = ModelConfig.heads,
         text_dim: Optional[int] = None,
-        margin: float = 0.2,
+        margin: float = ModelConfig.margin,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         if not isinstance(modality_dims, Mapping) or not modality_dims:
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
-        _check_task(task, text_dim)
+        check_choice("task", task, TASKS)
+        _check_text_dim(task, text_dim)
         self.modality_dims = {m: modality_dims[m] for m in sorted(modality_dims)}
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
         self.hparams = {
@@ -345,6 +296,7 @@ class LateFusion(_BaselineMixin, nn.Module):
             }
         )
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
+        self.task_loss = TaskLoss(task, margin)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-serialisable dict."""
@@ -355,8 +307,11 @@ class LateFusion(_BaselineMixin, nn.Module):
         inputs: Mapping[str, Tensor],
         padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
         present: Optional[Mapping[str, Tensor]] = None,
+        *,
+        check_values: bool = False,
     ) -> UMIOutput:
-        """Average of the unimodal predictions over the modalities each sample has.
+        """Average of the unimodal predictions over the modalities each sample has
+        (``check_values``: see :func:`~umilayers.model.check_batch`).
 
         Shape:
             - inputs[m]: ``(B_m, k_m, d_m)``
@@ -364,7 +319,7 @@ class LateFusion(_BaselineMixin, nn.Module):
             - present[m]: ``(B,)``
             - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``; modality_outputs[m]: ``(B_m, C)``
         """
-        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims)
+        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
         padding_masks = padding_masks or {}
         outputs = {
             m: self.members[m].predict(inputs[m], padding_masks.get(m)) for m in masks if inputs[m].shape[0] > 0
@@ -373,7 +328,7 @@ class LateFusion(_BaselineMixin, nn.Module):
         total = first.new_zeros(batch, self.num_outputs)
         count = first.new_zeros(batch, 1)
         for m, out in outputs.items():
-            rows = masks[m].nonzero().flatten()
+            rows = sub_batch_rows(masks[m], out.shape[0])[0]
             value = out.softmax(dim=-1) if self.task == "classification" else out
             total = total.index_add(0, rows, value)
             count = count.index_add(0, rows, torch.ones_like(out[:, :1]))
@@ -387,33 +342,20 @@ class LateFusion(_BaselineMixin, nn.Module):
             branch = prediction = mean
         return UMIOutput(prediction=prediction, branch_outputs=branch[:, None], present=masks, modality_outputs=outputs)
 
-    def loss(
-        self,
-        output: UMIOutput,
-        targets: Tensor,
-        pseudo_targets: Optional[Tensor] = None,
-        *,
-        text_padding_mask: Optional[Tensor] = None,
+    def loss_terms(
+        self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
     ) -> LossOutput:
-        """Mean over modalities of each member's supervised loss on the rows having it.
-
-        Args:
-            output: this model's :meth:`forward` output.
-            targets: ``(B,)`` labels, ``(B, C)`` values, or ``(B, t, d_text)`` caption features.
-            pseudo_targets: must be None.
-            text_padding_mask: ``(B, t)`` caption padding (retrieval).
-        """
-        self._check_loss_args(output, targets, pseudo_targets, text_padding_mask)
-        text_emb = self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        """Mean over modalities of each member's supervised loss on the rows having it."""
+        text_emb = self.text_embeddings(targets, text_padding_mask)
         terms = []
         for m, out in output.modality_outputs.items():
-            rows = output.present[m]
+            rows = sub_batch_rows(output.present[m], out.shape[0])[0]
             sub_text = text_emb[rows] if text_emb is not None else None
-            terms.append(supervised_term(self.task, out, targets[rows], sub_text, self.margin))
-        return _loss_output(torch.stack(terms).mean())
+            terms.append(self.supervised_loss(out, targets[rows], sub_text))
+        return supervised_only(torch.stack(terms).mean())
 
 
-class VanillaTransformer(_BaselineMixin, nn.Module):
+class VanillaTransformer(_SupervisedOnly):
     """Early-fusion transformer with learned tokens for missing modalities (Gabeur et al. style).
 
     Each modality's tokens are mapped by ``Linear(d_m, D)`` and get a learned modality
@@ -459,20 +401,21 @@ class VanillaTransformer(_BaselineMixin, nn.Module):
         modality_dims: Mapping[str, int],
         num_outputs: int,
         task: str = "classification",
-        dim: int = 256,
-        depth: int = 6,
-        heads: int = 8,
+        dim: int = ModelConfig.dim,
+        depth: int = ModelConfig.fusion_depth,
+        heads: int = ModelConfig.heads,
         missing_tokens: Union[int, Mapping[str, int]] = 1,
-        mlp_ratio: float = 2.0,
+        mlp_ratio: float = ModelConfig.mlp_ratio,
         text_dim: Optional[int] = None,
-        margin: float = 0.2,
+        margin: float = ModelConfig.margin,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         if not isinstance(modality_dims, Mapping) or not modality_dims:
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
-        _check_task(task, text_dim)
+        check_choice("task", task, TASKS)
+        _check_text_dim(task, text_dim)
         for name, value in (("num_outputs", num_outputs), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
         names = sorted(modality_dims)
@@ -502,6 +445,7 @@ class VanillaTransformer(_BaselineMixin, nn.Module):
         self.transformer = GroupMaskedTransformer(dim, depth, heads, mlp_ratio, groups=1, **factory)
         self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
+        self.task_loss = TaskLoss(task, margin)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-serialisable dict."""
@@ -512,7 +456,7 @@ class VanillaTransformer(_BaselineMixin, nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(B, L_m, D)`` tokens and ``(B, L_m)`` padding: embedded rows where m is present, learned ones elsewhere."""
         missing = self.missing[m]
-        rows_have, rows_miss = have.nonzero().flatten(), (~have).nonzero().flatten()
+        rows_have, rows_miss = sub_batch_rows(have, 0 if x is None else x.shape[0])
         k_in = x.shape[1] if x is not None and rows_have.numel() else 0
         k_miss = missing.shape[0] if rows_miss.numel() else 0
         length = max(k_in, k_miss)
@@ -537,8 +481,11 @@ class VanillaTransformer(_BaselineMixin, nn.Module):
         inputs: Mapping[str, Tensor],
         padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
         present: Optional[Mapping[str, Tensor]] = None,
+        *,
+        check_values: bool = False,
     ) -> UMIOutput:
-        """Fuse all modalities early; learned tokens stand in for the missing ones.
+        """Fuse all modalities early; learned tokens stand in for the missing ones
+        (``check_values``: see :func:`~umilayers.model.check_batch`).
 
         Shape:
             - inputs[m]: ``(B_m, k_m, d_m)``
@@ -546,7 +493,7 @@ class VanillaTransformer(_BaselineMixin, nn.Module):
             - present[m]: ``(B,)``
             - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``
         """
-        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims)
+        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
         padding_masks = padding_masks or {}
         device = next(iter(masks.values())).device
         sequences = [self.readout.expand(batch, -1, -1)]
@@ -581,34 +528,34 @@ def build_model(
     num_outputs: int,
     task: str = "classification",
     *,
-    modality_tokens: Optional[Mapping[str, int]] = None,
+    config: Optional[ModelConfig] = None,
     text_dim: Optional[int] = None,
-    dim: Optional[int] = None,
-    depth: Optional[int] = None,
-    heads: Optional[int] = None,
-    num_tokens: Optional[int] = None,
+    modality_tokens: Optional[Mapping[str, int]] = None,
+    modality: Optional[str] = None,
+    predictor: str = PREDICTORS[0],
     device=None,
     dtype=None,
-    **kwargs: Any,
-) -> nn.Module:
+    **hyperparameters: Any,
+) -> TaskModel:
     """Build the model of one of the recipe's methods (:data:`METHODS`).
 
-    - ``"umi"``: :class:`~umilayers.model.UnseenModalityModel`; ``depth`` sets both
-      ``projection_depth`` and ``fusion_depth`` (unless given in ``kwargs``).
-    - ``"pooled"``: the same with ``projection="pooled"``.
-    - ``"late-fusion"``: :class:`LateFusion`.
-    - ``"vanilla"``: :class:`VanillaTransformer`; ``missing_tokens`` defaults to
-      ``modality_tokens`` (the store's token counts) when given.
-    - ``"unimodal"``: :class:`UnimodalModel` of ``kwargs["modality"]`` (optional when there is
-      one modality).
+    The hyper-parameters are a :class:`~umilayers.model.ModelConfig` (``config``, with any of its
+    fields overridden by keyword: ``dim=16, fusion_depth=2, ...``); each model takes the ones it
+    has:
 
-    The shared hyper-parameters (``dim``, ``depth``, ``heads``, ``num_tokens``) are passed only
-    to the models that have them and left at each model's default when None; anything in
-    ``kwargs`` goes to the constructor as is (an unknown name is a ``TypeError`` from it).
+    - ``"umi"``: :class:`~umilayers.model.UnseenModalityModel` with every field.
+    - ``"pooled"``: the same with ``projection="pooled"``.
+    - ``"late-fusion"``: :class:`LateFusion` with ``predictor``; ``dim``, ``heads``, ``margin``,
+      and ``depth = projection_depth`` (at least 1) for a transformer predictor.
+    - ``"vanilla"``: :class:`VanillaTransformer` with ``dim``, ``heads``, ``mlp_ratio``,
+      ``margin`` and ``depth = fusion_depth``; ``missing_tokens`` is ``modality_tokens`` (the
+      store's token counts) when given.
+    - ``"unimodal"``: :class:`UnimodalModel` of ``modality`` (optional when there is one),
+      like a late-fusion member.
 
     Example::
 
-        >>> model = build_model("vanilla", {"rgb": 12, "audio": 6}, num_outputs=5, dim=16, depth=1, heads=2)
+        >>> model = build_model("vanilla", {"rgb": 12, "audio": 6}, num_outputs=5, dim=16, fusion_depth=1, heads=2)
         >>> type(model).__name__, model.needs_pseudo_labels
         ('VanillaTransformer', False)
         >>> spec = model_spec(model)
@@ -616,35 +563,28 @@ def build_model(
         'VanillaTransformer'
     """
     check_choice("method", method, METHODS)
+    hp = (config or ModelConfig()).replace(**hyperparameters)
     factory = {"device": device, "dtype": dtype}
-    shared = {k: v for k, v in (("dim", dim), ("heads", heads)) if v is not None}
     if method in ("umi", "pooled"):
-        if depth is not None:
-            kwargs.setdefault("projection_depth", depth)
-            kwargs.setdefault("fusion_depth", depth)
-        if num_tokens is not None:
-            shared["num_tokens"] = num_tokens
-        if method == "pooled":
-            kwargs["projection"] = "pooled"
-        return UnseenModalityModel(modality_dims, num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory)
-    if depth is not None:
-        shared["depth"] = depth
-    if method == "late-fusion":
-        return LateFusion(modality_dims, num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory)
+        projection = "pooled" if method == "pooled" else "feature"
+        return UnseenModalityModel(modality_dims, num_outputs, task, text_dim=text_dim, projection=projection,
+                                   **hp.to_dict(), **factory)
+    shared = {"dim": hp.dim, "heads": hp.heads, "margin": hp.margin, "text_dim": text_dim}
     if method == "vanilla":
-        if modality_tokens is not None:
-            kwargs.setdefault("missing_tokens", dict(modality_tokens))
-        return VanillaTransformer(modality_dims, num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory)
-    modality = kwargs.pop("modality", None)
+        missing = {} if modality_tokens is None else {"missing_tokens": dict(modality_tokens)}
+        return VanillaTransformer(modality_dims, num_outputs, task, depth=hp.fusion_depth, mlp_ratio=hp.mlp_ratio,
+                                  **missing, **shared, **factory)
+    predictor_depth = {"depth": max(1, hp.projection_depth)} if predictor == "transformer" else {}
+    if method == "late-fusion":
+        return LateFusion(modality_dims, num_outputs, task, predictor, **predictor_depth, **shared, **factory)
     if modality is None:
         if len(modality_dims) != 1:
             raise ValueError(f"modality: method 'unimodal' needs one of {sorted(modality_dims)}")
         modality = next(iter(modality_dims))
     if modality not in modality_dims:
         raise ValueError(f"modality: unknown modality {modality!r}; known {sorted(modality_dims)}")
-    return UnimodalModel(
-        modality, modality_dims[modality], num_outputs, task, text_dim=text_dim, **shared, **kwargs, **factory
-    )
+    return UnimodalModel(modality, modality_dims[modality], num_outputs, task, predictor,
+                         **predictor_depth, **shared, **factory)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

@@ -11,7 +11,9 @@ samples that have it. With ``present[m]`` a ``(B,)`` bool mask, ``features[m]`` 
   even if they hold NaN).
 
 Without ``present``, every modality covers the whole batch. A sample with no modality at all is
-an error, never a silent zero.
+an error (with ``check_values=True``, which reads the masks back to the host), never a silent
+zero. :func:`fuse_rows` is the unchecked kernel for callers that validated the batch already
+(:class:`~umilayers.model.UnseenModalityModel` checks its batch once, at its own boundary).
 """
 
 from __future__ import annotations
@@ -21,16 +23,28 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from umilayers._validation import check_bool_mask, check_tensor
+from umilayers._validation import check_bool_mask, check_tensor, format_indices
 
-__all__ = ["CommonSpaceSum", "common_space_sum", "modality_counts"]
+__all__ = ["CommonSpaceSum", "common_space_sum", "fuse_rows", "modality_counts", "sub_batch_rows"]
 
 FusionOutput = Union[Tensor, tuple[Tensor, Tensor]]
 
 
-def _rows(indices: Tensor, limit: int = 10) -> str:
-    rows = indices.flatten().tolist()
-    return "[" + ", ".join(str(r) for r in rows[:limit]) + (", ..." if len(rows) > limit else "") + "]"
+def sub_batch_rows(present: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The rows that have a modality and the rows that lack it, as ``(B,)`` index tensors.
+
+    ``count`` is ``present.sum()``, known from the sub-batch's shape (``inputs[m].shape[0]``), so
+    nothing is read back to the host (``present.nonzero()`` would wait for the device). Both
+    index sets are ascending: the first is the sub-batch's rows in batch order.
+
+    Example::
+
+        >>> import torch
+        >>> sub_batch_rows(torch.tensor([False, True, False, True]), 2)
+        (tensor([1, 3]), tensor([0, 2]))
+    """
+    order = torch.argsort(present.to(torch.int8), descending=True, stable=True)
+    return order[:count], order[count:]
 
 
 def _check_features(features: Mapping[str, Tensor]) -> list[str]:
@@ -61,7 +75,7 @@ def _check_features(features: Mapping[str, Tensor]) -> list[str]:
 
 
 def _check_present(
-    features: Mapping[str, Tensor], present: Mapping[str, Tensor], names: list[str]
+    features: Mapping[str, Tensor], present: Mapping[str, Tensor], names: list[str], check_values: bool
 ) -> tuple[int, dict[str, Tensor]]:
     """Validate ``present``; return the batch size and the masks of the featured modalities."""
     if not isinstance(present, Mapping):
@@ -80,6 +94,8 @@ def _check_present(
     batch = sizes["B"]
     device = features[names[0]].device
     masks = {name: present[name].to(device) for name in names}
+    if not check_values:
+        return batch, masks
     for name in sorted(present):
         if name not in features and bool(present[name].any()):
             raise ValueError(
@@ -121,10 +137,41 @@ def modality_counts(
     return torch.stack([present[n].to(device) for n in names]).sum(dim=0)
 
 
+def fuse_rows(features: Mapping[str, Tensor], present: Mapping[str, Tensor], batch_size: int) -> Tensor:
+    """:func:`common_space_sum` without any check: the kernel for callers that validated already.
+
+    ``features[m]`` holds the ``present[m].sum()`` rows that have m, or all ``batch_size`` rows
+    (absent rows then ignored); every row has at least one modality. Modalities are summed in
+    sorted order.
+
+    Example::
+
+        >>> import torch
+        >>> present = {"rgb": torch.tensor([True, False]), "audio": torch.tensor([True, True])}
+        >>> fuse_rows({"rgb": torch.ones(1, 2, 3), "audio": torch.ones(2, 2, 3)}, present, 2)[:, 0, 0]
+        tensor([2., 1.])
+    """
+    out: Optional[Tensor] = None
+    for name in sorted(features):
+        t, mask = features[name], present[name]
+        if t.shape[0] == batch_size:
+            # Full-batch tensor: absent rows are dropped (where, not multiply, so NaN there is ignored).
+            zero = torch.zeros((), dtype=t.dtype, device=t.device)
+            contribution = torch.where(mask[:, None, None], t, zero)
+            out = contribution if out is None else out + contribution
+        else:
+            base = out if out is not None else t.new_zeros((batch_size,) + tuple(t.shape[1:]))
+            out = base.index_add(0, sub_batch_rows(mask, t.shape[0])[0], t)
+    assert out is not None, "features: expected at least one modality"
+    return out
+
+
 def common_space_sum(
     features: Mapping[str, Tensor],
     present: Optional[Mapping[str, Tensor]] = None,
     return_count: bool = False,
+    *,
+    check_values: bool = False,
 ) -> FusionOutput:
     """Functional form of :class:`CommonSpaceSum` (same arguments, same result).
 
@@ -153,26 +200,16 @@ def common_space_sum(
             return out, torch.full((batch,), len(names), dtype=torch.int64, device=first.device)
         return out
 
-    batch, masks = _check_present(features, present, names)
+    batch, masks = _check_present(features, present, names, check_values)
     counts = torch.stack([masks[n] for n in names]).sum(dim=0)
-    absent = counts == 0
-    if bool(absent.any()):
-        raise ValueError(
-            f"present: {int(absent.sum())} row(s) have no modality in features {names}: "
-            f"rows {_rows(absent.nonzero())}"
-        )
-    out: Optional[Tensor] = None
-    for name in names:
-        t, mask = features[name], masks[name]
-        if t.shape[0] == batch:
-            # Full-batch tensor: absent rows are dropped (where, not multiply, so NaN there is ignored).
-            zero = torch.zeros((), dtype=t.dtype, device=t.device)
-            contribution = torch.where(mask[:, None, None], t, zero)
-            out = contribution if out is None else out + contribution
-        else:
-            base = out if out is not None else t.new_zeros((batch,) + tuple(t.shape[1:]))
-            out = base.index_add(0, mask.nonzero().flatten(), t)
-    assert out is not None
+    if check_values:
+        absent = counts == 0
+        if bool(absent.any()):
+            raise ValueError(
+                f"present: {int(absent.sum())} row(s) have no modality in features {names}: "
+                f"rows {format_indices(absent.nonzero().flatten())}"
+            )
+    out = fuse_rows(features, masks, batch)
     return (out, counts) if return_count else out
 
 
@@ -186,8 +223,9 @@ class CommonSpaceSum(nn.Module):
     full ``B`` rows (absent rows then ignored). No parameters.
 
     Raises:
-        ValueError: empty mapping; mismatched ``K``/``D``, devices or mask lengths; row counts
-            that match neither ``present[m].sum()`` nor ``B``; rows without any modality (named).
+        ValueError: empty mapping; mismatched ``K``/``D``, devices or mask lengths; with
+            ``check_values=True`` (which reads the masks back to the host) also row counts that
+            match neither ``present[m].sum()`` nor ``B`` and rows without any modality (named).
         TypeError: non-tensor values, non-bool masks or mismatched dtypes.
 
     Shape:
@@ -212,6 +250,8 @@ class CommonSpaceSum(nn.Module):
         features: Mapping[str, Tensor],
         present: Optional[Mapping[str, Tensor]] = None,
         return_count: bool = False,
+        *,
+        check_values: bool = False,
     ) -> FusionOutput:
         """Sum the modalities' features per sample.
 
@@ -219,10 +259,11 @@ class CommonSpaceSum(nn.Module):
             features: modality name -> ``(B_m, K, D)`` projected features.
             present: modality name -> ``(B,)`` bool, True where the sample has the modality.
             return_count: also return the number of modalities per row.
+            check_values: also check the masks against the features' rows (host reads).
 
         Shape:
             - features[m]: ``(B_m, K, D)``
             - present[m]: ``(B,)``
             - output: ``(B, K, D)``; count ``(B,)``
         """
-        return common_space_sum(features, present, return_count)
+        return common_space_sum(features, present, return_count, check_values=check_values)

@@ -16,9 +16,12 @@ The training objective of the paper is ``L = lambda * L_align + L_supervised + a
   which does not need the two embedding spaces to be the same);
 - :class:`TaskLoss` dispatches supervised and pseudo losses per task for the model.
 
-Every function checks its inputs at the boundary (shapes, label ranges, NaN/inf) and raises a
-``ValueError``/``TypeError`` naming the argument. An empty batch (``B = 0``) gives a zero that
-is still connected to the inputs' graph, so ``backward()`` works and adds zero gradients.
+Every function checks its inputs at the boundary (types, shapes) and raises a
+``ValueError``/``TypeError`` naming the argument; with ``check_values=True`` it also checks what
+needs the values (label ranges, NaN/inf, negative probabilities), which reads them back to the
+host (a pipeline stall on a GPU, so off by default: the training recipe checks its data once,
+in the FeatureStore). An empty batch (``B = 0``) gives a zero that is still connected to the
+inputs' graph, so ``backward()`` works and adds zero gradients.
 
 Shape letters: ``B`` batch, ``K`` tokens, ``D`` width, ``C`` classes or outputs, ``E`` embedding
 size.
@@ -32,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from umilayers._validation import check_choice, check_finite, check_positive_int, check_tensor
+from umilayers._validation import (
+    check_choice,
+    check_finite,
+    check_number,
+    check_positive_int,
+    check_tensor,
+)
 
 __all__ = [
     "ASSIGNMENTS",
@@ -66,11 +75,11 @@ def _zero_like_graph(*tensors: Tensor) -> Tensor:
     return sum(_acc(t.sum() * 0.0) for t in tensors)  # type: ignore[return-value]
 
 
-def _check_labels(name: str, labels, size: int, num: int, what: str) -> None:
+def _check_labels(name: str, labels, size: int, num: int, what: str, check_values: bool) -> None:
     check_tensor(name, labels, ("B",), {"B": size})
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
         raise TypeError(f"{name}: expected an integer tensor, got dtype {labels.dtype}")
-    if labels.numel() == 0:
+    if not check_values or labels.numel() == 0:
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num:
@@ -81,7 +90,13 @@ def _check_labels(name: str, labels, size: int, num: int, what: str) -> None:
         )
 
 
-def _mean_feature(features: Tensor, tokens: Tensor) -> Tensor:
+def _check_finite(check_values: bool, **tensors: Tensor) -> None:
+    if check_values:
+        for name, t in tensors.items():
+            check_finite(name, t)
+
+
+def _mean_feature(features: Tensor, tokens: Tensor, check_values: bool) -> Tensor:
     """Check ``features`` against ``tokens``; return the per-sample mean ``(B, D)`` (see _acc)."""
     check_tensor("tokens", tokens, ("n_u", "D"), floating=True)
     sizes = {"D": int(tokens.shape[1])}
@@ -90,17 +105,17 @@ def _mean_feature(features: Tensor, tokens: Tensor) -> Tensor:
         check_tensor("features", features, ("B", "K", "D"), sizes)
     else:
         check_tensor("features", features, ("B", "D"), sizes)
-    check_finite("features", features)
-    check_finite("tokens", tokens)
+    _check_finite(check_values, features=features, tokens=tokens)
     return _acc(features).mean(1) if features.dim() == 3 else _acc(features)
 
 
-def assign_tokens(features: Tensor, tokens: Tensor) -> Tensor:
+def assign_tokens(features: Tensor, tokens: Tensor, *, check_values: bool = False) -> Tensor:
     """Index of the nearest token (squared Euclidean distance) for each sample's mean feature.
 
     Args:
         features: ``(B, K, D)`` projected features, or ``(B, D)`` means.
         tokens: ``(n_u, D)`` alignment tokens.
+        check_values: also refuse NaN/inf (reads the values back to the host).
 
     Returns:
         ``(B,)`` int64 indices into ``tokens``; ties go to the lowest index.
@@ -110,7 +125,7 @@ def assign_tokens(features: Tensor, tokens: Tensor) -> Tensor:
         - tokens: ``(n_u, D)``
         - output: ``(B,)``
     """
-    mean = _mean_feature(features, tokens)
+    mean = _mean_feature(features, tokens, check_values)
     with torch.no_grad():
         return _nearest(mean, _acc(tokens))
 
@@ -126,6 +141,8 @@ def alignment_loss(
     tokens: Tensor,
     labels: Optional[Tensor] = None,
     assign: str = "label",
+    *,
+    check_values: bool = False,
 ) -> Tensor:
     """Feature alignment loss (Eq. 1): squared distance of each mean feature to its token.
 
@@ -141,13 +158,14 @@ def alignment_loss(
         tokens: ``(n_u, D)`` alignment tokens.
         labels: ``(B,)`` integer class labels in ``[0, n_u)``; required for ``"label"``.
         assign: ``"label"`` or ``"nearest"``.
+        check_values: also refuse NaN/inf and labels out of range (reads values back to the host).
 
     Returns:
         A scalar. For ``B = 0`` a zero connected to the graph of both inputs.
 
     Raises:
-        ValueError: wrong shapes (naming the argument), NaN/inf in ``features`` or ``tokens``,
-            ``assign="label"`` without labels, labels out of ``[0, n_u)``.
+        ValueError: wrong shapes (naming the argument), ``assign="label"`` without labels; with
+            ``check_values``, NaN/inf in ``features`` or ``tokens`` and labels out of ``[0, n_u)``.
 
     Shape:
         - features: ``(B, K, D)`` or ``(B, D)``
@@ -156,12 +174,12 @@ def alignment_loss(
         - output: ``()``
     """
     check_choice("assign", assign, ASSIGNMENTS)
-    mean = _mean_feature(features, tokens)
+    mean = _mean_feature(features, tokens, check_values)
     num_tokens = int(tokens.shape[0])
     if assign == "label":
         if labels is None:
             raise ValueError('labels: required when assign="label", got None')
-        _check_labels("labels", labels, int(mean.shape[0]), num_tokens, "one token per class")
+        _check_labels("labels", labels, int(mean.shape[0]), num_tokens, "one token per class", check_values)
         index = labels.to(device=tokens.device, dtype=torch.long)
     else:
         with torch.no_grad():
@@ -235,7 +253,7 @@ class AlignmentLoss(nn.Module):
         """Index of each sample's nearest token (squared Euclidean distance), ``(B,)`` int64."""
         return assign_tokens(features, self.tokens)
 
-    def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, check_values: bool = False) -> Tensor:
         """Alignment loss of ``features`` to the tokens (see :func:`alignment_loss`).
 
         Shape:
@@ -243,7 +261,7 @@ class AlignmentLoss(nn.Module):
             - labels: ``(B,)``
             - output: ``()``
         """
-        return alignment_loss(features, self.tokens, labels, assign=self.assignment)
+        return alignment_loss(features, self.tokens, labels, assign=self.assignment, check_values=check_values)
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, dim={self.dim}, assign={self.assignment!r}"
@@ -252,13 +270,15 @@ class AlignmentLoss(nn.Module):
 # ----------------------------------------------------------------------------- task losses
 
 
-def _check_logits(name: str, logits: Tensor, sizes: dict) -> None:
+def _check_logits(name: str, logits: Tensor, sizes: dict, check_values: bool) -> None:
     check_tensor(name, logits, ("B", "C"), sizes, floating=True)
-    check_finite(name, logits)
+    _check_finite(check_values, **{name: logits})
 
 
-def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def classification_loss(logits: Tensor, labels: Tensor, *, check_values: bool = False) -> Tensor:
     """Cross-entropy of ``logits`` against integer ``labels`` (mean over the batch).
+
+    ``check_values=True`` also refuses NaN/inf logits and labels outside ``[0, C)``.
 
     Shape:
         - logits: ``(B, C)``
@@ -266,20 +286,21 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
         - output: ``()``
     """
     sizes: dict = {}
-    _check_logits("logits", logits, sizes)
-    _check_labels("labels", labels, sizes["B"], sizes["C"], "class indices")
+    _check_logits("logits", logits, sizes, check_values)
+    _check_labels("labels", labels, sizes["B"], sizes["C"], "class indices", check_values)
     if sizes["B"] == 0:
         return _zero_like_graph(logits)
     return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long))
 
 
-def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor) -> Tensor:
+def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, check_values: bool = False) -> Tensor:
     """``KL(pseudo || softmax(logits))`` summed over classes, averaged over the batch.
 
     The paper's pseudo-label loss for classification. ``pseudo_probs`` are the averaged
     unimodal softmax outputs of :class:`umilayers.PseudoLabelBank`; they must be non-negative
     but need not sum exactly to 1 (a float16 bank rounds them; see its error bound). Zero
-    entries contribute zero (``0 log 0 = 0``).
+    entries contribute zero (``0 log 0 = 0``). ``check_values=True`` refuses NaN/inf and negative
+    entries.
 
     Shape:
         - logits: ``(B, C)``
@@ -287,10 +308,10 @@ def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor) -> Tensor:
         - output: ``()``
     """
     sizes: dict = {}
-    _check_logits("logits", logits, sizes)
+    _check_logits("logits", logits, sizes, check_values)
     check_tensor("pseudo_probs", pseudo_probs, ("B", "C"), sizes, floating=True)
-    check_finite("pseudo_probs", pseudo_probs)
-    if pseudo_probs.numel() and float(pseudo_probs.min()) < 0:
+    _check_finite(check_values, pseudo_probs=pseudo_probs)
+    if check_values and pseudo_probs.numel() and float(pseudo_probs.min()) < 0:
         raise ValueError(
             f"pseudo_probs: expected probabilities >= 0, got min {float(pseudo_probs.min()):.4g}"
         )
@@ -300,30 +321,31 @@ def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor) -> Tensor:
     return F.kl_div(log_q, pseudo_probs.to(logits.device, log_q.dtype), reduction="batchmean")
 
 
-def _mse(pred: Tensor, target_name: str, target: Tensor) -> Tensor:
+def _mse(pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> Tensor:
     sizes: dict = {}
     check_tensor("pred", pred, ("B", "C"), sizes, floating=True)
     check_tensor(target_name, target, ("B", "C"), sizes, floating=True)
-    check_finite("pred", pred)
-    check_finite(target_name, target)
+    _check_finite(check_values, pred=pred, **{target_name: target})
     if sizes["B"] == 0:
         return _zero_like_graph(pred, target)
     pred = _acc(pred)
     return F.mse_loss(pred, target.to(pred.device, pred.dtype))
 
 
-def regression_loss(pred: Tensor, target: Tensor) -> Tensor:
+def regression_loss(pred: Tensor, target: Tensor, *, check_values: bool = False) -> Tensor:
     """Mean squared error (the paper's "L2" loss), averaged over every element.
+
+    ``check_values=True`` also refuses NaN/inf.
 
     Shape:
         - pred: ``(B, C)``
         - target: ``(B, C)``
         - output: ``()``
     """
-    return _mse(pred, "target", target)
+    return _mse(pred, "target", target, check_values)
 
 
-def regression_pseudo_loss(pred: Tensor, pseudo_target: Tensor) -> Tensor:
+def regression_pseudo_loss(pred: Tensor, pseudo_target: Tensor, *, check_values: bool = False) -> Tensor:
     """Mean squared error against averaged unimodal predictions (same as :func:`regression_loss`).
 
     Shape:
@@ -331,10 +353,10 @@ def regression_pseudo_loss(pred: Tensor, pseudo_target: Tensor) -> Tensor:
         - pseudo_target: ``(B, C)``
         - output: ``()``
     """
-    return _mse(pred, "pseudo_target", pseudo_target)
+    return _mse(pred, "pseudo_target", pseudo_target, check_values)
 
 
-def triplet_loss(sim: Tensor, margin: float = 0.2) -> Tensor:
+def triplet_loss(sim: Tensor, margin: float = 0.2, *, check_values: bool = False) -> Tensor:
     """Bidirectional max-margin ranking loss over a batch similarity matrix.
 
     ``sim[i, j]`` is the similarity of query ``i`` (say a caption) and item ``j`` (a video);
@@ -346,16 +368,15 @@ def triplet_loss(sim: Tensor, margin: float = 0.2) -> Tensor:
 
     i.e. the mean of ``2 B (B - 1)`` hinge terms, as Collaborative Experts'
     ``MaxMarginRankingLoss(fix_norm=True)``. With ``B <= 1`` there is no negative and the loss
-    is a zero connected to the graph.
+    is a zero connected to the graph. ``check_values=True`` also refuses NaN/inf.
 
     Shape:
         - sim: ``(B, B)``
         - output: ``()``
     """
     check_tensor("sim", sim, ("B", "B"), floating=True)
-    check_finite("sim", sim)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-        raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
+    _check_finite(check_values, sim=sim)
+    check_number("margin", margin)
     n = int(sim.shape[0])
     if n <= 1:
         return _zero_like_graph(sim)
@@ -384,7 +405,7 @@ def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def similarity_distillation_loss(
-    pred: Tensor, text: Tensor, teacher_similarity: Tensor, temperature: float = 0.1
+    pred: Tensor, text: Tensor, teacher_similarity: Tensor, temperature: float = 0.1, *, check_values: bool = False
 ) -> Tensor:
     """Relational distillation for retrieval: match a teacher's ranking of the batch's captions.
 
@@ -401,6 +422,7 @@ def similarity_distillation_loss(
         text: ``(B, E)`` the student's caption embeddings of the same batch.
         teacher_similarity: ``(B, B)`` teacher cosine similarities, video row ``i``, caption column ``j``.
         temperature: softmax temperature ``T > 0`` applied to both sides.
+        check_values: also refuse NaN/inf (reads the values back to the host).
 
     Shape:
         - pred: ``(B, E)``
@@ -420,10 +442,8 @@ def similarity_distillation_loss(
     check_tensor("pred", pred, ("B", "E"), sizes, floating=True)
     check_tensor("text", text, ("B", "E"), sizes, floating=True)
     check_tensor("teacher_similarity", teacher_similarity, ("B", "B"), sizes, floating=True)
-    for name, t in (("pred", pred), ("text", text), ("teacher_similarity", teacher_similarity)):
-        check_finite(name, t)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+    _check_finite(check_values, pred=pred, text=text, teacher_similarity=teacher_similarity)
+    check_number("temperature", temperature, strict=True)
     if pred.shape[0] == 0:
         return _zero_like_graph(pred, text, teacher_similarity)
     student = cosine_similarity_matrix(_acc(pred), _acc(text)) / temperature
@@ -481,39 +501,37 @@ class TaskLoss(nn.Module):
     def __init__(self, task: str, margin: float = 0.2) -> None:
         super().__init__()
         check_choice("task", task, TASKS)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
+        check_number("margin", margin)
         self.task = task
         self.margin = float(margin)
 
-    def supervised(self, pred: Tensor, target: Tensor) -> Tensor:
+    def supervised(self, pred: Tensor, target: Tensor, *, check_values: bool = False) -> Tensor:
         """Loss of a branch's output against the ground truth (see the class table)."""
         if self.task == "classification":
-            return classification_loss(pred, target)
+            return classification_loss(pred, target, check_values=check_values)
         if self.task == "regression":
-            return regression_loss(pred, target)
-        return triplet_loss(self._similarity("pred", pred, "target", target), self.margin)
+            return regression_loss(pred, target, check_values=check_values)
+        return triplet_loss(self._similarity("pred", pred, "target", target, check_values), self.margin)
 
-    def pseudo(self, pred: Tensor, pseudo_target: Tensor) -> Tensor:
+    def pseudo(self, pred: Tensor, pseudo_target: Tensor, *, check_values: bool = False) -> Tensor:
         """Loss of the pseudo branch's output against pseudo-labels (see the class table)."""
         if self.task == "classification":
-            return classification_pseudo_loss(pred, pseudo_target)
+            return classification_pseudo_loss(pred, pseudo_target, check_values=check_values)
         if self.task == "regression":
-            return regression_pseudo_loss(pred, pseudo_target)
+            return regression_pseudo_loss(pred, pseudo_target, check_values=check_values)
         return triplet_loss(
-            self._similarity("pred", pred, "pseudo_target", pseudo_target), self.margin
+            self._similarity("pred", pred, "pseudo_target", pseudo_target, check_values), self.margin
         )
 
     @staticmethod
-    def _similarity(pred_name: str, pred: Tensor, target_name: str, target: Tensor) -> Tensor:
+    def _similarity(pred_name: str, pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> Tensor:
         sizes: dict = {}
         check_tensor(pred_name, pred, ("B", "E"), sizes, floating=True)
         check_tensor(target_name, target, ("B", "E"), sizes, floating=True)
-        check_finite(pred_name, pred)
-        check_finite(target_name, target)
+        _check_finite(check_values, **{pred_name: pred, target_name: target})
         return cosine_similarity_matrix(target, pred)
 
-    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, *, check_values: bool = False) -> Tensor:
         """Same as :meth:`supervised`.
 
         Shape:
@@ -521,7 +539,7 @@ class TaskLoss(nn.Module):
             - target: ``(B,)``, ``(B, C)`` or ``(B, E)``
             - output: ``()``
         """
-        return self.supervised(pred, target)
+        return self.supervised(pred, target, check_values=check_values)
 
     def extra_repr(self) -> str:
         return f"task={self.task!r}" + (f", margin={self.margin}" if self.task == "retrieval" else "")

@@ -12,7 +12,6 @@ noise for a missing modality and multiplying the result by zero).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -21,32 +20,42 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from umilayers._config import Config, option
 from umilayers._validation import (
+    InvalidArgument,
     check_bool_mask,
     check_choice,
+    check_divides,
     check_finite,
     check_positive_int,
     check_tensor,
+    format_indices,
 )
 from umilayers.attention import GroupMaskedTransformer
-from umilayers.fusion import CommonSpaceSum
-from umilayers.losses import AlignmentLoss, TaskLoss, similarity_distillation_loss
-from umilayers.projection import FeatureProjection, PooledProjection
+from umilayers.fusion import fuse_rows, sub_batch_rows
+from umilayers.losses import TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
+from umilayers.projection import NORMALIZE, FeatureProjection, PooledProjection
 
 __all__ = [
-    "TASKS",
     "PROJECTIONS",
+    "RETRIEVAL_PSEUDO_TEMPERATURE",
     "UMIOutput",
     "LossOutput",
+    "ModelConfig",
     "UMIConfig",
     "TextEncoder",
+    "TaskModel",
     "UnseenModalityModel",
     "check_batch",
+    "combine_branches",
     "masked_mean",
+    "supervised_only",
 ]
 
-TASKS = ("classification", "regression", "retrieval")
+#: Projections of :class:`UnseenModalityModel`: ``"feature"`` (the paper's) or ``"pooled"`` (ablation).
 PROJECTIONS = ("feature", "pooled")
+#: Softmax temperature of the retrieval pseudo loss (on cosine similarities; fixed, not tuned).
+RETRIEVAL_PSEUDO_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -105,24 +114,25 @@ class LossOutput:
 # Boundary checks shared with the baselines
 
 
-def _rows(mask: Tensor, limit: int = 10) -> str:
-    rows = mask.nonzero().flatten().tolist()
-    return "[" + ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "") + "]"
-
-
 def check_batch(
     inputs: Any,
     padding_masks: Any,
     present: Any,
     modality_dims: Mapping[str, int],
+    *,
+    check_values: bool = False,
 ) -> tuple[int, dict[str, Tensor]]:
     """Validate a batch in the sub-batch layout; return ``B`` and the present masks.
 
     Checks, before any work: ``inputs`` is a non-empty mapping of known modalities; each
     ``inputs[m]`` is ``(B_m, k_m, d_m)`` floating point with the model's ``d_m``; each padding
-    mask is ``(B_m, k_m)`` bool; each ``present[m]`` is ``(B,)`` bool with ``present[m].sum() ==
-    B_m``; a ``present`` entry for a modality not in ``inputs`` is all False; every row has at
-    least one modality. Without ``present`` every modality covers the whole batch.
+    mask is ``(B_m, k_m)`` bool; each ``present[m]`` is ``(B,)`` bool. Without ``present`` every
+    modality covers the whole batch.
+
+    With ``check_values=True`` also what needs the masks' values (read back to the host, a
+    pipeline stall on a GPU): ``present[m].sum() == B_m``; a ``present`` entry for a modality
+    not in ``inputs`` is all False; every row has at least one modality. The training recipe's
+    batches hold these by construction (the FeatureStore checks its data once).
 
     Returns:
         ``(B, masks)`` where ``masks[m]`` is the ``(B,)`` bool mask (on the input's device) of
@@ -136,7 +146,7 @@ def check_batch(
         >>> batch, masks = check_batch(inputs, None, present, {"rgb": 4, "audio": 2})
         >>> batch, masks["rgb"]
         (2, tensor([False,  True]))
-        >>> check_batch(inputs, None, present, {"rgb": 4})
+        >>> check_batch(inputs, None, present, {"rgb": 4}, check_values=True)
         Traceback (most recent call last):
         ...
         ValueError: inputs: unknown modality ['audio']; this model knows ['rgb']
@@ -189,6 +199,15 @@ def check_batch(
     if batch == 0:
         raise ValueError("present: the batch is empty (0 rows)")
     masks = {m: present[m].to(device) for m in names}
+    if check_values:
+        _check_present_values(inputs, present, masks, names)
+    return batch, masks
+
+
+def _check_present_values(
+    inputs: Mapping[str, Tensor], present: Mapping[str, Tensor], masks: Mapping[str, Tensor], names: list[str]
+) -> None:
+    """The checks of :func:`check_batch` that read the masks' values."""
     for m in sorted(present):
         if m not in inputs and bool(present[m].any()):
             raise ValueError(
@@ -204,8 +223,8 @@ def check_batch(
             )
     none = ~torch.stack([masks[m] for m in names]).any(dim=0)
     if bool(none.any()):
-        raise ValueError(f"present: {int(none.sum())} row(s) have no modality at all: rows {_rows(none)}")
-    return batch, masks
+        rows = format_indices(none.nonzero().flatten())
+        raise ValueError(f"present: {int(none.sum())} row(s) have no modality at all: rows {rows}")
 
 
 def masked_mean(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -231,18 +250,74 @@ def masked_mean(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
 
 
 @dataclass(frozen=True)
-class UMIConfig:
-    """Every hyper-parameter of :class:`UnseenModalityModel`, JSON-serialisable.
+class ModelConfig(Config):
+    """The hyper-parameters of :class:`UnseenModalityModel`, one field per constructor argument.
 
-    The four ablation switches of the paper (Tables 2-3) are ``use_alignment`` (alignment loss),
-    ``use_pseudo`` (pseudo-label branch; off = every branch supervised by ground truth),
-    ``branches`` (1 = single branch) and ``projection`` (``"pooled"`` = mean-pool + linear
-    instead of :class:`~umilayers.projection.FeatureProjection`). See :class:`UnseenModalityModel`
-    for the meaning of the other fields.
+    Each field's name is the constructor argument's, the key in checkpoints and ``config.json``,
+    and the flag of ``umilayers fit`` (``--num-tokens``, ``--no-use-alignment``, ...); the
+    constructor's defaults are these fields' defaults. The baselines take the ones they share
+    (``dim``, ``heads``, ``mlp_ratio``, ``margin``; see :func:`~umilayers.baselines.build_model`).
+
+    Defaults are the paper's robot / MSR-VTT settings (``D = 256``, ``k* = 16``, 6 layers and 8
+    heads in both transformers, ``lambda = 1e-3``, ``alpha = 1``); EPIC-Kitchens used
+    ``num_tokens=512`` and ``pseudo_weight=3000``. The paper's ablation switches (Tables 2-3) are
+    ``use_alignment``, ``use_pseudo`` and ``branches`` here, and the projection (a method of the
+    recipe, ``"pooled"``).
 
     Example::
 
-        >>> cfg = UMIConfig({"rgb": 64, "audio": 32}, num_outputs=10, dim=32, num_tokens=8)
+        >>> cfg = ModelConfig(dim=32, num_tokens=8, heads=4)
+        >>> cfg.num_tokens, cfg.replace(use_alignment=False).use_alignment
+        (8, False)
+        >>> ModelConfig(dim=32, heads=3)
+        Traceback (most recent call last):
+        ...
+        umilayers._validation.InvalidArgument: heads: must divide dim=32, got heads=3
+    """
+
+    dim: int = option(256, "common width D (the paper's d*)", minimum=1)
+    num_tokens: int = option(16, "common slots K (the paper's k*: 512 on EPIC-Kitchens, 16 on robot and MSR-VTT); "
+                                 "split equally among the branches", minimum=1)
+    projection_depth: int = option(6, "transformer layers inside each FeatureProjection (0: slot logits straight "
+                                      "from the token embedding); also the depth of a transformer unimodal predictor",
+                                   minimum=0)
+    fusion_depth: int = option(6, "layers of the fusion transformer (and of the vanilla baseline)", minimum=1)
+    heads: int = option(8, "attention heads of every transformer (must divide dim)", minimum=1)
+    mlp_ratio: float = option(2.0, "MLP width of the transformers relative to dim", minimum=0, strict=True)
+    normalize: str = option("inputs", "FeatureProjection softmax axis: 'inputs' (the paper's text) or 'slots' "
+                                      "(the authors' released code)", choices=NORMALIZE)
+    branches: int = option(2, "prediction branches G (1: the single-branch ablation); must divide num_tokens",
+                           minimum=1)
+    use_alignment: bool = option(True, "the feature alignment loss (Eq. 1); off: the ablation without it")
+    use_pseudo: bool = option(True, "the pseudo-label branch (needs the unimodal stage); off: every branch "
+                                    "learns from the ground truth")
+    align_weight: float = option(1e-3, "lambda of Eq. 3 (weight of the alignment loss)", minimum=0)
+    pseudo_weight: float = option(1.0, "alpha of Eq. 3 (weight of the pseudo-label loss; 3000 on EPIC-Kitchens)",
+                                  minimum=0)
+    num_align_tokens: Optional[int] = option(None, "alignment tokens n_u (default: one per class for "
+                                                   "classification, where it must be that, else 128)", minimum=1)
+    margin: float = option(0.2, "triplet margin of the retrieval losses", minimum=0)
+
+    def check(self) -> None:
+        check_divides("heads", self.heads, "dim", self.dim)
+        if self.num_tokens % self.branches:
+            raise InvalidArgument(
+                "branches",
+                f"the {{num_tokens}}={self.num_tokens} slots are split into {{branches}} equal contiguous groups, "
+                f"so {{branches}} must divide {{num_tokens}}; got {{branches}}={self.branches}",
+                refs=("num_tokens", "branches"),
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UMIConfig(ModelConfig):
+    """Every constructor argument of :class:`UnseenModalityModel`: the :class:`ModelConfig`
+    hyper-parameters plus what the data fixes (modalities and their sizes, outputs, task, caption
+    size) and the projection. JSON-serialisable, for checkpoints.
+
+    Example::
+
+        >>> cfg = UMIConfig(modality_dims={"rgb": 64, "audio": 32}, num_outputs=10, dim=32, num_tokens=8)
         >>> cfg.num_align_tokens, cfg.align_assign
         (10, 'label')
         >>> UMIConfig.from_dict(cfg.to_dict()) == cfg
@@ -252,27 +327,11 @@ class UMIConfig:
     modality_dims: Mapping[str, int]
     num_outputs: int
     task: str = "classification"
-    dim: int = 256
-    num_tokens: int = 512
-    projection_depth: int = 6
-    fusion_depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 2.0
-    normalize: str = "inputs"
-    # ablation switches
-    branches: int = 2
-    projection: str = "feature"
-    use_alignment: bool = True
-    use_pseudo: bool = True
-    # loss
-    align_weight: float = 1e-3
-    pseudo_weight: float = 1.0
-    num_align_tokens: Optional[int] = None
-    margin: float = 0.2
-    # retrieval
     text_dim: Optional[int] = None
+    projection: str = "feature"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         if not isinstance(self.modality_dims, Mapping) or not self.modality_dims:
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {self.modality_dims!r}")
         for m, d in self.modality_dims.items():
@@ -280,64 +339,45 @@ class UMIConfig:
                 raise ValueError(f"modality_dims: modality names must be non-empty strings, got {m!r}")
             check_positive_int(f"modality_dims[{m!r}]", d)
         object.__setattr__(self, "modality_dims", {m: int(self.modality_dims[m]) for m in sorted(self.modality_dims)})
-        for name in ("num_outputs", "dim", "num_tokens", "fusion_depth", "heads", "branches"):
-            check_positive_int(name, getattr(self, name))
-        depth = self.projection_depth
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"projection_depth: expected an int >= 0, got {depth!r}")
+        check_positive_int("num_outputs", self.num_outputs)
         check_choice("task", self.task, TASKS)
         check_choice("projection", self.projection, PROJECTIONS)
-        if self.dim % self.heads:
-            raise ValueError(f"heads: must divide dim={self.dim}, got heads={self.heads}")
-        if self.num_tokens % self.branches:
-            raise ValueError(
-                f"branches: the num_tokens={self.num_tokens} slots are split into `branches` equal "
-                f"contiguous groups, so branches must divide num_tokens; got branches={self.branches}"
-            )
-        for name in ("use_alignment", "use_pseudo"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("align_weight", "pseudo_weight", "margin", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
         if self.num_align_tokens is None:
             default = self.num_outputs if self.task == "classification" else 128
             object.__setattr__(self, "num_align_tokens", default)
-        check_positive_int("num_align_tokens", self.num_align_tokens)
         if self.task == "classification" and self.num_align_tokens != self.num_outputs:
-            raise ValueError(
-                f"num_align_tokens: classification aligns to one token per class, so it must equal "
-                f"num_outputs={self.num_outputs}; got {self.num_align_tokens}"
+            raise InvalidArgument(
+                "num_align_tokens",
+                f"classification aligns to one token per class, so it must equal num_outputs={self.num_outputs}; "
+                f"got {self.num_align_tokens}",
             )
-        if self.task == "retrieval":
-            if self.text_dim is None:
-                raise ValueError("text_dim: required for task='retrieval' (the caption feature size)")
-            check_positive_int("text_dim", self.text_dim)
-        elif self.text_dim is not None:
-            raise ValueError(
-                f"text_dim: only used by task='retrieval', got text_dim={self.text_dim} for task={self.task!r}"
-            )
+        _check_text_dim(self.task, self.text_dim)
 
     @property
     def align_assign(self) -> str:
         """``"label"`` (the class's token) for classification, ``"nearest"`` otherwise."""
         return "label" if self.task == "classification" else "nearest"
 
+    @property
+    def hyperparameters(self) -> ModelConfig:
+        """The :class:`ModelConfig` part (what ``umilayers fit`` takes as options)."""
+        return ModelConfig(**{f: getattr(self, f) for f in ModelConfig.__dataclass_fields__})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""
-        out = dataclasses.asdict(self)
+        out = super().to_dict()
         out["modality_dims"] = dict(self.modality_dims)
         return out
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "UMIConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"UMIConfig: unknown keys {unknown}; expected a subset of {sorted(fields)}")
-        return cls(**data)
+
+def _check_text_dim(task: str, text_dim: Optional[int], required: bool = True) -> None:
+    """``text_dim`` (the caption feature size) belongs to retrieval, where a text side needs it."""
+    if text_dim is not None:
+        if task != "retrieval":
+            raise ValueError(f"text_dim: only used by task='retrieval', got text_dim={text_dim} for task={task!r}")
+        check_positive_int("text_dim", text_dim)
+    elif task == "retrieval" and required:
+        raise ValueError("text_dim: required for task='retrieval' (the caption feature size)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,82 +437,166 @@ class TextEncoder(nn.Module):
         return F.normalize(y, dim=-1)
 
 
+
 # --------------------------------------------------------------------------------------------
-# Task losses shared by every model (supervised + pseudo), one place
+# What every model of the package shares: task, text side, loss entry and its checks
 
 
-def _check_targets(task: str, targets: Any, batch: int, num_outputs: int, text_dim: Optional[int]) -> None:
+def _check_targets(
+    task: str, targets: Any, batch: int, num_outputs: int, text_dim: Optional[int], check_values: bool
+) -> None:
     if task == "classification":
         check_tensor("targets", targets, (batch,))
         if targets.dtype != torch.int64:
             raise TypeError(f"targets: expected int64 class labels, got dtype {targets.dtype}")
-        if batch and (int(targets.min()) < 0 or int(targets.max()) >= num_outputs):
+        if check_values and batch and (int(targets.min()) < 0 or int(targets.max()) >= num_outputs):
             raise ValueError(
                 f"targets: class labels must lie in [0, {num_outputs}), got range "
                 f"[{int(targets.min())}, {int(targets.max())}]"
             )
     elif task == "regression":
         check_tensor("targets", targets, (batch, num_outputs), floating=True)
-        check_finite("targets", targets)
+        if check_values:
+            check_finite("targets", targets)
     else:
         check_tensor("targets", targets, (batch, "t", text_dim), floating=True)
 
 
-#: Softmax temperature of the retrieval pseudo loss (on cosine similarities; fixed, not tuned).
-RETRIEVAL_PSEUDO_TEMPERATURE = 0.1
-
-
-def _check_pseudo(pseudo_targets: Any, batch: int, num_outputs: int, task: str = "classification") -> None:
+def _check_pseudo(pseudo_targets: Any, batch: int, num_outputs: int, task: str, check_values: bool) -> None:
     # Retrieval pseudo-labels are the teacher's (B, B) video-to-caption similarities.
     shape = (batch, batch) if task == "retrieval" else (batch, num_outputs)
     check_tensor("pseudo_targets", pseudo_targets, shape, floating=True)
-    check_finite("pseudo_targets", pseudo_targets)
-
-
-def supervised_term(task: str, outputs: Tensor, targets: Tensor, text_emb: Optional[Tensor], margin: float) -> Tensor:
-    """Ground-truth loss of one branch (:meth:`TaskLoss.supervised <umilayers.losses.TaskLoss.supervised>`).
-
-    For retrieval the branch's video embeddings are ranked against ``text_emb``, the caption
-    embeddings of the batch; otherwise against ``targets``.
-    """
-    target = text_emb if task == "retrieval" else targets
-    assert target is not None, "retrieval needs the caption embeddings"
-    return TaskLoss(task, margin).supervised(outputs, target)
-
-
-def pseudo_term(task: str, outputs: Tensor, pseudo_targets: Tensor, margin: float,
-                text_emb: Optional[Tensor] = None) -> Tensor:
-    """Pseudo-label loss of one branch.
-
-    Classification and regression: :meth:`TaskLoss.pseudo <umilayers.losses.TaskLoss.pseudo>`.
-    Retrieval: :func:`~umilayers.losses.similarity_distillation_loss` of the branch's video
-    embeddings against ``text_emb`` (this model's caption embeddings), with ``pseudo_targets``
-    the ``(B, B)`` similarities of the unimodal teachers, each in its own space.
-    """
-    if task == "retrieval":
-        assert text_emb is not None, "retrieval needs the caption embeddings"
-        return similarity_distillation_loss(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
-    return TaskLoss(task, margin).pseudo(outputs, pseudo_targets)
+    if check_values:
+        check_finite("pseudo_targets", pseudo_targets)
 
 
 def combine_branches(task: str, branch_outputs: Tensor) -> Tensor:
-    """``(B, G, C) -> (B, C)``: softmax average (classes), mean, or normalised mean (retrieval)."""
+    """``(B, G, C) -> (B, C)``: softmax average (classes), mean, or normalised mean (retrieval).
+
+    Example::
+
+        >>> combine_branches("regression", torch.tensor([[[1.0], [3.0]]]))
+        tensor([[2.]])
+    """
     if task == "classification":
         return branch_outputs.softmax(dim=-1).mean(dim=1)
     mean = branch_outputs.mean(dim=1)
     return F.normalize(mean, dim=-1) if task == "retrieval" else mean
 
 
+class TaskModel(nn.Module):
+    """What every model of the package shares: a task, an optional text side, and :meth:`loss`.
+
+    :class:`UnseenModalityModel` and the baselines (:mod:`umilayers.baselines`) derive from it:
+    one training recipe serves them all. A subclass sets ``task``, ``num_outputs``, ``text_dim``,
+    ``text_encoder`` (a :class:`TextEncoder` or None) and ``task_loss`` (the
+    :class:`~umilayers.losses.TaskLoss`, built once) in its constructor and implements
+    :meth:`loss_terms`; :meth:`loss` checks its arguments first.
+
+    Example::
+
+        >>> model = UnseenModalityModel({"rgb": 12}, num_outputs=5, dim=16, num_tokens=4,
+        ...                             projection_depth=1, fusion_depth=1, heads=2, use_pseudo=False)
+        >>> isinstance(model, TaskModel), model.needs_pseudo_labels
+        (True, False)
+    """
+
+    task: str
+    num_outputs: int
+    text_dim: Optional[int]
+    text_encoder: Optional[TextEncoder]
+    task_loss: TaskLoss
+
+    @property
+    def needs_pseudo_labels(self) -> bool:
+        """Whether :meth:`loss` needs ``pseudo_targets`` (stage 1 of the recipe must run)."""
+        return False
+
+    def _pseudo_refusal(self) -> str:
+        return f"{type(self).__name__} has no pseudo branch"
+
+    def encode_text(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Caption token features ``(B, t, d_text)`` -> L2-normalised ``(B, E)`` (retrieval only)."""
+        if self.text_encoder is None:
+            raise RuntimeError(
+                f"encode_text: this model has no text side (task={self.task!r}, text_dim={self.text_dim}); "
+                "only a task='retrieval' model with a text_dim has one"
+            )
+        return self.text_encoder(text, text_padding_mask)
+
+    def text_embeddings(self, targets: Tensor, text_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """The captions' embeddings for retrieval (the targets the video side ranks), else None."""
+        return self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+
+    def supervised_loss(self, outputs: Tensor, targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:
+        """Ground-truth loss of one branch's ``(B, C)`` outputs (:meth:`TaskLoss.supervised
+        <umilayers.losses.TaskLoss.supervised>`); for retrieval ranked against ``text_emb``."""
+        return self.task_loss.supervised(outputs, text_emb if self.task == "retrieval" else targets)
+
+    def loss(
+        self,
+        output: UMIOutput,
+        targets: Tensor,
+        pseudo_targets: Optional[Tensor] = None,
+        *,
+        text_padding_mask: Optional[Tensor] = None,
+        check_values: bool = False,
+    ) -> LossOutput:
+        """The training loss of this model's :meth:`forward` output (see the class's docs).
+
+        Args:
+            output: this model's :meth:`forward` output.
+            targets: classification ``(B,)`` int64 labels; regression ``(B, C)``; retrieval the
+                caption token features ``(B, t, d_text)``.
+            pseudo_targets: pseudo-labels, required exactly when :attr:`needs_pseudo_labels`:
+                ``(B, C)`` class probabilities or values from the
+                :class:`~umilayers.pseudo_labels.PseudoLabelBank`; for retrieval ``(B, B)``
+                teacher similarities ``cos(video_i, caption_j)``.
+            text_padding_mask: ``(B, t)`` bool for retrieval captions, True = padding.
+            check_values: also check what needs the values (label range, NaN/inf), which reads
+                them back to the host.
+
+        Returns:
+            :class:`LossOutput` with the total and the unweighted terms.
+        """
+        batch = output.branch_outputs.shape[0]
+        _check_targets(self.task, targets, batch, self.num_outputs, self.text_dim, check_values)
+        if text_padding_mask is not None:
+            if self.task != "retrieval":
+                raise ValueError(f"text_padding_mask: only used by task='retrieval', this model is {self.task!r}")
+            check_bool_mask("text_padding_mask", text_padding_mask, (batch, targets.shape[1]))
+        if self.needs_pseudo_labels:
+            if pseudo_targets is None:
+                raise ValueError("pseudo_targets: required when use_pseudo=True (the pseudo branch's targets)")
+            _check_pseudo(pseudo_targets, batch, self.num_outputs, self.task, check_values)
+        elif pseudo_targets is not None:
+            raise ValueError(f"pseudo_targets: {self._pseudo_refusal()} and takes no pseudo-labels")
+        return self.loss_terms(output, targets, pseudo_targets, text_padding_mask)
+
+    def loss_terms(
+        self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
+    ) -> LossOutput:
+        """The terms of :meth:`loss` for checked arguments."""
+        raise NotImplementedError
+
+
+def supervised_only(supervised: Tensor) -> LossOutput:
+    """A :class:`LossOutput` whose total is the supervised term (``align`` and ``pseudo`` are 0)."""
+    zero = supervised.new_zeros(())
+    return LossOutput(total=supervised, align=zero, supervised=supervised, pseudo=zero)
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 
 
-class UnseenModalityModel(nn.Module):
+class UnseenModalityModel(TaskModel):
     """The paper's model: per-modality projection, common-space sum, dual-branch fusion, head.
 
     1. ``FeatureProjection`` per modality (``nn.ModuleDict``, sorted names) maps the ``B_m``
        rows that have the modality to ``(B_m, K, D)``; it never runs for an absent modality.
-    2. ``CommonSpaceSum`` adds them per sample: ``(B, K, D)``.
+    2. ``CommonSpaceSum`` adds them per sample: ``(B, K, D)`` (its kernel
+       :func:`~umilayers.fusion.fuse_rows`: the batch was checked once, at this model's boundary).
     3. Learned positions ``(K, D)`` are added; the ``K`` slots are split into ``G = branches``
        contiguous groups of ``K / G`` and each group is preceded by its own learned readout
        token, giving ``[r_0, slots_0, r_1, slots_1, ...]`` of length ``G (K / G + 1)``. One
@@ -491,7 +615,7 @@ class UnseenModalityModel(nn.Module):
     - ``L_supervised``: on branch 0 against the ground truth (CE / MSE / triplet).
     - ``L_pseudo``: on branches 1..G-1 (mean) against the pseudo-labels (KL / MSE / triplet).
 
-    Ablation switches (the paper's Tables 2-3), all in :class:`UMIConfig`:
+    Ablation switches (the paper's Tables 2-3), fields of :class:`ModelConfig` but the last:
 
     - ``use_alignment=False``: no alignment loss and no alignment tokens.
     - ``use_pseudo=False``: no pseudo branch; every branch is supervised by the ground truth
@@ -505,8 +629,12 @@ class UnseenModalityModel(nn.Module):
     :meth:`encode_text` maps caption token features ``(B, t, d_text)`` to ``(B, E)``. In
     :meth:`loss`, ``targets`` are the caption features and ``text_padding_mask`` their mask;
     the supervised loss is the triplet (max-margin ranking, both directions) over the batch's
-    video-text cosine similarity matrix; the pseudo loss the triplet between branch embeddings
-    and the pseudo embeddings.
+    video-text cosine similarity matrix; the pseudo loss the distillation of the teachers'
+    ``(B, B)`` video-to-caption similarities
+    (:func:`~umilayers.losses.similarity_distillation_loss`).
+
+    ``forward`` and :meth:`loss` check types and shapes; ``check_values=True`` adds what needs the
+    values (masks against rows, label ranges, NaN/inf), which reads them back to the host.
 
     Args:
         modality_dims: modality name -> feature size ``d_m``.
@@ -557,22 +685,22 @@ class UnseenModalityModel(nn.Module):
         modality_dims: Mapping[str, int],
         num_outputs: int,
         task: str = "classification",
-        dim: int = 256,
-        num_tokens: int = 512,
-        projection_depth: int = 6,
-        fusion_depth: int = 6,
-        heads: int = 8,
-        branches: int = 2,
-        normalize: str = "inputs",
+        dim: int = ModelConfig.dim,
+        num_tokens: int = ModelConfig.num_tokens,
+        projection_depth: int = ModelConfig.projection_depth,
+        fusion_depth: int = ModelConfig.fusion_depth,
+        heads: int = ModelConfig.heads,
+        branches: int = ModelConfig.branches,
+        normalize: str = ModelConfig.normalize,
         projection: str = "feature",
-        align_weight: float = 1e-3,
-        pseudo_weight: float = 1.0,
-        use_alignment: bool = True,
-        use_pseudo: bool = True,
-        num_align_tokens: Optional[int] = None,
+        align_weight: float = ModelConfig.align_weight,
+        pseudo_weight: float = ModelConfig.pseudo_weight,
+        use_alignment: bool = ModelConfig.use_alignment,
+        use_pseudo: bool = ModelConfig.use_pseudo,
+        num_align_tokens: Optional[int] = ModelConfig.num_align_tokens,
         text_dim: Optional[int] = None,
-        mlp_ratio: float = 2.0,
-        margin: float = 0.2,
+        mlp_ratio: float = ModelConfig.mlp_ratio,
+        margin: float = ModelConfig.margin,
         device=None,
         dtype=None,
     ) -> None:
@@ -586,6 +714,7 @@ class UnseenModalityModel(nn.Module):
             num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
         )
         self.config = cfg
+        self.task, self.num_outputs, self.text_dim = task, num_outputs, text_dim
         factory = {"device": device, "dtype": dtype}
         self.projections = nn.ModuleDict()
         for m, d_m in cfg.modality_dims.items():
@@ -596,7 +725,6 @@ class UnseenModalityModel(nn.Module):
                 )
             else:
                 self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=num_tokens, **factory)
-        self.fusion = CommonSpaceSum()
         self.positions = nn.Parameter(torch.zeros(num_tokens, dim, **factory))
         self.readout = nn.Parameter(torch.zeros(branches, dim, **factory))
         nn.init.trunc_normal_(self.positions, std=0.02)
@@ -609,6 +737,7 @@ class UnseenModalityModel(nn.Module):
         self.text_encoder: Optional[TextEncoder] = None
         if task == "retrieval":
             self.text_encoder = TextEncoder(cfg.text_dim, num_outputs, **factory)
+        self.task_loss = TaskLoss(task, margin)
 
     @classmethod
     def from_config(cls, config: UMIConfig | Mapping[str, Any], device=None, dtype=None) -> "UnseenModalityModel":
@@ -622,10 +751,6 @@ class UnseenModalityModel(nn.Module):
         return self.config.to_dict()
 
     @property
-    def task(self) -> str:
-        return self.config.task
-
-    @property
     def modalities(self) -> list[str]:
         return list(self.config.modality_dims)
 
@@ -633,6 +758,9 @@ class UnseenModalityModel(nn.Module):
     def needs_pseudo_labels(self) -> bool:
         """Whether :meth:`loss` needs ``pseudo_targets`` (stage 1 of the recipe must run)."""
         return self.config.use_pseudo
+
+    def _pseudo_refusal(self) -> str:
+        return "this model has use_pseudo=False"
 
     def extra_repr(self) -> str:
         c = self.config
@@ -653,6 +781,8 @@ class UnseenModalityModel(nn.Module):
         inputs: Mapping[str, Tensor],
         padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
         present: Optional[Mapping[str, Tensor]] = None,
+        *,
+        check_values: bool = False,
     ) -> UMIOutput:
         """Predict for whatever modalities each sample has.
 
@@ -660,6 +790,7 @@ class UnseenModalityModel(nn.Module):
             inputs: modality -> ``(B_m, k_m, d_m)`` rows of the samples that have it.
             padding_masks: modality -> ``(B_m, k_m)`` bool, True = padding (optional).
             present: modality -> ``(B,)`` bool (optional; None = every modality on every row).
+            check_values: also check the masks' values (see :func:`check_batch`; host reads).
 
         Shape:
             - inputs[m]: ``(B_m, k_m, d_m)``
@@ -668,14 +799,15 @@ class UnseenModalityModel(nn.Module):
             - prediction: ``(B, C)``; branch_outputs: ``(B, G, C)``;
               modality_features[m]: ``(B_m, K, D)``
         """
-        _, masks = check_batch(inputs, padding_masks, present, self.config.modality_dims)
+        batch, masks = check_batch(inputs, padding_masks, present, self.config.modality_dims,
+                                   check_values=check_values)
         padding_masks = padding_masks or {}
         features = {
-            m: self.projections[m](inputs[m], padding_mask=padding_masks.get(m))
+            m: self.projections[m](inputs[m], padding_mask=padding_masks.get(m), check_values=check_values)
             for m in masks
             if inputs[m].shape[0] > 0
         }
-        fused = self.fusion(features, {m: masks[m] for m in features})
+        fused = fuse_rows(features, masks, batch)
         tokens = self.transformer(self.branch_tokens(fused))
         g = self.config.branches
         readouts = rearrange(tokens, "b (g n) d -> b g n d", g=g)[:, :, 0]
@@ -689,62 +821,43 @@ class UnseenModalityModel(nn.Module):
             present=masks,
         )
 
-    def encode_text(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """Caption token features ``(B, t, d_text)`` -> L2-normalised ``(B, E)`` (retrieval only)."""
-        if self.text_encoder is None:
-            raise RuntimeError(f"encode_text: only a task='retrieval' model has a text side, this one is {self.task!r}")
-        return self.text_encoder(text, text_padding_mask)
+    def pseudo_loss(self, outputs: Tensor, pseudo_targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:
+        """Pseudo-label loss of one branch's outputs.
 
-    def loss(
-        self,
-        output: UMIOutput,
-        targets: Tensor,
-        pseudo_targets: Optional[Tensor] = None,
-        *,
-        text_padding_mask: Optional[Tensor] = None,
+        Classification and regression: :meth:`TaskLoss.pseudo <umilayers.losses.TaskLoss.pseudo>`.
+        Retrieval: :func:`~umilayers.losses.similarity_distillation_loss` of the branch's video
+        embeddings against ``text_emb`` (this model's caption embeddings), with ``pseudo_targets``
+        the ``(B, B)`` similarities of the unimodal teachers, each in its own space.
+        """
+        if self.task == "retrieval":
+            assert text_emb is not None, "retrieval needs the caption embeddings"
+            return similarity_distillation_loss(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
+        return self.task_loss.pseudo(outputs, pseudo_targets)
+
+    def loss_terms(
+        self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
     ) -> LossOutput:
         """Eq. 3: ``align_weight * L_align + L_supervised + pseudo_weight * L_pseudo``.
 
-        Args:
-            output: this model's :meth:`forward` output.
-            targets: classification ``(B,)`` int64 labels; regression ``(B, C)``; retrieval the
-                caption token features ``(B, t, d_text)``.
-            pseudo_targets: pseudo-labels, required exactly when ``use_pseudo``: ``(B, C)`` class
-                probabilities or values from the :class:`~umilayers.pseudo_labels.PseudoLabelBank`;
-                for retrieval ``(B, B)`` teacher similarities ``cos(video_i, caption_j)``, each
-                row measured in its unimodal model's own space (see ``pseudo_term``).
-            text_padding_mask: ``(B, t)`` bool for retrieval captions, True = padding.
-
-        Returns:
-            :class:`LossOutput` with the total and the unweighted terms.
+        ``L_supervised`` on branch 0 and ``L_pseudo`` averaged over branches 1.. (both on the one
+        branch when ``branches=1``); without ``use_pseudo`` every branch learns from the ground
+        truth.
         """
         cfg = self.config
-        batch = output.branch_outputs.shape[0]
-        _check_targets(cfg.task, targets, batch, cfg.num_outputs, cfg.text_dim)
-        if text_padding_mask is not None:
-            if cfg.task != "retrieval":
-                raise ValueError(f"text_padding_mask: only used by task='retrieval', this model is {cfg.task!r}")
-            check_bool_mask("text_padding_mask", text_padding_mask, (batch, targets.shape[1]))
-        if cfg.use_pseudo:
-            if pseudo_targets is None:
-                raise ValueError("pseudo_targets: required when use_pseudo=True (the pseudo branch's targets)")
-            _check_pseudo(pseudo_targets, batch, cfg.num_outputs, cfg.task)
-        elif pseudo_targets is not None:
-            raise ValueError("pseudo_targets: this model has use_pseudo=False and takes no pseudo-labels")
-
         zero = output.branch_outputs.new_zeros(())
         align = self.alignment_loss(output, targets) if self.alignment is not None else zero
-        text_emb = self.encode_text(targets, text_padding_mask) if cfg.task == "retrieval" else None
+        text_emb = self.text_embeddings(targets, text_padding_mask)
         branches = output.branch_outputs
         if cfg.use_pseudo:
-            supervised = supervised_term(cfg.task, branches[:, 0], targets, text_emb, cfg.margin)
+            assert pseudo_targets is not None
+            supervised = self.supervised_loss(branches[:, 0], targets, text_emb)
             pseudo_branches = range(1, cfg.branches) if cfg.branches > 1 else [0]
             pseudo = torch.stack(
-                [pseudo_term(cfg.task, branches[:, g], pseudo_targets, cfg.margin, text_emb) for g in pseudo_branches]
+                [self.pseudo_loss(branches[:, g], pseudo_targets, text_emb) for g in pseudo_branches]
             ).mean()
         else:
             supervised = torch.stack(
-                [supervised_term(cfg.task, branches[:, g], targets, text_emb, cfg.margin) for g in range(cfg.branches)]
+                [self.supervised_loss(branches[:, g], targets, text_emb) for g in range(cfg.branches)]
             ).mean()
             pseudo = zero
         total = cfg.align_weight * align + supervised + cfg.pseudo_weight * pseudo
@@ -756,6 +869,8 @@ class UnseenModalityModel(nn.Module):
             raise RuntimeError("alignment_loss: this model was built with use_alignment=False")
         terms = []
         for m, feats in output.modality_features.items():
-            labels = targets[output.present[m]] if self.config.task == "classification" else None
+            labels = None
+            if self.config.task == "classification":
+                labels = targets[sub_batch_rows(output.present[m], feats.shape[0])[0]]
             terms.append(self.alignment(feats, labels))
         return torch.stack(terms).mean()

@@ -27,7 +27,16 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from umilayers._validation import check_bool_mask, check_choice, check_positive_int, check_tensor
+from umilayers._validation import (
+    check_bool_mask,
+    check_choice,
+    check_divides,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_tensor,
+    format_indices,
+)
 from umilayers.attention import GroupMaskedTransformer
 
 __all__ = ["FeatureProjection", "PooledProjection", "sinusoidal_positions", "NORMALIZE", "POSITIONS"]
@@ -64,11 +73,12 @@ def sinusoidal_positions(
 
 
 def _check_inputs(
-    x: Tensor, padding_mask: Optional[Tensor], in_dim: int
+    x: Tensor, padding_mask: Optional[Tensor], in_dim: int, check_values: bool
 ) -> Optional[Tensor]:
     """Validate ``x`` and ``padding_mask``; return the mask, or None when nothing is padded.
 
-    Raises ValueError when a sample has no valid token (every token padding, or ``k_m == 0``).
+    Raises ValueError when a sample has no valid token: ``k_m == 0``, or (with ``check_values``,
+    which reads the mask back to the host) every token padding.
     """
     sizes: dict[str, int] = {}
     check_tensor("x", x, ("B", "k_m", in_dim), sizes, floating=True)
@@ -83,14 +93,13 @@ def _check_inputs(
         return padding_mask
     if tokens == 0:
         raise ValueError(f"x: expected at least one token per sample, got k_m=0 (shape {tuple(x.shape)})")
-    if padding_mask is None:
-        return None
+    if padding_mask is None or not check_values:
+        return padding_mask
     empty = padding_mask.all(dim=1)
     if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
-        shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        rows = empty.nonzero().flatten()
         raise ValueError(
-            f"padding_mask: every token is padding in {len(rows)} row(s) [{shown}]; "
+            f"padding_mask: every token is padding in {len(rows)} row(s) {format_indices(rows)}; "
             "each sample needs at least one valid token (drop those rows instead)"
         )
     return padding_mask
@@ -177,18 +186,15 @@ class FeatureProjection(nn.Module):
         sizes = {"in_dim": in_dim, "out_dim": out_dim, "num_tokens": num_tokens, "heads": heads}
         for name, value in sizes.items():
             check_positive_int(name, value)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth: expected an int >= 0, got {depth!r}")
-        if out_dim % heads:
-            raise ValueError(f"heads: must divide out_dim={out_dim}, got heads={heads}")
+        check_int("depth", depth, 0)
+        check_divides("heads", heads, "out_dim", out_dim)
         check_choice("normalize", normalize, NORMALIZE)
         check_choice("positions", positions, POSITIONS)
         if max_tokens is not None:
             check_positive_int("max_tokens", max_tokens)
         if positions == "learned" and max_tokens is None:
             raise ValueError("max_tokens: required with positions='learned', got None")
-        if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
-            raise ValueError(f"mlp_ratio: expected a number > 0, got {mlp_ratio!r}")
+        check_number("mlp_ratio", mlp_ratio, strict=True)
         factory = {"device": device, "dtype": dtype}
         self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
         self.normalize = normalize
@@ -246,7 +252,12 @@ class FeatureProjection(nn.Module):
         return weights
 
     def forward(
-        self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        return_weights: bool = False,
+        *,
+        check_values: bool = False,
     ) -> ProjectionOutput:
         """Project ``x`` to ``(B, K, D)``.
 
@@ -254,20 +265,22 @@ class FeatureProjection(nn.Module):
             x: input tokens ``(B, k_m, d_m)``.
             padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
             return_weights: also return the attention matrix ``O``.
+            check_values: also refuse rows whose tokens are all padding (reads the mask back to
+                the host; the FeatureStore guarantees it for the training recipe's data).
 
         Returns:
             ``(B, K, D)``, or ``(output, O)`` with ``O`` of shape ``(B, k_m, K)``.
 
         Raises:
-            ValueError: wrong shapes, a sample whose tokens are all padding (the rows are named),
-                or more than ``max_tokens`` tokens.
+            ValueError: wrong shapes, more than ``max_tokens`` tokens, or (with ``check_values``)
+                a sample whose tokens are all padding (the rows are named).
 
         Shape:
             - x: ``(B, k_m, d_m)``
             - padding_mask: ``(B, k_m)``
             - output: ``(B, K, D)``; weights ``(B, k_m, K)``
         """
-        padding_mask = _check_inputs(x, padding_mask, self.in_dim)
+        padding_mask = _check_inputs(x, padding_mask, self.in_dim, check_values)
         if self.max_tokens is not None and x.shape[1] > self.max_tokens:
             raise ValueError(
                 f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
@@ -343,7 +356,12 @@ class PooledProjection(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        return_weights: bool = False,
+        *,
+        check_values: bool = False,
     ) -> ProjectionOutput:
         """Mean-pool the valid tokens and map them to ``(B, K, D)``.
 
@@ -351,13 +369,14 @@ class PooledProjection(nn.Module):
             x: input tokens ``(B, k_m, d_m)``.
             padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
             return_weights: also return the pooling weights repeated over the ``K`` slots.
+            check_values: also refuse rows whose tokens are all padding (host read).
 
         Shape:
             - x: ``(B, k_m, d_m)``
             - padding_mask: ``(B, k_m)``
             - output: ``(B, K, D)``; weights ``(B, k_m, K)``
         """
-        padding_mask = _check_inputs(x, padding_mask, self.in_dim)
+        padding_mask = _check_inputs(x, padding_mask, self.in_dim, check_values)
         batch, tokens = x.shape[0], x.shape[1]
         if padding_mask is None:
             pool = torch.full((batch, tokens), 1.0 / max(tokens, 1), device=x.device, dtype=x.dtype)

@@ -304,23 +304,13 @@ def _model_kwargs(cfg: FitConfig, store, method: str, modality: Optional[str] = 
         "text_dim": int(store.text[1]) if store.text is not None else None,
         "dim": cfg.dim,
         "heads": cfg.heads,
+        "num_tokens": cfg.tokens, "projection_depth": projection_depth, "fusion_depth": max(1, fusion_depth),
+        "branches": cfg.branches, "align_weight": cfg.align_weight, "pseudo_weight": cfg.pseudo_weight,
+        "use_alignment": not cfg.no_align, "use_pseudo": cfg.uses_pseudo_labels or method not in ("umi", "pooled"),
+        "num_align_tokens": cfg.align_tokens,
+        "modality_tokens": {m: int(k) for m, (k, _) in store.modalities.items()},
+        "modality": modality, "predictor": cfg.unimodal_predictor,
     }
-    if method in ("umi", "pooled"):
-        kwargs.update(
-            num_tokens=cfg.tokens, projection_depth=projection_depth, fusion_depth=max(1, fusion_depth),
-            branches=cfg.branches, align_weight=cfg.align_weight, pseudo_weight=cfg.pseudo_weight,
-            use_alignment=not cfg.no_align, use_pseudo=cfg.uses_pseudo_labels,
-            num_align_tokens=cfg.align_tokens,
-        )
-    elif method == "vanilla":
-        kwargs.update(depth=max(1, fusion_depth),
-                      modality_tokens={m: int(k) for m, (k, _) in store.modalities.items()})
-    elif method == "unimodal":
-        kwargs["modality"] = modality
-    if method in ("unimodal", "late-fusion"):
-        kwargs["predictor"] = cfg.unimodal_predictor
-        if cfg.unimodal_predictor == "transformer":
-            kwargs["depth"] = max(1, projection_depth)
     return kwargs
 
 
