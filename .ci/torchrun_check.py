@@ -19,8 +19,8 @@ from umilayers.data.synthetic import make_synthetic_store
 
 NUM_EVAL = 64
 FIT = ["--epochs", "2", "--unimodal-epochs", "2", "--pseudo-window", "1", "--dim", "16",
-       "--tokens", "4", "--depth", "1", "--heads", "2", "--batch-size", "32", "--lr", "1e-3",
-       "--device", "cpu", "--quiet", "--seed", "0"]
+       "--num-tokens", "4", "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2",
+       "--batch-size", "32", "--lr", "1e-3", "--device", "cpu", "--quiet", "--seed", "0"]
 
 
 def fit(store: Path, out: Path, task: str, processes: int) -> dict:

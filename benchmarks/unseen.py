@@ -15,7 +15,7 @@ On the embedded synthetic benchmark (:mod:`umilayers.data.synthetic`), over ``--
   modalities determine the class and one alone reaches at most 50%).
 - **Figure 3 layout**: modality-incomplete testing: every method's regression models evaluated
   with every non-empty subset of the four modalities
-  (:func:`umilayers.recipes.evaluate` with ``modalities=subset``).
+  (:func:`umilayers.train.evaluate` with ``modalities=subset``).
 - **Noise**: Gaussian noise ``N(0, sigma^2)`` added to the valid tokens of one modality of the
   classification test split (a noisy copy of the store), for each modality and sigma.
 
@@ -45,7 +45,17 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from umilayers.demo import ABLATIONS, METHODS, TASKS, DemoSize, format_table, headline_metric, run_dir, run_grid
+from umilayers.demo import (
+    ABLATION_ROWS,
+    METHOD_ROWS,
+    TASK_COLUMNS,
+    DemoSize,
+    format_table,
+    headline_metric,
+    run_dir,
+    run_grid,
+)
+from umilayers.train import evaluate, fit
 
 REGRESSION_MODALITIES = ("depth", "force", "image", "proprio")
 NOISE_SIGMAS = (1.0, 2.0)
@@ -54,8 +64,8 @@ NOISE_SIGMAS = (1.0, 2.0)
 def quick_size() -> DemoSize:
     """CI smoke size: a few seconds per grid."""
     return DemoSize(num_train=64, num_eval=32, epochs=1, unimodal_epochs=1, pseudo_window=1,
-                    model=dict(dim=8, tokens=2, depth=1, heads=2, batch_size=32, lr=3e-3,
-                               unimodal_predictor="transformer"))
+                    model=dict(dim=8, num_tokens=2, projection_depth=1, fusion_depth=1, heads=2, batch_size=32,
+                               lr=3e-3, predictor="transformer"))
 
 
 # ----------------------------------------------------------------------------- 3-split store
@@ -101,13 +111,11 @@ def make_three_split_store(path: Path, num_train: int, num_eval: int, seed: int)
 
 
 def run_three_split(root: Path, seeds: Sequence[int], size: DemoSize, log=print) -> dict:
-    from umilayers.recipes import fit
-
-    results: dict = {row: {"classification": []} for row in METHODS}
+    results: dict = {row: {"classification": []} for row in METHOD_ROWS}
     for seed in seeds:
         store = root / f"store-3split-seed{seed}"
         make_three_split_store(store, size.num_train, size.num_eval, seed)
-        for number, (row, options) in enumerate(METHODS.items()):
+        for number, (row, options) in enumerate(METHOD_ROWS.items()):
             start = time.perf_counter()
             metrics = fit(store, out=run_dir(root, "3split", number, options, seed), seed=seed, epochs=size.epochs,
                           unimodal_epochs=size.unimodal_epochs, pseudo_window=size.pseudo_window,
@@ -128,10 +136,8 @@ def subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
 
 def run_subsets(root: Path, seeds: Sequence[int], log=print) -> dict:
     """``{method row: {"+".join(subset): [test MAE per seed]}}`` for the regression runs of Table 4."""
-    from umilayers.recipes import evaluate
-
-    out: dict = {row: {} for row in METHODS}
-    for number, (row, options) in enumerate(METHODS.items()):
+    out: dict = {row: {} for row in METHOD_ROWS}
+    for number, (row, options) in enumerate(METHOD_ROWS.items()):
         for seed in seeds:
             run = run_dir(root, "regression", number, options, seed)
             for subset in subsets(REGRESSION_MODALITIES):
@@ -161,12 +167,10 @@ def noisy_copy(store: Path, dest: Path, modality: str, sigma: float, seed: int) 
 
 def run_noise(root: Path, seeds: Sequence[int], log=print) -> dict:
     """``{method row: {"clean" | "rgb σ=1" ...: [test top-1 per seed]}}`` on classification."""
-    from umilayers.recipes import evaluate
-
-    out: dict = {row: {"clean": []} for row in METHODS}
+    out: dict = {row: {"clean": []} for row in METHOD_ROWS}
     for seed in seeds:
         store = root / f"store-classification-seed{seed}"
-        runs = {row: run_dir(root, "classification", n, o, seed) for n, (row, o) in enumerate(METHODS.items())}
+        runs = {row: run_dir(root, "classification", n, o, seed) for n, (row, o) in enumerate(METHOD_ROWS.items())}
         for row, run in runs.items():
             out[row]["clean"].append(evaluate(run, store=store, split="test", device="cpu")["top1"])
         for modality in ("rgb", "audio"):
@@ -233,9 +237,9 @@ def plot(record: Mapping, path: Path) -> Optional[Path]:
         return None
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     t4 = record["table4"]
-    for ax, task in zip(axes[0], TASKS):
-        scale = 100.0 if TASKS[task][1] == "top1" else 1.0
-        _bars(ax, list(t4), [t4[r][task] for r in t4], f"Table 4: {TASKS[task][0]}", scale, "umi")
+    for ax, task in zip(axes[0], TASK_COLUMNS):
+        scale = 100.0 if TASK_COLUMNS[task][1] == "top1" else 1.0
+        _bars(ax, list(t4), [t4[r][task] for r in t4], f"Table 4: {TASK_COLUMNS[task][0]}", scale, "umi")
     ab = record["ablation"]
     _bars(axes[1][0], list(ab), [ab[r]["classification"] for r in ab], "Tables 2-3: classification top-1", 100.0,
           "L_align + pseudo")
@@ -291,10 +295,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         root = args.keep
         root.mkdir(parents=True, exist_ok=True)
     try:
-        print(f"Table 4: {len(METHODS)} methods x {len(TASKS)} tasks x {len(seeds)} seed(s)", flush=True)
-        table4 = run_grid(root / "main", list(TASKS), METHODS, seeds, size)
+        print(f"Table 4: {len(METHOD_ROWS)} methods x {len(TASK_COLUMNS)} tasks x {len(seeds)} seed(s)", flush=True)
+        table4 = run_grid(root / "main", list(TASK_COLUMNS), METHOD_ROWS, seeds, size)
         print("Tables 2-3: ablations on classification", flush=True)
-        ablation = run_grid(root / "ablation", ["classification"], ABLATIONS, seeds, size)
+        ablation = run_grid(root / "ablation", ["classification"], ABLATION_ROWS, seeds, size)
         print("Three training splits (classification: rgb, audio, flow)", flush=True)
         three = run_three_split(root / "three", seeds, size)
         print("Figure 3: every modality subset at test time (regression)", flush=True)
@@ -306,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tmp.cleanup()
     elapsed = time.perf_counter() - start
     tables = {
-        "table4": format_table(table4, list(TASKS), "method (Table 4 layout)"),
+        "table4": format_table(table4, list(TASK_COLUMNS), "method (Table 4 layout)"),
         "ablation": format_table(ablation, ["classification"], "ablation (Tables 2-3 layout)"),
         "three_splits": column_table({r: {"3 train splits, top-1 (up)": v["classification"]} for r, v in three.items()},
                                      "method (rgb / audio / flow training splits)", 100.0),

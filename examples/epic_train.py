@@ -25,23 +25,21 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from umilayers._io import atomic_write_json
-from umilayers.cli import add_fit_arguments, fit_options
+from umilayers.cli import HelpFormatter, add_fit_arguments, parse_fit_args
 from umilayers.datasets import epic
-from umilayers.recipes import fit
+from umilayers.train import fit
 
 # The paper's EPIC-Kitchens hyper-parameters (Sec. 5), where `umilayers fit` has the option.
 EPIC_DEFAULTS = {
-    "tokens": 512, "dim": 256, "depth": 6, "heads": 8,
+    "num_tokens": 512, "dim": 256, "projection_depth": 6, "fusion_depth": 6, "heads": 8,
     "align_weight": 0.001, "pseudo_weight": 3000.0, "pseudo_window": 10,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("store", help="FeatureStore written by examples/epic_extract.py")
-    add_fit_arguments(parser)
-    known = {action.dest for action in parser._actions}
-    parser.set_defaults(**{k: v for k, v in EPIC_DEFAULTS.items() if k in known})
+    add_fit_arguments(parser, defaults=EPIC_DEFAULTS)
     return parser
 
 
@@ -71,9 +69,9 @@ def add_verb_noun_metrics(store: Path, run: Path) -> Optional[dict[str, float]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    metrics: dict[str, Any] = fit(args.store, args.method, args.out, resume=args.resume,
-                                  overwrite=args.overwrite, **fit_options(args))
+    args, config = parse_fit_args(build_parser(), argv)
+    metrics: dict[str, Any] = fit(args.store, out=args.out, config=config, resume=args.resume,
+                                  overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes, as `umilayers fit`
         return 0
     scores = add_verb_noun_metrics(Path(args.store), Path(args.out))

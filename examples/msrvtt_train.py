@@ -7,7 +7,7 @@
 detected too. The features are written to ``RUN/store`` (or ``--store``; an existing store is
 reused) with the splits of Zhang et al.'s Table 1: training videos in a {rgb, audio, ocr,
 speech} group and a {rgb, object, scene, face} group by which modalities each video has,
-val/test with every modality. Then ``umilayers.recipes.fit`` trains with the triplet loss and
+val/test with every modality. Then ``umilayers.train.fit`` trains with the triplet loss and
 writes ``RUN/metrics.json`` (R@1/5/10, median and mean rank, both directions) as
 ``umilayers fit`` does. ``--extract-only`` stops after the store.
 """
@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from umilayers.cli import add_fit_arguments, fit_options
+from umilayers.cli import HelpFormatter, add_fit_arguments, parse_fit_args
 from umilayers.datasets import msrvtt
-from umilayers.recipes import process_group
+from umilayers.train import FitConfig, fit, process_group
 
 
 def _modality_file(text: str) -> tuple[str, str]:
@@ -34,8 +34,7 @@ def _modality_file(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
     data.add_argument("--data", required=True, help="CE MSRVTT folder (or its feature root)")
     data.add_argument("--store", default=None, help="FeatureStore to write or reuse (default RUN/store)")
@@ -44,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="drop listed videos without captions or without any modality (and report)")
     data.add_argument("--split", choices=["jsfusion", "full"], default="jsfusion",
                       help="1k-A (jsfusion, default) or the full split")
-    data.add_argument("--layout", choices=["auto", "ce", "mmt"], default="auto")
+    data.add_argument("--layout", choices=["auto", "ce", "mmt"], default="auto",
+                      help="feature layout: the CE release, MMT's mmt_feats/, or detected")
     data.add_argument("--text-feat", default="w2v", help="CE text features: w2v (default), openai, ...")
     data.add_argument("--text-file", default=None, help="text-feature pickle relative to the root")
     data.add_argument("--modality-file", type=_modality_file, action="append", default=[],
@@ -61,18 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args, store: Path, run: Path, rank: int) -> None:
-    from umilayers.recipes import fit
-
-    options = fit_options(args)
-    method = getattr(args, "method", "umi")
-    metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
+def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
+    metrics = fit(str(store), out=run, config=config, resume=args.resume, overwrite=args.overwrite)
     if rank == 0:
         print(json.dumps(metrics.get("test", metrics), indent=2))
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, config = parse_fit_args(build_parser(), argv)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
                     args.data, store, split=args.split, layout=args.layout,
                     text_feat=args.text_feat, text_file=args.text_file,
                     modality_files=dict(args.modality_file), embed_dim=args.embed_dim,
-                    seed=args.seed, val_size=args.val_size, train_captions=args.train_captions,
+                    seed=config.train.seed, val_size=args.val_size, train_captions=args.train_captions,
                     min_fraction=args.min_fraction, missing=args.missing,
                     skip_missing=args.skip_missing,
                 )
@@ -96,8 +92,8 @@ def main(argv=None) -> int:
             print(f"reusing the store in {store}")
         if args.extract_only:
             return 0
-        with process_group(getattr(args, "device", "auto")):
-            _train(args, store, run, rank)
+        with process_group(config.runtime.device):
+            _train(args, config, store, run, rank)
     except (msrvtt.MSRVTTDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@
    Zhang et al. ({image, depth} and {proprio, force} training halves, val/test with all four,
    by episode), Lee et al.'s encoders are trained per modality on ``ee_yaw_next`` and their
    tokens are written to ``RUN/store`` (or ``--store``; an existing store is reused).
-2. ``umilayers.recipes.fit`` on that store (unimodal stage, pseudo-labels, multimodal stage):
+2. ``umilayers.train.fit`` on that store (unimodal stage, pseudo-labels, multimodal stage):
    writes ``RUN/metrics.json`` as ``umilayers fit`` does (MAE on val and test).
 3. Every non-empty subset of the four modalities is evaluated on the test split with the best
    model (the paper's Figure 3): ``RUN/subsets.json``, ``RUN/subsets.md``, ``RUN/subsets.png``.
@@ -21,19 +21,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from umilayers._io import atomic_write_text
-from umilayers.cli import add_fit_arguments, fit_options
+from umilayers._io import atomic_write, atomic_write_text
+from umilayers.cli import HelpFormatter, add_fit_arguments, parse_fit_args
 from umilayers.datasets import robot
-from umilayers.recipes import process_group
+from umilayers.train import FitConfig, evaluate, fit, process_group
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
     data.add_argument("--data", required=True, help="folder of the dataset's .h5 episode files")
     data.add_argument("--store", default=None, help="FeatureStore to write or reuse (default RUN/store)")
@@ -44,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=128, help="resize image/depth (default 128 = as stored)")
     data.add_argument("--force-window", type=int, default=32, help="force readings per step (default 32)")
     data.add_argument("--encoder-epochs", type=int, default=5, help="stage-1 epochs per encoder")
-    data.add_argument("--encoder-lr", type=float, default=1e-3)
-    data.add_argument("--encoder-batch-size", type=int, default=64)
+    data.add_argument("--encoder-lr", type=float, default=1e-3, help="learning rate of the stage-1 encoders")
+    data.add_argument("--encoder-batch-size", type=int, default=64, help="batch size of the stage-1 encoders")
     data.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for val")
     data.add_argument("--test-fraction", type=float, default=0.2, help="episodes held out for test")
     data.add_argument("--encoder-device", default="cpu", help="device of the stage-1 encoders")
@@ -66,8 +64,6 @@ def evaluate_subsets(run: Path, store: Path, device: str = "auto", rank: int = 0
 
     Under torchrun every rank calls this (evaluation is collective); only rank 0 writes.
     """
-    from umilayers.recipes import evaluate
-
     rows = []
     for subset in robot.subsets():
         result = evaluate(run, store, split="test", modalities=list(subset), device=device)
@@ -99,26 +95,19 @@ def _plot_subsets(rows, path: Path) -> None:
     ax.set_xlabel("test MAE (lower is better)")
     ax.set_title("Robot state regression: test modalities (Zhang et al., Fig. 3)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
-def _train(args, store: Path, run: Path, rank: int) -> None:
-    from umilayers.recipes import fit
-
-    options = fit_options(args)
-    method = getattr(args, "method", "umi")
-    metrics = fit(str(store), method, run, resume=args.resume, overwrite=args.overwrite, **options)
+def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
+    metrics = fit(str(store), out=run, config=config, resume=args.resume, overwrite=args.overwrite)
     if rank == 0:
         print(json.dumps(metrics.get("test", metrics), indent=2))
-    evaluate_subsets(run, store, device=getattr(args, "device", "auto"), rank=rank)
+    evaluate_subsets(run, store, device=config.runtime.device, rank=rank)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, config = parse_fit_args(build_parser(), argv)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
@@ -130,7 +119,7 @@ def main(argv=None) -> int:
                 robot.build_robot_store(
                     args.data, store, z_dim=args.z_dim, image_size=args.image_size,
                     force_window=args.force_window, epochs=args.encoder_epochs,
-                    batch_size=args.encoder_batch_size, lr=args.encoder_lr, seed=args.seed,
+                    batch_size=args.encoder_batch_size, lr=args.encoder_lr, seed=config.train.seed,
                     val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                     skip_missing=args.skip_missing, device=args.encoder_device,
                 )
@@ -140,8 +129,8 @@ def main(argv=None) -> int:
             print(f"reusing the store in {store}")
         if args.extract_only:
             return 0
-        with process_group(getattr(args, "device", "auto")):
-            _train(args, store, run, rank)
+        with process_group(config.runtime.device):
+            _train(args, config, store, run, rank)
     except (robot.RobotDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -23,7 +23,8 @@ def test_headline_metric_per_task():
 
 def test_run_grid_trains_each_row_on_each_task(tmp_path):
     size = demo.DemoSize(num_train=48, num_eval=24, epochs=1, unimodal_epochs=2, pseudo_window=1,
-                         model=dict(dim=8, tokens=2, depth=1, heads=2, batch_size=16, lr=1e-3))
+                         model=dict(dim=8, num_tokens=2, projection_depth=1, fusion_depth=1, heads=2, batch_size=16,
+                                    lr=1e-3))
     rows = {"umi": {"method": "umi"}, "late": {"method": "late-fusion"}}
     logged = []
     results = demo.run_grid(tmp_path, ["classification", "regression"], rows, [0], size, log=logged.append)
@@ -45,34 +46,34 @@ def test_demo_sizes_share_one_setting_for_every_method():
     # The demo's fairness rule: one training setting for all methods; only the rows' own
     # ablation switches differ.
     for size in (demo.DemoSize.default(), demo.DemoSize.quick()):
-        assert size.model["unimodal_predictor"] == "transformer"
-        assert not set(size.model) & {"method", "no_align", "no_pseudo", "branches"}
-    for options in list(demo.METHODS.values()) + list(demo.ABLATIONS.values()):
-        assert set(options) <= {"method", "no_align", "no_pseudo", "branches"}
+        assert size.model["predictor"] == "transformer"
+        assert not set(size.model) & {"method", "use_alignment", "use_pseudo", "branches"}
+    for options in list(demo.METHOD_ROWS.values()) + list(demo.ABLATION_ROWS.values()):
+        assert set(options) <= {"method", "use_alignment", "use_pseudo", "branches"}
 
 
-def test_fit_unimodal_predictor_reaches_late_fusion_and_stage_one(tmp_path):
+def test_fit_predictor_reaches_late_fusion_and_stage_one(tmp_path):
     import torch
 
     from umilayers.data.synthetic import make_synthetic_store
-    from umilayers.recipes import FitConfig, fit
+    from umilayers.train import FitConfig, fit
 
     store = make_synthetic_store("classification", tmp_path / "store", num_train=24, num_eval=12)
-    tiny = dict(dim=8, tokens=2, depth=1, heads=2, epochs=1, unimodal_epochs=1, pseudo_window=1,
-                batch_size=12, quiet=True)
-    fit(store, "late-fusion", tmp_path / "lf", unimodal_predictor="transformer", **tiny)
+    tiny = dict(dim=8, num_tokens=2, projection_depth=1, fusion_depth=1, heads=2, epochs=1, unimodal_epochs=1,
+                pseudo_window=1, batch_size=12, quiet=True)
+    fit(store, "late-fusion", tmp_path / "lf", predictor="transformer", **tiny)
     spec = torch.load(tmp_path / "lf" / "model.pt", weights_only=False)["spec"]
     assert spec["class"] == "LateFusion" and spec["config"]["predictor"] == "transformer"
     assert spec["config"]["depth"] == 1
     fit(store, "late-fusion", tmp_path / "lin", **tiny)
     spec = torch.load(tmp_path / "lin" / "model.pt", weights_only=False)["spec"]
     assert spec["config"]["predictor"] == "linear"  # the paper's default is unchanged
-    with pytest.raises(ValueError, match="unimodal_predictor"):
-        FitConfig(unimodal_predictor="mlp").validate()
+    with pytest.raises(ValueError, match="predictor"):
+        FitConfig(predictor="mlp")
 
 
-def test_cli_parses_unimodal_predictor():
-    from umilayers.cli import build_parser, fit_options
+def test_cli_parses_predictor():
+    from umilayers.cli import build_parser, fit_config
 
-    args = build_parser().parse_args(["fit", "S", "--out", "O", "--unimodal-predictor", "transformer"])
-    assert fit_options(args)["unimodal_predictor"] == "transformer"
+    args = build_parser().parse_args(["fit", "S", "--out", "O", "--predictor", "transformer"])
+    assert fit_config(args).predictor == "transformer"

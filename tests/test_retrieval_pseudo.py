@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from umilayers.data.synthetic import make_synthetic_store
 from umilayers.losses import TaskLoss, cosine_similarity_matrix, similarity_distillation_loss
 from umilayers.model import UnseenModalityModel
-from umilayers.recipes import _Run, fit
+from umilayers.pseudo_labels import PseudoLabelBank
+from umilayers.train import fit
 
 
 def _orthogonal(dim, seed):
@@ -107,24 +108,24 @@ def retrieval_store(tmp_path_factory):
     return str(make_synthetic_store("retrieval", root / "store", num_train=24, num_eval=10, tokens=4, dim=12).path)
 
 
-def test_recipe_builds_teacher_similarities_in_each_unimodal_space(retrieval_store, tmp_path, monkeypatch):
-    seen = []
-    original = _Run.pseudo_targets
+def test_recipe_builds_teacher_similarities_in_each_unimodal_space(retrieval_store, tmp_path):
+    seen = []  # (batch, pseudo-labels) of every multimodal step, as fit reports them
 
-    def record(self, batch):
-        out = original(self, batch)
-        seen.append((self, batch, out.cpu()))
-        return out
+    def record(event):
+        if event.kind == "step" and event.stage == "multimodal":
+            seen.append((event.batch, event.pseudo_targets.cpu()))
 
-    monkeypatch.setattr(_Run, "pseudo_targets", record)
-    fit(retrieval_store, "umi", tmp_path / "run", dim=16, depth=1, heads=2, tokens=4, epochs=1, unimodal_epochs=2,
-        pseudo_window=1, batch_size=8, lr=1e-3, quiet=True, device="cpu")
+    out_dir = tmp_path / "run"
+    fit(retrieval_store, "umi", out_dir, dim=16, projection_depth=1, fusion_depth=1, heads=2, num_tokens=4, epochs=1,
+        unimodal_epochs=2, pseudo_window=1, batch_size=8, lr=1e-3, quiet=True, device="cpu", callback=record)
     assert seen
-    run, batch, out = seen[0]
+    batch, out = seen[0]
+    bank = PseudoLabelBank.load(out_dir / "pseudo_labels")
+    text_embeddings = torch.load(out_dir / "pseudo_labels" / "text_embeddings.pt")
     indices = batch.indices.cpu()
     assert out.shape == (len(indices), len(indices))
     # Every unimodal text encoder embedded every train caption, not only those of its rows.
-    for table in run.text_embeddings.values():
+    for table in text_embeddings.values():
         torch.testing.assert_close(table.norm(dim=-1), torch.ones(len(table)), atol=1e-4, rtol=0)
     # Row i is the mean over the modalities m of sample i of cos(p_i^m, t_j^m), each cosine in
     # unimodal model m's own space: neither the closest single modality nor a cross-space mix.
@@ -132,8 +133,8 @@ def test_recipe_builds_teacher_similarities_in_each_unimodal_space(retrieval_sto
         rows = []
         for m, mask in batch.present.items():
             if bool(mask[i]):
-                p = run.bank.targets(indices[i : i + 1], {m: torch.ones(1, dtype=torch.bool)})
-                rows.append((F.normalize(p, dim=-1) @ F.normalize(run.text_embeddings[m][indices], dim=-1).T)[0])
+                p = bank.targets(indices[i : i + 1], {m: torch.ones(1, dtype=torch.bool)})
+                rows.append((F.normalize(p, dim=-1) @ F.normalize(text_embeddings[m][indices], dim=-1).T)[0])
         assert rows
         torch.testing.assert_close(out[i], torch.stack(rows).mean(0))
         if len(rows) > 1:  # differs from the single-teacher rows
@@ -147,8 +148,8 @@ def _worker(rank, world, port, store, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    fit(store, "umi", out, dim=16, depth=1, heads=2, tokens=4, epochs=1, unimodal_epochs=1, pseudo_window=1,
-        batch_size=8, lr=1e-3, quiet=True, device="cpu")
+    fit(store, "umi", out, dim=16, projection_depth=1, fusion_depth=1, heads=2, num_tokens=4, epochs=1,
+        unimodal_epochs=1, pseudo_window=1, batch_size=8, lr=1e-3, quiet=True, device="cpu")
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Every model here takes the sub-batch layout of ``docs/contracts.md`` (``inputs[m]`` holds the
 rows that have m, ``present[m]`` says which) and returns a :class:`~umilayers.model.UMIOutput`
-with one branch; they are :class:`~umilayers.model.TaskModel`\ s, so
+with one branch; they derive from :class:`~umilayers.model.TaskModel`, so
 ``loss(output, targets, pseudo_targets=None, *, text_padding_mask=None)`` returns a
 :class:`~umilayers.model.LossOutput` (``align`` and ``pseudo`` are 0: no baseline uses them, and
 ``pseudo_targets`` must be None — check ``model.needs_pseudo_labels``). So one training recipe

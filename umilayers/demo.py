@@ -2,7 +2,7 @@
 
 Generates the three synthetic FeatureStores (classification with two unimodal training splits,
 regression with four modalities split 2 + 2, retrieval with seven modalities split 4 + 4) in a
-temporary folder, trains umi, late fusion, vanilla and pooled on each with :func:`umilayers.recipes.fit`,
+temporary folder, trains umi, late fusion, vanilla and pooled on each with :func:`umilayers.train.fit`,
 and prints
 
 - a table in the layout of the paper's Table 4 (methods x tasks: top-1 up, MAE down, MnR down),
@@ -12,14 +12,13 @@ and prints
 then saves both as ``demo.json`` and a PNG bar chart (``demo.png``) in ``--out``.
 
 Every method and ablation is trained with one shared setting (:meth:`DemoSize.default`, chosen
-on the val split only), including ``unimodal_predictor="transformer"`` for stage 1 and the
-late-fusion members. Results and what they show: ``docs/accuracy.rst``.
+on the val split only), including ``predictor="transformer"`` for stage 1 and the late-fusion
+members. Results and what they show: ``docs/accuracy.rst``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -28,10 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from umilayers._io import atomic_write, atomic_write_json
+from umilayers.data.synthetic import make_synthetic_store
+from umilayers.train import fit
+
 __all__ = [
-    "TASKS",
-    "METHODS",
-    "ABLATIONS",
+    "TASK_COLUMNS",
+    "METHOD_ROWS",
+    "ABLATION_ROWS",
     "DemoSize",
     "headline_metric",
     "run_dir",
@@ -41,14 +44,14 @@ __all__ = [
 ]
 
 #: task -> (column title in the Table-4 layout, metric key, higher is better)
-TASKS: dict[str, tuple[str, str, bool]] = {
+TASK_COLUMNS: dict[str, tuple[str, str, bool]] = {
     "classification": ("video cls. top-1 (up)", "top1", True),
     "regression": ("robot MAE (down)", "mae", False),
     "retrieval": ("retrieval MnR (down)", "mean_rank", False),
 }
 
 #: Table-4 rows: method label -> fit options
-METHODS: dict[str, dict] = {
+METHOD_ROWS: dict[str, dict] = {
     "late fusion": {"method": "late-fusion"},
     "vanilla transformer": {"method": "vanilla"},
     "pooled projection": {"method": "pooled"},
@@ -56,11 +59,11 @@ METHODS: dict[str, dict] = {
 }
 
 #: Tables 2-3 rows (on the classification task): label -> fit options
-ABLATIONS: dict[str, dict] = {
-    "pooled projection, no L_align, no pseudo": {"method": "pooled", "no_align": True, "no_pseudo": True},
-    "feature projection, no L_align, no pseudo": {"method": "umi", "no_align": True, "no_pseudo": True},
-    "feature projection + L_align": {"method": "umi", "no_pseudo": True},
-    "feature projection + pseudo": {"method": "umi", "no_align": True},
+ABLATION_ROWS: dict[str, dict] = {
+    "pooled projection, no L_align, no pseudo": {"method": "pooled", "use_alignment": False, "use_pseudo": False},
+    "feature projection, no L_align, no pseudo": {"method": "umi", "use_alignment": False, "use_pseudo": False},
+    "feature projection + L_align": {"method": "umi", "use_pseudo": False},
+    "feature projection + pseudo": {"method": "umi", "use_alignment": False},
     "feature projection + L_align + pseudo": {"method": "umi"},
     "... one branch": {"method": "umi", "branches": 1},
 }
@@ -86,19 +89,19 @@ class DemoSize:
     @classmethod
     def default(cls) -> "DemoSize":
         return cls(num_train=1200, num_eval=400, epochs=12, unimodal_epochs=8, pseudo_window=4,
-                   model=dict(dim=32, tokens=8, depth=1, heads=4, batch_size=64, lr=2e-3,
-                              unimodal_predictor="transformer"))
+                   model=dict(dim=32, num_tokens=8, projection_depth=1, fusion_depth=1, heads=4, batch_size=64,
+                              lr=2e-3, predictor="transformer"))
 
     @classmethod
     def quick(cls) -> "DemoSize":
         return cls(num_train=320, num_eval=128, epochs=3, unimodal_epochs=3, pseudo_window=2,
-                   model=dict(dim=16, tokens=4, depth=1, heads=2, batch_size=64, lr=3e-3,
-                              unimodal_predictor="transformer"))
+                   model=dict(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, batch_size=64,
+                              lr=3e-3, predictor="transformer"))
 
 
 def headline_metric(task: str, metrics: Mapping) -> float:
     """The one number reported for a task from a ``metrics.json`` split dict."""
-    return float(metrics[TASKS[task][1]])
+    return float(metrics[TASK_COLUMNS[task][1]])
 
 
 def run_dir(root: Path, task: str, row_number: int, options: Mapping, seed: int) -> Path:
@@ -115,9 +118,6 @@ def run_grid(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train every row on every task and seed; returns ``{row: {task: [test metric per seed]}}``."""
-    from umilayers.data.synthetic import make_synthetic_store
-    from umilayers.recipes import fit
-
     results: dict = {row: {task: [] for task in tasks} for row in rows}
     for task in tasks:
         for seed in seeds:
@@ -139,8 +139,8 @@ def run_grid(
 
 
 def _cell(values: Sequence[float], task: str) -> str:
-    scale = 100.0 if TASKS[task][1] == "top1" else 1.0
-    digits = 3 if TASKS[task][1] == "mae" else 2  # MAE differences live in the third decimal
+    scale = 100.0 if TASK_COLUMNS[task][1] == "top1" else 1.0
+    digits = 3 if TASK_COLUMNS[task][1] == "mae" else 2  # MAE differences live in the third decimal
     mean = statistics.fmean(values) * scale
     if len(values) < 2:
         return f"{mean:.{digits}f}"
@@ -149,7 +149,7 @@ def _cell(values: Sequence[float], task: str) -> str:
 
 def format_table(results: Mapping, tasks: Sequence[str], title: str) -> str:
     """A plain-text table: one row per method, one column per task, mean ± std over seeds."""
-    header = [title] + [TASKS[t][0] for t in tasks]
+    header = [title] + [TASK_COLUMNS[t][0] for t in tasks]
     body = [[row] + [_cell(results[row][t], t) for t in tasks] for row in results]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -168,15 +168,15 @@ def _plot(results: Mapping, tasks: Sequence[str], path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = list(results)
-        scale = 100.0 if TASKS[task][1] == "top1" else 1.0
+        scale = 100.0 if TASK_COLUMNS[task][1] == "top1" else 1.0
         means = [statistics.fmean(results[r][task]) * scale for r in rows]
         errs = [statistics.stdev(results[r][task]) * scale if len(results[r][task]) > 1 else 0.0 for r in rows]
         ax.bar(range(len(rows)), means, yerr=errs, color=["#999999"] * (len(rows) - 1) + ["#d62728"])
         ax.set_xticks(range(len(rows)), [r.replace(" ", "\n", 1) for r in rows], fontsize=7)
-        ax.set_title(TASKS[task][0], fontsize=9)
+        ax.set_title(TASK_COLUMNS[task][0], fontsize=9)
     fig.suptitle("umilayers demo: synthetic unseen-modality benchmark (test split)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -197,23 +197,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="umilayers-demo-") as tmp:
         root = Path(tmp)
-        print(f"Table 4 layout: {len(METHODS)} methods x {len(TASKS)} tasks x {len(seeds)} seed(s)")
-        main_results = run_grid(root, list(TASKS), METHODS, seeds, size)
+        print(f"Table 4 layout: {len(METHOD_ROWS)} methods x {len(TASK_COLUMNS)} tasks x {len(seeds)} seed(s)")
+        main_results = run_grid(root, list(TASK_COLUMNS), METHOD_ROWS, seeds, size)
         ablation_results = None
         if not args.no_ablation:
             print("Tables 2-3 layout: ablations on the classification task")
-            ablation_results = run_grid(root / "ablation", ["classification"], ABLATIONS, seeds, size)
+            ablation_results = run_grid(root / "ablation", ["classification"], ABLATION_ROWS, seeds, size)
     print()
-    print(format_table(main_results, list(TASKS), "method (Table 4 layout)"))
+    print(format_table(main_results, list(TASK_COLUMNS), "method (Table 4 layout)"))
     if ablation_results is not None:
         print()
         print(format_table(ablation_results, ["classification"], "ablation (Tables 2-3 layout)"))
     elapsed = time.perf_counter() - start
     record = {"size": "quick" if args.quick else "default", "seeds": seeds, "seconds": round(elapsed, 1),
               "table4": main_results, "ablation": ablation_results, "cpu_count": os.cpu_count()}
-    tmp_json = out / "demo.json.tmp"
-    tmp_json.write_text(json.dumps(record, indent=2))
-    os.replace(tmp_json, out / "demo.json")
-    png = _plot(main_results, list(TASKS), out / "demo.png")
+    atomic_write_json(out / "demo.json", record)
+    png = _plot(main_results, list(TASK_COLUMNS), out / "demo.png")
     print(f"\nwrote {out / 'demo.json'}" + (f" and {png}" if png else "") + f" in {elapsed:.0f}s")
     return 0

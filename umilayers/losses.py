@@ -382,10 +382,13 @@ def triplet_loss(sim: Tensor, margin: float = 0.2, *, check_values: bool = False
         return _zero_like_graph(sim)
     sim = _acc(sim)
     positive = sim.diagonal()
-    off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    # Flat indices of the off-diagonal entries in row-major order (k + k // n + 1 skips each
+    # diagonal entry): an integer index needs no host read, where a boolean mask would.
+    off = torch.arange(n * (n - 1), device=sim.device)
+    off = off + off // n + 1
     rows = F.relu(margin - positive[:, None] + sim)  # query i against every item j
     cols = F.relu(margin - positive[None, :] + sim)  # item j against every query i
-    return (rows[off].sum() + cols[off].sum()) / (2 * n * (n - 1))
+    return (rows.flatten()[off].sum() + cols.flatten()[off].sum()) / (2 * n * (n - 1))
 
 
 def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:

@@ -516,12 +516,13 @@ def test_epic_train_on_extracted_store(epic_store, tmp_path):
     epic_train = _example("epic_train")
     parser = epic_train.build_parser()
     defaults = parser.parse_args([str(epic_store), "--out", "run"])
-    assert (defaults.tokens, defaults.pseudo_weight, defaults.pseudo_window) == (512, 3000.0, 10)
+    assert (defaults.num_tokens, defaults.pseudo_weight, defaults.pseudo_window) == (512, 3000.0, 10)
     run = tmp_path / "run"
     assert epic_train.main([
         str(epic_store), "--out", str(run), "--method", "umi", "--epochs", "1",
-        "--unimodal-epochs", "2", "--pseudo-window", "1", "--tokens", "4", "--dim", "16",
-        "--depth", "1", "--heads", "2", "--batch-size", "4", "--device", "cpu", "--quiet"]) == 0
+        "--unimodal-epochs", "2", "--pseudo-window", "1", "--num-tokens", "4", "--dim", "16",
+        "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--batch-size", "4", "--device", "cpu",
+        "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
     for key in ("action_top1", "verb_top1", "noun_top1"):

@@ -222,7 +222,7 @@ def test_example_end_to_end(tmp_path):
     assert _example().main(["--data", str(root), "--out", str(run), "--val-size", "2",
                             "--embed-dim", "16", "--epochs", "1",
                             "--unimodal-epochs", "1", "--pseudo-window", "1", "--dim", "16",
-                            "--depth", "1", "--heads", "2", "--tokens", "4", "--quiet",
+                            "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--num-tokens", "4", "--quiet",
                             "--device", "cpu"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert "test" in metrics

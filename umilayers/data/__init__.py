@@ -3,8 +3,8 @@
 See ``docs/store_format.rst`` for the format and the synthetic generator's model of the data.
 """
 
-from umilayers.data.dataset import Batch, FeatureDataset, collate
-from umilayers.data.store import FORMAT, FeatureStore, SplitInfo, StoreError, check_store
+from umilayers.data.dataset import Batch, FeatureDataset, SplitInfo, collate
+from umilayers.data.store import FORMAT, FeatureStore, StoreError, check_store
 from umilayers.data.synthetic import SyntheticConfig, make_synthetic_store
 
 __all__ = [

@@ -24,9 +24,23 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from umilayers.data.store import SplitInfo
+__all__ = ["SplitInfo", "FeatureDataset", "Batch", "collate"]
 
-__all__ = ["FeatureDataset", "Batch", "collate"]
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split as declared in ``store.json``.
+
+    Example::
+
+        >>> SplitInfo("train_a", "train", 100, ("rgb",))
+        SplitInfo(name='train_a', role='train', size=100, modalities=('rgb',))
+    """
+
+    name: str
+    role: str
+    size: int
+    modalities: tuple[str, ...]
 
 
 class FeatureDataset(Dataset):

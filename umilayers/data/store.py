@@ -28,21 +28,20 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from torch.utils.data import ConcatDataset
 
 from umilayers._io import atomic_write_text
+from umilayers._validation import format_indices
+from umilayers.data.dataset import FeatureDataset, SplitInfo
+from umilayers.losses import TASKS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from umilayers.data.dataset import FeatureDataset
-
-__all__ = ["FORMAT", "TASKS", "ROLES", "StoreError", "SplitInfo", "FeatureStore", "check_store"]
+__all__ = ["FORMAT", "ROLES", "StoreError", "FeatureStore", "check_store"]
 
 FORMAT = "umilayers-store/1"
-TASKS = ("classification", "regression", "retrieval")
 ROLES = ("train", "val", "test")
 FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -63,22 +62,6 @@ class StoreError(ValueError):
         ...     print(err)
         /nonexistent/store/store.json: missing file (not a FeatureStore directory?)
     """
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    """One split as declared in ``store.json``.
-
-    Example::
-
-        >>> SplitInfo("train_a", "train", 100, ("rgb",))
-        SplitInfo(name='train_a', role='train', size=100, modalities=('rgb',))
-    """
-
-    name: str
-    role: str
-    size: int
-    modalities: tuple[str, ...]
 
 
 def _is_pos_int(value: Any) -> bool:
@@ -543,17 +526,13 @@ class FeatureStore:
 
     def dataset(self, split: str) -> "FeatureDataset":
         """A torch ``Dataset`` over one split (items as in ``docs/contracts.md``)."""
-        from umilayers.data.dataset import FeatureDataset
-
         info = self._require_split(split)
         offset = self.train_index().get(split, 0) if info.role == "train" else 0
         return FeatureDataset(self.path, info, self.split_id(split), offset, self.modalities,
                               self.task, self.text)
 
-    def train_dataset(self):
+    def train_dataset(self) -> ConcatDataset:
         """All training splits as one ``ConcatDataset`` (items carry global train ids)."""
-        from torch.utils.data import ConcatDataset
-
         names = self.splits_with_role("train")
         if not names:
             raise StoreError(f"{self.path / 'store.json'}: no split with role 'train'")
@@ -660,7 +639,7 @@ def _check_every_row_has_a_modality(
         rows = np.flatnonzero(~has_any)
         raise StoreError(
             f"{label}: {rows.size} sample(s) have length 0 for every modality (no modality at all), "
-            f"rows {rows[:10].tolist()}{' ...' if rows.size > 10 else ''}"
+            f"rows {format_indices(rows)}"
         )
 
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from umilayers._distributed import GlobalBatchSampler, shard_rows
 from umilayers.data.synthetic import make_synthetic_store
-from umilayers.recipes import fit
+from umilayers.train import fit
+from umilayers.train.distributed import GlobalBatchSampler, shard_rows
 
-TINY = dict(dim=16, depth=1, heads=2, tokens=4, epochs=2, unimodal_epochs=2, pseudo_window=1,
-            batch_size=8, lr=1e-3, quiet=True, device="cpu")
+TINY = dict(dim=16, projection_depth=1, fusion_depth=1, heads=2, num_tokens=4, epochs=2, unimodal_epochs=2,
+            pseudo_window=1, batch_size=8, lr=1e-3, quiet=True, device="cpu")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from umilayers._checkpoint import derive_seed
+from umilayers._validation import InvalidArgument
+from umilayers.train.checkpoint import derive_seed
 
 __all__ = [
     "DistContext",
@@ -54,7 +55,14 @@ __all__ = [
 
 @dataclass
 class DistContext:
-    """Where this process runs: its rank, the world size and its device."""
+    """Where this process runs: its rank, the world size and its device.
+
+    Example::
+
+        >>> ctx = DistContext()
+        >>> ctx.distributed, ctx.is_main, ctx.device
+        (False, True, device(type='cpu'))
+    """
 
     world_size: int = 1
     rank: int = 0
@@ -80,10 +88,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
     if name in (None, "", "auto"):
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InvalidArgument("device", f"expected auto, cpu, cuda, cuda:N, ..., got {name!r} ({err})") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {name!r} requested but CUDA is not available")
+            raise InvalidArgument("device", f"{name!r} requested but CUDA is not available")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
@@ -151,6 +162,15 @@ class GlobalBatchSampler:
         world_size: number of processes.
         shuffle: draw a permutation (training) or keep the order.
         tag: anything hashable that tells apart samplers of one run (e.g. the stage).
+
+    Example::
+
+        >>> one = GlobalBatchSampler(6, batch_size=4, seed=0)
+        >>> halves = [GlobalBatchSampler(6, batch_size=4, seed=0, rank=r, world_size=2) for r in (0, 1)]
+        >>> for s in (one, *halves):
+        ...     s.set_epoch(0)
+        >>> [a + b for a, b in zip(*halves)] == list(one)  # the ranks' slices make the global batches
+        True
     """
 
     def __init__(

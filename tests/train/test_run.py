@@ -1,5 +1,6 @@
-"""The two-stage recipe: every method and task end to end, metrics.json schema, resume equals an
-uninterrupted run (in-process crash and kill -9), refusal of finished runs, bad stores."""
+"""The two-stage recipe (umilayers.train.run): every method and task end to end, metrics.json
+schema, resume equals an uninterrupted run (in-process crash and kill -9), refusal of finished
+runs, bad stores."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from umilayers.baselines import METHODS
 from umilayers.data import StoreError
 from umilayers.data.synthetic import make_synthetic_store
-from umilayers.recipes import METHODS, FitConfig, RunExistsError, _Run, evaluate, fit
+from umilayers.losses import TASKS
+from umilayers.train import FitConfig, FitEvent, RunExistsError, evaluate, fit
 
-TASKS = ("classification", "regression", "retrieval")
 # Tiny models and one epoch per stage: the point is the plumbing, not the accuracy.
-TINY = dict(dim=16, depth=1, heads=2, tokens=4, epochs=1, unimodal_epochs=1, pseudo_window=1,
-            batch_size=8, lr=1e-3, quiet=True, device="cpu")
+TINY = dict(dim=16, projection_depth=1, fusion_depth=1, heads=2, num_tokens=4, epochs=1, unimodal_epochs=1,
+            pseudo_window=1, batch_size=8, lr=1e-3, quiet=True, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -86,31 +87,29 @@ class _Crash(RuntimeError):
     pass
 
 
-def _crash_after(monkeypatch, calls):
-    original = _Run.save_checkpoint
+def _crash_after(calls):
+    """A fit callback that crashes the run right after its ``calls``-th checkpoint."""
     count = {"n": 0}
 
-    def save(self, state):
-        original(self, state)
-        count["n"] += 1
-        if count["n"] == calls:
-            raise _Crash("simulated crash right after a checkpoint")
+    def callback(event: FitEvent) -> None:
+        if event.kind == "checkpoint":
+            count["n"] += 1
+            if count["n"] == calls:
+                raise _Crash("simulated crash right after a checkpoint")
 
-    monkeypatch.setattr(_Run, "save_checkpoint", save)
+    return callback
 
 
 @pytest.mark.parametrize("task,crash_at,unimodal_epochs", [("classification", 3, 2), ("retrieval", 9, 1)])
-def test_resume_equals_uninterrupted(stores, tmp_path, monkeypatch, task, crash_at, unimodal_epochs):
+def test_resume_equals_uninterrupted(stores, tmp_path, task, crash_at, unimodal_epochs):
     # Checkpoints: one per unimodal epoch of each modality, one "stage 1 done", one per
     # multimodal epoch. Classification (2 modalities x 2 epochs): crash_at=3 stops after the
     # first epoch of the second modality. Retrieval (7 modalities x 1 epoch): crash_at=9 stops
     # after the first multimodal epoch (the bank and caption embeddings come from disk).
     options = dict(TINY, epochs=3, unimodal_epochs=unimodal_epochs, pseudo_window=unimodal_epochs)
     straight = fit(stores[task], "umi", tmp_path / "straight", **options)
-    _crash_after(monkeypatch, crash_at)
     with pytest.raises(_Crash):
-        fit(stores[task], "umi", tmp_path / "resumed", **options)
-    monkeypatch.undo()
+        fit(stores[task], "umi", tmp_path / "resumed", callback=_crash_after(crash_at), **options)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     with pytest.raises(RunExistsError, match="unfinished run"):
         fit(stores[task], "umi", tmp_path / "resumed", **options)
@@ -120,37 +119,50 @@ def test_resume_equals_uninterrupted(stores, tmp_path, monkeypatch, task, crash_
                                   np.load(tmp_path / "resumed" / "test_predictions.npy"))
 
 
-def test_resume_within_multimodal_stage(stores, tmp_path, monkeypatch):
+def test_resume_within_multimodal_stage(stores, tmp_path):
     options = dict(TINY, epochs=4)
     straight = fit(stores["regression"], "vanilla", tmp_path / "straight", **options)
-    _crash_after(monkeypatch, 2)  # vanilla has no stage 1: stop after 2 of 4 epochs
-    with pytest.raises(_Crash):
-        fit(stores["regression"], "vanilla", tmp_path / "resumed", **options)
-    monkeypatch.undo()
+    with pytest.raises(_Crash):  # vanilla has no stage 1: stop after 2 of 4 epochs
+        fit(stores["regression"], "vanilla", tmp_path / "resumed", callback=_crash_after(2), **options)
     assert fit(stores["regression"], "vanilla", tmp_path / "resumed", resume=True, **options) == straight
+
+
+# The killed run: fit in a child process whose callback reports each step on stdout and then
+# sleeps, so the test can kill it at a chosen step (timing controlled from outside the library).
+_CHILD = """
+import json, sys, time
+from umilayers.train import fit
+
+def report_and_wait(event):
+    if event.kind == "step":
+        print(event.stage, event.modality, event.epoch, event.step, flush=True)
+        time.sleep(0.2)
+
+fit(sys.argv[1], "umi", sys.argv[2], callback=report_and_wait, **json.loads(sys.argv[3]))
+"""
 
 
 def test_kill_9_mid_epoch_then_resume(stores, tmp_path):
     store = stores["regression"]
-    args = ["fit", store, "--method", "umi", "--dim", "16", "--depth", "1", "--heads", "2", "--tokens", "4",
-            "--epochs", "3", "--unimodal-epochs", "2", "--pseudo-window", "1", "--batch-size", "4",
-            "--lr", "1e-3", "--device", "cpu", "--quiet"]
-    straight = fit(store, "umi", tmp_path / "straight", **dict(TINY, epochs=3, unimodal_epochs=2, batch_size=4))
+    options = dict(TINY, epochs=3, unimodal_epochs=2, batch_size=4)
+    straight = fit(store, "umi", tmp_path / "straight", **options)
     run = tmp_path / "killed"
-    env = dict(os.environ, UMILAYERS_STEP_DELAY="0.2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "umilayers", *args, "--out", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (run / "checkpoint.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    time.sleep(0.3)  # a step or two into the next epoch (4 steps of 0.2 s per epoch)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, store, str(run), json.dumps(options)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Kill after step 1 of the second epoch of the first unimodal model: one epoch is checkpointed,
+    # the next is half done (4 steps an epoch).
+    for line in proc.stdout:
+        stage, _, epoch, step = line.split()
+        if (stage, epoch, step) == ("unimodal", "1", "1"):
+            break
+    else:
+        raise AssertionError(f"the run ended before the chosen step: {proc.stderr.read()}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (run / "metrics.json").exists()
-    resumed = fit(store, "umi", run, resume=True, **dict(TINY, epochs=3, unimodal_epochs=2, batch_size=4))
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    resumed = fit(store, "umi", run, resume=True, **options)
     assert resumed == straight
 
 
@@ -192,6 +204,7 @@ def test_bad_store_fails_before_training(stores, tmp_path):
     (dict(method="umi", pseudo_window=3), "pseudo_window"),
     (dict(method="umi", heads=3), "heads"),
     (dict(method="umi", epochs=0), "epochs"),
+    (dict(method="umi", num_align_tokens=3), "num_align_tokens"),
 ])
 def test_bad_options(stores, tmp_path, options, message):
     method = options.pop("method")
@@ -228,10 +241,10 @@ def test_compile_smoke(stores, tmp_path):
 
 
 def test_fitconfig_roundtrip_and_unknown_keys():
-    cfg = FitConfig(method="pooled", no_align=True, projection_depth=2)
+    cfg = FitConfig.from_options(method="pooled", use_alignment=False, projection_depth=2)
     assert FitConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.model_depths() == (2, 6)
+    assert (cfg.model.projection_depth, cfg.model.fusion_depth) == (2, 6)
     with pytest.raises(ValueError, match="unknown options"):
         FitConfig.from_dict({"method": "umi", "learning_rate": 1})
-    assert FitConfig(method="umi", no_pseudo=True).uses_pseudo_labels is False
+    assert FitConfig.from_options(method="umi", use_pseudo=False).uses_pseudo_labels is False
     assert FitConfig(method="vanilla").uses_pseudo_labels is False

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any
 
@@ -60,7 +61,5 @@ def seed_everything(seed: int) -> None:
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed that depends on every part (stable across runs and platforms)."""
-    import hashlib
-
     digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,174 @@
+"""What :func:`~umilayers.train.fit` takes: the method and one config per concern.
+
+- :class:`~umilayers.model.ModelConfig`: the model's hyper-parameters (``dim``, ``num_tokens``,
+  ``projection_depth``, ...), the constructor arguments of the same names;
+- :class:`TrainConfig`: what the optimisation computes (epochs of both stages, the pseudo-label
+  window, batch size, learning rate and schedule, seed, autocast, compile);
+- :class:`RuntimeConfig`: how a run executes but not what it computes (device, DataLoader
+  workers, progress bars): free to differ when a run is resumed;
+- :class:`FitConfig`: the method (``method``, ``modality``, ``predictor``) and the three above.
+
+Every field is an option (:func:`umilayers._config.option`): its name is the keyword argument of
+:func:`~umilayers.train.fit` (``fit(store, "umi", out, epochs=2, num_tokens=8)``), the key in a
+run's ``config.json`` and the flag of ``umilayers fit`` (``--epochs``, ``--num-tokens``), whose
+options are generated from these fields (:mod:`umilayers.cli`). Names are unique across the
+concerns.
+
+Example::
+
+    >>> cfg = FitConfig.from_options(method="late-fusion", epochs=2, dim=32, heads=4, device="cpu")
+    >>> cfg.train.epochs, cfg.model.dim, cfg.runtime.device, cfg.uses_pseudo_labels
+    (2, 32, 'cpu', False)
+    >>> FitConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> FitConfig.from_options(epochs=0)
+    Traceback (most recent call last):
+    ...
+    umilayers._validation.InvalidArgument: epochs: expected an int >= 1, got 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from umilayers._config import Config, OptionSpec, option, option_specs
+from umilayers._validation import InvalidArgument
+from umilayers.baselines import METHODS, PREDICTORS
+from umilayers.model import ModelConfig
+
+__all__ = ["TrainConfig", "RuntimeConfig", "FitConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Optimisation and schedule of both stages (part of what a run computes).
+
+    AdamW with a linear warm-up then cosine decay per step is this library's choice (the paper
+    does not say). Every epoch's sample order and random state derive from ``seed``.
+
+    Example::
+
+        >>> TrainConfig(epochs=2, lr=3e-3).replace(amp=True).amp
+        True
+    """
+
+    seed: int = option(0, "seeds model initialisation, sample order and dropout", minimum=0)
+    epochs: int = option(30, "epochs of the multimodal stage", minimum=1)
+    unimodal_epochs: int = option(20, "epochs of each unimodal model (stage 1, which makes the pseudo-labels)",
+                                  minimum=0)
+    pseudo_window: int = option(10, "last unimodal epochs whose predictions are averaged into pseudo-labels "
+                                     "(the paper's e)", minimum=0)
+    batch_size: int = option(64, "global batch size (split over the processes under torchrun)", minimum=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", minimum=0, strict=True)
+    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0)
+    warmup_epochs: int = option(0, "epochs of linear warm-up before the cosine decay", minimum=0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
+    amp: bool = option(False, "bf16 autocast (CUDA and CPU)")
+    compile: bool = option(False, "torch.compile the model")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Config):
+    """How a run executes but not what it computes: free to differ when a run is resumed.
+
+    Example::
+
+        >>> RuntimeConfig(device="cpu", quiet=True).num_workers
+        0
+    """
+
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ... (auto: a GPU when there is one; under torchrun "
+                                 "each process takes its local rank's)")
+    num_workers: int = option(0, "DataLoader worker processes", minimum=0)
+    quiet: bool = option(False, "no progress bars")
+
+
+#: The concerns of a :class:`FitConfig`: field name -> config class.
+CONCERNS: dict[str, type[Config]] = {"model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig}
+
+
+@dataclass(frozen=True)
+class FitConfig(Config):
+    """Every option of :func:`~umilayers.train.fit`: the method and one config per concern.
+
+    Saved in a run's ``config.json`` and checkpoints (:meth:`to_dict`, nested by concern). A run
+    resumes only with the same options but :class:`RuntimeConfig`'s (:meth:`result_options`).
+
+    Example::
+
+        >>> cfg = FitConfig(method="unimodal", modality="rgb", train=TrainConfig(epochs=3))
+        >>> cfg.options()["epochs"], cfg.options()["dim"]
+        (3, 256)
+    """
+
+    method: str = option("umi", "what to train: the paper's model, its baselines and the pooled-projection "
+                                "ablation", choices=METHODS)
+    modality: Optional[str] = option(None, "the modality of method 'unimodal'")
+    predictor: str = option(PREDICTORS[0], "predictor of the unimodal models (stage 1, the late-fusion members, "
+                                           "method 'unimodal'): linear on mean-pooled tokens (the paper's) or a "
+                                           "transformer of projection_depth layers over the tokens",
+                            choices=PREDICTORS)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def check(self) -> None:
+        if self.method == "unimodal" and not self.modality:
+            raise InvalidArgument("modality", "method 'unimodal' needs the modality to train on")
+        if self.method != "unimodal" and self.modality:
+            raise InvalidArgument("modality", f"only used by method 'unimodal', got modality={self.modality!r} "
+                                              f"with method {self.method!r}")
+        if self.uses_pseudo_labels:
+            train = self.train
+            if train.unimodal_epochs < 1:
+                raise InvalidArgument("unimodal_epochs", "pseudo-labels need at least one unimodal epoch "
+                                                         "(or turn {use_pseudo} off)", refs=("use_pseudo",))
+            if not 1 <= train.pseudo_window <= train.unimodal_epochs:
+                raise InvalidArgument(
+                    "pseudo_window",
+                    f"expected 1 <= {{pseudo_window}} <= {{unimodal_epochs}}={train.unimodal_epochs}, "
+                    f"got {train.pseudo_window}", refs=("pseudo_window", "unimodal_epochs"),
+                )
+
+    @property
+    def uses_pseudo_labels(self) -> bool:
+        """Whether stage 1 runs: methods ``umi`` / ``pooled`` with ``use_pseudo``."""
+        return self.method in ("umi", "pooled") and self.model.use_pseudo
+
+    @classmethod
+    def specs(cls) -> dict[str, list[OptionSpec]]:
+        """Every option by concern: ``{"method": [...], "model": [...], "train": [...], "runtime": [...]}``."""
+        return {"method": list(option_specs(cls)), **{name: list(option_specs(c)) for name, c in CONCERNS.items()}}
+
+    @classmethod
+    def from_options(cls, config: Optional["FitConfig"] = None, **options: Any) -> "FitConfig":
+        """A config from flat options (any field of any concern, by name), over ``config``.
+
+        Raises:
+            InvalidArgument: an unknown option, or a bad value (naming the option).
+        """
+        base = config or cls()
+        owner = {spec.name: concern for concern, specs in cls.specs().items() for spec in specs}
+        unknown = sorted(set(options) - set(owner))
+        if unknown:
+            raise InvalidArgument(unknown[0], f"unknown options {unknown}; expected some of {sorted(owner)}")
+        by_concern: dict[str, dict[str, Any]] = {}
+        for name, value in options.items():
+            by_concern.setdefault(owner[name], {})[name] = value
+        changes: dict[str, Any] = dict(by_concern.pop("method", {}))
+        for concern, values in by_concern.items():
+            changes[concern] = getattr(base, concern).replace(**values)
+        return base.replace(**changes)
+
+    def options(self) -> dict[str, Any]:
+        """Every option by its name, flat (the keyword arguments of :meth:`from_options`)."""
+        flat = {spec.name: getattr(self, spec.name) for spec in option_specs(type(self))}
+        for concern in CONCERNS:
+            flat.update(getattr(self, concern).to_dict())
+        return flat
+
+    def result_options(self) -> dict[str, Any]:
+        """The options that determine a run's result: all but :class:`RuntimeConfig`'s."""
+        runtime = {spec.name for spec in option_specs(RuntimeConfig)}
+        return {k: v for k, v in self.options().items() if k not in runtime}

@@ -1,0 +1,416 @@
+"""The pieces of a training run: loaders, one model being trained (:class:`Phase`), one
+optimisation step, one epoch, prediction and metrics.
+
+:func:`~umilayers.train.fit` (:mod:`umilayers.train.run`) strings them into the paper's two
+stages. The per-step path reads no tensor value back to the host: the data were checked once,
+where they entered (the FeatureStore), the model and the losses check only types and shapes, and
+the loss terms of an epoch are summed on the device and read once at its end.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from umilayers import metrics
+from umilayers._progress import progress
+from umilayers.data import Batch, FeatureStore, collate
+from umilayers.model import TaskModel, UMIOutput
+from umilayers.train.config import FitConfig
+from umilayers.train.distributed import (
+    DistContext,
+    GlobalBatchSampler,
+    all_gather_rows,
+    all_reduce_sum,
+    shard_rows,
+)
+
+__all__ = [
+    "FitEvent",
+    "Callback",
+    "KeepModalities",
+    "RowSampler",
+    "TrainStep",
+    "Phase",
+    "splits",
+    "concat",
+    "make_loader",
+    "autocast",
+    "cosine_schedule",
+    "train_step",
+    "train_epoch",
+    "predict",
+    "encode_captions",
+    "compute_metrics",
+    "metric_score",
+]
+
+
+@dataclass(frozen=True)
+class FitEvent:
+    """What :func:`~umilayers.train.fit` tells its ``callback``, on every process.
+
+    Attributes:
+        kind: ``"step"`` (after each optimisation step), ``"epoch"`` (after an epoch's line in
+            ``log.jsonl``) or ``"checkpoint"`` (after ``checkpoint.pt`` was written).
+        stage: ``"unimodal"`` (stage 1) or ``"multimodal"``.
+        epoch: the epoch, from 0.
+        modality: the modality of a stage-1 model, else None.
+        step: the step within the epoch (``"step"`` events).
+        batch: the step's batch, on the device (``"step"``).
+        pseudo_targets: the step's pseudo-labels (``"step"``, when the method uses them).
+        record: the epoch's ``log.jsonl`` record (``"epoch"``).
+
+    Example::
+
+        >>> FitEvent("checkpoint", "multimodal", epoch=2).kind
+        'checkpoint'
+    """
+
+    kind: str
+    stage: str
+    epoch: int
+    modality: Optional[str] = None
+    step: Optional[int] = None
+    batch: Optional[Batch] = None
+    pseudo_targets: Optional[Tensor] = None
+    record: Optional[Mapping[str, Any]] = None
+
+
+#: ``callback(event)``; an exception raised by it stops the run (what a checkpoint holds stays).
+Callback = Callable[[FitEvent], None]
+
+
+# ============================================================================ data
+
+
+class KeepModalities:
+    """Collate that first drops the modalities not in ``keep`` from every item (picklable, for
+    DataLoader workers). ``keep=None`` keeps them all.
+
+    Example::
+
+        >>> item = {"index": 0, "split_id": 0, "inputs": {"rgb": torch.ones(2, 3), "audio": torch.ones(1, 3)},
+        ...         "lengths": {"rgb": 2, "audio": 1}, "target": torch.tensor(1)}
+        >>> sorted(KeepModalities(["rgb"])([item]).inputs)
+        ['rgb']
+    """
+
+    def __init__(self, keep: Optional[Iterable[str]] = None) -> None:
+        self.keep = None if keep is None else tuple(sorted(keep))
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        if self.keep is not None:
+            keep = self.keep
+            items = [{**item, "inputs": {m: v for m, v in item["inputs"].items() if m in keep},
+                      "lengths": {m: v for m, v in item["lengths"].items() if m in keep}} for item in items]
+        return collate(items)
+
+
+def splits(store: FeatureStore, role: str, keep: Optional[Iterable[str]] = None) -> list[str]:
+    """Splits of ``role`` (or the one split named ``role``) that have any modality in ``keep``."""
+    names = [role] if role in store.splits else store.splits_with_role(role)
+    if not names:
+        raise ValueError(f"split: {role!r} is neither a split nor a role of the store "
+                         f"(splits: {list(store.splits)})")
+    if keep is not None:
+        names = [s for s in names if set(store.splits[s].modalities) & set(keep)]
+    return names
+
+
+def concat(store: FeatureStore, names: Sequence[str]) -> ConcatDataset:
+    """The splits ``names`` of ``store`` as one dataset, in that order."""
+    return ConcatDataset([store.dataset(s) for s in names])
+
+
+def make_loader(dataset: Dataset, batch_sampler: Iterable[list[int]], keep: Optional[Iterable[str]],
+                cfg: FitConfig, ctx: DistContext) -> DataLoader:
+    """A DataLoader of :class:`~umilayers.data.Batch` es, modalities restricted to ``keep``."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=KeepModalities(keep),
+        num_workers=cfg.runtime.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+class RowSampler:
+    """Rows of this rank's contiguous shard, in order, in batches (evaluation).
+
+    Example::
+
+        >>> list(RowSampler(range(5), batch_size=2))
+        [[0, 1], [2, 3], [4]]
+    """
+
+    def __init__(self, rows: range, batch_size: int) -> None:
+        self.rows = list(rows)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.rows), self.batch_size):
+            yield self.rows[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+
+# ============================================================================ training pieces
+
+
+class TrainStep(nn.Module):
+    """Forward + loss in one module, so that DDP sees every parameter the loss uses.
+
+    Returns the loss terms ``(total, align, supervised, pseudo)``.
+
+    Example::
+
+        >>> from umilayers.baselines import LateFusion
+        >>> step = TrainStep(LateFusion({"rgb": 4}, num_outputs=3))
+        >>> terms = step({"rgb": torch.randn(2, 5, 4)}, {}, None, torch.tensor([0, 2]), None, None)
+        >>> [t.shape for t in terms]
+        [torch.Size([]), torch.Size([]), torch.Size([]), torch.Size([])]
+    """
+
+    def __init__(self, model: TaskModel, forward: Optional[Callable[..., UMIOutput]] = None) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_forward", model if forward is None else forward)  # a compiled view, not a child
+
+    def forward(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
+                present: Mapping[str, Tensor], targets: Tensor, pseudo_targets: Optional[Tensor],
+                text_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        output = self._forward(inputs, padding_masks, present)
+        terms = self.model.loss(output, targets, pseudo_targets, text_padding_mask=text_padding_mask)
+        return terms.total, terms.align, terms.supervised, terms.pseudo
+
+
+def autocast(cfg: FitConfig, ctx: DistContext) -> AbstractContextManager:
+    """bf16 autocast on the run's device when ``amp`` is on."""
+    if not cfg.train.amp:
+        return nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Phase:
+    """One model being trained: model, optimiser, schedule, DDP/compile wrappers.
+
+    Example::
+
+        >>> from umilayers.baselines import LateFusion
+        >>> phase = Phase(LateFusion({"rgb": 4}, num_outputs=3), FitConfig(), DistContext(), 10, 2)
+        >>> type(phase.optimizer).__name__, phase.scheduler.get_last_lr()
+        ('AdamW', [0.0001])
+    """
+
+    def __init__(self, model: TaskModel, cfg: FitConfig, ctx: DistContext, steps_per_epoch: int,
+                 epochs: int) -> None:
+        train = cfg.train
+        self.model = model.to(ctx.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.scheduler = cosine_schedule(self.optimizer, steps_per_epoch * epochs,
+                                         steps_per_epoch * train.warmup_epochs)
+        forward = torch.compile(self.model, dynamic=True) if train.compile else None
+        step: nn.Module = TrainStep(self.model, forward)
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            step = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+        self.step = step
+        self.forward = self.model if forward is None else forward
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def train_step(phase: Phase, batch: Batch, pseudo_targets: Optional[Tensor], scale: float,
+               cfg: FitConfig, ctx: DistContext) -> Tensor:
+    """One optimisation step on a batch already on the device.
+
+    Returns:
+        ``(4,)`` float64: the detached loss terms ``(total, align, supervised, pseudo)``, still
+        on the device (nothing is read back to the host).
+    """
+    with autocast(cfg, ctx):
+        terms = phase.step(batch.inputs, batch.padding_masks, batch.present, batch.targets,
+                           pseudo_targets, batch.text_padding_mask)
+    # DDP averages gradients over ranks; scaling by world * n_rank / n_global makes the
+    # result the gradient of the global batch's mean loss (exact for per-sample means).
+    (terms[0].float() * scale).backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(phase.model.parameters(), cfg.train.grad_clip)
+    phase.optimizer.step()
+    phase.scheduler.step()
+    phase.optimizer.zero_grad(set_to_none=True)
+    return torch.stack([t.detach().double() for t in terms])
+
+
+def train_epoch(
+    phase: Phase,
+    dataset: Dataset,
+    keep: Optional[Iterable[str]],
+    pseudo: Optional[Callable[[Batch], Tensor]],
+    cfg: FitConfig,
+    ctx: DistContext,
+    tag: Any,
+    epoch: int,
+    desc: str,
+    on_step: Optional[Callable[[int, Batch, Optional[Tensor]], None]] = None,
+) -> dict[str, float]:
+    """One epoch over ``dataset``; returns the sample-weighted mean of each loss term.
+
+    ``pseudo(batch)`` makes a batch's pseudo-labels from the batch still on the CPU (where the
+    pseudo-label bank is); ``on_step(step, batch, pseudo_targets)`` runs after every step.
+    """
+    sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, ctx.rank, ctx.world_size,
+                                 tag=tag)
+    sampler.set_epoch(epoch)
+    scales = sampler.loss_scales()
+    loader = make_loader(dataset, sampler, keep, cfg, ctx)
+    phase.step.train()
+    # total, align, supervised, pseudo (each * rows), rows: summed on the device, read once.
+    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+    bar = progress(len(sampler), desc, enabled=ctx.is_main and not cfg.runtime.quiet, leave=False)
+    for step, (batch, scale) in enumerate(zip(loader, scales)):
+        pseudo_targets = pseudo(batch).to(ctx.device, non_blocking=True) if pseudo is not None else None
+        batch = batch.to(ctx.device, non_blocking=True)
+        terms = train_step(phase, batch, pseudo_targets, scale, cfg, ctx)
+        rows = float(len(batch.indices)) if scale else 0.0
+        sums[:4] += terms * rows
+        sums[4] += rows
+        if on_step is not None:
+            on_step(step, batch, pseudo_targets)
+        if bar is not None:  # a terminal is watching: one host read per step is the point
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms[0]):.4f}")
+    if bar is not None:
+        bar.close()
+    total = all_reduce_sum(sums.tolist(), ctx)
+    count = max(total[4], 1.0)
+    return {name: total[i] / count for i, name in enumerate(("loss", "align", "supervised", "pseudo"))}
+
+
+# ============================================================================ prediction and metrics
+
+
+@torch.no_grad()
+def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureStore, names: Sequence[str],
+            keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext) -> dict[str, Tensor]:
+    """Predictions (and retrieval text embeddings, targets and ids) on the rows of ``names``,
+    in split order then row order; each rank predicts a contiguous shard, then all are gathered."""
+    dataset = concat(store, names)
+    rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
+    loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"prediction": [], "targets": [], "indices": []}
+    if store.task == "retrieval":
+        parts["text"] = []
+    for batch in loader:
+        batch = batch.to(ctx.device, non_blocking=True)
+        with autocast(cfg, ctx):
+            out = forward(batch.inputs, batch.padding_masks, batch.present)
+            if store.task == "retrieval":
+                parts["text"].append(model.encode_text(batch.targets, batch.text_padding_mask).float())
+        parts["prediction"].append(out.prediction.float())
+        if store.task != "retrieval":
+            parts["targets"].append(batch.targets)
+        parts["indices"].append(batch.indices)
+    model.train(was_training)
+    result = {}
+    for key, values in parts.items():
+        if key == "targets" and store.task == "retrieval":
+            continue
+        local = torch.cat(values) if values else _empty_like_rows(key, store, ctx)
+        result[key] = all_gather_rows(local, ctx).cpu()
+    return result
+
+
+@torch.no_grad()
+def encode_captions(model: TaskModel, store: FeatureStore, names: Sequence[str], cfg: FitConfig,
+                    ctx: DistContext) -> dict[str, Tensor]:
+    """``model.encode_text`` of every caption of ``names`` (whatever modalities the rows have),
+    with their indices; sharded over the ranks and gathered like :func:`predict`."""
+    dataset = concat(store, names)
+    rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
+    loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), (), cfg, ctx)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"text": [], "indices": []}
+    for batch in loader:
+        batch = batch.to(ctx.device, non_blocking=True)
+        with autocast(cfg, ctx):
+            parts["text"].append(model.encode_text(batch.targets, batch.text_padding_mask).float())
+        parts["indices"].append(batch.indices)
+    model.train(was_training)
+    return {key: all_gather_rows(torch.cat(values) if values else _empty_like_rows(key, store, ctx), ctx).cpu()
+            for key, values in parts.items()}
+
+
+def _empty_like_rows(key: str, store: FeatureStore, ctx: DistContext) -> Tensor:
+    # A rank with no rows (more ranks than rows) still takes part in the gather.
+    width = int(store.num_outputs)
+    if key == "indices":
+        return torch.zeros(0, dtype=torch.long, device=ctx.device)
+    if key == "targets":
+        if store.task == "classification":
+            return torch.zeros(0, dtype=torch.long, device=ctx.device)
+        return torch.zeros(0, width, device=ctx.device)
+    return torch.zeros(0, width, device=ctx.device)
+
+
+def compute_metrics(task: str, predicted: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The metrics of :func:`predict`'s output: top-1, MAE, or retrieval ranks both ways."""
+    count = int(predicted["prediction"].shape[0])
+    if task == "classification":
+        return {"top1": metrics.top1(predicted["prediction"], predicted["targets"]), "num_samples": count}
+    if task == "regression":
+        return {"mae": metrics.mae(predicted["prediction"], predicted["targets"]), "num_samples": count}
+    sim = predicted["text"].double() @ predicted["prediction"].double().t()
+    out = metrics.retrieval_metrics(sim)
+    return {"mean_rank": out["mean_rank"], "t2v": out["t2v"], "v2t": out["v2t"], "num_samples": count}
+
+
+def metric_score(task: str, result: Mapping[str, Any]) -> float:
+    """The model-selection score of a metrics dict (higher is better): top-1, ``-mae`` or
+    ``-mean_rank``.
+
+    Example::
+
+        >>> metric_score("regression", {"mae": 0.5})
+        -0.5
+    """
+    if task == "classification":
+        return float(result["top1"])
+    if task == "regression":
+        return -float(result["mae"])
+    return -float(result["mean_rank"])
