@@ -117,7 +117,8 @@ def test_flags_reach_their_fields():
     assert (cfg.model.projection_depth, cfg.model.fusion_depth) == (2, FitConfig().model.fusion_depth)
     assert cfg.model.branches == 1 and cfg.model.align_weight == 0.5 and cfg.model.num_align_tokens == 7
     assert cfg.model.normalize == "slots" and cfg.predictor == "transformer" and not cfg.runtime.quiet
-    assert fit_config(_fit_parser().parse_args(["--out", "x", "--num-align-tokens", "none"])).model.num_align_tokens is None
+    none = _fit_parser().parse_args(["--out", "x", "--num-align-tokens", "none"])
+    assert fit_config(none).model.num_align_tokens is None
 
 
 def test_a_new_field_is_a_new_flag():

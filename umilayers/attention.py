@@ -708,5 +708,5 @@ class GroupMaskedTransformer(nn.Module):
 
     def extra_repr(self) -> str:
         groups = f"group_sizes={self.group_sizes}" if self.group_sizes else f"groups={self.groups}"
-        backend = getattr(self.backend, "__name__", repr(self.backend)) if callable(self.backend) else repr(self.backend)
+        backend = repr(self.backend) if isinstance(self.backend, str) else getattr(self.backend, "__name__", "kernel")
         return f"dim={self.dim}, heads={self.heads}, {groups}, backend={backend}"

@@ -136,6 +136,7 @@ class UnimodalModel(_SupervisedOnly):
         _check_text_dim(task, text_dim, required=False)
         factory = {"device": device, "dtype": dtype}
         self.modality, self.in_dim, self.num_outputs = modality, in_dim, num_outputs
+        self.modality_dims = {modality: in_dim}
         self.task, self.predictor, self.text_dim, self.margin = task, predictor, text_dim, margin
         self.hparams = {
             "modality": modality, "in_dim": in_dim, "num_outputs": num_outputs, "task": task,
@@ -155,10 +156,6 @@ class UnimodalModel(_SupervisedOnly):
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if text_dim is not None else None
         self.task_loss = TaskLoss(task, margin)
 
-    def config_dict(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-serialisable dict."""
-        return dict(self.hparams)
-
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}, task={self.task!r}, predictor={self.predictor!r}"
 
@@ -177,22 +174,11 @@ class UnimodalModel(_SupervisedOnly):
             out = self.head(self.transformer(h, padding_mask=mask)[:, 0])
         return F.normalize(out, dim=-1) if self.task == "retrieval" else out
 
-    def forward(
-        self,
-        inputs: Mapping[str, Tensor],
-        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
-        present: Optional[Mapping[str, Tensor]] = None,
-        *,
-        check_values: bool = False,
-    ) -> UMIOutput:
-        """Predict from this model's modality (every row must have it; ``check_values=True``
-        checks ``present`` says so, which reads it back to the host).
-
-        Shape:
-            - inputs[modality]: ``(B, k_m, d_m)``
-            - padding_masks[modality]: ``(B, k_m)``
-            - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``
-        """
+    def check_inputs(
+        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
+    ) -> tuple[int, dict[str, Tensor]]:
+        """Only this model's modality counts, and every row must have it (other modalities in
+        ``inputs`` are ignored); ``check_values=True`` checks ``present`` says so (a host read)."""
         m = self.modality
         if not isinstance(inputs, Mapping) or m not in inputs:
             got = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
@@ -212,13 +198,18 @@ class UnimodalModel(_SupervisedOnly):
         own_masks = None
         if padding_masks is not None and padding_masks.get(m) is not None:
             own_masks = {m: padding_masks[m]}
-        _, masks = check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, check_values=check_values)
-        out = self.predict(inputs[m], None if own_masks is None else own_masks[m])
+        return check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, check_values=check_values)
+
+    def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
+                        present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
+        """The predictor on this model's modality: one branch."""
+        m = self.modality
+        out = self.predict(inputs[m], padding_masks.get(m))
         branch = out[:, None]
         return UMIOutput(
             prediction=combine_branches(self.task, branch),
             branch_outputs=branch,
-            present=masks,
+            present=dict(present),
             modality_outputs={m: out},
         )
 
@@ -298,37 +289,17 @@ class LateFusion(TaskModel):
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
         self.task_loss = TaskLoss(task, margin)
 
-    def config_dict(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-serialisable dict."""
-        return dict(self.hparams)
-
-    def forward(
-        self,
-        inputs: Mapping[str, Tensor],
-        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
-        present: Optional[Mapping[str, Tensor]] = None,
-        *,
-        check_values: bool = False,
-    ) -> UMIOutput:
-        """Average of the unimodal predictions over the modalities each sample has
-        (``check_values``: see :func:`~umilayers.model.check_batch`).
-
-        Shape:
-            - inputs[m]: ``(B_m, k_m, d_m)``
-            - padding_masks[m]: ``(B_m, k_m)``
-            - present[m]: ``(B,)``
-            - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``; modality_outputs[m]: ``(B_m, C)``
-        """
-        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
-        padding_masks = padding_masks or {}
+    def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
+                        present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
+        """Average of the unimodal predictions over the modalities each sample has."""
         outputs = {
-            m: self.members[m].predict(inputs[m], padding_masks.get(m)) for m in masks if inputs[m].shape[0] > 0
+            m: self.members[m].predict(inputs[m], padding_masks.get(m)) for m in present if inputs[m].shape[0] > 0
         }
         first = next(iter(outputs.values()))
         total = first.new_zeros(batch, self.num_outputs)
         count = first.new_zeros(batch, 1)
         for m, out in outputs.items():
-            rows = sub_batch_rows(masks[m], out.shape[0])[0]
+            rows = sub_batch_rows(present[m], out.shape[0])[0]
             value = out.softmax(dim=-1) if self.task == "classification" else out
             total = total.index_add(0, rows, value)
             count = count.index_add(0, rows, torch.ones_like(out[:, :1]))
@@ -340,7 +311,8 @@ class LateFusion(TaskModel):
             branch = prediction = F.normalize(mean, dim=-1)
         else:
             branch = prediction = mean
-        return UMIOutput(prediction=prediction, branch_outputs=branch[:, None], present=masks, modality_outputs=outputs)
+        return UMIOutput(prediction=prediction, branch_outputs=branch[:, None], present=dict(present),
+                         modality_outputs=outputs)
 
     def loss_terms(
         self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
@@ -447,10 +419,6 @@ class VanillaTransformer(_SupervisedOnly):
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
         self.task_loss = TaskLoss(task, margin)
 
-    def config_dict(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-serialisable dict."""
-        return dict(self.hparams)
-
     def _modality_sequence(
         self, m: str, batch: int, x: Optional[Tensor], mask: Optional[Tensor], have: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -476,30 +444,14 @@ class VanillaTransformer(_SupervisedOnly):
             padding = padding.index_copy(0, rows_miss, fill.expand(rows_miss.numel(), -1))
         return tokens + self.modality_embed[m], padding
 
-    def forward(
-        self,
-        inputs: Mapping[str, Tensor],
-        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
-        present: Optional[Mapping[str, Tensor]] = None,
-        *,
-        check_values: bool = False,
-    ) -> UMIOutput:
-        """Fuse all modalities early; learned tokens stand in for the missing ones
-        (``check_values``: see :func:`~umilayers.model.check_batch`).
-
-        Shape:
-            - inputs[m]: ``(B_m, k_m, d_m)``
-            - padding_masks[m]: ``(B_m, k_m)``
-            - present[m]: ``(B,)``
-            - prediction: ``(B, C)``; branch_outputs: ``(B, 1, C)``
-        """
-        batch, masks = check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
-        padding_masks = padding_masks or {}
-        device = next(iter(masks.values())).device
+    def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
+                        present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
+        """Fuse all modalities early; learned tokens stand in for the missing ones."""
+        device = next(iter(present.values())).device
         sequences = [self.readout.expand(batch, -1, -1)]
         paddings = [torch.zeros(batch, 1, dtype=torch.bool, device=device)]
         for m in self.modality_dims:
-            have = masks.get(m, torch.zeros(batch, dtype=torch.bool, device=device))
+            have = present.get(m, torch.zeros(batch, dtype=torch.bool, device=device))
             tokens, padding = self._modality_sequence(m, batch, inputs.get(m), padding_masks.get(m), have)
             sequences.append(tokens)
             paddings.append(padding)
@@ -508,7 +460,7 @@ class VanillaTransformer(_SupervisedOnly):
         if self.task == "retrieval":
             out = F.normalize(out, dim=-1)
         branch = out[:, None]
-        return UMIOutput(prediction=combine_branches(self.task, branch), branch_outputs=branch, present=masks)
+        return UMIOutput(prediction=combine_branches(self.task, branch), branch_outputs=branch, present=dict(present))
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ zero. :func:`fuse_rows` is the unchecked kernel for callers that validated the b
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from umilayers._validation import check_bool_mask, check_tensor, format_indices
 
-__all__ = ["CommonSpaceSum", "common_space_sum", "fuse_rows", "modality_counts", "sub_batch_rows"]
+__all__ = ["CommonSpaceSum", "common_space_sum", "fuse_rows", "modality_counts", "sub_batch_rows", "check_present"]
 
 FusionOutput = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -74,41 +74,48 @@ def _check_features(features: Mapping[str, Tensor]) -> list[str]:
     return names
 
 
-def _check_present(
-    features: Mapping[str, Tensor], present: Mapping[str, Tensor], names: list[str], check_values: bool
+def check_present(
+    name: str, tensors: Mapping[str, Tensor], present: Any, *, full_batch: bool, check_values: bool
 ) -> tuple[int, dict[str, Tensor]]:
-    """Validate ``present``; return the batch size and the masks of the featured modalities."""
+    """Check the ``(B,)`` masks of a sub-batch layout against the tensors they describe.
+
+    ``present[m]`` says which rows of the batch have modality ``m``; ``tensors[m]`` (the argument
+    called ``name``: ``features``, ``inputs``) holds the rows that have it, or all ``B`` rows when
+    ``full_batch``. Every modality of ``tensors`` needs a mask, and all masks one length ``B``.
+    ``check_values=True`` also checks, reading the masks back to the host, that each tensor has
+    ``present[m].sum()`` rows (or ``B``), that a mask of a modality not in ``tensors`` is all
+    False, and that every row has a modality.
+
+    Returns:
+        ``(B, masks)``: the masks of the modalities in ``tensors`` on their device.
+    """
+    names = sorted(tensors)
     if not isinstance(present, Mapping):
-        raise TypeError(
-            "present: expected a mapping of modality name -> (B,) bool mask, "
-            f"got {type(present).__name__}"
-        )
-    missing = [n for n in names if n not in present]
+        raise TypeError(f"present: expected a mapping of modality name -> (B,) bool mask, got {type(present).__name__}")
+    missing = [m for m in names if m not in present]
     if missing:
-        raise ValueError(
-            f"present: expected a mask for every modality in features {names}, missing {missing}"
-        )
+        raise ValueError(f"present: expected a mask for every modality in {name} {names}, missing {missing}")
     sizes: dict[str, int] = {}
-    for name in sorted(present):
-        check_bool_mask(f"present[{name!r}]", present[name], ("B",), sizes)
+    for m in sorted(present):
+        check_bool_mask(f"present[{m!r}]", present[m], ("B",), sizes)
     batch = sizes["B"]
-    device = features[names[0]].device
-    masks = {name: present[name].to(device) for name in names}
-    if not check_values:
-        return batch, masks
-    for name in sorted(present):
-        if name not in features and bool(present[name].any()):
-            raise ValueError(
-                f"present[{name!r}]: marks {int(present[name].sum())} row(s) as having {name!r}, "
-                f"but features has no {name!r} (give its features or an all-False mask)"
-            )
-    for name in names:
-        rows, marked = features[name].shape[0], int(masks[name].sum())
-        if rows not in (marked, batch):
-            raise ValueError(
-                f"features[{name!r}]: expected {marked} rows (present[{name!r}].sum()) or {batch} "
-                f"rows (the full batch), got {rows}"
-            )
+    masks = {m: present[m].to(tensors[names[0]].device) for m in names}
+    if check_values:
+        for m in sorted(present):
+            if m not in tensors and bool(present[m].any()):
+                raise ValueError(
+                    f"present[{m!r}]: marks {int(present[m].sum())} row(s) as having {m!r}, but {name} has "
+                    f"no {m!r} (give its rows or an all-False mask)"
+                )
+        for m in names:
+            rows, marked = tensors[m].shape[0], int(masks[m].sum())
+            if rows != marked and not (full_batch and rows == batch):
+                either = f") or {batch} rows (the full batch)" if full_batch else f", the rows that have {m!r})"
+                raise ValueError(f"{name}[{m!r}]: expected {marked} rows (present[{m!r}].sum(){either}, got {rows}")
+        none = ~torch.stack([masks[m] for m in names]).any(dim=0)
+        if bool(none.any()):
+            raise ValueError(f"present: {int(none.sum())} row(s) have no modality at all: rows "
+                             f"{format_indices(none.nonzero().flatten())} (modalities in {name}: {names})")
     return batch, masks
 
 
@@ -200,15 +207,8 @@ def common_space_sum(
             return out, torch.full((batch,), len(names), dtype=torch.int64, device=first.device)
         return out
 
-    batch, masks = _check_present(features, present, names, check_values)
+    batch, masks = check_present("features", features, present, full_batch=True, check_values=check_values)
     counts = torch.stack([masks[n] for n in names]).sum(dim=0)
-    if check_values:
-        absent = counts == 0
-        if bool(absent.any()):
-            raise ValueError(
-                f"present: {int(absent.sum())} row(s) have no modality in features {names}: "
-                f"rows {format_indices(absent.nonzero().flatten())}"
-            )
     out = fuse_rows(features, masks, batch)
     return (out, counts) if return_count else out
 

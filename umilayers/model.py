@@ -29,10 +29,9 @@ from umilayers._validation import (
     check_finite,
     check_positive_int,
     check_tensor,
-    format_indices,
 )
 from umilayers.attention import GroupMaskedTransformer
-from umilayers.fusion import fuse_rows, sub_batch_rows
+from umilayers.fusion import check_present, fuse_rows, sub_batch_rows
 from umilayers.losses import TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
 from umilayers.projection import NORMALIZE, FeatureProjection, PooledProjection
 
@@ -184,47 +183,14 @@ def check_batch(
         if batch == 0:
             raise ValueError("inputs: the batch is empty (0 rows)")
         return batch, {m: torch.ones(batch, dtype=torch.bool, device=device) for m in names}
-    if not isinstance(present, Mapping):
-        raise TypeError(f"present: expected a mapping of modality name -> (B,) bool mask, got {type(present).__name__}")
-    missing = [m for m in names if m not in present]
-    if missing:
-        raise ValueError(f"present: expected a mask for every modality in inputs {names}, missing {missing}")
-    unknown = sorted(set(present) - set(modality_dims))
-    if unknown:
-        raise ValueError(f"present: unknown modality {unknown}; this model knows {known}")
-    sizes: dict[str, int] = {}
-    for m in sorted(present):
-        check_bool_mask(f"present[{m!r}]", present[m], ("B",), sizes)
-    batch = sizes["B"]
+    if isinstance(present, Mapping):
+        unknown = sorted(set(present) - set(modality_dims))
+        if unknown:
+            raise ValueError(f"present: unknown modality {unknown}; this model knows {known}")
+    batch, masks = check_present("inputs", inputs, present, full_batch=False, check_values=check_values)
     if batch == 0:
         raise ValueError("present: the batch is empty (0 rows)")
-    masks = {m: present[m].to(device) for m in names}
-    if check_values:
-        _check_present_values(inputs, present, masks, names)
     return batch, masks
-
-
-def _check_present_values(
-    inputs: Mapping[str, Tensor], present: Mapping[str, Tensor], masks: Mapping[str, Tensor], names: list[str]
-) -> None:
-    """The checks of :func:`check_batch` that read the masks' values."""
-    for m in sorted(present):
-        if m not in inputs and bool(present[m].any()):
-            raise ValueError(
-                f"present[{m!r}]: marks {int(present[m].sum())} row(s) as having {m!r}, but inputs has "
-                f"no {m!r} (give its rows or an all-False mask)"
-            )
-    for m in names:
-        marked, rows = int(masks[m].sum()), inputs[m].shape[0]
-        if marked != rows:
-            raise ValueError(
-                f"inputs[{m!r}]: expected {marked} rows (present[{m!r}].sum(), the rows that have "
-                f"{m!r}), got {rows}"
-            )
-    none = ~torch.stack([masks[m] for m in names]).any(dim=0)
-    if bool(none.any()):
-        rows = format_indices(none.nonzero().flatten())
-        raise ValueError(f"present: {int(none.sum())} row(s) have no modality at all: rows {rows}")
 
 
 def masked_mean(x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -488,10 +454,11 @@ class TaskModel(nn.Module):
     """What every model of the package shares: a task, an optional text side, and :meth:`loss`.
 
     :class:`UnseenModalityModel` and the baselines (:mod:`umilayers.baselines`) derive from it:
-    one training recipe serves them all. A subclass sets ``task``, ``num_outputs``, ``text_dim``,
-    ``text_encoder`` (a :class:`TextEncoder` or None) and ``task_loss`` (the
-    :class:`~umilayers.losses.TaskLoss`, built once) in its constructor and implements
-    :meth:`loss_terms`; :meth:`loss` checks its arguments first.
+    one training recipe serves them all. A subclass sets ``modality_dims``, ``task``,
+    ``num_outputs``, ``text_dim``, ``text_encoder`` (a :class:`TextEncoder` or None) and
+    ``task_loss`` (the :class:`~umilayers.losses.TaskLoss`, built once) in its constructor and
+    implements :meth:`forward_checked` and :meth:`loss_terms`; :meth:`forward` and :meth:`loss`
+    check their arguments first, once (:func:`check_batch`), and the rest trusts them.
 
     Example::
 
@@ -501,11 +468,58 @@ class TaskModel(nn.Module):
         (True, False)
     """
 
+    modality_dims: Mapping[str, int]
     task: str
     num_outputs: int
     text_dim: Optional[int]
     text_encoder: Optional[TextEncoder]
     task_loss: TaskLoss
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+        *,
+        check_values: bool = False,
+    ) -> UMIOutput:
+        """Predict for whatever modalities each sample has.
+
+        Args:
+            inputs: modality -> ``(B_m, k_m, d_m)`` rows of the samples that have it.
+            padding_masks: modality -> ``(B_m, k_m)`` bool, True = padding (optional).
+            present: modality -> ``(B,)`` bool (optional; None = every modality on every row).
+            check_values: also check what needs the masks' values (see :func:`check_batch`),
+                which reads them back to the host.
+
+        Shape:
+            - inputs[m]: ``(B_m, k_m, d_m)``
+            - padding_masks[m]: ``(B_m, k_m)``
+            - present[m]: ``(B,)``
+            - prediction: ``(B, C)``; branch_outputs: ``(B, G, C)`` (``G = 1`` for the
+              baselines); modality_features[m] ``(B_m, K, D)`` and modality_outputs[m]
+              ``(B_m, C)`` where the model has them
+        """
+        batch, masks = self.check_inputs(inputs, padding_masks, present, check_values)
+        return self.forward_checked(inputs, padding_masks or {}, masks, batch, check_values)
+
+    def check_inputs(
+        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
+    ) -> tuple[int, dict[str, Tensor]]:
+        """:func:`check_batch` against this model's modalities: ``(B, present masks)``."""
+        return check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
+
+    def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
+                        present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
+        """:meth:`forward` on checked inputs (``present`` holds a mask per modality of ``inputs``)."""
+        raise NotImplementedError
+
+    #: The constructor arguments (JSON-serialisable), for :meth:`config_dict`.
+    hparams: dict[str, Any]
+
+    def config_dict(self) -> dict[str, Any]:
+        """Constructor arguments as a JSON-serialisable dict (``type(model)(**model.config_dict())``)."""
+        return dict(self.hparams)
 
     @property
     def needs_pseudo_labels(self) -> bool:
@@ -714,7 +728,7 @@ class UnseenModalityModel(TaskModel):
             num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
         )
         self.config = cfg
-        self.task, self.num_outputs, self.text_dim = task, num_outputs, text_dim
+        self.modality_dims, self.task, self.num_outputs, self.text_dim = cfg.modality_dims, task, num_outputs, text_dim
         factory = {"device": device, "dtype": dtype}
         self.projections = nn.ModuleDict()
         for m, d_m in cfg.modality_dims.items():
@@ -776,38 +790,15 @@ class UnseenModalityModel(TaskModel):
         readout = repeat(self.readout, "g d -> b g 1 d", b=fused.shape[0])
         return rearrange(torch.cat([readout, slots], dim=2), "b g n d -> b (g n) d")
 
-    def forward(
-        self,
-        inputs: Mapping[str, Tensor],
-        padding_masks: Optional[Mapping[str, Optional[Tensor]]] = None,
-        present: Optional[Mapping[str, Tensor]] = None,
-        *,
-        check_values: bool = False,
-    ) -> UMIOutput:
-        """Predict for whatever modalities each sample has.
-
-        Args:
-            inputs: modality -> ``(B_m, k_m, d_m)`` rows of the samples that have it.
-            padding_masks: modality -> ``(B_m, k_m)`` bool, True = padding (optional).
-            present: modality -> ``(B,)`` bool (optional; None = every modality on every row).
-            check_values: also check the masks' values (see :func:`check_batch`; host reads).
-
-        Shape:
-            - inputs[m]: ``(B_m, k_m, d_m)``
-            - padding_masks[m]: ``(B_m, k_m)``
-            - present[m]: ``(B,)``
-            - prediction: ``(B, C)``; branch_outputs: ``(B, G, C)``;
-              modality_features[m]: ``(B_m, K, D)``
-        """
-        batch, masks = check_batch(inputs, padding_masks, present, self.config.modality_dims,
-                                   check_values=check_values)
-        padding_masks = padding_masks or {}
+    def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
+                        present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
+        """Projections of the rows that have each modality, their sum, the branches, the head."""
         features = {
             m: self.projections[m](inputs[m], padding_mask=padding_masks.get(m), check_values=check_values)
-            for m in masks
+            for m in present
             if inputs[m].shape[0] > 0
         }
-        fused = fuse_rows(features, masks, batch)
+        fused = fuse_rows(features, present, batch)
         tokens = self.transformer(self.branch_tokens(fused))
         g = self.config.branches
         readouts = rearrange(tokens, "b (g n) d -> b g n d", g=g)[:, :, 0]
@@ -818,7 +809,7 @@ class UnseenModalityModel(TaskModel):
             prediction=combine_branches(self.config.task, branch_outputs),
             branch_outputs=branch_outputs,
             modality_features=features,
-            present=masks,
+            present=dict(present),
         )
 
     def pseudo_loss(self, outputs: Tensor, pseudo_targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:

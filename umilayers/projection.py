@@ -27,16 +27,8 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from umilayers._validation import (
-    check_bool_mask,
-    check_choice,
-    check_divides,
-    check_int,
-    check_number,
-    check_positive_int,
-    check_tensor,
-    format_indices,
-)
+from umilayers._validation import check_bool_mask, check_choice, check_divides, check_int, check_number
+from umilayers._validation import check_positive_int, check_tensor, format_indices
 from umilayers.attention import GroupMaskedTransformer
 
 __all__ = ["FeatureProjection", "PooledProjection", "sinusoidal_positions", "NORMALIZE", "POSITIONS"]
@@ -105,7 +97,61 @@ def _check_inputs(
     return padding_mask
 
 
-class FeatureProjection(nn.Module):
+class _TokenProjection(nn.Module):
+    """What both projections share: one check of the tokens, padding zeroed, then :meth:`project`."""
+
+    in_dim: int
+    max_tokens: Optional[int] = None
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        return_weights: bool = False,
+        *,
+        check_values: bool = False,
+    ) -> ProjectionOutput:
+        """Project ``x`` to ``(B, K, D)``.
+
+        Args:
+            x: input tokens ``(B, k_m, d_m)``.
+            padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
+            return_weights: also return the weights of the input tokens in each slot: the
+                attention matrix ``O`` (FeatureProjection) or the pooling weights (PooledProjection).
+            check_values: also refuse rows whose tokens are all padding (reads the mask back to
+                the host; the FeatureStore guarantees it for the training recipe's data).
+
+        Returns:
+            ``(B, K, D)``, or ``(output, weights)`` with weights of shape ``(B, k_m, K)``.
+
+        Raises:
+            ValueError: wrong shapes, more than ``max_tokens`` tokens, or (with ``check_values``)
+                a sample whose tokens are all padding (the rows are named).
+
+        Shape:
+            - x: ``(B, k_m, d_m)``
+            - padding_mask: ``(B, k_m)``
+            - output: ``(B, K, D)``; weights ``(B, k_m, K)``
+        """
+        padding_mask = _check_inputs(x, padding_mask, self.in_dim, check_values)
+        if self.max_tokens is not None and x.shape[1] > self.max_tokens:
+            raise ValueError(
+                f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
+            )
+        if padding_mask is not None:
+            # Padding values are never read: NaN there must not reach attention or the sums.
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        out, weights = self.project(x, padding_mask, return_weights)
+        return (out, weights) if return_weights else out
+
+    def project(
+        self, x: Tensor, padding_mask: Optional[Tensor], return_weights: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``(output, weights or None)`` of checked tokens whose padding is zero."""
+        raise NotImplementedError
+
+
+class FeatureProjection(_TokenProjection):
     """Learned projection of one modality's tokens to ``K`` tokens of width ``D`` (paper Sec. 4).
 
     ``logits = head(transformer(embed(x) [+ positions]))`` has shape ``(B, k_m, K)``; a softmax
@@ -251,43 +297,10 @@ class FeatureProjection(nn.Module):
             weights = weights.masked_fill(padding_mask[..., None], 0.0)
         return weights
 
-    def forward(
-        self,
-        x: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        return_weights: bool = False,
-        *,
-        check_values: bool = False,
-    ) -> ProjectionOutput:
-        """Project ``x`` to ``(B, K, D)``.
-
-        Args:
-            x: input tokens ``(B, k_m, d_m)``.
-            padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
-            return_weights: also return the attention matrix ``O``.
-            check_values: also refuse rows whose tokens are all padding (reads the mask back to
-                the host; the FeatureStore guarantees it for the training recipe's data).
-
-        Returns:
-            ``(B, K, D)``, or ``(output, O)`` with ``O`` of shape ``(B, k_m, K)``.
-
-        Raises:
-            ValueError: wrong shapes, more than ``max_tokens`` tokens, or (with ``check_values``)
-                a sample whose tokens are all padding (the rows are named).
-
-        Shape:
-            - x: ``(B, k_m, d_m)``
-            - padding_mask: ``(B, k_m)``
-            - output: ``(B, K, D)``; weights ``(B, k_m, K)``
-        """
-        padding_mask = _check_inputs(x, padding_mask, self.in_dim, check_values)
-        if self.max_tokens is not None and x.shape[1] > self.max_tokens:
-            raise ValueError(
-                f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
-            )
-        if padding_mask is not None:
-            # Padding values are never read: NaN there must not reach attention or the sums.
-            x = x.masked_fill(padding_mask[..., None], 0.0)
+    def project(
+        self, x: Tensor, padding_mask: Optional[Tensor], return_weights: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``O^T F`` mapped to ``D``, and ``O`` (see the class docs)."""
         weights = self.weights(self.logits(x, padding_mask), padding_mask)
         o = weights.to(x.dtype)
         if self.project_first:
@@ -297,10 +310,10 @@ class FeatureProjection(nn.Module):
         else:
             out = torch.einsum("b n k, b n d -> b k d", o, x)
             out = self.proj(out)
-        return (out, weights) if return_weights else out
+        return out, weights
 
 
-class PooledProjection(nn.Module):
+class PooledProjection(_TokenProjection):
     """The paper's "alternative feature projection" ablation: masked mean pool, then linear.
 
     The valid tokens are averaged (padding ignored), then mapped to the common space either by
@@ -355,33 +368,14 @@ class PooledProjection(nn.Module):
             f"mode={self.mode!r}"
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        return_weights: bool = False,
-        *,
-        check_values: bool = False,
-    ) -> ProjectionOutput:
-        """Mean-pool the valid tokens and map them to ``(B, K, D)``.
-
-        Args:
-            x: input tokens ``(B, k_m, d_m)``.
-            padding_mask: ``(B, k_m)`` bool, True marks padding; every sample needs a valid token.
-            return_weights: also return the pooling weights repeated over the ``K`` slots.
-            check_values: also refuse rows whose tokens are all padding (host read).
-
-        Shape:
-            - x: ``(B, k_m, d_m)``
-            - padding_mask: ``(B, k_m)``
-            - output: ``(B, K, D)``; weights ``(B, k_m, K)``
-        """
-        padding_mask = _check_inputs(x, padding_mask, self.in_dim, check_values)
+    def project(
+        self, x: Tensor, padding_mask: Optional[Tensor], return_weights: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """The mean of the valid tokens mapped to ``(K, D)``, and the pooling weights."""
         batch, tokens = x.shape[0], x.shape[1]
         if padding_mask is None:
             pool = torch.full((batch, tokens), 1.0 / max(tokens, 1), device=x.device, dtype=x.dtype)
         else:
-            x = x.masked_fill(padding_mask[..., None], 0.0)
             valid = (~padding_mask).to(x.dtype)
             pool = valid / valid.sum(dim=1, keepdim=True).clamp_min(1)
         pooled = torch.einsum("b n, b n d -> b d", pool, x)
@@ -390,6 +384,4 @@ class PooledProjection(nn.Module):
             out = repeat(y, "b d -> b k d", k=self.num_tokens)
         else:
             out = rearrange(y, "b (k d) -> b k d", k=self.num_tokens)
-        if return_weights:
-            return out, repeat(pool, "b n -> b n k", k=self.num_tokens)
-        return out
+        return out, repeat(pool, "b n -> b n k", k=self.num_tokens) if return_weights else None
