@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import json
 
@@ -403,3 +404,25 @@ def test_accepts_a_collated_batch():
     assert out.prediction.shape == (3, C)
     losses = model.loss(out, batch.targets, pseudo_for("classification", 3))
     assert torch.isfinite(losses.total)
+
+
+def test_model_config_fields_are_the_constructor_arguments():
+    # One spelling and one default per hyper-parameter: ModelConfig's fields are arguments of the
+    # model (and, where the baselines have them, of theirs) with the same defaults.
+    import inspect
+
+    from umilayers.baselines import LateFusion, UnimodalModel, VanillaTransformer
+    from umilayers.model import ModelConfig
+
+    model = inspect.signature(UnseenModalityModel).parameters
+    names = [field.name for field in dataclasses.fields(ModelConfig)]
+    for field in dataclasses.fields(ModelConfig):
+        assert model[field.name].default == field.default, field.name
+    for cls in (UnimodalModel, LateFusion, VanillaTransformer):
+        shared = [name for name in inspect.signature(cls).parameters if name in names]
+        assert {"dim", "heads", "margin"} <= set(shared)
+        for name in shared:
+            assert inspect.signature(cls).parameters[name].default == getattr(ModelConfig, name), (cls.__name__, name)
+    config = make_model().config
+    assert UMIConfig.from_dict(config.to_dict()) == config
+    assert config.hyperparameters == ModelConfig(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2)

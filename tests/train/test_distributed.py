@@ -5,7 +5,8 @@ Tolerance: the 2-process run computes the same global batches and (with each ran
 scaled by its share) the same mean gradient, so it differs from the 1-process run only by float
 rounding (summation order of the all-reduce) and by the loss terms that are not per-sample
 means (the alignment loss averages over each modality's rows of a rank's sub-batch). We require
-top-1 to be identical and the test predictions to agree within 1e-3 absolute.
+the test predictions to agree within 1e-3 absolute and top-1 within one sample (a rounding
+difference can flip the argmax of a near tie, so equal top-1 would hold only by luck).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), store, str(tmp_path / "two")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2 and single["world_size"] == 1
-    assert two["test"]["top1"] == single["test"]["top1"]
-    assert two["val"]["top1"] == single["val"]["top1"]
+    for split in ("test", "val"):
+        one_sample = 1.0 / single[split]["num_samples"]
+        assert abs(two[split]["top1"] - single[split]["top1"]) <= one_sample + 1e-12
     np.testing.assert_allclose(np.load(tmp_path / "two" / "test_predictions.npy"),
                                np.load(tmp_path / "one" / "test_predictions.npy"), atol=1e-3)
     # Stage 1 gathered every rank's predictions: both banks hold every training sample.

@@ -23,7 +23,7 @@ from umilayers.losses import TASKS
 from umilayers.train.config import FitConfig
 from umilayers.train.distributed import DistContext
 from umilayers.train.loop import KeepModalities, Phase, concat, splits, train_step
-from umilayers.train.run import _build_model
+from umilayers.train.run import model_for_store
 
 PACKAGE = str(Path(__file__).resolve().parents[2] / "umilayers")
 READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero", "argwhere",
@@ -66,7 +66,7 @@ def _step_reads(store, method: str, check_values: bool = False) -> list[tuple[st
         options["modality"] = sorted(store.modalities)[0]
     cfg = FitConfig.from_options(**options)
     torch.manual_seed(0)
-    model = _build_model(cfg, store, method, cfg.modality)
+    model = model_for_store(cfg, store)
     phase = Phase(model, cfg, DistContext(), steps_per_epoch=2, epochs=1)
     keep = (cfg.modality,) if method == "unimodal" else None
     dataset = concat(store, splits(store, "train", keep))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from umilayers.baselines import METHODS
 from umilayers.data import StoreError
@@ -129,9 +130,14 @@ def test_resume_within_multimodal_stage(stores, tmp_path):
 
 # The killed run: fit in a child process whose callback reports each step on stdout and then
 # sleeps, so the test can kill it at a chosen step (timing controlled from outside the library).
+# The child computes with this process's number of threads: the resumed run must equal the
+# uninterrupted one bit for bit, and a float sum can differ with the thread count.
 _CHILD = """
 import json, sys, time
+import torch
 from umilayers.train import fit
+
+torch.set_num_threads(int(sys.argv[4]))
 
 def report_and_wait(event):
     if event.kind == "step":
@@ -148,8 +154,8 @@ def test_kill_9_mid_epoch_then_resume(stores, tmp_path):
     straight = fit(store, "umi", tmp_path / "straight", **options)
     run = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, store, str(run), json.dumps(options)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-c", _CHILD, store, str(run), json.dumps(options), str(torch.get_num_threads())]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Kill after step 1 of the second epoch of the first unimodal model: one epoch is checkpointed,
     # the next is half done (4 steps an epoch).
     for line in proc.stdout:

@@ -76,7 +76,7 @@ from umilayers.train.loop import (
     train_epoch,
 )
 
-__all__ = ["RunExistsError", "fit", "evaluate", "retrieval_pseudo_targets", "CHECKPOINT_VERSION"]
+__all__ = ["RunExistsError", "fit", "evaluate", "model_for_store", "retrieval_pseudo_targets", "CHECKPOINT_VERSION"]
 
 #: Version of ``checkpoint.pt``; a resume refuses any other.
 CHECKPOINT_VERSION = 2
@@ -129,14 +129,18 @@ def _check_compatible(cfg: FitConfig, store: FeatureStore) -> None:
                                                   f"({store.num_outputs}), got {num_align_tokens}")
 
 
-def _build_model(cfg: FitConfig, store: FeatureStore, method: str, modality: Optional[str] = None) -> TaskModel:
-    """The model of ``method`` for ``store``'s modalities, outputs and task."""
+def model_for_store(cfg: FitConfig, store: FeatureStore, method: Optional[str] = None,
+                    modality: Optional[str] = None) -> TaskModel:
+    """A fresh model of ``method`` (default: ``cfg``'s) for ``store``'s modalities, outputs and task,
+    with ``cfg``'s hyper-parameters (stage 1 asks for ``method="unimodal"`` and a ``modality``)."""
+    if method is None:
+        method, modality = cfg.method, modality or cfg.modality
     return build_model(
         method,
         {m: int(d) for m, (_, d) in sorted(store.modalities.items())},
         int(store.num_outputs),
         store.task,
-        config=cfg.model.replace(use_pseudo=cfg.uses_pseudo_labels) if method in ("umi", "pooled") else cfg.model,
+        config=cfg.model,
         text_dim=int(store.text[1]) if store.text is not None else None,
         modality_tokens={m: int(k) for m, (k, _) in store.modalities.items()},
         modality=modality,
@@ -341,7 +345,7 @@ class _Run:
 
     def init_model(self, method: str, modality: Optional[str], *tag: Any) -> TaskModel:
         torch.manual_seed(derive_seed(self.cfg.train.seed, "init", method, *tag))  # the same on every rank
-        return _build_model(self.cfg, self.store, method, modality)
+        return model_for_store(self.cfg, self.store, method, modality)
 
     def on_step(self, stage: str, epoch: int, modality: Optional[str] = None) -> Optional[Callable]:
         if self.callback is None:
