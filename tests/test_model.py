@@ -425,4 +425,5 @@ def test_model_config_fields_are_the_constructor_arguments():
             assert inspect.signature(cls).parameters[name].default == getattr(ModelConfig, name), (cls.__name__, name)
     config = make_model().config
     assert UMIConfig.from_dict(config.to_dict()) == config
-    assert config.hyperparameters == ModelConfig(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2)
+    resolved = ModelConfig(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, num_align_tokens=C)
+    assert config.hyperparameters == resolved  # the default n_u resolved: one token per class
