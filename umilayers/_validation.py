@@ -49,6 +49,7 @@ __all__ = [
     "check_tensor",
     "check_bool_mask",
     "check_finite",
+    "is_int",
     "check_int",
     "check_positive_int",
     "check_number",
@@ -181,6 +182,11 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or numpy) and not a ``bool``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_int(name: str, value: Any, minimum: Optional[int] = None, *, optional: bool = False) -> None:
     """Raise unless ``value`` is an ``int`` (``bool`` is refused) of at least ``minimum``.
 
@@ -194,7 +200,7 @@ def check_int(name: str, value: Any, minimum: Optional[int] = None, *, optional:
     if optional and value is None:
         return
     wanted = "an int" + ("" if minimum is None else f" >= {minimum}") + (" or None" if optional else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise InvalidArgumentType(name, f"expected {wanted}, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise InvalidArgument(name, f"expected {wanted}, got {value}")
@@ -202,7 +208,7 @@ def check_int(name: str, value: Any, minimum: Optional[int] = None, *, optional:
 
 def check_positive_int(name: str, value: Any) -> None:
     """Raise unless ``value`` is an ``int`` greater than zero (``bool`` is refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise InvalidArgumentType(name, f"expected a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise InvalidArgument(name, f"expected a positive int, got {value}")

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from umilayers._validation import is_int
+
 __all__ = ["SplitInfo", "FeatureDataset", "Batch", "collate"]
 
 
@@ -102,7 +104,7 @@ class FeatureDataset(Dataset):
         return state
 
     def __getitem__(self, row: int) -> dict[str, Any]:
-        if not isinstance(row, (int, np.integer)) or isinstance(row, bool):
+        if not is_int(row):
             raise TypeError(f"row: expected an int, got {type(row).__name__}")
         size = self.info.size
         if row < 0:

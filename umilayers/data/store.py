@@ -35,7 +35,7 @@ import numpy as np
 from torch.utils.data import ConcatDataset
 
 from umilayers._io import atomic_write_text
-from umilayers._validation import format_indices
+from umilayers._validation import format_indices, is_int
 from umilayers.data.dataset import FeatureDataset, SplitInfo
 from umilayers.losses import TASKS
 
@@ -65,7 +65,7 @@ class StoreError(ValueError):
 
 
 def _is_pos_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -174,7 +174,7 @@ class FeatureStore:
         if entry["role"] not in ROLES:
             raise StoreError(f"{label}: 'role' expected one of {list(ROLES)}, found {entry['role']!r}")
         size = entry["size"]
-        if isinstance(size, int) and not isinstance(size, bool) and size == 0:
+        if is_int(size) and size == 0:
             raise StoreError(f"{label}: empty split (size 0); a split needs at least one sample")
         if not _is_pos_int(size):
             raise StoreError(f"{label}: 'size' expected a positive int, found {size!r}")

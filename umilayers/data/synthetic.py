@@ -71,6 +71,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from umilayers._validation import check_positive_int
 from umilayers.data.store import FeatureStore
 
 __all__ = ["SyntheticConfig", "make_synthetic_store", "LAYOUTS", "WEAK_MODALITY"]
@@ -143,9 +144,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for name in ("num_train", "num_eval", "tokens", "dim", "num_outputs", "embed_dim",
                      "text_tokens", "text_dim", "latent_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SyntheticConfig.{name}: expected a positive int, got {value!r}")
+            check_positive_int(f"SyntheticConfig.{name}", getattr(self, name))
         if self.tokens < 4 or self.dim < 2 * max(self.num_classes // 2, self.latent_dim, 4) + 2:
             raise ValueError(
                 f"SyntheticConfig: tokens >= 4 and dim >= 2 * max(num_classes/2, latent_dim, 4) + 2 "
