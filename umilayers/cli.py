@@ -223,7 +223,7 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def is_main_process() -> bool:
+def _is_main_process() -> bool:
     """Whether this is rank 0 (or the only process): the one that prints."""
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "fit":
             config = fit_config(args)
             metrics = fit(args.store, out=args.out, config=config, resume=args.resume, overwrite=args.overwrite)
-            if is_main_process():
+            if _is_main_process():
                 _print_json(metrics)
             return 0
         if args.command == "evaluate":
