@@ -161,7 +161,8 @@ class PseudoLabelBank:
             out) a row is added when the pair is first recorded. Either way the results are the
             same.
         chunk_bytes: in memory, rows are added in chunks of about this many bytes (default
-            16 MiB, at most ``N`` rows): the most a modality allocates ahead of its rows.
+            16 MiB, at most ``ceil(N / 8)`` rows): the most a modality allocates ahead of its
+            rows.
 
     Raises:
         ValueError: bad sizes, window, modality names, dtype or ``present``; see also each
@@ -294,9 +295,11 @@ class PseudoLabelBank:
             self._rows = {m: self._memory_rows() for m in self.modalities}
 
     def _memory_rows(self) -> MemoryRows:
-        # a modality never has more than N rows: a chunk larger than that would only waste
-        table_bytes = self.num_samples * self.num_outputs * self.dtype.itemsize
-        return MemoryRows(self.num_outputs, self.dtype, min(self.chunk_bytes, table_bytes))
+        # A modality has at most N rows; chunks of at most N/8 rows keep a small bank that
+        # learns its rows from being as large as a row for every sample.
+        row_bytes = self.num_outputs * self.dtype.itemsize
+        eighth = -(-self.num_samples // 8) * row_bytes
+        return MemoryRows(self.num_outputs, self.dtype, min(self.chunk_bytes, eighth))
 
     def _create_files(self, slots: Mapping[str, Tensor], overwrite: bool) -> None:
         root = self.storage

@@ -232,7 +232,8 @@ class MemoryRows(RowStorage):
         self.chunk_rows = max(1, chunk_bytes // (width * dtype.itemsize))
         self._chunks: List[Tensor] = []
         self._starts: List[int] = []  # first slot of each chunk
-        self._inner_starts = torch.zeros(0, dtype=torch.int64)  # _starts[1:], for searchsorted
+        self._all_starts = torch.zeros(0, dtype=torch.int64)  # _starts as a tensor
+        self._inner_starts = self._all_starts  # _starts[1:], for searchsorted
         self._len = 0
         self._capacity = 0
 
@@ -249,7 +250,8 @@ class MemoryRows(RowStorage):
             rows = missing if exact else max(missing, self.chunk_rows)
             self._chunks.append(torch.zeros(rows, self.width, dtype=self.dtype))
             self._starts.append(self._capacity)
-            self._inner_starts = torch.tensor(self._starts[1:], dtype=torch.int64)
+            self._all_starts = torch.tensor(self._starts, dtype=torch.int64)
+            self._inner_starts = self._all_starts[1:]
             self._capacity += rows
         self._len += count
         return first
@@ -258,10 +260,10 @@ class MemoryRows(RowStorage):
         """``(chunk, positions in slots, offsets in the chunk)`` for each chunk ``slots`` touch."""
         chunk = torch.searchsorted(self._inner_starts, slots, right=True)
         order = torch.argsort(chunk, stable=True)
+        offsets = slots[order] - self._all_starts[chunk[order]]
         counts = torch.bincount(chunk, minlength=len(self._chunks)).tolist()
-        for k, positions in enumerate(torch.split(order, counts)):
-            if positions.numel():
-                yield self._chunks[k], positions, slots[positions] - self._starts[k]
+        pieces = zip(self._chunks, torch.split(order, counts), torch.split(offsets, counts))
+        return ((c, positions, offset) for c, positions, offset in pieces if positions.numel())
 
     def gather(self, slots: Tensor) -> Tensor:
         if len(self._chunks) == 1:
@@ -296,7 +298,7 @@ class MemoryRows(RowStorage):
 
     def close(self) -> None:
         self._chunks, self._starts, self._len, self._capacity = [], [], 0, 0
-        self._inner_starts = torch.zeros(0, dtype=torch.int64)
+        self._all_starts = self._inner_starts = torch.zeros(0, dtype=torch.int64)
 
 
 class FileRows(RowStorage):
