@@ -1,6 +1,6 @@
 """The five layers inside your own model and your own training loop, from raw inputs.
 
-    python examples/own_loop.py                 # about 30 s on two CPU cores
+    python examples/own_loop.py                 # under 15 s on a CPU, even a busy one
     python examples/own_loop.py --out RUN       # also save the layers' state and reload it
 
 Plain PyTorch, no umilayers trainer: copy this file and swap in your encoders and your data.
@@ -164,7 +164,7 @@ class AudioEncoder(nn.Module):
         if padding_mask is None:
             return tokens, None
         valid = self.tokens((~padding_mask).sum(dim=1))  # (B_m,) valid tokens per row
-        return tokens, torch.arange(tokens.shape[1])[None, :] >= valid[:, None]
+        return tokens, torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= valid[:, None]
 
 
 def make_encoders() -> nn.ModuleDict:
@@ -196,7 +196,7 @@ class Unimodal(nn.Module):
 
 def train_unimodal(m: str, train: IncompleteDataset, bank: PseudoLabelBank, args) -> Unimodal:
     """Stage 1 for modality ``m``: train on the samples that have it; fill the bank."""
-    model = Unimodal(make_encoders()[m])
+    model = Unimodal(make_encoders()[m]).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     subset = train.with_modality(m)
     loader = DataLoader(subset, batch_size=args.batch_size, shuffle=True, collate_fn=collate_modalities,
@@ -204,22 +204,25 @@ def train_unimodal(m: str, train: IncompleteDataset, bank: PseudoLabelBank, args
     for epoch in range(args.unimodal_epochs):
         model.train()
         for batch, label, _ in loader:
+            batch, label = batch.to(args.device), label.to(args.device)
             loss = classification_loss(model(batch.inputs[m], batch.padding_masks[m]), label)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         if epoch >= args.unimodal_epochs - args.window:  # the bank ignores earlier epochs anyway
-            ids, probs = predict_unimodal(model, m, subset, args.batch_size)
+            ids, probs = predict_unimodal(model, m, subset, args.batch_size, args.device)
             bank.update(m, ids, probs, epoch)  # running mean over the last `window` epochs
     return model
 
 
 @torch.no_grad()
-def predict_unimodal(model: Unimodal, m: str, data: Dataset, batch_size: int) -> tuple[Tensor, Tensor]:
+def predict_unimodal(model: Unimodal, m: str, data: Dataset, batch_size: int,
+                     device: str) -> tuple[Tensor, Tensor]:
     """Softmax outputs ``(N_m, C)`` of ``model`` on every sample of ``data`` and their ids ``(N_m,)``."""
     model.eval()
     ids, probs = [], []
     for batch, _, index in DataLoader(data, batch_size=batch_size, collate_fn=collate_modalities):
+        batch = batch.to(device)
         probs.append(model(batch.inputs[m], batch.padding_masks[m]).softmax(-1))
         ids.append(index)
     return torch.cat(ids), torch.cat(probs)
@@ -247,16 +250,18 @@ class TwoBranchModel(nn.Module):
 
     def forward(self, batch: ModalityBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Branch logits ``(B, 2, C)`` and each modality's projected features ``(B_m, K, D)``."""
-        features = {m: self.project[m](tokens, padding_mask=mask)
-                    for m, (tokens, mask) in encode(self.encoders, batch).items()}
+        encoded = encode(self.encoders, batch)  # m -> tokens (B_m, k_m, d_m), padding (B_m, k_m)
+        features = {m: self.project[m](tokens, padding_mask=mask)  # m -> (B_m, K, D)
+                    for m, (tokens, mask) in encoded.items()}
         fused = self.fuse(features, batch.present) + self.positions  # (B, K, D)
-        # [readout_0, slots 0..K/2-1, readout_1, slots K/2..K-1]: (B, K + 2, D); the group mask
-        # keeps each half (branch) to itself, so the two branches run in one pass.
-        halves = rearrange(fused, "b (g n) d -> b g n d", g=2)
-        readout = repeat(self.readout, "g d -> b g 1 d", b=fused.shape[0])
+        # Each branch gets half of the K slots after its own readout token:
+        # [readout_0, slots 0..K/2-1, readout_1, slots K/2..K-1], (B, K + 2, D). The group mask
+        # keeps each half to itself (Eq. 2), so both branches run in one pass.
+        halves = rearrange(fused, "b (g n) d -> b g n d", g=2)  # (B, 2, K/2, D)
+        readout = repeat(self.readout, "g d -> b g 1 d", b=fused.shape[0])  # (B, 2, 1, D)
         tokens = rearrange(torch.cat([readout, halves], dim=2), "b g n d -> b (g n) d")
         out = rearrange(self.branches(tokens), "b (g n) d -> b g n d", g=2)[:, :, 0]  # (B, 2, D)
-        return self.head(out), features
+        return self.head(out), features  # (B, 2, C)
 
     def loss(self, batch: ModalityBatch, label: Tensor, pseudo: Tensor, align_weight: float,
              pseudo_weight: float) -> Tensor:
@@ -275,16 +280,17 @@ class TwoBranchModel(nn.Module):
 
 def train_multimodal(encoders: nn.ModuleDict, train: IncompleteDataset, bank: PseudoLabelBank,
                      args) -> TwoBranchModel:
-    model = TwoBranchModel(encoders)
+    model = TwoBranchModel(encoders).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate_modalities,
                         generator=torch.Generator().manual_seed(args.seed + 1))
     for _ in range(args.epochs):
         model.train()
-        for batch, label, index in loader:
+        for batch, label, index in loader:  # index: (B,) sample ids, kept on the CPU for the bank
+            batch, label = batch.to(args.device), label.to(args.device)
             # (B, C): each sample's averaged unimodal prediction (with several modalities the
             # one closest to the ground truth; here every training sample has exactly one).
-            pseudo = bank.targets(index, batch.present, ground_truth=label)
+            pseudo = bank.targets(index, batch.present, ground_truth=label, device=args.device)
             loss = model.loss(batch, label, pseudo, args.align_weight, args.pseudo_weight)
             optimizer.zero_grad()
             loss.backward()
@@ -297,11 +303,12 @@ def train_multimodal(encoders: nn.ModuleDict, train: IncompleteDataset, bank: Ps
 
 @torch.no_grad()
 def evaluate(model: TwoBranchModel, unimodal: dict[str, Unimodal], test: IncompleteDataset,
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, device: str) -> dict[str, float]:
     """Test top-1 of the model with every non-empty modality subset, and stage 1's late fusion."""
     subsets = [c for r in range(1, len(MODALITIES) + 1) for c in itertools.combinations(MODALITIES, r)]
     correct = {"+".join(s): 0 for s in subsets} | {"late fusion": 0}
     for batch, label, _ in DataLoader(test, batch_size=batch_size, collate_fn=collate_modalities):
+        batch, label = batch.to(device), label.to(device)
         for subset in subsets:
             correct["+".join(subset)] += int((model.predict(batch.select(subset)).argmax(-1) == label).sum())
         for u in unimodal.values():
@@ -327,7 +334,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--align-weight", type=float, default=1e-3, help="lambda of Eq. 3 (the paper's 0.001)")
     p.add_argument("--pseudo-weight", type=float, default=1.0, help="alpha of Eq. 3")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the model is tiny, and on a busy 2-core machine a "
+                        "second thread made the run several times slower)")
+    p.add_argument("--device", default="cpu", help="where to train, e.g. cuda (default cpu)")
     p.add_argument("--out", type=Path, default=None, help="save the model and the bank here, then reload them")
     args = p.parse_args(argv)
     for name in ("train_size", "test_size", "unimodal_epochs", "window", "epochs", "batch_size"):
@@ -342,8 +352,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("align_weight", "pseudo_weight"):
         if not 0 <= getattr(args, name) < float("inf"):
             p.error(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         p.error(f"--threads: expected an int >= 1, got {args.threads}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
     if args.out is not None and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         p.error(f"--out: expected a new or empty folder, got {args.out} (exists and is not an empty folder)")
     return args
@@ -357,10 +369,12 @@ def save_and_reload(model: TwoBranchModel, bank: PseudoLabelBank, train: Incompl
     out.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(out / "model.pt", model.state_dict())  # encoders + the five layers
     bank.save(out / "pseudo_labels")  # only needed to resume stage 2
-    fresh = TwoBranchModel(make_encoders())
-    fresh.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    device = next(model.parameters()).device
+    fresh = TwoBranchModel(make_encoders()).to(device)
+    fresh.load_state_dict(torch.load(out / "model.pt", map_location=device, weights_only=True))
     loaded = PseudoLabelBank.load(out / "pseudo_labels")
     batch, _, _ = collate_modalities([test[i] for i in range(min(len(test), 64))])
+    batch = batch.to(device)
     same = torch.equal(fresh.predict(batch), model.predict(batch))
     batch, _, ids = collate_modalities([train[i] for i in range(min(len(train), 64))])
     same_bank = torch.equal(loaded.targets(ids, batch.present), bank.targets(ids, batch.present))
@@ -369,8 +383,7 @@ def save_and_reload(model: TwoBranchModel, bank: PseudoLabelBank, train: Incompl
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     train, test = make_data(args.train_size, args.test_size, args.seed)
@@ -386,7 +399,7 @@ def main(argv=None) -> dict[str, float]:
     encoders = nn.ModuleDict({m: copy.deepcopy(unimodal[m].encoder) for m in MODALITIES})
     model = train_multimodal(encoders, train, bank, args)
 
-    accuracy = evaluate(model, unimodal, test, args.batch_size)
+    accuracy = evaluate(model, unimodal, test, args.batch_size, args.device)
     print(f"test top-1, {len(test)} samples with both modalities (chance {1 / NUM_CLASSES:.1%}; "
           f"the best one modality alone can expect: {1 / PITCHES:.1%}):")
     for name, value in accuracy.items():
