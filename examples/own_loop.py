@@ -1,6 +1,6 @@
 """The five layers inside your own model and your own training loop, from raw inputs.
 
-    python examples/own_loop.py                 # under 15 s on a CPU, even a busy one
+    python examples/own_loop.py                 # 8-10 s of CPU time, one thread
     python examples/own_loop.py --out RUN       # also save the layers' state and reload it
 
 Plain PyTorch, no umilayers trainer: copy this file and swap in your encoders and your data.
