@@ -269,7 +269,8 @@ class TwoBranchModel(nn.Module):
         logits, features = self(batch)
         align = torch.stack([self.align(f, label[batch.present[m]]) for m, f in features.items()]).mean()
         supervised = classification_loss(logits[:, 0], label)
-        return align_weight * align + supervised + pseudo_weight * classification_pseudo_loss(logits[:, 1], pseudo)
+        distilled = classification_pseudo_loss(logits[:, 1], pseudo)  # KL(pseudo || softmax)
+        return align_weight * align + supervised + pseudo_weight * distilled
 
     @torch.no_grad()
     def predict(self, batch: ModalityBatch) -> Tensor:
@@ -313,7 +314,8 @@ def evaluate(model: TwoBranchModel, unimodal: dict[str, Unimodal], test: Incompl
             correct["+".join(subset)] += int((model.predict(batch.select(subset)).argmax(-1) == label).sum())
         for u in unimodal.values():
             u.eval()
-        late = sum(u(batch.inputs[m], batch.padding_masks[m]).softmax(-1) for m, u in unimodal.items())
+        late = torch.stack([u(batch.inputs[m], batch.padding_masks[m]).softmax(-1)
+                            for m, u in unimodal.items()]).mean(0)  # (B, C), every row has both
         correct["late fusion"] += int((late.argmax(-1) == label).sum())
     return {name: count / len(test) for name, count in correct.items()}
 
