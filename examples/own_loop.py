@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -366,10 +367,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def save_and_reload(model: TwoBranchModel, bank: PseudoLabelBank, train: IncompleteDataset,
                     test: IncompleteDataset, out: Path) -> None:
     """Save the layers' state and the bank; reload them into fresh objects; check they match."""
-    from umilayers._io import atomic_torch_save  # temporary name + rename: never a half-written file
-
     out.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(out / "model.pt", model.state_dict())  # encoders + the five layers
+    # Write to a temporary name, then rename: a crash never leaves a half-written model.pt.
+    torch.save(model.state_dict(), out / "model.pt.tmp")  # encoders + the five layers
+    os.replace(out / "model.pt.tmp", out / "model.pt")
     bank.save(out / "pseudo_labels")  # only needed to resume stage 2
     device = next(model.parameters()).device
     fresh = TwoBranchModel(make_encoders()).to(device)
