@@ -346,6 +346,25 @@ def test_audio_ast_overlapping_patches_by_default(epic_data):
     assert lengths.tolist() == [12 * 2, 12 * 3]
 
 
+def test_audio_extractor_loads_an_ast_checkpoint_as_published(epic_data, tmp_path):
+    """An AST checkpoint (``module.v.*`` keys, 12 x 101 position grid, AudioSet head) passed as
+    it is: converted on load, position embeddings cut to the 12 x 12 grid of 128 frames."""
+    from umilayers.datasets import checkpoints as ckpt
+
+    source = ckpt.ast_audio_vit("deit_tiny_distilled_patch16_224", mel_bins=128, frames=1024)
+    assert source.patch_embed.grid_size == ckpt.AST_AUDIOSET_GRID
+    state = {"module.v." + k: v for k, v in source.state_dict().items()}
+    state["module.mlp_head.1.weight"] = torch.zeros(527, 192)
+    torch.save(state, tmp_path / "audioset.pth")
+    config = _config(audio_arch="deit_tiny_distilled_patch16_224", audio_frames=128, audio_stride=10,
+                     weights={"audio": str(tmp_path / "audioset.pth")})
+    model = epic.build_extractor("audio", epic_data["audio"], config).model
+    torch.testing.assert_close(model.blocks[3].attn.qkv.weight, source.blocks[3].attn.qkv.weight)
+    torch.testing.assert_close(model.dist_token, source.dist_token)
+    grid = source.pos_embed[:, 2:].reshape(1, 12, 101, 192)
+    torch.testing.assert_close(model.pos_embed[:, 2:].reshape(1, 12, 12, 192), grid[:, :, 50 - 6:50 + 6])
+
+
 # ------------------------------------------------------------------------------ audio layouts
 
 AUDIO_LAYOUTS = {  # relative path, whether the file holds the clip only
