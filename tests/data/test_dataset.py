@@ -168,10 +168,11 @@ def _caption_of(item):
 def test_first_caption_keeps_the_one_caption_item(tmp_path):
     store, counts, lengths = _captions_store(tmp_path)
     item = store.dataset("te")[2]
-    assert set(item) == {"index", "split_id", "inputs", "lengths", "target", "target_length"}
+    assert set(item) == {"index", "split_id", "inputs", "lengths", "target", "target_length", "caption"}
     assert item["target"].shape == (4, 3) and int(item["target"][0, 0]) == 20 and item["target_length"] == 1
     batch = collate([store.dataset("te")[i] for i in range(3)])
     assert batch.targets.shape == (3, 4, 3) and batch.caption_counts is None
+    assert batch.caption_slots.tolist() == [0, 0, 0]
 
 
 def test_random_caption_per_row_and_epoch(tmp_path):
@@ -183,6 +184,7 @@ def test_random_caption_per_row_and_epoch(tmp_path):
         for r in range(3):
             item = data[r]
             c = _caption_of(item)
+            assert item["caption"] == c  # the slot is reported (pseudo-labels look it up)
             seen[r].add(c)
             assert item["target_length"] == lengths[r, c] and int(item["target"][0, 0]) == 10 * r + c
     assert seen == {0: {0, 1, 2}, 1: {0}, 2: {0, 1}}  # every caption over epochs, never an empty slot

@@ -10,8 +10,9 @@ An item (one sample) is a dict (``docs/contracts.md``)::
      "target_length": int}  # retrieval only: valid caption tokens
 
 A retrieval store with several captions per row gives one of them per item (``caption="first"``
-or ``"random"``), or all of them (``caption="all"``): ``"target"`` ``(K, text_tokens, text_dim)``,
-``"target_length"`` ``(K,)`` int64 (0 for empty slots) and ``"caption_count"`` int.
+or ``"random"``; ``"caption"``: int, the slot it came from), or all of them (``caption="all"``):
+``"target"`` ``(K, text_tokens, text_dim)``, ``"target_length"`` ``(K,)`` int64 (0 for empty
+slots) and ``"caption_count"`` int.
 
 :func:`collate` turns a list of items, possibly from splits with different modalities, into a
 :class:`Batch` whose ``inputs[m]`` holds only the rows that have modality ``m``.
@@ -166,7 +167,8 @@ class FeatureDataset(Dataset):
             draw = np.random.default_rng([self.caption_seed, self.epoch, self.split_id, row])
             choice = int(draw.integers(count))
         return {"target": torch.from_numpy(np.array(arrays["targets"][row, choice], dtype=np.float32)),
-                "target_length": int(lengths[row, choice]) if lengths is not None else tokens}
+                "target_length": int(lengths[row, choice]) if lengths is not None else tokens,
+                "caption": choice}
 
     def __repr__(self) -> str:
         return (f"FeatureDataset(split={self.info.name!r}, role={self.info.role!r}, "
@@ -190,6 +192,8 @@ class Batch:
         split_ids: the split of each row (position in ``store.json``).
         caption_counts: ``(B,)`` int64 captions of each row for ``caption="all"`` items (their
             ``targets`` are ``(B, K, text_tokens, text_dim)``), else None.
+        caption_slots: ``(B,)`` int64, the caption slot each row's ``targets`` came from
+            (several-captions stores, ``caption="first"`` / ``"random"``), else None.
 
     Shape:
         - indices, split_ids: ``(B,)`` int64
@@ -217,6 +221,7 @@ class Batch:
     text_padding_mask: Optional[Tensor]
     split_ids: Tensor
     caption_counts: Optional[Tensor] = None
+    caption_slots: Optional[Tensor] = None
 
     @property
     def size(self) -> int:
@@ -285,6 +290,8 @@ def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
         text_padding_mask=text_mask,
         split_ids=torch.tensor([int(item["split_id"]) for item in items], dtype=torch.long),
         caption_counts=counts,
+        caption_slots=(torch.tensor([int(item["caption"]) for item in items], dtype=torch.long)
+                       if "caption" in items[0] else None),
     )
 
 

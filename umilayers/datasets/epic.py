@@ -584,7 +584,7 @@ def is_released_split(split_dir: PathLike) -> bool:
 
 def _read_ids(path: Path) -> list[str]:
     """Non-empty lines of a one-column file (the released CSVs have no header)."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         return [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
 
 
@@ -648,7 +648,7 @@ def read_class_keys(path: PathLike) -> dict[str, int]:
     """``key -> id`` from an official class table (``EPIC_100_verb_classes.csv`` or
     ``EPIC_100_noun_classes.csv``: columns ``id,key,instances,category``)."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not {"id", "key"} <= set(reader.fieldnames or []):
             raise ValueError(f"{path}: expected the columns id,key (,instances,category); found "
@@ -667,7 +667,7 @@ def read_action_classes(path: PathLike, verb_classes: PathLike, noun_classes: Pa
     path = Path(path)
     verbs, nouns = read_class_keys(verb_classes), read_class_keys(noun_classes)
     pairs = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         for line, row in enumerate(csv.reader(handle), start=1):
             if len(row) != 2:
                 raise ValueError(f"{path}, line {line}: expected verb_key,noun_key, got {row}")
