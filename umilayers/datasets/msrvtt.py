@@ -407,7 +407,8 @@ def load_msrvtt(
         if not cap_idx_path.is_file():
             raise MSRVTTDataError(f"{cap_idx_path} does not exist: the 1k-A split evaluates one "
                                   "given caption per test video (or use --split full)")
-        test_caption = {str(k): int(v) for k, v in _load_pickle(cap_idx_path).items()}
+        test_caption = {k.decode() if isinstance(k, bytes) else str(k): int(v)
+                        for k, v in _load_pickle(cap_idx_path).items()}
     raw_path = root / "raw-captions.pkl"
     raw_captions = _load_pickle(raw_path) if raw_path.is_file() else None
     if raw_captions is None:
