@@ -1,34 +1,46 @@
-"""PseudoLabelBank at EPIC-Kitchens size: resident memory, update/lookup throughput, bytes on disk.
+"""PseudoLabelBank at EPIC-Kitchens size: peak memory of each row layout, update/lookup speed, disk.
 
-Each storage mode (in memory, memmap) runs in its own subprocess, so its peak resident memory
-(``VmHWM`` of ``/proc/self/status``, reset after importing torch with ``/proc/self/clear_refs``;
-``ru_maxrss`` elsewhere) is not mixed with the other mode's. The figure reported is the peak
-minus the resident size right after importing torch and building the inputs. It counts the
-process's anonymous memory and the pages of files it has mapped; it does not count the kernel's
-page cache of files the process reads and writes with system calls. The "memmap" mode
-(``storage=path``) writes its means that way (positioned I/O; only the 8-byte epoch masks are
-mapped), so the script also reports how much of the bank's files sits in the page cache after
-the timed work (``mincore``, Linux): memory the kernel holds for the files, shared, written back
-in the background and reclaimable, but still memory of the machine (a memory cgroup counts it).
+The workload is the paper's modality-incomplete training: ``--modalities`` training splits of
+equal size, each with one modality (EPIC: half the samples rgb only, half audio only), so each
+sample has one (sample, modality) pair. Every epoch updates each modality with the predictions
+of its split's samples (batches of ``--batch`` in a random order, softmax-like predictions);
+then every sample's pseudo-label is looked up. ``--pairs all`` gives every sample every
+modality instead (the workload of the first benchmark, with the cosine choice in lookups).
 
-In each mode: ``--epochs`` epochs of updates (every sample, every modality, batches of
-``--batch`` in a random order, softmax-like predictions), timed per epoch (the first epoch
-also pays the page faults of fresh memory or a fresh sparse file); then a lookup of
-every sample with both modalities present and a class label as ground truth (the cosine
-selection path). Goals (issue 5): in memory <= 1 GB, memmap <= 300 MB resident, one epoch of
-updates < 10 s.
+Variants, each in its own fresh subprocess so that its peak resident memory (``VmHWM`` of
+``/proc/self/status``, reset after importing torch and building the inputs through
+``/proc/self/clear_refs``; ``ru_maxrss`` elsewhere) is its own:
 
-Bytes on disk are compared with the authors' released code's approach: one ``[E, C]`` float32
-``.npy`` per sample (``E = window`` epochs). Its size is computed exactly from the ``.npy``
-header and measured on a sample of real files (``st_size`` and allocated blocks), then scaled
-to ``N`` files (one per sample, as in EPIC's modality-incomplete training set where each sample
-has one modality) and to ``N * M`` files (the same content as the bank: every modality of every
-sample).
+- ``full``: a row for every sample and modality, the layout of bank format version 1 (here
+  ``present=`` with every pair, so the same code runs both layouts);
+- ``learned``: the default constructor: a row is added when a pair is first recorded;
+- ``told``: ``present=`` the pairs that exist, allocated at once;
+- ``file-full`` and ``file``: file-backed (``storage=path``), every pair or learned;
+- ``old-code`` (only with ``--old-code FILE``): another implementation of ``PseudoLabelBank``,
+  e.g. the bank before this layout (``git show <rev>:umilayers/pseudo_labels.py > FILE``), as a
+  cross-check of ``full``.
+
+The figure reported is the peak minus the resident set before the bank is built. It counts the
+process's anonymous memory and the pages of files it maps; not the kernel's page cache of the
+files the file-backed modes read and write with system calls, which is reported separately
+(``mincore``, Linux): memory of the machine (shared, written back in the background,
+reclaimable; a memory cgroup counts it) but not of the process. Every variant must give the same
+targets bit for bit (a SHA-256 of all of them); the script stops if they differ.
+
+Goals: issue 12 (bank at half): ``learned`` <= 600 MB (10^6 bytes) peak at EPIC size with two
+training splits, file-backed resident size unchanged (``file`` against ``file-full``); issue 5:
+file-backed <= 300 MB resident, one epoch of updates < 10 s.
+
+Bytes on disk are also compared with the authors' released code's approach: one ``[E, C]``
+float32 ``.npy`` per sample (``E = window`` epochs), its size computed from the ``.npy`` header
+and measured on a sample of real files.
 
 Usage::
 
-    python benchmarks/pseudo_bank.py            # EPIC size: 62,429 x 3,806, 2 modalities
-    python benchmarks/pseudo_bank.py --quick    # CI smoke test (small N and C, < 20 s)
+    python benchmarks/pseudo_bank.py            # EPIC size: 62,429 x 3,806, 2 splits, ~2 min
+    python benchmarks/pseudo_bank.py --quick    # CI smoke test (small N and C, seconds)
+    git show main:umilayers/pseudo_labels.py > /tmp/old.py
+    python benchmarks/pseudo_bank.py --old-code /tmp/old.py
 
 Writes ``results/pseudo_bank.json`` and ``results/pseudo_bank.png``.
 """
@@ -36,6 +48,7 @@ Writes ``results/pseudo_bank.json`` and ``results/pseudo_bank.png``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -47,8 +60,9 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-GOALS = {"memory_mb": 1000.0, "memmap_mb": 300.0, "epoch_s": 10.0}
-
+GOALS = {"learned_mb": 600.0, "file_mb": 300.0, "epoch_s": 10.0}
+VARIANTS = ("full", "learned", "told", "file-full", "file")
+MB = 1e6  # figures in MB of 10^6 bytes, as the goals
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write_bytes as _atomic_write  # noqa: E402
@@ -92,55 +106,84 @@ def page_cache_bytes(path: Path) -> Optional[int]:
     return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
 
 
+def _bank_class(args):
+    if args.worker == "old-code":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("old_pseudo_labels", args.old_code)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.PseudoLabelBank
+    from umilayers.pseudo_labels import PseudoLabelBank
+
+    return PseudoLabelBank
+
+
+def _owner(n: int, modalities: int, pairs: str):
+    """``(N, M)`` bool: which modalities each sample has (equal contiguous splits, or all)."""
+    import torch
+
+    if pairs == "all":
+        return torch.ones(n, modalities, dtype=torch.bool)
+    split = torch.arange(n) * modalities // n  # split j holds samples j*N/M .. (j+1)*N/M - 1
+    return torch.nn.functional.one_hot(split, modalities).bool()
+
+
 def worker(args) -> dict:
-    """Runs in a subprocess: one storage mode, returns its figures as a dict."""
+    """Runs in a subprocess: one variant, returns its figures as a dict."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from umilayers.pseudo_labels import PseudoLabelBank
-
+    bank_class = _bank_class(args)
     torch.set_num_threads(args.threads)
     n, c, batch = args.samples, args.classes, args.batch
     modalities = [f"m{i}" for i in range(args.modalities)]
+    has = _owner(n, len(modalities), args.pairs)
     gen = torch.Generator().manual_seed(0)
     # one batch of predictions reused for every update: generating them is not what we time
     preds = torch.softmax(torch.randn(batch, c, generator=gen) * 3, dim=-1)
     labels = torch.randint(0, c, (n,), generator=gen)
-    orders = [torch.randperm(n, generator=gen) for _ in range(args.epochs)]
+    ids = {m: has[:, j].nonzero().flatten() for j, m in enumerate(modalities)}
+    orders = [{m: ids[m][torch.randperm(ids[m].numel(), generator=gen)] for m in modalities}
+              for _ in range(args.epochs)]
     baseline_rss = _status_kb("VmRSS") or _peak_kb()
     reset = _reset_peak()
     baseline = baseline_rss if reset else _peak_kb()
 
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
-        storage = Path(tmp) / "bank" if args.worker == "memmap" else None
+        kwargs = {}
+        if args.worker.startswith("file"):
+            kwargs["storage"] = Path(tmp) / "bank"
+        if args.worker.endswith("full"):
+            kwargs["present"] = {m: torch.ones(n, dtype=torch.bool) for m in modalities}
+        elif args.worker == "told":
+            kwargs["present"] = {m: has[:, j] for j, m in enumerate(modalities)}
         t0 = time.perf_counter()
-        bank = PseudoLabelBank(n, c, modalities, window=args.window,
-                               total_epochs=args.window, storage=storage)
+        bank = bank_class(n, c, modalities, window=args.window, total_epochs=args.window, **kwargs)
         create_s = time.perf_counter() - t0
         epoch_s, epoch_cpu_s = [], []
         for epoch in range(args.epochs):
             t0, c0 = time.perf_counter(), time.process_time()
             for m in modalities:
-                for start in range(0, n, batch):
-                    ids = orders[epoch][start:start + batch]
-                    bank.update(m, ids, preds[: ids.numel()], epoch)
+                order = orders[epoch][m]
+                for start in range(0, order.numel(), batch):
+                    chunk = order[start:start + batch]
+                    bank.update(m, chunk, preds[: chunk.numel()], epoch)
             epoch_s.append(time.perf_counter() - t0)
             epoch_cpu_s.append(time.process_time() - c0)
-        present = {m: torch.ones(batch, dtype=torch.bool) for m in modalities}
         t0, c0 = time.perf_counter(), time.process_time()
-        checksum = 0.0
+        digest = hashlib.sha256()
         for start in range(0, n, batch):
-            ids = torch.arange(start, min(n, start + batch))
-            mask = {m: p[: ids.numel()] for m, p in present.items()}
-            out = bank.targets(ids, mask, ground_truth=labels[ids])
-            checksum += float(out[:, 0].sum())
+            rows = torch.arange(start, min(n, start + batch))
+            present = {m: has[rows, j] for j, m in enumerate(modalities)}
+            out = bank.targets(rows, present, ground_truth=labels[rows])
+            digest.update(out.numpy().tobytes())
         lookup_s = time.perf_counter() - t0
         lookup_cpu_s = time.process_time() - c0
-        disk = None
         peak = _peak_kb()
-        rss_file = _status_kb("RssFile")
-        if storage is not None:
-            files = list(storage.iterdir())
+        disk = None
+        if "storage" in kwargs:
+            files = list(kwargs["storage"].iterdir())
             cached = [page_cache_bytes(f) for f in files]
             t0 = time.perf_counter()
             bank.flush()
@@ -154,22 +197,21 @@ def worker(args) -> dict:
         nbytes = bank.nbytes
         bank.close()
     return {
-        "mode": args.worker,
-        "peak_rss_mb": (peak - baseline) / 1024,
-        "baseline_rss_mb": baseline_rss / 1024,
+        "variant": args.worker,
+        "peak_rss_mb": (peak - baseline) * 1024 / MB,
+        "baseline_rss_mb": baseline_rss * 1024 / MB,
         "peak_reset": reset,
-        "rss_file_mb_at_end": None if rss_file is None else rss_file / 1024,
         "nbytes": nbytes,
+        "pairs": int(has.sum()),
         "create_s": create_s,
         "epoch_s": epoch_s,
         "epoch_cpu_s": epoch_cpu_s,
-        "updates_per_s": n * len(modalities) / min(epoch_s),
+        "updates_per_s": int(has.sum()) / min(epoch_s),
         "lookup_s": lookup_s,
         "lookup_cpu_s": lookup_cpu_s,
         "lookups_per_s": n / lookup_s,
         "disk": disk,
-        "checksum": checksum,
-        "estimate_nbytes": PseudoLabelBank.estimate_nbytes(n, c, len(modalities), torch.float16),
+        "targets_sha256": digest.hexdigest(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -203,11 +245,6 @@ def released_files(n: int, c: int, epochs: int, modalities: int, sample: int, tm
         "allocated_bytes_per_file": sum(blocks) / len(blocks),
         "files_measured": sample,
         "one_per_sample": {"files": n, "size": n * per_file, "allocated": n * sum(blocks) / len(blocks)},
-        "one_per_sample_and_modality": {
-            "files": n * modalities,
-            "size": n * modalities * per_file,
-            "allocated": n * modalities * sum(blocks) / len(blocks),
-        },
     }
 
 
@@ -223,29 +260,57 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = result["modes"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    names = [m["mode"] for m in modes]
-    axes[0].bar(names, [m["peak_rss_mb"] for m in modes], color=["C0", "C1"])
-    for goal, label in ((GOALS["memory_mb"], "goal in memory"), (GOALS["memmap_mb"], "goal memmap")):
+    runs = result["variants"]
+    names = [r["variant"] for r in runs]
+    colors = ["C1" if name.startswith("file") else "C0" for name in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].bar(names, [r["peak_rss_mb"] for r in runs], color=colors)
+    for goal, label in ((GOALS["learned_mb"], "goal: learned, in memory"),
+                        (GOALS["file_mb"], "goal: file-backed, resident")):
         axes[0].axhline(goal, ls="--", lw=1, color="gray")
         axes[0].text(-0.4, goal, label, va="bottom", fontsize=8)
     axes[0].set_ylabel("peak resident memory above baseline (MB)")
-    axes[1].bar(names, [max(m["epoch_s"]) for m in modes], color=["C0", "C1"])
+    axes[1].bar(names, [max(r["epoch_s"]) for r in runs], color=colors)
     axes[1].axhline(GOALS["epoch_s"], ls="--", lw=1, color="gray")
     axes[1].set_ylabel("one epoch of updates, slowest (s)")
-    rel = result["released"]
-    disk_names = ["bank (fp16)", "released\n(N files)", "released\n(N*M files)"]
-    disk = [result["bank_bytes"] / 1e9, rel["one_per_sample"]["size"] / 1e9,
-            rel["one_per_sample_and_modality"]["size"] / 1e9]
-    axes[2].bar(disk_names, disk, color=["C2", "C3", "C3"])
-    axes[2].set_ylabel("bytes on disk (GB)")
-    fig.suptitle(f"PseudoLabelBank, N={result['config']['samples']:,}, "
-                 f"C={result['config']['classes']:,}, M={result['config']['modalities']}, "
-                 f"window={result['config']['window']} ({result['machine']['cpus']} CPUs)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    cfg = result["config"]
+    fig.suptitle(f"PseudoLabelBank, N={cfg['samples']:,}, C={cfg['classes']:,}, "
+                 f"M={cfg['modalities']} ({cfg['pairs']} pairs), window={cfg['window']}, "
+                 f"{result['machine']['cpus']} CPUs, load {result['machine']['load_average_1min_before_after'][0]:.1f}")
     fig.tight_layout()
     fig.savefig(path.with_suffix(".tmp.png"), dpi=110)
     os.replace(path.with_suffix(".tmp.png"), path)
+
+
+def _run_variant(args, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--samples", str(args.samples),
+           "--classes", str(args.classes), "--modalities", str(args.modalities),
+           "--window", str(args.window), "--batch", str(args.batch), "--epochs", str(args.epochs),
+           "--threads", str(args.threads), "--pairs", args.pairs]
+    if args.tmpdir:
+        cmd += ["--tmpdir", args.tmpdir]
+    if args.old_code:
+        cmd += ["--old-code", str(args.old_code)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr, file=sys.stderr)
+        raise SystemExit(f"worker {variant} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _verdicts(by: dict) -> dict:
+    learned, file, file_full = by["learned"], by["file"], by["file-full"]
+    return {
+        "learned_vs_full_peak": learned["peak_rss_mb"] / by["full"]["peak_rss_mb"],
+        "told_vs_full_peak": by["told"]["peak_rss_mb"] / by["full"]["peak_rss_mb"],
+        "file_vs_file_full_peak": file["peak_rss_mb"] / file_full["peak_rss_mb"],
+        "learned_goal_met": learned["peak_rss_mb"] <= GOALS["learned_mb"],
+        "file_goal_met": max(file["peak_rss_mb"], file_full["peak_rss_mb"]) <= GOALS["file_mb"],
+        "epoch_goal_met": max(max(r["epoch_s"]) for r in by.values()) < GOALS["epoch_s"],
+        "same_targets": len({r["targets_sha256"] for r in by.values()}) == 1,
+    }
 
 
 def main(argv=None) -> int:
@@ -254,98 +319,95 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=62_429)
     parser.add_argument("--classes", type=int, default=3_806)
     parser.add_argument("--modalities", type=int, default=2)
+    parser.add_argument("--pairs", choices=["split", "all"], default="split",
+                        help="split: one training split per modality, each sample has one "
+                             "(default, EPIC's setting); all: every sample has every modality")
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of updates timed")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in the workers (the bank's work is memory-bound; on a "
                              "shared machine extra threads mostly wait for each other)")
+    parser.add_argument("--old-code", type=Path, default=None,
+                        help="a pseudo_labels.py to run as the extra variant 'old-code' (full layout)")
     parser.add_argument("--released-sample", type=int, default=200,
                         help="released-approach files written to measure their size")
-    parser.add_argument("--tmpdir", default=None, help="where the memmap files go")
+    parser.add_argument("--tmpdir", default=None, help="where the file-backed banks go")
     parser.add_argument("--out", type=Path, default=ROOT / "results",
                         help="folder for pseudo_bank.json and .png (quick: pseudo_bank_quick.*)")
-    parser.add_argument("--worker", choices=["memory", "memmap"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*VARIANTS, "old-code"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.classes, args.epochs, args.released_sample = 2_000, 256, 2, 20
+    if args.old_code is not None and not args.old_code.is_file():
+        parser.error(f"--old-code: no such file: {args.old_code}")
 
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
 
     load_before = os.getloadavg()[0]
-    modes = []
-    for mode in ("memory", "memmap"):
-        cmd = [sys.executable, __file__, "--worker", mode, "--samples", str(args.samples),
-               "--classes", str(args.classes), "--modalities", str(args.modalities),
-               "--window", str(args.window), "--batch", str(args.batch),
-               "--epochs", str(args.epochs), "--threads", str(args.threads)]
-        if args.tmpdir:
-            cmd += ["--tmpdir", args.tmpdir]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            raise SystemExit(f"worker {mode} failed with exit code {proc.returncode}")
-        modes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert all(m["nbytes"] == m["estimate_nbytes"] for m in modes), modes
-    if abs(modes[0]["checksum"] - modes[1]["checksum"]) > 1e-6 * max(1.0, abs(modes[0]["checksum"])):
-        raise SystemExit(f"memory and memmap lookups differ: {modes[0]['checksum']} vs {modes[1]['checksum']}")
+    variants = [*VARIANTS, *(["old-code"] if args.old_code else [])]
+    runs = [_run_variant(args, v) for v in variants]
+    by = {r["variant"]: r for r in runs}
+    verdicts = _verdicts(by)
+    if not verdicts["same_targets"]:
+        raise SystemExit("the variants' targets differ: " + ", ".join(
+            f"{r['variant']} {r['targets_sha256'][:12]}" for r in runs))
 
-    bank_bytes = modes[0]["nbytes"]  # the parent never imports torch: it is slow to import
     released = released_files(args.samples, args.classes, args.window, args.modalities,
                               args.released_sample, args.tmpdir)
+    load_after = os.getloadavg()[0]
     result = {
         "config": {"samples": args.samples, "classes": args.classes, "modalities": args.modalities,
-                   "window": args.window, "batch": args.batch, "epochs": args.epochs,
-                   "threads": args.threads,
-                   "dtype": "float16", "quick": args.quick},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": modes[0]["torch_threads"],
+                   "pairs": args.pairs, "window": args.window, "batch": args.batch,
+                   "epochs": args.epochs, "threads": args.threads, "dtype": "float16",
+                   "quick": args.quick, "old_code": str(args.old_code) if args.old_code else None},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": runs[0]["torch_threads"],
                     "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": modes[0]["torch"],
-                    "load_average_1min_before_after": [load_before, os.getloadavg()[0]]},
+                    "python": platform.python_version(), "torch": runs[0]["torch"],
+                    "date": time.strftime("%Y-%m-%d"),
+                    "load_average_1min_before_after": [load_before, load_after]},
         "goals": GOALS,
-        "modes": modes,
-        "bank_bytes": bank_bytes,
+        "variants": runs,
+        "verdicts": verdicts,
         "released": released,
         "command": " ".join([Path(sys.executable).name, "benchmarks/pseudo_bank.py", *(argv or sys.argv[1:])]),
     }
 
-    rows = [["mode", "peak RSS (MB)", "goal (MB)", "epoch of updates: wall (s)", "CPU (s)",
-             "updates/s", "lookups/s", "lookup CPU (s)", "bank bytes", "on disk (alloc.)",
-             "page cache"]]
-    for m in modes:
-        goal = GOALS["memory_mb"] if m["mode"] == "memory" else GOALS["memmap_mb"]
+    rows = [["variant", "peak RSS (MB)", "bank bytes (MB)", "epoch of updates: wall (s)",
+             "CPU (s)", "updates/s", "lookups/s", "on disk (alloc., MB)", "page cache (MB)"]]
+    for r in runs:
+        disk = r["disk"]
         rows.append([
-            m["mode"], f"{m['peak_rss_mb']:.0f}", f"{goal:.0f}",
-            " / ".join(f"{s:.2f}" for s in m["epoch_s"]),
-            " / ".join(f"{s:.2f}" for s in m["epoch_cpu_s"]), f"{m['updates_per_s']:,.0f}",
-            f"{m['lookups_per_s']:,.0f}", f"{m['lookup_cpu_s']:.2f}", f"{m['nbytes'] / 1e6:,.1f} MB",
-            "-" if m["disk"] is None else f"{m['disk']['allocated'] / 1e6:,.1f} MB",
-            "-" if m["disk"] is None or m["disk"]["page_cache"] is None
-            else f"{m['disk']['page_cache'] / 1e6:,.1f} MB",
+            r["variant"], f"{r['peak_rss_mb']:.0f}", f"{r['nbytes'] / MB:,.1f}",
+            " / ".join(f"{s:.2f}" for s in r["epoch_s"]),
+            " / ".join(f"{s:.2f}" for s in r["epoch_cpu_s"]), f"{r['updates_per_s']:,.0f}",
+            f"{r['lookups_per_s']:,.0f}",
+            "-" if disk is None else f"{disk['allocated'] / MB:,.1f}",
+            "-" if disk is None or disk["page_cache"] is None else f"{disk['page_cache'] / MB:,.1f}",
         ])
     print(f"PseudoLabelBank: N={args.samples:,} C={args.classes:,} M={args.modalities} "
-          f"window={args.window} batch={args.batch}, float16; {os.cpu_count()} CPUs, "
-          f"{modes[0]['torch_threads']} torch threads, load average {load_before:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}")
+          f"pairs={args.pairs} ({runs[0]['pairs']:,}) window={args.window} batch={args.batch}, "
+          f"float16; {os.cpu_count()} CPUs, {runs[0]['torch_threads']} torch threads, load "
+          f"average {load_before:.1f} -> {load_after:.1f}")
     print(_table(rows))
-    print(f"(epoch of updates = every sample x {args.modalities} modalities; goal < "
-          f"{GOALS['epoch_s']:.0f} s; peak RSS above the process after importing torch; page "
-          f"cache: the bank's files held by the kernel after the timed work, not in the RSS)")
-    print()
-    disk_rows = [["layout", "files", "bytes", "allocated", "vs bank"],
-                 ["PseudoLabelBank fp16 (running mean + epoch mask)", str(2 * args.modalities + 1),
-                  f"{bank_bytes / 1e9:.3f} GB", "-", "1.0x"]]
-    for key, label in (("one_per_sample", "released: [E, C] float32 .npy per sample"),
-                       ("one_per_sample_and_modality", "released: per sample and modality")):
-        r = released[key]
-        disk_rows.append([label, f"{r['files']:,}", f"{r['size'] / 1e9:.3f} GB",
-                          f"{r['allocated'] / 1e9:.3f} GB", f"{r['size'] / bank_bytes:.1f}x"])
-    print(_table(disk_rows))
-    print(f"(released file: {released['header_bytes']} B header + {released['data_bytes_per_file']:,} B "
-          f"data = {released['file_bytes']:,} B, {released['allocated_bytes_per_file']:,.0f} B allocated, "
-          f"measured on {released['files_measured']} files)")
+    print("(MB = 10^6 bytes; peak RSS above the process before the bank is built; page cache: "
+          "the bank's files held by the kernel after the timed work, not in the RSS)")
+    v = verdicts
+    print(f"learned / full peak: {v['learned_vs_full_peak']:.2f}x, told / full: "
+          f"{v['told_vs_full_peak']:.2f}x, file / file-full resident: {v['file_vs_file_full_peak']:.2f}x; "
+          f"targets bit-identical across variants: {v['same_targets']}")
+    print(f"goals{' (judged at EPIC size, not at --quick size)' if args.quick else ''}: "
+          f"learned <= {GOALS['learned_mb']:.0f} MB: "
+          f"{'met' if v['learned_goal_met'] else 'MISSED'}; file-backed <= {GOALS['file_mb']:.0f} MB "
+          f"resident: {'met' if v['file_goal_met'] else 'MISSED'}; epoch < {GOALS['epoch_s']:.0f} s: "
+          f"{'met' if v['epoch_goal_met'] else 'MISSED'}")
+    one = released["one_per_sample"]
+    print(f"disk: released code, one [E, C] float32 .npy per sample: {one['files']:,} files, "
+          f"{one['size'] / 1e9:.2f} GB ({released['file_bytes']:,} B each, measured on "
+          f"{released['files_measured']} files); bank file-backed: "
+          f"{by['file']['disk']['size'] / 1e9:.2f} GB ({one['size'] / by['file']['disk']['size']:.1f}x less)")
 
     out = args.out / ("pseudo_bank_quick.json" if args.quick else "pseudo_bank.json")
     _atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())

@@ -1,8 +1,9 @@
 """EPIC-Kitchens-100 raw data -> token features in a FeatureStore (resumable, by shard).
 
     python examples/epic_extract.py --annotations epic-kitchens-100-annotations \\
-        --rgb EPIC-KITCHENS --flow EPIC-KITCHENS --audio EPIC-audio --out epic_rgb_audio \\
-        --setting rgb+audio --weights rgb=swin3d_t-7615ae03.pth --weights audio=ast.pth
+        --rgb EPIC-KITCHENS --audio EPIC-KITCHENS-Audio --out epic_rgb_audio \\
+        --setting rgb+audio --split-dir Unseen-Modality-Interaction/epic-annotations \\
+        --weights rgb=swinT_checkpoint.torch --weights audio=audioset_10_10_0.4593.pth
 
 See docs/datasets_epic.rst for the folder layout, the weights and the splits.
 """
@@ -23,10 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder holding EPIC_100_train.csv (and EPIC_100_validation.csv)")
     data.add_argument("--rgb", help="root of <participant>/rgb_frames/<video>/frame_%%010d.jpg")
     data.add_argument("--flow", help="root of <participant>/flow_frames/<video>/{u,v}/frame_%%010d.jpg")
-    data.add_argument("--audio", help="folder of <narration_id>.wav or <video_id>.wav files")
+    data.add_argument("--audio", help="folder of wavs: [<participant>/]<narration_id>.wav (one per "
+                                      "clip) or [<participant>/]<video_id>.wav (one per video)")
     data.add_argument("--out", required=True, help="FeatureStore folder to write")
     data.add_argument("--setting", required=True, choices=list(epic.SETTINGS))
-    data.add_argument("--split-dir", help="pin the splits: <split>.txt files of narration ids")
+    data.add_argument("--split-dir", help="the paper's released split (the folder holding "
+                      "EPIC_100_train_full_half1.csv ..., available_sound.csv, "
+                      "epic_action_classes.csv), or <split>.txt files of narration ids; default: "
+                      "participant-disjoint splits")
     data.add_argument("--seed", type=int, default=0, help="participant shuffle seed (default 0)")
     data.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
                       metavar=("TRAIN", "VAL", "TEST"), help="participant fractions (default 0.8 0.1 0.1)")
@@ -36,16 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("backbones")
     model.add_argument("--weights", action="append", default=[],
                        help="'random', a folder with rgb.pth/flow.pth/audio.pth, or MODALITY=PATH "
-                            "(repeatable); never downloaded")
+                            "(repeatable); AST and Video Swin / Omnivore checkpoints load in their "
+                            "original key names; never downloaded")
     model.add_argument("--frames", type=int, default=32, help="RGB frames per clip (default 32)")
     model.add_argument("--flow-frames", type=int, help="flow frames per clip (default: --frames)")
     model.add_argument("--image-size", type=int, default=224, help="RGB/flow input side (default 224)")
     model.add_argument("--rgb-arch", default="swin3d_t", choices=["swin3d_t", "swin3d_s", "swin3d_b"])
     model.add_argument("--flow-arch", default="resnet18", choices=["resnet18", "resnet50"])
-    model.add_argument("--audio-arch", default="vit_base_patch16_224",
-                       help="timm ViT name (default vit_base_patch16_224, as AST)")
-    model.add_argument("--audio-frames", type=int, default=400,
-                       help="10 ms filterbank frames per clip, padded/cropped (default 400)")
+    model.add_argument("--audio-arch", default="deit_base_distilled_patch16_384",
+                       help="timm ViT name (default deit_base_distilled_patch16_384, AST's)")
+    model.add_argument("--audio-frames", type=int, default=128,
+                       help="10 ms filterbank frames per clip, padded/cropped (default 128, the paper's)")
+    model.add_argument("--audio-stride", type=int, default=10,
+                       help="16x16 patch stride over the 128-bin spectrogram (default 10, AST's)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cpu")
@@ -67,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = epic.ExtractionConfig(
             frames=args.frames, image_size=args.image_size, flow_frames=args.flow_frames,
             rgb_arch=args.rgb_arch, flow_arch=args.flow_arch, audio_arch=args.audio_arch,
-            audio_frames=args.audio_frames, device=args.device, batch_size=args.batch_size,
+            audio_frames=args.audio_frames, audio_stride=args.audio_stride,
+            device=args.device, batch_size=args.batch_size,
             workers=args.workers, weights=epic.resolve_weights(args.weights, modalities),
         )
     except ValueError as err:
@@ -85,6 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = ", ".join(f"{m} {t}x{d}" for m, (t, d) in report["modalities"].items())
     print(f"wrote {args.out}: {report['num_actions']} actions; tokens {sizes}; clips "
           + ", ".join(f"{n} {c}" for n, c in report["splits"].items()))
+    if report["no_sound"]:
+        print("left out, video without sound: "
+              + ", ".join(f"{n} {c}" for n, c in report["no_sound"].items()))
     return 0
 
 

@@ -1,15 +1,17 @@
 """MSR-VTT text-video retrieval with the Collaborative Experts features, end to end.
 
-    python examples/msrvtt_train.py --data CE_ROOT --out RUN [any umilayers fit option]
+    python examples/msrvtt_train.py --data data/MSRVTT --out RUN [any umilayers fit option]
 
-``CE_ROOT`` is the ``MSRVTT`` folder of the CE release (or its
-``high-quality/structured-symlinks`` feature root); the MMT-style ``mmt_feats/`` layout is
-detected too. The features are written to ``RUN/store`` (or ``--store``; an existing store is
-reused) with the splits of Zhang et al.'s Table 1: training videos in a {rgb, audio, ocr,
-speech} group and a {rgb, object, scene, face} group by which modalities each video has,
-val/test with every modality. Then ``umilayers.train.fit`` trains with the triplet loss and
-writes ``RUN/metrics.json`` (R@1/5/10, median and mean rank, both directions) as
-``umilayers fit`` does. ``--extract-only`` stops after the store.
+``--data`` is the ``data/MSRVTT`` folder of the CE feature release (``structured-symlinks/``)
+or of the later high-quality release (``high-quality/structured-symlinks/``), or a feature root
+itself; the MMT-style ``mmt_feats/`` layout is detected too. The features are written to
+``RUN/store`` (or ``--store``; an existing store is reused) with the paper's protocol
+(``--protocol paper``, on the full split): split A = the training videos with audio, OCR and
+speech ({rgb, audio, ocr, speech}), split B = the rest ({rgb, object, scene, face}), val / test
+= the videos of the full val / test lists that have every modality; every caption of a video is
+kept. Then ``umilayers.train.fit`` trains and writes ``RUN/metrics.json`` as ``umilayers fit``
+does; this script adds the split sizes it used there (``msrvtt_splits``, next to the paper's).
+``--extract-only`` stops after the store (the sizes are in ``STORE/msrvtt_rows.json``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
+from umilayers._io import atomic_write_json
 from umilayers.cli import HelpFormatter, add_fit_arguments, parse_fit_args
 from umilayers.datasets import msrvtt
 from umilayers.train import FitConfig, fit, process_group
@@ -36,34 +40,61 @@ def _modality_file(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
-    data.add_argument("--data", required=True, help="CE MSRVTT folder (or its feature root)")
+    data.add_argument("--data", required=True,
+                      help="data/MSRVTT of the CE or high-quality feature release (or a feature root)")
     data.add_argument("--store", default=None, help="FeatureStore to write or reuse (default RUN/store)")
     data.add_argument("--extract-only", action="store_true", help="stop after writing the store")
     data.add_argument("--skip-missing", action="store_true",
                       help="drop listed videos without captions or without any modality (and report)")
-    data.add_argument("--split", choices=["jsfusion", "full"], default="jsfusion",
-                      help="1k-A (jsfusion, default) or the full split")
+    data.add_argument("--protocol", choices=list(msrvtt.PROTOCOLS), default="paper",
+                      help="paper (default): splits A/B by audio+OCR+speech, val/test videos with "
+                           "every modality; balanced: groups by coverage in equal halves")
+    data.add_argument("--split", choices=["jsfusion", "full"], default=None,
+                      help="the full split (default; the only one of --protocol paper) or 1k-A")
+    data.add_argument("--release", choices=["auto", *msrvtt.RELEASES], default="auto",
+                      help="feature release under --data (default: the one found, CE first)")
     data.add_argument("--layout", choices=["auto", "ce", "mmt"], default="auto",
                       help="feature layout: the CE release, MMT's mmt_feats/, or detected")
-    data.add_argument("--text-feat", default="w2v", help="CE text features: w2v (default), openai, ...")
+    data.add_argument("--text-feat", default="w2v",
+                      help="text features by the release's names: w2v (default), openai, gpt2-xl, ...")
     data.add_argument("--text-file", default=None, help="text-feature pickle relative to the root")
     data.add_argument("--modality-file", type=_modality_file, action="append", default=[],
                       metavar="NAME=PATH", help="override a modality's pickle (relative to the root)")
     data.add_argument("--embed-dim", type=int, default=256, help="joint embedding size (store num_outputs)")
     data.add_argument("--val-size", type=int, default=500,
-                      help="training videos held out for val when the split has no val list")
-    data.add_argument("--train-captions", type=int, default=1, help="rows (captions) per training video")
+                      help="balanced, 1k-A: training videos held out for val (1k-A has no val list)")
+    data.add_argument("--max-train-captions", type=int, default=None,
+                      help="captions kept per training video, its first ones (default: all)")
     data.add_argument("--min-fraction", type=float, default=0.75,
-                      help="coverage of a group's modalities a video needs to join it (default 3 of 4)")
+                      help="balanced: coverage of a group's modalities a video needs to join it")
+    data.add_argument("--eval-requires", default=None, metavar="M1,M2,...",
+                      help="paper: modalities a val/test video must have (default: all seven)")
     data.add_argument("--missing", choices=["lengths0", "complete"], default="lengths0",
                       help="rows lacking a modality of their split: length 0 (default) or left out")
     add_fit_arguments(parser)
     return parser
 
 
+def record_split_sizes(store: Path, run: Path) -> Optional[dict]:
+    """Add the store's MSR-VTT split sizes (and the paper's) to ``RUN/metrics.json`` as
+    ``msrvtt_splits``; returns them, or None when there is no metrics.json yet."""
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    summary = json.loads((store / "msrvtt_rows.json").read_text())
+    sizes = {"protocol": summary.get("protocol"), "videos": summary.get("split_sizes"),
+             "paper": summary.get("paper_split_sizes"),
+             "captions": {n: s["captions"] for n, s in summary["splits"].items()}}
+    metrics = json.loads(metrics_path.read_text())
+    metrics["msrvtt_splits"] = sizes
+    atomic_write_json(metrics_path, metrics)
+    return sizes
+
+
 def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
     metrics = fit(str(store), out=run, config=config, resume=args.resume, overwrite=args.overwrite)
     if rank == 0:
+        record_split_sizes(store, run)
         print(json.dumps(metrics.get("test", metrics), indent=2))
 
 
@@ -78,12 +109,14 @@ def main(argv=None) -> int:
             if rank == 0:
                 run.mkdir(parents=True, exist_ok=True)
                 msrvtt.build_msrvtt_store(
-                    args.data, store, split=args.split, layout=args.layout,
+                    args.data, store, protocol=args.protocol, split=args.split,
+                    release=args.release, layout=args.layout,
                     text_feat=args.text_feat, text_file=args.text_file,
                     modality_files=dict(args.modality_file), embed_dim=args.embed_dim,
-                    seed=config.train.seed, val_size=args.val_size, train_captions=args.train_captions,
-                    min_fraction=args.min_fraction, missing=args.missing,
-                    skip_missing=args.skip_missing,
+                    seed=config.train.seed, val_size=args.val_size,
+                    max_train_captions=args.max_train_captions, min_fraction=args.min_fraction,
+                    eval_requires=args.eval_requires.split(",") if args.eval_requires else None,
+                    missing=args.missing, skip_missing=args.skip_missing,
                 )
             else:
                 while not done_marker.is_file():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from umilayers.metrics import mae, rank_summary, retrieval_metrics, retrieval_ranks, top1
+from umilayers.metrics import caption_owners, mae, rank_summary, retrieval_metrics, retrieval_ranks, top1
 
 # sim[i, j]: text i vs video j; ground truth on the diagonal.
 SIM = torch.tensor(
@@ -81,3 +81,62 @@ def test_mae_hand_computed():
     assert mae(pred, target) == pytest.approx((1 + 0.5 + 0 + 3) / 4)
     with pytest.raises(ValueError, match="same shape"):
         mae(pred, target[:1])
+
+
+# ------------------------------------------------------------------ several captions per video (CE)
+
+def test_caption_owners():
+    assert caption_owners(torch.tensor([2, 1, 3])).tolist() == [0, 0, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="positive caption counts"):
+        caption_owners([2, 0])
+
+
+def test_average_ties_hand_computed():
+    # text 3 of SIM ties with all four videos: positions 1..4 -> 2.5 (pessimistic: 4)
+    ranks = retrieval_ranks(SIM, ties="average")
+    assert ranks["t2v"].tolist() == [1.0, 3.0, 1.0, 2.5]
+    # video 1 column [.1,.2,.6,.4]: 0.2 beaten by 0.6 and 0.4, no tie -> 3
+    assert ranks["v2t"].tolist() == [1.0, 3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="ties"):
+        retrieval_ranks(SIM, ties="optimistic")
+
+
+def _ce_ranks(sims, query_mask):
+    """Collaborative Experts' evaluation (``model/metric.py``), restated: ``sims`` holds one row
+    per (video, caption slot), ``caps`` slots per video, ``query_mask`` marks the real captions.
+    t2v: position of the video among the row's sorted distances, ties averaged; v2t: per video,
+    the best averaged position of its captions among every caption (missing ones pushed last).
+    Returns 1-based ranks of the real queries, and of the videos."""
+    num_queries, num_videos = sims.shape
+    caps = num_queries // num_videos
+    dists = -sims
+    t2v = []
+    for q in range(num_queries):
+        if query_mask.reshape(-1)[q]:
+            ordered = np.sort(dists[q])
+            t2v.append(np.where(ordered == dists[q, q // caps])[0].mean() + 1)
+    v2t = []
+    for v in range(num_videos):
+        row = dists[:, v].copy()
+        row[~query_mask.reshape(-1).astype(bool)] = 1e8
+        ordered = np.sort(row)
+        v2t.append(min(np.where(ordered == row[j])[0].mean() + 1
+                       for j in range(v * caps, (v + 1) * caps) if row[j] != 1e8))
+    return np.array(t2v), np.array(v2t)
+
+
+def test_several_captions_match_collaborative_experts():
+    rng = np.random.default_rng(0)
+    counts = np.array([4, 3, 4, 2, 4, 1, 4])
+    caps, videos = counts.max(), len(counts)
+    # coarse similarities: many ties, within and across videos
+    sims = np.round(rng.uniform(size=(videos * caps, videos)), 1)
+    mask = np.arange(caps)[None, :] < counts[:, None]
+    expected_t2v, expected_v2t = _ce_ranks(sims, mask)
+    ours = retrieval_ranks(torch.tensor(sims[mask.reshape(-1)]), caption_owners(counts), ties="average")
+    np.testing.assert_allclose(ours["t2v"].numpy(), expected_t2v)
+    np.testing.assert_allclose(ours["v2t"].numpy(), expected_v2t)
+    metrics = retrieval_metrics(torch.tensor(sims[mask.reshape(-1)]), caption_owners(counts), ties="average")
+    assert metrics["t2v"]["mean_rank"] == pytest.approx(expected_t2v.mean())
+    assert metrics["t2v"]["median_rank"] == pytest.approx(np.median(expected_t2v))
+    assert metrics["v2t"]["r1"] == pytest.approx(np.mean(expected_v2t <= 1))

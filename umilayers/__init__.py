@@ -16,6 +16,7 @@ from umilayers._version import __version__
 from umilayers.attention import GroupMaskedTransformer, attention_backend, group_attention
 from umilayers.baselines import LateFusion, UnimodalModel, VanillaTransformer, build_model
 from umilayers.data import Batch, FeatureStore, StoreError, collate, make_synthetic_store
+from umilayers.data import ModalityBatch, collate_modalities
 from umilayers.fusion import CommonSpaceSum, common_space_sum, fuse_rows, modality_counts
 from umilayers.losses import (
     AlignmentLoss,
@@ -74,6 +75,8 @@ __all__ = [
     "StoreError",
     "Batch",
     "collate",
+    "ModalityBatch",
+    "collate_modalities",
     "make_synthetic_store",
     # training (loaded on first use)
     "fit",

@@ -3,11 +3,18 @@
 All scores are plain Python floats. Accuracies and recalls are **fractions in [0, 1]** (not
 percent); ranks are **1-based** (rank 1 = the ground truth is the best-scored item).
 
-Ties in retrieval are broken **pessimistically**: the rank of the ground-truth item is the number
-of candidates whose similarity is greater than *or equal to* its own (itself included), i.e.
-``rank = 1 + #{strictly better} + #{other items tied with it}``. A model that gives every item
-the same score therefore gets the worst rank, never a perfect one, and the result does not depend
-on the order of the candidates.
+Ties in retrieval are broken **pessimistically** by default: the rank of the ground-truth item is
+the number of candidates whose similarity is greater than *or equal to* its own (itself
+included), i.e. ``rank = 1 + #{strictly better} + #{other items tied with it}``. A model that
+gives every item the same score therefore gets the worst rank, never a perfect one, and the
+result does not depend on the order of the candidates. ``ties="average"`` is Collaborative
+Experts' rule instead (``model/metric.py``: the mean position over the tied items,
+``1 + #{strictly better} + #{others tied} / 2``).
+
+Several captions per video (MSR-VTT: about 20) are scored as CE scores them: every caption is a
+text-to-video query (``text_to_video`` names its video, :func:`caption_owners` builds it from
+per-video caption counts), and video-to-text takes, for each video, the best rank among its
+own captions.
 
 Example::
 
@@ -29,7 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["top1", "mae", "retrieval_ranks", "retrieval_metrics", "rank_summary"]
+__all__ = ["TIES", "top1", "mae", "caption_owners", "retrieval_ranks", "retrieval_metrics", "rank_summary"]
+
+TIES = ("pessimistic", "average")
+"""Tie rules of the retrieval ranks: worst position among the tied items, or their mean (CE)."""
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
 
@@ -93,7 +103,35 @@ def mae(prediction: ArrayLike, target: ArrayLike) -> float:
     return float((prediction.double() - target.double()).abs().mean())
 
 
-def retrieval_ranks(sim: ArrayLike, text_to_video: Optional[ArrayLike] = None) -> dict[str, Tensor]:
+def caption_owners(counts: ArrayLike) -> Tensor:
+    """The video of each caption when video ``i`` has ``counts[i]`` captions listed in video
+    order: ``text_to_video`` for :func:`retrieval_metrics`.
+
+    Shape:
+        - counts: ``(N_video,)``
+        - output: ``(counts.sum(),)`` int64
+
+    Example::
+
+        >>> caption_owners([2, 1, 3]).tolist()
+        [0, 0, 1, 2, 2, 2]
+    """
+    counts = _as_tensor("counts", counts).long()
+    if counts.dim() != 1 or bool((counts < 1).any()):
+        raise ValueError(f"counts: expected (N_video,) positive caption counts, got {counts.tolist()}")
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
+def _tied_rank(at_least: Tensor, strictly: Tensor, ties: str) -> Tensor:
+    """1-based rank from ``#{>= own score}`` (itself included) and ``#{> own score}``."""
+    if ties == "pessimistic":
+        return at_least.double()
+    return (strictly + 1).double() + (at_least - strictly - 1).double() / 2
+
+
+def retrieval_ranks(
+    sim: ArrayLike, text_to_video: Optional[ArrayLike] = None, *, ties: str = "pessimistic"
+) -> dict[str, Tensor]:
     """1-based ranks of the ground truth for text-to-video and video-to-text retrieval.
 
     Args:
@@ -101,14 +139,18 @@ def retrieval_ranks(sim: ArrayLike, text_to_video: Optional[ArrayLike] = None) -
         text_to_video: the ground-truth video of each text; default ``arange(N_text)`` (the
             diagonal, one caption per video, ``N_text == N_video``). With several captions per
             video, video-to-text uses the best-ranked of the video's captions.
+        ties: ``"pessimistic"`` (int64 ranks) or ``"average"`` (CE's rule; float64 ranks, may
+            be fractional).
 
     Returns:
-        ``{"t2v": (N_text,) int64, "v2t": (N_video,) int64}``; ties ranked pessimistically.
+        ``{"t2v": (N_text,), "v2t": (N_video,)}``.
 
     Shape:
         - sim: ``(N_text, N_video)``
         - text_to_video: ``(N_text,)``
     """
+    if ties not in TIES:
+        raise ValueError(f"ties: expected one of {list(TIES)}, got {ties!r}")
     sim = _as_tensor("sim", sim).double()
     if sim.dim() != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
         raise ValueError(f"retrieval: expected a non-empty (N_text, N_video) matrix, got {tuple(sim.shape)}")
@@ -134,12 +176,15 @@ def retrieval_ranks(sim: ArrayLike, text_to_video: Optional[ArrayLike] = None) -
                 f"text_to_video: every video needs a caption; {int(missing.sum())} have none"
             )
     positive = sim[torch.arange(num_text), gt]  # (N_text,)
-    t2v = (sim >= positive[:, None]).sum(dim=1)
+    t2v = _tied_rank((sim >= positive[:, None]).sum(dim=1), (sim > positive[:, None]).sum(dim=1), ties)
     # Rank of text i among all texts for its own video gt[i]: #{i' : sim[i', gt[i]] >= sim[i, gt[i]]}.
-    own = (sim.t()[gt] >= positive[:, None]).sum(dim=1)  # (N_text,)
-    v2t = torch.full((num_video,), num_text, dtype=torch.long)
+    column = sim.t()[gt]  # (N_text, N_text): row i = every text's score for video gt[i]
+    own = _tied_rank((column >= positive[:, None]).sum(dim=1), (column > positive[:, None]).sum(dim=1), ties)
+    v2t = torch.full((num_video,), float(num_text), dtype=torch.float64)
     v2t = v2t.scatter_reduce(0, gt, own, reduce="amin")
-    return {"t2v": t2v.long(), "v2t": v2t}
+    if ties == "pessimistic":
+        return {"t2v": t2v.long(), "v2t": v2t.long()}
+    return {"t2v": t2v, "v2t": v2t}
 
 
 def rank_summary(ranks: ArrayLike) -> dict[str, float]:
@@ -154,16 +199,27 @@ def rank_summary(ranks: ArrayLike) -> dict[str, float]:
     }
 
 
-def retrieval_metrics(sim: ArrayLike, text_to_video: Optional[ArrayLike] = None) -> dict[str, Any]:
+def retrieval_metrics(
+    sim: ArrayLike, text_to_video: Optional[ArrayLike] = None, *, ties: str = "pessimistic"
+) -> dict[str, Any]:
     """Text-to-video and video-to-text recall and ranks, and the paper's MnR.
 
     Returns ``{"t2v": summary, "v2t": summary, "mean_rank": (t2v + v2t mean rank) / 2}`` where
     each summary is :func:`rank_summary` of :func:`retrieval_ranks` (see there for ``sim``,
-    ``text_to_video`` and ties). The median of an even count is the mean of the middle two.
+    ``text_to_video`` and ``ties``). The median of an even count is the mean of the middle two.
+    With ``text_to_video = caption_owners(counts)`` and ``ties="average"`` this is CE's
+    evaluation over every caption (its ``t2v_metrics`` / ``v2t_metrics``).
 
     Shape:
         - sim: ``(N_text, N_video)``
+
+    Example::
+
+        >>> sim = torch.tensor([[0.9, 0.1], [0.2, 0.3], [0.5, 0.3]])  # captions 0, 1 -> video 0
+        >>> m = retrieval_metrics(sim, caption_owners([2, 1]), ties="average")
+        >>> m["t2v"]["mean_rank"], m["v2t"]["mean_rank"]  # t2v ranks 1, 2, 2; v2t 1, 1.5 (a tie)
+        (1.6666666666666667, 1.25)
     """
-    ranks = retrieval_ranks(sim, text_to_video)
+    ranks = retrieval_ranks(sim, text_to_video, ties=ties)
     t2v, v2t = rank_summary(ranks["t2v"]), rank_summary(ranks["v2t"])
     return {"t2v": t2v, "v2t": v2t, "mean_rank": (t2v["mean_rank"] + v2t["mean_rank"]) / 2}

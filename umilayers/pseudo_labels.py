@@ -5,15 +5,26 @@ of a sample's unimodal predictions over the last ``window`` (``e``) of the ``tot
 epochs of unimodal training; where a sample has several modalities, the modality whose
 pseudo-label is closest (cosine similarity) to the ground truth is used.
 
+This module is that algorithm (:meth:`PseudoLabelBank.update`, :meth:`PseudoLabelBank.targets`,
+the error bound) and the bank's file format; the rows themselves live in a
+:mod:`umilayers.row_storage` table, in memory or in a file.
+
 Memory model
 ------------
-:class:`PseudoLabelBank` keeps, per modality, the running **mean** of the predictions recorded
-so far (``(N, C)`` in ``dtype``, float16 by default) and one ``int64`` bit mask per sample
-saying which epochs of the window were recorded (bit ``epoch - first_epoch``). So memory is
-``M * N * (C * itemsize + 8)`` bytes whatever the window: at EPIC-Kitchens size (62,429 samples,
-3,806 classes, 2 modalities, float16) 951.4 MB, against 3.8 GB for a float32 sum and
-9.5 GB for one float16 slot per epoch. The mask gives the per-sample count (samples missed in
-some epochs are averaged over the epochs they had) and catches an epoch recorded twice.
+The bank keeps one row per (sample, modality) pair that exists: the running **mean** of the
+predictions recorded so far (``C`` values in ``dtype``, float16 by default). A row is stored
+when the pair is first recorded inside the window, or up front for the pairs announced with
+``present=`` at construction. In the paper's modality-incomplete training each sample has one
+modality, so a bank with two modalities holds ``N`` rows, not ``2 N``. Per modality and sample
+it also keeps two ``int64``: the row (``-1``: none) and a bit mask of the epochs of the window
+recorded (bit ``epoch - first_epoch``), which gives the per-sample count (samples missed in some
+epochs are averaged over the epochs they had) and catches an epoch recorded twice. So memory is
+``P * C * itemsize + 16 * M * N`` bytes for ``P`` stored pairs, whatever the window: at
+EPIC-Kitchens size (62,429 samples, 3,806 classes, 2 modalities, one per sample, float16)
+477 MB, where a row for every sample and modality would take 952 MB, a float32 sum 1.9 GB and
+one float16 slot per epoch 9.5 GB. In memory rows are added in chunks of 16 MiB
+(:class:`~umilayers.row_storage.MemoryRows`): growing copies nothing, and at most one chunk a
+modality is allocated ahead; pairs announced with ``present=`` are allocated exactly, at once.
 
 Why a running mean and not a running sum: the mean stays in the range of the predictions, so a
 float16 bank cannot overflow (a sum of 20 regression outputs of size 5,000 would) and
@@ -35,19 +46,21 @@ against a float64 numpy reference with exactly this tolerance.
 
 On disk
 -------
-``storage=path`` keeps the arrays in ``.npy`` files (``mean.<modality>.npy``,
-``seen.<modality>.npy``, plus ``bank.json``) instead of memory. The means are not mapped: each
-:meth:`PseudoLabelBank.update` and :meth:`PseudoLabelBank.targets` reads the rows of its batch
-with positioned reads (``os.preadv``, sorted by row, adjacent rows coalesced into one call) into
-a buffer of the batch's size and writes updated rows back with ``os.pwritev``, so the process
-holds the batch and not the table: its resident set grows by a few MB at most, whatever ``N``.
-The file data itself lives in the kernel's page cache, as for any file: shared, written back
-in the background and reclaimed under memory pressure (a container's memory cgroup does count
-it, as reclaimable cache). The small per-sample bit masks (8 bytes a sample) are memory-mapped.
-Mapping the means instead made every touched row fault about three pages back in after each
-release of the mapping, and at EPIC size cost 1.4 to 2.3 times the CPU time of this I/O.
-:meth:`PseudoLabelBank.save` writes the same layout, every file to a temporary name in the
-same folder and then renamed (``os.replace``), ``bank.json`` last;
+A bank is a directory: per modality ``mean.<modality>.npy`` ``(P_m, C)`` (the rows, in the
+order they were created), ``slot.<modality>.npy`` ``(N,)`` int64 (each sample's row, ``-1``
+for none) and ``seen.<modality>.npy`` ``(N,)`` int64 (the epoch bit masks), plus ``bank.json``
+(format version 2; banks of version 1, one row for every sample and modality, are not read).
+``storage=path`` keeps the bank in such a directory instead of memory. The means are not
+mapped: each :meth:`PseudoLabelBank.update` and :meth:`PseudoLabelBank.targets` reads the rows
+of its batch with positioned reads (``os.preadv``, sorted by row, adjacent rows coalesced into
+one call) into a buffer of the batch's size and writes updated rows back with ``os.pwritev``
+(:class:`~umilayers.row_storage.FileRows`; a new row extends the file), so the process holds the
+batch and not the table: its resident set grows by a few MB at most, whatever ``N``. The file
+data itself lives in the kernel's page cache, as for any file: shared, written back in the
+background and reclaimed under memory pressure (a container's memory cgroup does count it, as
+reclaimable cache). The small per-sample arrays (16 bytes a sample and modality) are
+memory-mapped. :meth:`PseudoLabelBank.save` writes the same layout, every file to a temporary
+name in the same folder and then renamed (``os.replace``), ``bank.json`` last;
 :meth:`PseudoLabelBank.load` reads it back bit-exactly, in memory or file-backed.
 
 Epochs are counted from 0: the window is ``total_epochs - window <= epoch < total_epochs``.
@@ -60,31 +73,29 @@ import mmap
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from umilayers._io import atomic_write
+from umilayers._io import atomic_numpy_save, atomic_write
 from umilayers._validation import check_bool_mask, check_finite, check_positive_int, check_tensor
+from umilayers.row_storage import DEFAULT_CHUNK_BYTES, FileRows, MemoryRows, RowStorage, map_npy, save_rows
 
 __all__ = ["PseudoLabelBank"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 _FORMAT = "umilayers.PseudoLabelBank"
-_VERSION = 1
+_VERSION = 2  # 1: one row for every sample and modality (never released, not read)
 _MAX_WINDOW = 63  # bits of the int64 mask that stay non-negative
 _MODALITY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-# storage dtype -> (numpy dtype on disk, name in bank.json); bfloat16 is stored as its raw bits
-_DTYPES = {
-    torch.float16: (np.dtype("<f2"), "float16"),
-    torch.bfloat16: (np.dtype("<u2"), "bfloat16"),
-    torch.float32: (np.dtype("<f4"), "float32"),
-}
-_DTYPE_BY_NAME = {name: dt for dt, (_, name) in _DTYPES.items()}
-_CHUNK_BYTES = 32 << 20  # rows copied per step when streaming a file
+_DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_NAME_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_BY_NAME.items()}
+_INDEX = np.dtype("<i8")  # the per-sample arrays: row (slot) and epoch bit mask
+_INDEX_BYTES = 2 * _INDEX.itemsize  # per sample and modality
+_CHUNK_BYTES = 32 << 20  # rows copied per step when streaming a whole table
 
 
 def _few(values: Tensor, limit: int = 5) -> str:
@@ -100,156 +111,22 @@ def _popcount(bits: Tensor, width: int) -> Tensor:
     return count
 
 
-def _npy_header(shape: tuple, np_dtype: np.dtype) -> dict:
-    return {"descr": np.lib.format.dtype_to_descr(np_dtype), "fortran_order": False, "shape": shape}
-
-
-def _write_npy(path: Path, shape: tuple, np_dtype: np.dtype, read_rows, rows_per_chunk: int) -> None:
-    """Write an ``.npy`` atomically from ``read_rows(start, stop) -> ndarray``, in row chunks."""
-
-    def write(f):
-        np.lib.format.write_array_header_1_0(f, _npy_header(shape, np_dtype))
-        for start in range(0, shape[0], rows_per_chunk):
-            f.write(np.ascontiguousarray(read_rows(start, min(shape[0], start + rows_per_chunk))).data)
-
-    atomic_write(path, write)
-
-
-def _create_npy(path: Path, shape: tuple, np_dtype: np.dtype) -> None:
-    """Create a zero-filled ``.npy`` atomically (a sparse file: no data is written)."""
-    nbytes = int(np.prod(shape)) * np_dtype.itemsize
-
-    def write(f):
-        np.lib.format.write_array_header_1_0(f, _npy_header(shape, np_dtype))
-        f.truncate(f.tell() + nbytes)
-
-    atomic_write(path, write)
-
-
-def _read_npy_header(f, path: Path, shape: tuple, np_dtype: np.dtype) -> int:
-    """Check an open ``.npy``'s dtype and shape; returns the offset of its data."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        file_shape, fortran, file_dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        file_shape, fortran, file_dtype = np.lib.format.read_array_header_2_0(f)
-    if tuple(file_shape) != tuple(shape) or file_dtype != np_dtype or fortran:
+def _check_layout(where: str, slot: Tensor, seen: Tensor, rows: int, window: int) -> None:
+    """A saved or restored bank's per-sample arrays agree with its ``rows`` rows and window."""
+    stored = slot[slot >= 0]
+    if stored.numel() != rows or bool((slot < -1).any()) or (
+            rows and (int(stored.max()) >= rows or torch.unique(stored).numel() != rows)):
         raise ValueError(
-            f"{path}: expected a C-ordered {np_dtype} array of shape {tuple(shape)}, "
-            f"got {file_dtype} shape {tuple(file_shape)} (fortran_order={fortran})"
+            f"{where}: expected slot to give each of the {rows} rows to exactly one sample and -1 "
+            f"to the others, got {stored.numel()} samples with rows in "
+            f"[{int(slot.min()) if slot.numel() else 0}, {int(slot.max()) if slot.numel() else 0}]"
         )
-    return f.tell()
-
-
-def _map_npy(path: Path, shape: tuple, np_dtype: np.dtype, writable: bool):
-    """Map a ``.npy`` file; returns ``(mmap, ndarray)``. Checks its dtype and shape."""
-    with open(path, "r+b" if writable else "rb") as f:
-        offset = _read_npy_header(f, path, shape, np_dtype)
-        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        mm = mmap.mmap(f.fileno(), 0, access=access)
-    array = np.ndarray(shape, dtype=np_dtype, buffer=mm, offset=offset)
-    return mm, array
-
-
-def _iov_max() -> int:
-    try:
-        return max(1, min(1024, os.sysconf("SC_IOV_MAX")))
-    except (AttributeError, ValueError, OSError):
-        return 16
-
-
-_IOV_MAX = _iov_max()
-
-
-class _RowFile:
-    """The rows of a 2-d ``.npy`` file, read and written with positioned I/O (no mapping).
-
-    Rows of a batch are sorted by position; each run of adjacent rows is one ``preadv`` /
-    ``pwritev`` call scattering to (gathering from) the batch's rows in their original order.
-    Where ``os.preadv`` is missing (Windows), a seek and a read or write per row.
-    """
-
-    def __init__(self, path: Path, shape: tuple, np_dtype: np.dtype, writable: bool) -> None:
-        self.path, self.shape, self.np_dtype = path, tuple(shape), np_dtype
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np_dtype.itemsize
-        self._file = open(path, "r+b" if writable else "rb", buffering=0)
-        try:
-            self.offset = _read_npy_header(self._file, path, self.shape, np_dtype)
-        except BaseException:
-            self._file.close()
-            raise
-        self.fd = self._file.fileno()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def sync(self) -> None:
-        if not self._file.closed and self._file.writable():
-            os.fsync(self.fd)
-
-    def _seek_io(self, buffers, offset: int, write: bool) -> int:  # pragma: no cover - Windows
-        done = 0
-        self._file.seek(offset)
-        for part in buffers:
-            done += self._file.write(part) if write else self._file.readinto(part)
-        return done
-
-    def _io(self, rows: np.ndarray, buffer: np.ndarray, write: bool) -> None:
-        """Read (write) file row ``rows[i]`` into (from) ``buffer[i]``, one call per run."""
-        view = memoryview(buffer.reshape(buffer.shape[0], -1)).cast("B")
-        rb = self.row_bytes
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        starts = np.flatnonzero(np.diff(sorted_rows, prepend=-2) != 1)  # first of each run
-        offsets = (sorted_rows[starts] * rb + self.offset).tolist()
-        slots = [view[i * rb:(i + 1) * rb] for i in order.tolist()]
-        bounds = [*starts.tolist(), len(slots)]
-        if hasattr(os, "preadv"):
-            call = os.pwritev if write else os.preadv
-        else:  # pragma: no cover - Windows
-            call = lambda fd, buffers, offset: self._seek_io(buffers, offset, write)  # noqa: E731
-        for k, offset in enumerate(offsets):
-            lo, hi = bounds[k], bounds[k + 1]
-            while lo < hi:  # at most _IOV_MAX buffers a call
-                part = slots[lo:hi] if hi - lo <= _IOV_MAX else slots[lo:lo + _IOV_MAX]
-                expected = len(part) * rb
-                done = call(self.fd, part, offset)
-                if done != expected:
-                    raise OSError(
-                        f"{self.path}: {'wrote' if write else 'read'} {done} of {expected} bytes "
-                        f"at offset {offset}"
-                    )
-                offset += expected
-                lo += len(part)
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """``(B, ...)`` copy of the rows ``rows`` (any order, repeats allowed)."""
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self.np_dtype)
-        if len(rows):
-            self._io(rows, out, write=False)
-        return out
-
-    def scatter(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Write ``values[i]`` to row ``rows[i]`` (``rows`` without repeats)."""
-        if len(rows):
-            self._io(rows, np.ascontiguousarray(values), write=True)
-
-    def read(self, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Rows ``start:stop`` (into ``out``, C-contiguous, when given)."""
-        if out is None:
-            out = np.empty((stop - start, *self.shape[1:]), dtype=self.np_dtype)
-        view = memoryview(out.reshape(-1)).cast("B")
-        done, offset = 0, self.offset + start * self.row_bytes
-        while done < len(view):
-            if hasattr(os, "preadv"):
-                got = os.preadv(self.fd, [view[done:]], offset + done)
-            else:  # pragma: no cover - Windows
-                self._file.seek(offset + done)
-                got = self._file.readinto(view[done:])
-            if not got:
-                raise OSError(f"{self.path}: file ends {len(view) - done} bytes early")
-            done += got
-        return out
+    orphan = (seen != 0) & (slot < 0)
+    if bool(orphan.any()):
+        raise ValueError(f"{where}: {int(orphan.sum())} samples were recorded but have no row, "
+                         f"e.g. {_few(orphan.nonzero().flatten())}")
+    if bool(((seen >> window) != 0).any()):  # also catches negative masks
+        raise ValueError(f"{where}: epoch masks hold bits beyond the window of {window} epochs")
 
 
 class PseudoLabelBank:
@@ -259,8 +136,9 @@ class PseudoLabelBank:
     model for the samples it saw: classification softmax probabilities, regression values, or
     L2-normalised video embeddings for retrieval. Updates of epochs before
     ``total_epochs - window`` are checked and ignored; later ones are folded into a running
-    mean, so memory is ``O(N * C)`` per modality (see the module notes for the memory model and
-    the float16 error bound). :meth:`targets` then gives the pseudo-labels of a batch.
+    mean, one row per (sample, modality) pair recorded, so memory is ``O(P * C)`` for ``P``
+    pairs (see the module notes for the memory model and the float16 error bound).
+    :meth:`targets` then gives the pseudo-labels of a batch.
 
     Args:
         num_samples: ``N``, the number of training samples (global ids ``0 .. N-1``).
@@ -277,9 +155,18 @@ class PseudoLabelBank:
         resident_budget: file-backed mode only: the largest buffer, in bytes, the bank uses
             when it streams whole files (:meth:`save`, :meth:`load`, state dicts; default
             64 MiB). Updates and lookups only hold their batch.
+        present: optional: modality -> ``(N,)`` bool, the pairs that will be recorded (in
+            modality-incomplete training, the samples of the splits that have the modality).
+            Their rows are allocated at once and exactly; without it (or for a pair it leaves
+            out) a row is added when the pair is first recorded. Either way the results are the
+            same.
+        chunk_bytes: in memory, rows are added in chunks of about this many bytes (default
+            16 MiB, at most ``ceil(N / 8)`` rows): the most a modality allocates ahead of its
+            rows.
 
     Raises:
-        ValueError: bad sizes, window, modality names or dtype; see also each method.
+        ValueError: bad sizes, window, modality names, dtype or ``present``; see also each
+            method.
 
     Example::
 
@@ -297,6 +184,8 @@ class PseudoLabelBank:
         tensor([[0.6001, 0.3000, 0.1000]])
         >>> bank.counts("rgb").tolist()
         [2, 2, 0, 0, 0, 0]
+        >>> bank.stored("audio").tolist()  # rows only for the pairs recorded: 3 of 12
+        [False, True, False, False, False, False]
     """
 
     def __init__(
@@ -311,10 +200,21 @@ class PseudoLabelBank:
         *,
         overwrite: bool = False,
         resident_budget: int = 64 << 20,
+        present: Optional[Mapping[str, Tensor]] = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         config = self._check_config(num_samples, num_outputs, modalities, window, total_epochs, dtype)
         check_positive_int("resident_budget", resident_budget)
-        self._init(config, storage, resident_budget, create=True, overwrite=overwrite)
+        check_positive_int("chunk_bytes", chunk_bytes)
+        slots = self._initial_slots(config, present)
+        self._init(config, storage, resident_budget, chunk_bytes)
+        if self.storage is None:
+            for m, slot in slots.items():
+                self._rows[m].grow(int(slot.max()) + 1 if slot.numel() else 0, exact=True)
+                self._slot[m] = slot
+                self._seen[m] = torch.zeros(self.num_samples, dtype=torch.int64)
+        else:
+            self._create_files(slots, overwrite)
 
     # ----------------------------------------------------------------- construction
 
@@ -341,7 +241,7 @@ class PseudoLabelBank:
                 raise ValueError(
                     f"modalities: names may hold letters, digits, '_' and '-', got {name!r}"
                 )
-        if dtype not in _DTYPES:
+        if dtype not in _NAME_BY_DTYPE:
             raise ValueError(
                 f"dtype: expected one of torch.float16, torch.bfloat16, torch.float32, got {dtype}"
             )
@@ -351,10 +251,32 @@ class PseudoLabelBank:
             "modalities": sorted(names),
             "window": window,
             "total_epochs": total_epochs,
-            "dtype": _DTYPES[dtype][1],
+            "dtype": _NAME_BY_DTYPE[dtype],
         }
 
-    def _init(self, config: dict, storage, resident_budget: int, create: bool, overwrite=False):
+    @staticmethod
+    def _initial_slots(config: dict, present: Optional[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Per modality ``(N,)`` rows: ``0, 1, ...`` for the announced pairs in sample order, -1 else."""
+        n, modalities = config["num_samples"], config["modalities"]
+        if present is not None and not isinstance(present, Mapping):
+            raise TypeError(f"present: expected a mapping of modality -> (N,) bool, got {type(present).__name__}")
+        present = present or {}
+        for m in sorted(present):
+            if m not in modalities:
+                raise ValueError(f"present: unknown modality {m!r}, expected one of {modalities}")
+            check_bool_mask(f"present[{m!r}]", present[m], ("N",), {"N": n})
+        slots = {}
+        for m in modalities:
+            slot = torch.full((n,), -1, dtype=torch.int64)
+            if m in present:
+                mask = present[m].detach().to("cpu")
+                slot[mask] = torch.arange(int(mask.sum()))
+            slots[m] = slot
+        return slots
+
+    def _init(self, config: dict, storage: Optional[PathLike], resident_budget: int,
+              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        """Attributes of an empty bank; memory mode gets empty tables, file mode none yet."""
         self._config = dict(config)
         self.num_samples: int = config["num_samples"]
         self.num_outputs: int = config["num_outputs"]
@@ -363,96 +285,63 @@ class PseudoLabelBank:
         self.total_epochs: int = config["total_epochs"]
         self.dtype: torch.dtype = _DTYPE_BY_NAME[config["dtype"]]
         self.resident_budget = resident_budget
+        self.chunk_bytes = chunk_bytes
         self.storage: Optional[Path] = None if storage is None else Path(storage).resolve()
         self._maps: list[mmap.mmap] = []
-        self._files: dict[str, _RowFile] = {}
-        self._mean: dict[str, Tensor] = {}
-        self._seen: dict[str, Tensor] = {}
-        shape = (self.num_samples, self.num_outputs)
+        self._rows: dict[str, RowStorage] = {}
+        self._slot: dict[str, Tensor] = {}  # (N,) int64: each sample's row, -1 for none
+        self._seen: dict[str, Tensor] = {}  # (N,) int64: epochs of the window recorded, as bits
         if self.storage is None:
-            for m in self.modalities:
-                self._mean[m] = torch.zeros(shape, dtype=self.dtype)
-                self._seen[m] = torch.zeros(self.num_samples, dtype=torch.int64)
-            return
-        meta = self.storage / "bank.json"
-        if create:
-            if meta.exists() and not overwrite:
-                raise FileExistsError(
-                    f"storage: {self.storage} already holds a PseudoLabelBank; reopen it with "
-                    f"PseudoLabelBank.load(path, mmap=True) or pass overwrite=True"
-                )
-            self.storage.mkdir(parents=True, exist_ok=True)
-            for m in self.modalities:
-                _create_npy(self._mean_path(self.storage, m), shape, self._np_dtype)
-                _create_npy(self._seen_path(self.storage, m), (self.num_samples,), np.dtype("<i8"))
-            self._write_meta(self.storage)
+            self._rows = {m: self._memory_rows() for m in self.modalities}
+
+    def _memory_rows(self) -> MemoryRows:
+        # A modality has at most N rows; chunks of at most N/8 rows keep a small bank that
+        # learns its rows from being as large as a row for every sample.
+        row_bytes = self.num_outputs * self.dtype.itemsize
+        eighth = -(-self.num_samples // 8) * row_bytes
+        return MemoryRows(self.num_outputs, self.dtype, min(self.chunk_bytes, eighth))
+
+    def _create_files(self, slots: Mapping[str, Tensor], overwrite: bool) -> None:
+        root = self.storage
+        if (root / "bank.json").exists() and not overwrite:
+            raise FileExistsError(
+                f"storage: {root} already holds a PseudoLabelBank; reopen it with "
+                f"PseudoLabelBank.load(path, mmap=True) or pass overwrite=True"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        for m, slot in slots.items():
+            rows = int(slot.max()) + 1 if slot.numel() else 0
+            FileRows.create(self._path(root, "mean", m), self.num_outputs, self.dtype, rows).close()
+            atomic_numpy_save(self._path(root, "slot", m), slot.numpy())
+            atomic_numpy_save(self._path(root, "seen", m), np.zeros(self.num_samples, dtype=_INDEX))
+        self._write_meta(root)
+        self._open_files()
+
+    def _open_files(self) -> None:
+        """File-backed mode: open the storage directory's tables and map its per-sample arrays."""
+        root, shape = self.storage, (self.num_samples,)
         try:
             for m in self.modalities:
-                self._files[m] = _RowFile(self._mean_path(self.storage, m), shape, self._np_dtype, True)
-                mm, array = _map_npy(self._seen_path(self.storage, m), (self.num_samples,),
-                                     np.dtype("<i8"), True)
-                self._maps.append(mm)
-                self._seen[m] = torch.from_numpy(array)
+                self._rows[m] = FileRows(self._path(root, "mean", m), self.num_outputs, self.dtype)
+                for name, arrays in (("slot", self._slot), ("seen", self._seen)):
+                    mm, array = map_npy(self._path(root, name, m), shape, _INDEX, writable=True)
+                    self._maps.append(mm)
+                    arrays[m] = torch.from_numpy(array)
+                _check_layout(str(root / f"*.{m}.npy"), self._slot[m], self._seen[m],
+                              len(self._rows[m]), self.window)
         except BaseException:
             self.close()
             raise
 
     @property
-    def _np_dtype(self) -> np.dtype:
-        return _DTYPES[self.dtype][0]
-
-    def _as_tensor(self, array: np.ndarray) -> Tensor:
-        tensor = torch.from_numpy(array)
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
-
-    def _as_numpy(self, tensor: Tensor) -> np.ndarray:
-        if self.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.uint16)
-        return tensor.numpy()
-
-    @property
     def _chunk_rows(self) -> int:
-        """Rows per step when streaming whole files."""
+        """Rows per step when streaming whole tables."""
         budget = _CHUNK_BYTES if self.storage is None else min(_CHUNK_BYTES, self.resident_budget)
         return max(1, budget // (self.num_outputs * self.dtype.itemsize))
 
-    def _gather(self, modality: str, indices: Tensor) -> Tensor:
-        """``(B, C)`` means of ``indices`` in the storage dtype (a copy in file-backed mode)."""
-        if self.storage is None:
-            return self._mean[modality].index_select(0, indices)
-        return self._as_tensor(self._files[modality].gather(indices.numpy()))
-
-    def _scatter(self, modality: str, indices: Tensor, values: Tensor) -> None:
-        """Store ``(B, C)`` means (storage dtype) at ``indices`` (no repeats)."""
-        if self.storage is None:
-            self._mean[modality].index_copy_(0, indices, values)
-        else:
-            self._files[modality].scatter(indices.numpy(), self._as_numpy(values.contiguous()))
-
-    def _read_block(self, modality: str, start: int, stop: int) -> Tensor:
-        """Means of rows ``start:stop`` (a view in memory, a copy in file-backed mode)."""
-        if self.storage is None:
-            return self._mean[modality][start:stop]
-        return self._as_tensor(self._files[modality].read(start, stop))
-
-    def _write_block(self, modality: str, start: int, values: Tensor) -> None:
-        if self.storage is None:
-            self._mean[modality][start:start + values.shape[0]].copy_(values)
-        else:
-            rows = torch.arange(start, start + values.shape[0])
-            self._scatter(modality, rows, values)
-
-    def _means(self, modality: str) -> Tensor:
-        """All ``(N, C)`` means (the bank's tensor in memory, a full copy in file-backed mode)."""
-        return self._read_block(modality, 0, self.num_samples)
-
     @staticmethod
-    def _mean_path(root: Path, modality: str) -> Path:
-        return root / f"mean.{modality}.npy"
-
-    @staticmethod
-    def _seen_path(root: Path, modality: str) -> Path:
-        return root / f"seen.{modality}.npy"
+    def _path(root: Path, kind: str, modality: str) -> Path:
+        return root / f"{kind}.{modality}.npy"
 
     def _write_meta(self, root: Path) -> None:
         meta = {"format": _FORMAT, "version": _VERSION, **self._config}
@@ -467,16 +356,32 @@ class PseudoLabelBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the bank's arrays (in memory, or in its files in file-backed mode)."""
-        return self.estimate_nbytes(self.num_samples, self.num_outputs, len(self.modalities), self.dtype)
+        """Bytes held by the bank's arrays (in memory, or in its files in file-backed mode).
+
+        In memory this counts whole chunks: at most one chunk (``chunk_bytes``) a modality
+        more than :meth:`estimate_nbytes` of the pairs stored.
+        """
+        rows = sum(table.nbytes for table in self._rows.values())
+        return rows + len(self.modalities) * self.num_samples * _INDEX_BYTES
 
     @staticmethod
     def estimate_nbytes(
-        num_samples: int, num_outputs: int, num_modalities: int, dtype: torch.dtype = torch.float16
+        num_samples: int, num_outputs: int, num_modalities: int, dtype: torch.dtype = torch.float16,
+        pairs: Optional[int] = None,
     ) -> int:
-        """Bytes a bank of this size holds: ``M * N * (C * itemsize + 8)``."""
+        """Bytes a bank of this size holds: ``P * C * itemsize + 16 * M * N``.
+
+        ``pairs`` (``P``) is the number of (sample, modality) pairs stored; by default every
+        sample has every modality (``N * M``). Exact for a bank told its pairs with ``present``.
+        """
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_modalities * num_samples * (num_outputs * itemsize + 8)
+        pairs = num_samples * num_modalities if pairs is None else pairs
+        return pairs * num_outputs * itemsize + num_modalities * num_samples * _INDEX_BYTES
+
+    def stored(self, modality: str) -> Tensor:
+        """``(N,)`` bool: which samples have a row for ``modality`` (recorded or announced)."""
+        self._check_modality("modality", modality)
+        return self._slot[modality] >= 0
 
     def error_bound(self, max_abs: float = 1.0, updates: Optional[int] = None) -> float:
         """First-order bound on ``|stored mean - exact mean|`` after ``updates`` (default window).
@@ -593,11 +498,23 @@ class PseudoLabelBank:
                 f"indices: {int(again.sum())} of {indices.numel()} samples were already recorded "
                 f"for modality {modality!r} at epoch {epoch}, e.g. {_few(indices[again])}"
             )
+        slots = self._slots_adding_rows(modality, indices)
         weight = 1.0 / (_popcount(seen, self.window).to(torch.float32) + 1.0)
-        mean = self._gather(modality, indices).float()
+        mean = self._rows[modality].gather(slots).float()  # new rows read as zeros
         mean.lerp_(x, weight[:, None])  # m + (x - m) / (count + 1), exact x on the first update
-        self._scatter(modality, indices, mean.to(self.dtype))
+        self._rows[modality].scatter(slots, mean.to(self.dtype))
         self._seen[modality].index_copy_(0, indices, seen | bit)
+
+    def _slots_adding_rows(self, modality: str, indices: Tensor) -> Tensor:
+        """The rows of ``indices``, adding one (zeros) for each sample that has none yet."""
+        slots = self._slot[modality].index_select(0, indices)
+        new = slots < 0
+        if bool(new.any()):
+            count = int(new.sum())
+            first = self._rows[modality].grow(count)
+            slots[new] = torch.arange(first, first + count)
+            self._slot[modality].index_copy_(0, indices[new], slots[new])
+        return slots
 
     def counts(self, modality: str, indices: Optional[Tensor] = None) -> Tensor:
         """Epochs of the window recorded per sample, ``(B,)`` int64 (all ``N`` when no ids)."""
@@ -679,7 +596,7 @@ class PseudoLabelBank:
         best = torch.full((batch,), -float("inf"))
         for m, mask in masks.items():
             rows = mask.nonzero().flatten()
-            values = self._gather(m, indices[rows]).float()
+            values = self._rows[m].gather(self._slot[m][indices[rows]]).float()
             score = self._cosine(values, gt, rows) if several else torch.zeros(rows.numel())
             better = score > best[rows]
             out[rows[better]] = values[better]
@@ -720,9 +637,9 @@ class PseudoLabelBank:
     # ----------------------------------------------------------------- memory and files
 
     def release(self) -> None:
-        """File-backed mode: drop the mapped pages of the bit masks from the process.
+        """File-backed mode: drop the mapped pages of the per-sample arrays from the process.
 
-        The means are never mapped (see the module notes), so this frees at most ``8 * N``
+        The means are never mapped (see the module notes), so this frees at most ``16 * N``
         bytes a modality; the data stays in the files. A no-op in memory.
         """
         if hasattr(mmap, "MADV_DONTNEED"):
@@ -737,17 +654,17 @@ class PseudoLabelBank:
         """
         for mm in self._maps:
             mm.flush()
-        for f in self._files.values():
-            f.sync()
+        for table in self._rows.values():
+            table.flush()
 
     def close(self) -> None:
         """Flush and close the files (file-backed mode). The bank is unusable afterwards."""
         self.flush()
         maps, self._maps = self._maps, []
-        files, self._files = self._files, {}
-        self._mean, self._seen = {}, {}
-        for f in files.values():
-            f.close()
+        tables, self._rows = self._rows, {}
+        self._slot, self._seen = {}, {}
+        for table in tables.values():
+            table.close()
         for mm in maps:
             try:
                 mm.close()
@@ -757,15 +674,17 @@ class PseudoLabelBank:
     def __enter__(self) -> "PseudoLabelBank":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def save(self, path: PathLike) -> None:
         """Write the bank to the directory ``path`` (created), every file atomically.
 
-        Layout: ``mean.<modality>.npy`` ``(N, C)``, ``seen.<modality>.npy`` ``(N,)`` int64 epoch
-        bit masks, then ``bank.json`` (written last: a directory with ``bank.json`` is complete).
-        Saving a file-backed bank to its own storage just flushes it.
+        Layout (see the module notes): ``mean.<modality>.npy`` ``(P_m, C)`` rows,
+        ``slot.<modality>.npy`` ``(N,)`` int64 row of each sample (``-1``: none),
+        ``seen.<modality>.npy`` ``(N,)`` int64 epoch bit masks, then ``bank.json`` (written
+        last: a directory with ``bank.json`` is complete). Saving a file-backed bank to its own
+        storage just flushes it.
         """
         root = Path(path).resolve()
         if self.storage is not None and root == self.storage:
@@ -773,13 +692,10 @@ class PseudoLabelBank:
             self._write_meta(root)
             return
         root.mkdir(parents=True, exist_ok=True)
-        rows = self._chunk_rows
         for m in self.modalities:
-            _write_npy(self._mean_path(root, m), (self.num_samples, self.num_outputs), self._np_dtype,
-                       lambda i, j, m=m: self._as_numpy(self._read_block(m, i, j)), rows)
-            seen = self._seen[m].numpy()
-            _write_npy(self._seen_path(root, m), seen.shape, seen.dtype, lambda i, j: seen[i:j],
-                       max(1, _CHUNK_BYTES // 8))
+            save_rows(self._path(root, "mean", m), self._rows[m], self._chunk_rows)
+            atomic_numpy_save(self._path(root, "slot", m), self._slot[m].numpy())
+            atomic_numpy_save(self._path(root, "seen", m), self._seen[m].numpy())
         self._write_meta(root)
 
     @classmethod
@@ -792,15 +708,20 @@ class PseudoLabelBank:
                 later updates modify the files) instead of reading them into memory. The name
                 is historical: the means are read and written with positioned I/O, not mapped.
             resident_budget: as in the constructor.
+
+        Raises:
+            FileNotFoundError: no ``bank.json`` in ``path``.
+            ValueError: another format or version (banks saved before version 2 cannot be
+                read), or files that disagree with ``bank.json`` or with each other.
         """
         root = Path(path)
         config = cls._read_meta(root)
         bank = cls.__new__(cls)
+        bank._init(config, root if mmap else None, resident_budget)
         if mmap:
-            bank._init(config, root, resident_budget, create=False)
-            return bank
-        bank._init(config, None, resident_budget, create=False)
-        bank._copy_from_files(root)
+            bank._open_files()
+        else:
+            bank._copy_from_files(root)
         return bank
 
     @staticmethod
@@ -812,7 +733,8 @@ class PseudoLabelBank:
         if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
             raise ValueError(
                 f"{meta_path}: expected format {_FORMAT!r} version {_VERSION}, got "
-                f"{meta.get('format')!r} version {meta.get('version')!r}"
+                f"{meta.get('format')!r} version {meta.get('version')!r} (version 1 banks, one row "
+                f"for every sample and modality, cannot be read: rerun the unimodal stage)"
             )
         config = {k: meta[k] for k in
                   ("num_samples", "num_outputs", "modalities", "window", "total_epochs", "dtype")}
@@ -823,48 +745,78 @@ class PseudoLabelBank:
             config["total_epochs"], _DTYPE_BY_NAME[config["dtype"]])
         return config
 
+    def _replace(self, modality: str, slot: Tensor, seen: Tensor, rows: int,
+                 blocks: Iterable[Tensor]) -> None:
+        """Make ``modality``'s table the ``rows`` rows of ``blocks``, with these per-sample arrays."""
+        if self.storage is None:
+            table = self._memory_rows()
+            self._slot[modality] = slot.clone()
+            self._seen[modality] = seen.clone()
+        else:
+            table = self._rows[modality]
+            table.truncate()
+            self._slot[modality].copy_(slot)
+            self._seen[modality].copy_(seen)
+        table.grow(rows, exact=True)
+        start = 0
+        for block in blocks:
+            table.write(start, block)
+            start += block.shape[0]
+        self._rows[modality] = table
+
     def _copy_from_files(self, root: Path) -> None:
-        shape = (self.num_samples, self.num_outputs)
-        rows = self._chunk_rows
+        """Read the bank in the directory ``root`` (its config already checked) into this one."""
+        shape = (self.num_samples,)
         for m in self.modalities:
-            source = _RowFile(self._mean_path(root, m), shape, self._np_dtype, False)
+            source = FileRows(self._path(root, "mean", m), self.num_outputs, self.dtype, writable=False)
             try:
-                for start in range(0, self.num_samples, rows):
-                    stop = min(self.num_samples, start + rows)
-                    if self.storage is None:  # straight into the bank's tensor
-                        source.read(start, stop, self._as_numpy(self._mean[m][start:stop]))
-                    else:
-                        self._write_block(m, start, self._as_tensor(source.read(start, stop)))
+                arrays = []
+                for name in ("slot", "seen"):
+                    mm, array = map_npy(self._path(root, name, m), shape, _INDEX, writable=False)
+                    arrays.append(torch.from_numpy(array.copy()))
+                    del array
+                    mm.close()
+                _check_layout(str(root / f"*.{m}.npy"), *arrays, len(source), self.window)
+                self._replace(m, *arrays, len(source), source.blocks(self._chunk_rows))
             finally:
                 source.close()
-            seen = _RowFile(self._seen_path(root, m), (self.num_samples,), np.dtype("<i8"), False)
-            try:
-                self._seen[m].copy_(torch.from_numpy(seen.read(0, self.num_samples)))
-            finally:
-                seen.close()
 
     def state_dict(self) -> dict:
         """The bank's state for a checkpoint.
 
-        In memory: ``{"config": ..., "mean": {m: (N, C)}, "seen": {m: (N,)}}`` holding the
-        bank's own tensors (not copies, as ``nn.Module.state_dict``; ``torch.save`` copies them).
-        In file-backed mode the files are flushed and the state only references them:
-        ``{"config": ..., "storage": "<path>"}``, so a checkpoint is as small as a path, the
-        files must be kept with it, and they go on changing with later updates (save a copy
-        with :meth:`save` for a frozen snapshot).
+        In memory: ``{"config": ..., "slot": {m: (N,)}, "seen": {m: (N,)}, "mean": {m: [blocks]}}``
+        with the rows of modality ``m`` as a list of ``(r, C)`` blocks in row order (concatenate
+        them for the ``(P_m, C)`` table). The tensors are the bank's own (not copies, as
+        ``nn.Module.state_dict``; ``torch.save`` copies them), except a partly filled last chunk
+        of rows, copied so that a checkpoint holds no unused rows. In file-backed mode the
+        files are flushed and the state only references them: ``{"config": ..., "storage":
+        "<path>"}``, so a checkpoint is as small as a path, the files must be kept with it, and
+        they go on changing with later updates (save a copy with :meth:`save` for a frozen
+        snapshot).
         """
         state: dict = {"config": self.config()}
         if self.storage is not None:
             self.flush()
             self._write_meta(self.storage)
             state["storage"] = str(self.storage)
-        else:
-            state["mean"] = dict(self._mean)
-            state["seen"] = dict(self._seen)
+            return state
+        state["slot"] = dict(self._slot)
+        state["seen"] = dict(self._seen)
+        state["mean"] = {m: self._state_blocks(m) for m in self.modalities}
         return state
 
+    def _state_blocks(self, modality: str) -> list[Tensor]:
+        table = self._rows[modality]
+        # torch.save writes the whole storage of a view: copy a block that is part of a chunk
+        blocks = [b if b.nbytes == b.untyped_storage().nbytes() else b.clone()
+                  for b in table.blocks(max(1, len(table)))]
+        return blocks or [torch.zeros(0, self.num_outputs, dtype=self.dtype)]
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (either kind) into this bank, whose config must match."""
+        """Restore a :meth:`state_dict` (either kind) into this bank, whose config must match.
+
+        ``state["mean"][m]`` may also be one ``(P_m, C)`` tensor instead of a list of blocks.
+        """
         config = state.get("config") if isinstance(state, Mapping) else None
         if config != self.config():
             raise ValueError(f"state: expected config {self.config()}, got {config}")
@@ -874,16 +826,20 @@ class PseudoLabelBank:
                 return
             self._copy_from_files(root)
             return
-        for m in self.modalities:
-            mean, seen = state["mean"][m], state["seen"][m]
-            check_tensor(f"state['mean'][{m!r}]", mean, (self.num_samples, self.num_outputs))
-            check_tensor(f"state['seen'][{m!r}]", seen, (self.num_samples,))
-            if mean.dtype != self.dtype or seen.dtype != torch.int64:
-                raise TypeError(
-                    f"state: expected {self.dtype} means and int64 masks for {m!r}, got "
-                    f"{mean.dtype} and {seen.dtype}"
-                )
-            rows = self._chunk_rows
-            for start in range(0, self.num_samples, rows):
-                self._write_block(m, start, mean[start:start + rows])
-            self._seen[m].copy_(seen)
+        checked = {m: self._check_state(state, m) for m in self.modalities}  # all before any change
+        for m, (slot, seen, blocks) in checked.items():
+            self._replace(m, slot, seen, sum(b.shape[0] for b in blocks), blocks)
+
+    def _check_state(self, state: Mapping[str, Any], m: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+        slot, seen, mean = state["slot"][m], state["seen"][m], state["mean"][m]
+        blocks = [mean] if isinstance(mean, Tensor) else list(mean)
+        for name, value in (("slot", slot), ("seen", seen)):
+            check_tensor(f"state[{name!r}][{m!r}]", value, (self.num_samples,))
+            if value.dtype != torch.int64:
+                raise TypeError(f"state[{name!r}][{m!r}]: expected int64, got {value.dtype}")
+        for i, block in enumerate(blocks):
+            check_tensor(f"state['mean'][{m!r}][{i}]", block, ("r", self.num_outputs))
+            if block.dtype != self.dtype:
+                raise TypeError(f"state['mean'][{m!r}][{i}]: expected {self.dtype}, got {block.dtype}")
+        _check_layout(f"state[...][{m!r}]", slot, seen, sum(b.shape[0] for b in blocks), self.window)
+        return slot, seen, blocks

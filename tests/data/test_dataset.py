@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from umilayers.data import Batch, FeatureStore, collate
+from umilayers.data.dataset import set_epoch
 
 MODS = {"rgb": (4, 3), "audio": (5, 2)}
 
@@ -140,3 +141,75 @@ def test_a_sample_without_any_modality_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"1 sample\(s\) have length 0 for every modality.*rows \[1\]"):
         s.write_split("train", "train", both, np.array([1, 0, 2]),
                       lengths={"rgb": np.array([4, 0, 2]), "audio": np.array([5, 0, 5])})
+
+
+# ---------------------------------------------------------------- several captions per row
+
+def _captions_store(tmp_path):
+    """Rows with 3, 1 and 2 captions (up to 3); caption c of row r is filled with 10 r + c."""
+    store = FeatureStore.create(tmp_path / "c", "retrieval", 8, {"rgb": (2, 2)}, text=(4, 3), captions=3)
+    counts = np.array([3, 1, 2])
+    lengths = np.array([[4, 2, 1], [3, 0, 0], [1, 4, 0]])
+    text = np.zeros((3, 3, 4, 3), np.float32)
+    for r in range(3):
+        for c in range(counts[r]):
+            text[r, c] = 10 * r + c
+    store.write_split("tr", "train", {"rgb": np.zeros((3, 2, 2), np.float32)}, text,
+                      target_lengths=lengths, target_counts=counts)
+    store.write_split("te", "test", {"rgb": np.zeros((3, 2, 2), np.float32)}, text,
+                      target_lengths=lengths, target_counts=counts)
+    return FeatureStore(tmp_path / "c"), counts, lengths
+
+
+def _caption_of(item):
+    return int(item["target"][0, 0]) % 10
+
+
+def test_first_caption_keeps_the_one_caption_item(tmp_path):
+    store, counts, lengths = _captions_store(tmp_path)
+    item = store.dataset("te")[2]
+    assert set(item) == {"index", "split_id", "inputs", "lengths", "target", "target_length", "caption"}
+    assert item["target"].shape == (4, 3) and int(item["target"][0, 0]) == 20 and item["target_length"] == 1
+    batch = collate([store.dataset("te")[i] for i in range(3)])
+    assert batch.targets.shape == (3, 4, 3) and batch.caption_counts is None
+    assert batch.caption_slots.tolist() == [0, 0, 0]
+
+
+def test_random_caption_per_row_and_epoch(tmp_path):
+    store, counts, lengths = _captions_store(tmp_path)
+    data = store.train_dataset(caption="random", caption_seed=5)
+    seen = {r: set() for r in range(3)}
+    for epoch in range(12):
+        set_epoch(data, epoch)
+        for r in range(3):
+            item = data[r]
+            c = _caption_of(item)
+            assert item["caption"] == c  # the slot is reported (pseudo-labels look it up)
+            seen[r].add(c)
+            assert item["target_length"] == lengths[r, c] and int(item["target"][0, 0]) == 10 * r + c
+    assert seen == {0: {0, 1, 2}, 1: {0}, 2: {0, 1}}  # every caption over epochs, never an empty slot
+    # the same draw in another process (a fresh dataset) for the same seed and epoch
+    again = store.train_dataset(caption="random", caption_seed=5)
+    set_epoch(again, 7)
+    set_epoch(data, 7)
+    assert [_caption_of(again[r]) for r in range(3)] == [_caption_of(data[r]) for r in range(3)]
+    with pytest.raises(ValueError, match="caption: expected one of"):
+        store.dataset("tr", caption="every")
+
+
+def test_all_captions_for_evaluation(tmp_path):
+    store, counts, lengths = _captions_store(tmp_path)
+    items = [store.dataset("te", caption="all")[r] for r in range(3)]
+    assert items[1]["caption_count"] == 1 and items[1]["target_length"].tolist() == [3, 0, 0]
+    batch = collate(items)
+    assert batch.targets.shape == (3, 3, 4, 3)
+    assert batch.caption_counts.tolist() == [3, 1, 2]
+    assert batch.text_padding_mask.shape == (3, 3, 4)
+    assert batch.text_padding_mask[0, 1].tolist() == [False, False, True, True]
+    assert batch.text_padding_mask[1, 1].all()  # an empty slot is all padding
+    # the flat list of captions the metric takes (each caption a query), and their videos
+    valid = torch.arange(3)[None, :] < batch.caption_counts[:, None]
+    assert batch.targets[valid][:, 0, 0].tolist() == [0, 1, 2, 10, 20, 21]
+    from umilayers.metrics import caption_owners
+
+    assert caption_owners(batch.caption_counts).tolist() == [0, 0, 0, 1, 2, 2]

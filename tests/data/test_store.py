@@ -280,3 +280,61 @@ def test_bad_store_json(tmp_path, edit, match):
 
 def test_store_error_is_value_error():
     assert issubclass(StoreError, ValueError)
+
+
+# ---------------------------------------------------------------- several captions per row
+
+def multi_caption_store(tmp_path, name="m"):
+    """Retrieval, up to 3 captions of 5 tokens x 7 per row; rows hold 3, 1 and 2 captions."""
+    store = FeatureStore.create(tmp_path / name, "retrieval", 8, {"rgb": (4, 6)}, text=(5, 7), captions=3)
+    rng = np.random.default_rng(0)
+    counts = np.array([3, 1, 2])
+    lengths = np.array([[5, 2, 4], [3, 0, 0], [1, 5, 0]])
+    text = rng.standard_normal((3, 3, 5, 7)).astype(np.float16)
+    text[lengths == 0] = 0
+    store.write_split("tr", "train", feats(3), text, target_lengths=lengths, target_counts=counts)
+    return store, text, lengths, counts
+
+
+def test_several_captions_per_row_round_trip(tmp_path):
+    store, text, lengths, counts = multi_caption_store(tmp_path)
+    meta = json.loads((tmp_path / "m" / "store.json").read_text())
+    assert meta["text"] == {"tokens": 5, "dim": 7, "captions": 3}
+    opened = FeatureStore(tmp_path / "m", deep=True)
+    assert opened.max_captions == 3 and opened.text == (5, 7)
+    np.testing.assert_array_equal(opened.caption_counts("tr"), counts)
+    assert np.load(tmp_path / "m" / "tr" / "targets.npy").dtype == np.float16  # kept as written
+    np.testing.assert_array_equal(np.load(tmp_path / "m" / "tr" / "targets.lengths.npy"), lengths)
+    assert "captions per row <= 3" in opened.summary()
+
+
+def test_single_caption_stores_are_unchanged(tmp_path):
+    store = FeatureStore.create(tmp_path / "b", "retrieval", 8, {"rgb": (4, 6)}, text=(5, 7))
+    assert json.loads((tmp_path / "b" / "store.json").read_text())["text"] == {"tokens": 5, "dim": 7}
+    store.write_split("tr", "train", feats(2), np.zeros((2, 5, 7), np.float32), target_lengths=np.array([5, 2]))
+    opened = FeatureStore(tmp_path / "b")
+    assert opened.max_captions == 1
+    np.testing.assert_array_equal(opened.caption_counts("tr"), [1, 1])
+    with pytest.raises(StoreError, match="several captions per row"):
+        store.write_split("tr2", "train", feats(2), np.zeros((2, 5, 7), np.float32),
+                          target_counts=np.array([1, 1]))
+
+
+def test_several_captions_checked_before_writing(tmp_path):
+    store, text, lengths, counts = multi_caption_store(tmp_path)
+    with pytest.raises(StoreError, match=r"expected shape \(3, 3, 5, 7\) \(size, captions, text_tokens, text_dim\)"):
+        store.write_split("x", "train", feats(3), text[:, 0])
+    bad = lengths.copy()
+    bad[1, 2] = 2  # a token count in a slot past the row's count
+    with pytest.raises(StoreError, match=r"1 entries out of range, first row 1 caption 2: 2"):
+        store.write_split("x", "train", feats(3), text, target_lengths=bad, target_counts=counts)
+    with pytest.raises(StoreError, match=r"first row 1 caption 1: 0"):  # without counts every slot is a caption
+        store.write_split("x", "train", feats(3), text, target_lengths=lengths)
+    with pytest.raises(StoreError, match=r"target_counts.*lengths expected in \[1, 3\], found range \[0, 3\]"):
+        store.write_split("x", "train", feats(3), text, target_counts=np.array([3, 0, 2]))
+    with pytest.raises(StoreError, match=r"target_lengths.*expected shape \(size=3, captions=3\)"):
+        store.write_split("x", "train", feats(3), text, target_lengths=np.array([5, 3, 1]), target_counts=counts)
+    assert list(FeatureStore(tmp_path / "m").splits) == ["tr"]
+    np.save(tmp_path / "m" / "tr" / "targets.counts.npy", np.array([3, 4, 2]))
+    with pytest.raises(StoreError, match=r"targets.counts.npy: lengths expected in \[1, 3\]"):
+        FeatureStore(tmp_path / "m")

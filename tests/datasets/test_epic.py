@@ -112,7 +112,7 @@ def epic_data(tmp_path_factory):
 
 def _config(**kwargs):
     options = dict(frames=2, image_size=32, audio_frames=32, audio_arch="vit_tiny_patch16_224",
-                   batch_size=4, weights={m: "random" for m in epic.MODALITIES})
+                   audio_stride=16, batch_size=4, weights={m: "random" for m in epic.MODALITIES})
     options.update(kwargs)
     return epic.ExtractionConfig(**options)
 
@@ -334,6 +334,214 @@ def test_audio_tokens_time_major_with_lengths(epic_data):
     assert tokens.shape == (2, 32, 192)
 
 
+def test_audio_ast_overlapping_patches_by_default(epic_data):
+    """The default extractor is AST's: 16 x 16 patches every 10 frames / bins, 128 mel bins."""
+    assert (epic.ExtractionConfig().audio_stride, epic.ExtractionConfig().audio_frames) == (10, 128)
+    clips = {c.narration_id: c for c in epic.load_annotations(epic_data["annotations"])}
+    extractor = epic.build_extractor("audio", epic_data["audio"], _config(audio_frames=64, audio_stride=10))
+    # (128 - 16) // 10 + 1 = 12 frequency x (64 - 16) // 10 + 1 = 5 time patches
+    assert extractor.tokens == 12 * 5
+    # 13 real frames -> time patches starting at 0 and 10; 28 frames -> at 0, 10 and 20
+    _, lengths = extractor([clips["P02_01_1"], clips["P01_01_0"]])
+    assert lengths.tolist() == [12 * 2, 12 * 3]
+
+
+def test_audio_extractor_loads_an_ast_checkpoint_as_published(epic_data, tmp_path):
+    """An AST checkpoint (``module.v.*`` keys, 12 x 101 position grid, AudioSet head) passed as
+    it is: converted on load, position embeddings cut to the 12 x 12 grid of 128 frames."""
+    from umilayers.datasets import checkpoints as ckpt
+
+    source = ckpt.ast_audio_vit("deit_tiny_distilled_patch16_224", mel_bins=128, frames=1024)
+    assert source.patch_embed.grid_size == ckpt.AST_AUDIOSET_GRID
+    state = {"module.v." + k: v for k, v in source.state_dict().items()}
+    state["module.mlp_head.1.weight"] = torch.zeros(527, 192)
+    torch.save(state, tmp_path / "audioset.pth")
+    config = _config(audio_arch="deit_tiny_distilled_patch16_224", audio_frames=128, audio_stride=10,
+                     weights={"audio": str(tmp_path / "audioset.pth")})
+    model = epic.build_extractor("audio", epic_data["audio"], config).model
+    torch.testing.assert_close(model.blocks[3].attn.qkv.weight, source.blocks[3].attn.qkv.weight)
+    torch.testing.assert_close(model.dist_token, source.dist_token)
+    grid = source.pos_embed[:, 2:].reshape(1, 12, 101, 192)
+    torch.testing.assert_close(model.pos_embed[:, 2:].reshape(1, 12, 12, 192), grid[:, :, 50 - 6:50 + 6])
+
+
+# ------------------------------------------------------------------------------ audio layouts
+
+AUDIO_LAYOUTS = {  # relative path, whether the file holds the clip only
+    "per clip, participant folder (released loader)": ("P03/P03_01_1.wav", True),
+    "per clip": ("P03_01_1.wav", True),
+    "per video, participant folder": ("P03/P03_01.wav", False),
+    "per video (released extract_audio.py)": ("P03_01.wav", False),
+}
+# P03_01_1: 0.15 s of its video at 1.0 s; a per-clip wav holds 0.3 s (used whole)
+LAYOUT_CLIP = epic.EpicClip("P03_01_1", "P03", "P03_01", 1.0, 1.15, 60, 69, 3, 3)
+
+
+def _write_layout(root: Path, relative: str, whole: bool) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_wav(path, 0.3 if whole else 2.0, rate=16000)
+    return path
+
+
+@pytest.mark.parametrize("layout", list(AUDIO_LAYOUTS))
+def test_audio_layouts(layout, tmp_path):
+    relative, whole = AUDIO_LAYOUTS[layout]
+    path = _write_layout(tmp_path, relative, whole)
+    config = _config(audio_frames=64)
+    assert epic.find_missing_inputs(LAYOUT_CLIP, "audio", tmp_path, config) == ()
+    assert epic.clip_input_paths(LAYOUT_CLIP, "audio", tmp_path, config) == [path]
+    _, lengths = epic.build_extractor("audio", tmp_path, config)([LAYOUT_CLIP])
+    # whole 0.3 s -> 28 filterbank frames -> 2 time patches of 16; cut 0.15 s -> 13 -> 1
+    assert lengths.tolist() == [8 * (2 if whole else 1)]
+
+
+def test_audio_layout_precedence(tmp_path):
+    for relative, whole in AUDIO_LAYOUTS.values():
+        _write_layout(tmp_path, relative, whole)
+    config = _config()
+    assert epic.clip_input_paths(LAYOUT_CLIP, "audio", tmp_path, config) == [tmp_path / "P03" / "P03_01_1.wav"]
+    (tmp_path / "P03" / "P03_01_1.wav").unlink()
+    (tmp_path / "P03_01_1.wav").unlink()
+    assert epic.clip_input_paths(LAYOUT_CLIP, "audio", tmp_path, config) == [tmp_path / "P03" / "P03_01.wav"]
+
+
+def test_missing_audio_names_every_layout_tried(epic_data, tmp_path):
+    empty = tmp_path / "audio"
+    empty.mkdir()
+    with pytest.raises(epic.MissingInputError) as err:
+        epic.extract_epic(epic_data["annotations"], {"rgb": epic_data["frames"], "audio": empty},
+                          tmp_path / "store", "rgb+audio", config=_config(), progress=False,
+                          log=lambda s: None)
+    clip = err.value.narration_id
+    participant, video = clip[:3], clip.rsplit("_", 1)[0]
+    expected = [empty / participant / f"{clip}.wav", empty / f"{clip}.wav",
+                empty / participant / f"{video}.wav", empty / f"{video}.wav"]
+    assert err.value.tried == tuple(str(p) for p in expected)
+    for path in expected:
+        assert str(path) in str(err.value)
+    assert not (tmp_path / "store").exists()
+
+
+# ------------------------------------------------------------------------------ released split
+
+# The class tables' columns and the released files' formats (one id a line, no header;
+# "verb_key,noun_key" a line), with the keys of LABELS.
+VERB_TABLE = [(0, "take"), (3, "open"), (5, "put")]
+NOUN_TABLE = [(2, "plate"), (3, "door"), (12, "fridge"), (36, "bin"), (54, "rubbish")]
+ACTION_LINES = ["open,fridge", "take,plate", "put,rubbish", "open,door", "take,door"]
+ACTION_PAIRS = [(3, 12), (0, 2), (5, 54), (3, 3), (0, 3)]  # file order = action id
+RELEASED = {"EPIC_100_train_full_half1.csv": ["P01", "P02"], "EPIC_100_train_full_half2.csv": ["P03", "P04"],
+            "EPIC_100_full_val.csv": ["P05"], "EPIC_100_full_test.csv": ["P06", "P07"]}
+WITH_SOUND = ["P01_01", "P02_01", "P03_01", "P05_01", "P06_01", "P07_01"]  # P04_01 has none
+
+
+def _write_class_table(path: Path, table) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "key", "instances", "category"])
+        for class_id, key in table:
+            writer.writerow([class_id, key, str([key, key + "-x"]), "misc"])
+
+
+def _write_released(folder: Path, rows, tables: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, participants in RELEASED.items():
+        ids = [r["narration_id"] for r in rows if r["participant_id"] in participants]
+        (folder / name).write_text("".join(i + "\n" for i in ids))
+    (folder / "available_sound.csv").write_text("".join(v + "\n" for v in WITH_SOUND))
+    (folder / "epic_action_classes.csv").write_text("".join(line + "\n" for line in ACTION_LINES))
+    if tables:
+        _write_class_table(folder / "EPIC_100_verb_classes.csv", VERB_TABLE)
+        _write_class_table(folder / "EPIC_100_noun_classes.csv", NOUN_TABLE)
+    return folder
+
+
+def _ids(split):
+    return [c.narration_id for c in split.clips]
+
+
+def test_released_split_read_as_published(epic_data, tmp_path):
+    rows = epic_data["rows"]
+    released = _write_released(tmp_path / "epic-annotations", rows)
+    clips = epic.load_annotations(epic_data["annotations"])
+    splits = epic.build_splits(clips, "rgb+audio", split_dir=released)
+
+    def of(*participants):
+        return [r["narration_id"] for r in rows if r["participant_id"] in participants]
+
+    assert {n: (s.role, s.modalities) for n, s in splits.splits.items()} == {
+        "train_rgb": ("train", ("rgb",)), "train_audio": ("train", ("audio",)),
+        "val": ("val", ("rgb", "audio")), "test": ("test", ("rgb", "audio"))}
+    assert _ids(splits.splits["train_rgb"]) == of("P01", "P02")
+    assert _ids(splits.splits["train_audio"]) == of("P03")  # P04_01 has no sound
+    assert _ids(splits.splits["val"]) == of("P05")
+    assert _ids(splits.splits["test"]) == of("P06", "P07")  # P07: EPIC_100_validation.csv
+    assert splits.no_sound == {"train_audio": len(of("P04")), "val": 0, "test": 0}
+    assert "video without sound" in splits.summary()
+    # without audio in the setting nothing is filtered, and the halves follow the setting's order
+    flow = epic.build_splits(clips, "rgb+flow", split_dir=released)
+    assert _ids(flow.splits["train_flow"]) == of("P03", "P04") and flow.no_sound == {}
+
+
+def test_released_action_classes_in_file_order(epic_data, tmp_path):
+    clips = epic.load_annotations(epic_data["annotations"])
+    released = _write_released(tmp_path / "released", epic_data["rows"])
+    vocab = epic.action_vocabulary(clips, released, epic_data["annotations"])
+    assert vocab.pairs.tolist() == [list(p) for p in ACTION_PAIRS]
+    assert vocab.action_id(3, 3) == 3 and vocab.num_actions == len(ACTION_LINES)
+    # the class tables may also come from the annotations folder (the official repository)
+    bare = _write_released(tmp_path / "bare", epic_data["rows"], tables=False)
+    tables = tmp_path / "annotations"
+    tables.mkdir()
+    _write_class_table(tables / "EPIC_100_verb_classes.csv", VERB_TABLE)
+    _write_class_table(tables / "EPIC_100_noun_classes.csv", NOUN_TABLE)
+    assert epic.action_vocabulary(clips, bare, tables).pairs.tolist() == vocab.pairs.tolist()
+    with pytest.raises(FileNotFoundError, match="EPIC_100_verb_classes.csv is needed"):
+        epic.action_vocabulary(clips, bare, tmp_path)
+    # saved and loaded, the ids keep the file's order
+    vocab.save(tmp_path / "actions.json")
+    assert epic.ActionVocabulary.load(tmp_path / "actions.json").pairs.tolist() == vocab.pairs.tolist()
+
+
+def test_released_split_errors(epic_data, tmp_path):
+    clips = epic.load_annotations(epic_data["annotations"])
+    released = _write_released(tmp_path / "released", epic_data["rows"])
+    with pytest.raises(ValueError, match="two training halves.*rgb\\+flow\\+audio needs 3"):
+        epic.build_splits(clips, "rgb+flow+audio", split_dir=released)
+    partial = [c for c in clips if c.participant_id != "P07"]  # without EPIC_100_validation.csv
+    with pytest.raises(ValueError, match="EPIC_100_full_test.csv: 3 narration id.*EPIC_100_validation.csv"):
+        epic.build_splits(partial, "rgb+audio", split_dir=released)
+    (released / "available_sound.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="available_sound.csv"):
+        epic.build_splits(clips, "rgb+audio", split_dir=released)
+    assert epic.build_splits(clips, "rgb+flow", split_dir=released).splits  # not needed without audio
+    (released / "epic_action_classes.csv").write_text("open,fridge\ntake,spatula\n")
+    with pytest.raises(ValueError, match="epic_action_classes.csv, line 2: noun 'spatula' is not a key"):
+        epic.action_vocabulary(clips, released)
+    (released / "epic_action_classes.csv").write_text("open,fridge\nopen,fridge\n")
+    with pytest.raises(ValueError, match="appears twice"):
+        epic.action_vocabulary(clips, released)
+
+
+def test_extract_with_the_released_split(epic_data, tmp_path, capsys):
+    from umilayers.data.store import FeatureStore
+
+    released = _write_released(tmp_path / "epic-annotations", epic_data["rows"])
+    out = tmp_path / "store"
+    assert _run_extract(epic_data, out, "--setting", "rgb+audio", "--split-dir", str(released)) == 0
+    store = FeatureStore(out)
+    assert store.num_outputs == len(ACTION_LINES)
+    clips = {c.narration_id: c for c in epic.load_annotations(epic_data["annotations"])}
+    for name in ("train_rgb", "train_audio", "val", "test"):
+        ids = (out / "epic_splits" / f"{name}.txt").read_text().split()
+        pairs = [(clips[i].verb_class, clips[i].noun_class) for i in ids]
+        np.testing.assert_array_equal(store.targets(name), [ACTION_PAIRS.index(p) for p in pairs])
+    assert not any(i.startswith("P04") for i in (out / "epic_splits" / "train_audio.txt").read_text().split())
+    assert epic.ActionVocabulary.load(out / epic.ACTIONS_FILE).pairs.tolist() == [list(p) for p in ACTION_PAIRS]
+    assert "left out, video without sound (available_sound.csv): train_audio 4" in capsys.readouterr().out
+
+
 def test_extract_shards_resume(tmp_path):
     clips = [epic.EpicClip(f"c{i}", "P01", "P01_01", 0.0, 1.0, 1, 2, 0, 0) for i in range(5)]
     calls = []
@@ -390,8 +598,9 @@ def test_extract_end_to_end_store(epic_data, epic_store):
     vocab = epic.ActionVocabulary.load(epic_store / epic.ACTIONS_FILE)
     assert store.task == "classification" and store.num_outputs == vocab.num_actions
     # swin3d_t: patch (2, 4, 4) then three 2x merges -> (4/2) x (64/32) x (64/32) tokens of 768;
-    # resnet18: 64/32 = 2 x 2 positions of 512; ViT-tiny: 8 frequency x 2 time patches of 192
-    assert store.modalities == {"audio": (2 * 8, 192), "flow": (4, 512), "rgb": (8, 768)}
+    # resnet18: 64/32 = 2 x 2 positions of 512; ViT-tiny with AST's stride-10 patches on 128 mel
+    # bins x 32 frames: 12 frequency x 2 time patches of 192
+    assert store.modalities == {"audio": (12 * 2, 192), "flow": (4, 512), "rgb": (8, 768)}
     assert [(s.name, s.role, s.modalities) for s in store.splits.values()] == [
         ("train_rgb", "train", ("rgb",)), ("train_flow", "train", ("flow",)),
         ("train_audio", "train", ("audio",)), ("val", "val", ("audio", "flow", "rgb")),
@@ -406,7 +615,7 @@ def test_extract_end_to_end_store(epic_data, epic_store):
     assert not np.allclose(rgb[0], rgb[1])  # clips differ
     assert np.load(epic_store / "test" / "rgb.lengths.npy").tolist() == [8] * len(rgb)
     audio_lengths = np.load(epic_store / "train_audio" / "audio.lengths.npy")
-    assert set(audio_lengths.tolist()) <= {8, 16}
+    assert set(audio_lengths.tolist()) <= {12, 24}
 
 
 def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, tmp_path):
@@ -416,6 +625,8 @@ def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, 
     expected = sum(-(-s.size // 3) * len(s.modalities) for s in FeatureStore(epic_store).splits.values())
     assert len(shards) == expected  # every split/modality pair, shards of 3 clips
     stamps = {p: p.stat().st_mtime_ns for p in shards}
+    # the assembled splits were scratch: only shards remain in the kept work folder
+    assert sorted({p.suffix for p in Path(str(epic_store) + ".shards").rglob("*") if p.is_file()}) == [".npz"]
     out = tmp_path / "again"
     assert _run_extract(epic_data, out, "--setting", "rgb+flow+audio",
                         "--work-dir", str(epic_store) + ".shards", "--keep-shards") == 0
@@ -436,6 +647,38 @@ def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, 
     assert all(p.stat().st_mtime_ns == stamps[p] for p in shards if p not in flow)
 
 
+def test_random_rgb_backbone_is_torchvisions_own_init(epic_data):
+    """Building the RGB extractor leaves torch's initialisers alone: its random weights are
+    exactly torchvision's swin3d_t init under the modality's seed."""
+    import torchvision
+
+    original = torch.nn.init.trunc_normal_
+    extractor = epic.build_extractor("rgb", epic_data["frames"], _config())
+    assert torch.nn.init.trunc_normal_ is original
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(epic.MODALITIES.index("rgb"))
+        reference = torchvision.models.video.swin3d_t(weights=None)
+    built = extractor.model.state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(built[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_shards_are_written_through_the_one_atomic_writer(tmp_path, monkeypatch):
+    calls = []
+
+    def recording(path, write):
+        calls.append(Path(path).name)
+        from umilayers._io import atomic_write
+
+        atomic_write(path, write)
+
+    monkeypatch.setattr(epic, "atomic_write", recording)
+    clips = [epic.EpicClip(f"c{i}", "P01", "P01_01", 0.0, 1.0, 1, 2, 0, 0) for i in range(3)]
+    epic.extract_shards(clips, lambda chunk: (np.ones((len(chunk), 2, 3), np.float16),
+                                              np.full(len(chunk), 2)), tmp_path, shard_size=2, progress=False)
+    assert calls == ["shard_00000.npz", "shard_00001.npz"]
+
+
 def test_random_weights_are_reproducible(epic_data):
     one = epic.build_extractor("flow", epic_data["frames"], _config())
     two = epic.build_extractor("flow", epic_data["frames"], _config())
@@ -451,7 +694,7 @@ def test_skip_missing_drops_and_reports(epic_data, tmp_path, capsys):
     held = tmp_path / "held.wav"
     wav.rename(held)
     try:
-        with pytest.raises(epic.MissingInputError, match=rf"{dropped_participant}_01\.wav does not exist"):
+        with pytest.raises(epic.MissingInputError, match=rf"{dropped_participant}_01\.wav exists"):
             _run_extract(epic_data, tmp_path / "a", "--setting", "audio+flow", "--seed", "0")
         assert _run_extract(epic_data, tmp_path / "b", "--setting", "audio+flow", "--seed", "0",
                             "--skip-missing") == 0

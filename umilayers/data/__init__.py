@@ -4,6 +4,7 @@ See ``docs/store_format.rst`` for the format and the synthetic generator's model
 """
 
 from umilayers.data.dataset import Batch, FeatureDataset, SplitInfo, collate
+from umilayers.data.modalities import ModalityBatch, collate_modalities
 from umilayers.data.store import FORMAT, FeatureStore, StoreError, check_store
 from umilayers.data.synthetic import SyntheticConfig, make_synthetic_store
 
@@ -16,6 +17,8 @@ __all__ = [
     "FeatureDataset",
     "Batch",
     "collate",
+    "ModalityBatch",
+    "collate_modalities",
     "SyntheticConfig",
     "make_synthetic_store",
 ]

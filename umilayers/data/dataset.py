@@ -9,6 +9,11 @@ An item (one sample) is a dict (``docs/contracts.md``)::
      "target": tensor,      # () int64 | (T,) float32 | (text_tokens, text_dim) float32
      "target_length": int}  # retrieval only: valid caption tokens
 
+A retrieval store with several captions per row gives one of them per item (``caption="first"``
+or ``"random"``; ``"caption"``: int, the slot it came from), or all of them (``caption="all"``):
+``"target"`` ``(K, text_tokens, text_dim)``, ``"target_length"`` ``(K,)`` int64 (0 for empty
+slots) and ``"caption_count"`` int.
+
 :func:`collate` turns a list of items, possibly from splits with different modalities, into a
 :class:`Batch` whose ``inputs[m]`` holds only the rows that have modality ``m``.
 """
@@ -26,7 +31,10 @@ from torch.utils.data import Dataset
 
 from umilayers._validation import is_int
 
-__all__ = ["SplitInfo", "FeatureDataset", "Batch", "collate"]
+__all__ = ["CAPTION_MODES", "SplitInfo", "FeatureDataset", "Batch", "collate", "set_epoch"]
+
+CAPTION_MODES = ("first", "random", "all")
+"""Which captions a retrieval item carries: caption 0, one drawn per row and epoch, or all."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,13 @@ class FeatureDataset(Dataset):
         modalities: Mapping[str, tuple[int, int]],
         task: str,
         text: Optional[tuple[int, int]] = None,
+        *,
+        max_captions: int = 1,
+        caption: str = "first",
+        caption_seed: int = 0,
     ) -> None:
+        if caption not in CAPTION_MODES:
+            raise ValueError(f"caption: expected one of {list(CAPTION_MODES)}, got {caption!r}")
         self.root = Path(root)
         self.info = info
         self.split_id = int(split_id)
@@ -81,7 +95,18 @@ class FeatureDataset(Dataset):
         self.shapes = {m: tuple(modalities[m]) for m in info.modalities}
         self.task = task
         self.text = text
+        self.max_captions = int(max_captions)
+        self.caption = caption
+        self.caption_seed = int(caption_seed)
+        self.epoch = 0
         self._arrays: Optional[dict[str, Any]] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of ``caption="random"``: row ``r`` carries caption
+        ``default_rng([caption_seed, epoch, split_id, r]).integers(count)``, the same in every
+        process and on resume. Call it before each epoch's DataLoader iterator is created (each
+        worker holds a copy of the dataset made then)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.info.size
@@ -96,6 +121,8 @@ class FeatureDataset(Dataset):
         arrays["targets"] = np.load(folder / "targets.npy", mmap_mode="r")
         text_lengths = folder / "targets.lengths.npy"
         arrays["target_lengths"] = np.load(text_lengths) if text_lengths.is_file() else None
+        counts = folder / "targets.counts.npy"
+        arrays["target_counts"] = np.load(counts) if counts.is_file() else None
         return arrays
 
     def __getstate__(self) -> dict[str, Any]:
@@ -122,23 +149,42 @@ class FeatureDataset(Dataset):
                 continue
             inputs[m] = torch.from_numpy(np.array(arrays["features"][m][row], dtype=np.float32))
             lengths[m] = length
-        raw = np.asarray(arrays["targets"][row])
-        if self.task == "classification":
-            target = torch.tensor(int(raw), dtype=torch.int64)
-        else:
-            target = torch.from_numpy(np.array(raw, dtype=np.float32))
         item = {
             "index": self.index_offset + int(row),
             "split_id": self.split_id,
             "inputs": inputs,
             "lengths": lengths,
-            "target": target,
         }
         if self.task == "retrieval":
-            text_lengths = arrays["target_lengths"]
-            assert self.text is not None
-            item["target_length"] = int(text_lengths[row]) if text_lengths is not None else self.text[0]
+            item.update(self._caption_item(arrays, row))
+        elif self.task == "classification":
+            item["target"] = torch.tensor(int(arrays["targets"][row]), dtype=torch.int64)
+        else:
+            item["target"] = torch.from_numpy(np.array(arrays["targets"][row], dtype=np.float32))
         return item
+
+    def _caption_item(self, arrays: Mapping[str, Any], row: int) -> dict[str, Any]:
+        """``target`` and ``target_length`` (and, for ``caption="all"``, ``caption_count``)."""
+        assert self.text is not None
+        tokens = self.text[0]
+        lengths = arrays["target_lengths"]
+        if self.max_captions == 1:
+            return {"target": torch.from_numpy(np.array(arrays["targets"][row], dtype=np.float32)),
+                    "target_length": int(lengths[row]) if lengths is not None else tokens}
+        counts = arrays["target_counts"]
+        count = int(counts[row]) if counts is not None else self.max_captions
+        if self.caption == "all":
+            caption_lengths = (np.array(lengths[row], dtype=np.int64) if lengths is not None
+                               else np.full(self.max_captions, tokens, dtype=np.int64))
+            return {"target": torch.from_numpy(np.array(arrays["targets"][row], dtype=np.float32)),
+                    "target_length": torch.from_numpy(caption_lengths), "caption_count": count}
+        choice = 0
+        if self.caption == "random":
+            draw = np.random.default_rng([self.caption_seed, self.epoch, self.split_id, row])
+            choice = int(draw.integers(count))
+        return {"target": torch.from_numpy(np.array(arrays["targets"][row, choice], dtype=np.float32)),
+                "target_length": int(lengths[row, choice]) if lengths is not None else tokens,
+                "caption": choice}
 
     def __repr__(self) -> str:
         return (f"FeatureDataset(split={self.info.name!r}, role={self.info.role!r}, "
@@ -157,8 +203,13 @@ class Batch:
         present: ``{m: (B,) bool}``; ``present[m].sum() == B_m``.
         targets: ``(B,)`` int64 | ``(B, T)`` float32 | retrieval ``(B, text_tokens, text_dim)``.
         text_padding_mask: retrieval ``(B, text_tokens)`` bool (None when captions are unpadded
-            or the task is not retrieval).
+            or the task is not retrieval); ``(B, K, text_tokens)`` for ``caption="all"`` items
+            (an empty caption slot is all padding).
         split_ids: the split of each row (position in ``store.json``).
+        caption_counts: ``(B,)`` int64 captions of each row for ``caption="all"`` items (their
+            ``targets`` are ``(B, K, text_tokens, text_dim)``), else None.
+        caption_slots: ``(B,)`` int64, the caption slot each row's ``targets`` came from
+            (several-captions stores, ``caption="first"`` / ``"random"``), else None.
 
     Shape:
         - indices, split_ids: ``(B,)`` int64
@@ -185,6 +236,8 @@ class Batch:
     targets: Tensor
     text_padding_mask: Optional[Tensor]
     split_ids: Tensor
+    caption_counts: Optional[Tensor] = None
+    caption_slots: Optional[Tensor] = None
 
     @property
     def size(self) -> int:
@@ -210,11 +263,12 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-def _padding_mask(lengths: Sequence[int], tokens: int) -> Optional[Tensor]:
-    lens = torch.tensor(lengths, dtype=torch.long)
+def _padding_mask(lengths: Union[Sequence[int], Tensor], tokens: int) -> Optional[Tensor]:
+    """True at padding: ``(*lengths.shape, tokens)``, or None when nothing is padded."""
+    lens = torch.as_tensor(lengths, dtype=torch.long)
     if bool((lens >= tokens).all()):
         return None
-    return torch.arange(tokens)[None, :] >= lens[:, None]
+    return torch.arange(tokens) >= lens[..., None]
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
@@ -237,8 +291,11 @@ def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
         masks[m] = _padding_mask([int(item["lengths"].get(m, tokens)) for item in rows], tokens)
         present[m] = torch.tensor([m in item["inputs"] for item in items], dtype=torch.bool)
     targets = torch.stack([torch.as_tensor(item["target"]) for item in items])
-    text_mask = None
-    if "target_length" in items[0]:
+    text_mask, counts = None, None
+    if "caption_count" in items[0]:  # every caption of each row
+        counts = torch.tensor([int(item["caption_count"]) for item in items], dtype=torch.long)
+        text_mask = _padding_mask(torch.stack([item["target_length"] for item in items]), targets.shape[2])
+    elif "target_length" in items[0]:
         text_mask = _padding_mask([int(item["target_length"]) for item in items], targets.shape[1])
     return Batch(
         indices=torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
@@ -248,4 +305,18 @@ def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
         targets=targets,
         text_padding_mask=text_mask,
         split_ids=torch.tensor([int(item["split_id"]) for item in items], dtype=torch.long),
+        caption_counts=counts,
+        caption_slots=(torch.tensor([int(item["caption"]) for item in items], dtype=torch.long)
+                       if "caption" in items[0] else None),
     )
+
+
+def set_epoch(dataset: Dataset, epoch: int) -> None:
+    """Set the epoch of every :class:`FeatureDataset` in ``dataset`` (itself, or inside
+    ``ConcatDataset`` / ``Subset`` wrappers), for ``caption="random"``."""
+    if isinstance(dataset, FeatureDataset):
+        dataset.set_epoch(epoch)
+    for inner in getattr(dataset, "datasets", ()):
+        set_epoch(inner, epoch)
+    if hasattr(dataset, "dataset"):
+        set_epoch(dataset.dataset, epoch)

@@ -8,8 +8,10 @@ A store is a directory holding ``store.json`` and one folder per split (see
     <split>/<modality>.lengths.npy   optional (size,) int: valid tokens, the rest is padding;
                                      0 = this sample lacks the modality (absent, not zeros)
     <split>/targets.npy              classification (size,) int64; regression (size, T) float32;
-                                     retrieval: caption token features (size, text_tokens, text_dim)
-    <split>/targets.lengths.npy      optional, retrieval only: (size,) int valid caption tokens
+                                     retrieval: caption token features (size, text_tokens, text_dim),
+                                     or (size, K, text_tokens, text_dim) with K captions per row
+    <split>/targets.lengths.npy      optional, retrieval only: (size,) | (size, K) int valid tokens
+    <split>/targets.counts.npy       optional, retrieval with K > 1: (size,) int captions per row
 
 ``store.json`` is the source of truth: a split exists only once it is listed there. Writes go to a
 temporary folder inside the store that is renamed into place, then ``store.json`` is rewritten
@@ -103,6 +105,8 @@ class FeatureStore:
             size ``E`` to train.
         modalities: ``{name: (tokens, dim)}`` in sorted name order.
         text: retrieval caption features ``(tokens, dim)``, else None.
+        max_captions: captions per row ``K`` (retrieval; 1 = one caption per row, the layout of
+            stores without ``"captions"`` in ``store.json``).
         splits: ``{name: SplitInfo}`` in the order of ``store.json``.
 
     Example::
@@ -153,9 +157,17 @@ class FeatureStore:
         if self.task != "retrieval" and text is not None:
             raise StoreError(f"{where}: 'text' is only allowed for task 'retrieval', found it "
                              f"with task {self.task!r}")
-        self.text: Optional[tuple[int, int]] = (
-            None if text is None else _parse_shape_entry(text, f"{where}: 'text'")
-        )
+        self.text: Optional[tuple[int, int]] = None
+        self.max_captions: int = 1
+        if text is not None:
+            if not isinstance(text, dict):
+                raise StoreError(f"{where}: 'text' expected {{'tokens': int, 'dim': int}}, found {text!r}")
+            shape = {k: v for k, v in text.items() if k != "captions"}
+            self.text = _parse_shape_entry(shape, f"{where}: 'text'")
+            captions = text.get("captions", 1)
+            if not _is_pos_int(captions):
+                raise StoreError(f"{where}: 'text' 'captions' expected a positive int, found {captions!r}")
+            self.max_captions = int(captions)
         if not isinstance(meta["splits"], dict):
             raise StoreError(f"{where}: 'splits' expected an object, found {type(meta['splits']).__name__}")
         self.splits: dict[str, SplitInfo] = {}
@@ -199,6 +211,8 @@ class FeatureStore:
         }
         if self.text is not None:
             meta["text"] = {"tokens": self.text[0], "dim": self.text[1]}
+            if self.max_captions > 1:
+                meta["text"]["captions"] = self.max_captions
         meta["splits"] = {
             s.name: {"role": s.role, "size": s.size, "modalities": list(s.modalities)}
             for s in self.splits.values()
@@ -215,6 +229,8 @@ class FeatureStore:
         modalities: Mapping[str, tuple[int, int]],
         text: Optional[tuple[int, int]] = None,
         overwrite: bool = False,
+        *,
+        captions: int = 1,
     ) -> "FeatureStore":
         """Create an empty store (``store.json`` with no splits) and return it.
 
@@ -224,6 +240,8 @@ class FeatureStore:
             num_outputs: classes, regression outputs, or the retrieval embedding size.
             modalities: ``{name: (tokens, dim)}``.
             text: retrieval only (and required there): caption features ``(tokens, dim)``.
+            captions: retrieval only: ``K``, the most captions a row holds (MSR-VTT: 20);
+                with ``K > 1`` a split's targets are ``(size, K, tokens, dim)``.
             overwrite: replace an existing store at ``path`` (its contents are deleted).
         """
         path = Path(path)
@@ -248,6 +266,10 @@ class FeatureStore:
         }
         if text is not None:
             meta["text"] = _shape_entry(text, "text")
+            if captions != 1:
+                meta["text"]["captions"] = captions
+        elif captions != 1:
+            raise StoreError(f"{path}: captions={captions!r} needs task 'retrieval' and text")
         self = cls.__new__(cls)
         self.path = path
         self._load_meta(meta)  # validates before anything touches the disk
@@ -264,6 +286,7 @@ class FeatureStore:
         lengths: Optional[Mapping[str, np.ndarray]] = None,
         *,
         target_lengths: Optional[np.ndarray] = None,
+        target_counts: Optional[np.ndarray] = None,
         overwrite: bool = False,
     ) -> None:
         """Write one split, validating every array before anything is written.
@@ -274,16 +297,22 @@ class FeatureStore:
             features: ``{modality: (size, tokens, dim)}`` float arrays (float64 is stored as
                 float32); the split's modalities are the keys.
             targets: classification ``(size,)`` ints in ``[0, num_outputs)``; regression
-                ``(size, num_outputs)`` floats; retrieval ``(size, text_tokens, text_dim)`` floats.
+                ``(size, num_outputs)`` floats; retrieval ``(size, text_tokens, text_dim)`` floats,
+                or ``(size, K, text_tokens, text_dim)`` when the store has ``K > 1`` captions.
             lengths: optional ``{modality: (size,)}`` valid token counts in ``[0, tokens]``; 0 marks
                 the modality as missing for that sample (every sample must keep at least one).
-            target_lengths: retrieval only: optional ``(size,)`` valid caption token counts.
+            target_lengths: retrieval only: optional valid caption token counts, ``(size,)``, or
+                ``(size, K)`` with ``K > 1`` captions (0 for the empty slots of a row).
+            target_counts: retrieval with ``K > 1`` only: optional ``(size,)`` captions in each
+                row, in ``[1, K]``; a row's captions fill slots ``0 .. count - 1`` (default: all
+                ``K`` slots hold one).
             overwrite: replace an existing split of the same name.
 
         Raises:
             StoreError: naming the argument, expected and found shape/value; nothing is written.
         """
-        arrays = self._check_split_arrays(name, role, features, targets, lengths, target_lengths)
+        arrays = self._check_split_arrays(name, role, features, targets, lengths, target_lengths,
+                                          target_counts)
         if name in self.splits and not overwrite:
             raise StoreError(f"{self.path / name}: split {name!r} already exists "
                              f"(pass overwrite=True to replace it)")
@@ -321,6 +350,7 @@ class FeatureStore:
         targets: np.ndarray,
         lengths: Optional[Mapping[str, np.ndarray]],
         target_lengths: Optional[np.ndarray],
+        target_counts: Optional[np.ndarray] = None,
     ) -> dict[str, np.ndarray]:
         """Validate in-memory arrays and return ``{filename: array to save}``."""
         if not isinstance(name, str) or not _NAME.match(name):
@@ -364,13 +394,46 @@ class FeatureStore:
         _check_every_row_has_a_modality(
             {m: out.get(f"{m}.lengths.npy") for m in features}, size, f"write_split {name!r}: lengths")
         out["targets.npy"] = self._check_targets(targets, size, f"write_split {name!r}: targets (targets.npy)")
+        if (target_lengths is not None or target_counts is not None) and self.task != "retrieval":
+            raise StoreError(f"write_split {name!r}: target_lengths / target_counts are only for "
+                             "task 'retrieval'")
+        if target_counts is not None:
+            out["targets.counts.npy"] = self._check_caption_counts(
+                np.asarray(target_counts), size, f"write_split {name!r}: target_counts (targets.counts.npy)")
         if target_lengths is not None:
-            if self.task != "retrieval" or self.text is None:
-                raise StoreError(f"write_split {name!r}: target_lengths is only for task 'retrieval'")
-            out["targets.lengths.npy"] = _check_lengths(
-                np.asarray(target_lengths), size, self.text[0],
+            out["targets.lengths.npy"] = self._check_caption_lengths(
+                np.asarray(target_lengths), size, out.get("targets.counts.npy"),
                 f"write_split {name!r}: target_lengths (targets.lengths.npy)")
         return out
+
+    def _check_caption_counts(self, counts: np.ndarray, size: int, label: str) -> np.ndarray:
+        if self.max_captions == 1:
+            raise StoreError(f"{label}: caption counts need a store with several captions per row "
+                             f"(FeatureStore.create(..., captions=K)); this store has one")
+        return _check_lengths(counts, size, self.max_captions, label)
+
+    def _check_caption_lengths(self, lengths: np.ndarray, size: int, counts: Optional[np.ndarray],
+                               label: str) -> np.ndarray:
+        """Caption token counts: ``(size,)`` in [1, tokens]; with K captions ``(size, K)``, in
+        [1, tokens] for the row's captions and 0 for its empty slots."""
+        assert self.text is not None
+        if self.max_captions == 1:
+            return _check_lengths(lengths, size, self.text[0], label)
+        expected = (size, self.max_captions)
+        if lengths.shape != expected:
+            raise StoreError(f"{label}: expected shape (size={size}, captions={self.max_captions}), "
+                             f"found {_shape(lengths.shape)}")
+        if not np.issubdtype(lengths.dtype, np.integer):
+            raise StoreError(f"{label}: expected integer token counts, found dtype {lengths.dtype}")
+        filled = np.arange(self.max_captions)[None, :] < (
+            counts[:, None] if counts is not None else self.max_captions)
+        bad = filled & ((lengths < 1) | (lengths > self.text[0])) | ~filled & (lengths != 0)
+        if bad.any():
+            row, slot = (int(i) for i in np.argwhere(bad)[0])
+            raise StoreError(f"{label}: {int(bad.sum())} entries out of range, first row {row} caption "
+                             f"{slot}: {int(lengths[row, slot])} (expected [1, {self.text[0]}] for the "
+                             "row's captions, 0 for empty slots past its count)")
+        return lengths.astype(np.int64)
 
     def _check_targets(self, targets: np.ndarray, size: int, label: str) -> np.ndarray:
         if self.task == "classification":
@@ -383,18 +446,25 @@ class FeatureStore:
         if self.task == "regression":
             expected = (size, self.num_outputs)
         else:
-            assert self.text is not None
-            expected = (size, *self.text)
+            expected = self._target_shape(size)
         if targets.shape != expected:
-            names = "T" if self.task == "regression" else "text_tokens, text_dim"
+            names = ("T" if self.task == "regression" else "text_tokens, text_dim"
+                     if self.max_captions == 1 else "captions, text_tokens, text_dim")
             raise StoreError(f"{label}: expected shape {_shape(expected)} (size, {names}), "
                              f"found {_shape(targets.shape)}")
         if not np.issubdtype(targets.dtype, np.floating):
             raise StoreError(f"{label}: expected a float array, found dtype {targets.dtype}")
-        if not np.isfinite(targets).all():
-            raise StoreError(f"{label}: expected finite values, found "
-                             f"{int((~np.isfinite(targets)).sum())} NaN/inf entries")
-        return targets.astype(np.float32)
+        _check_finite_chunked(targets, label)
+        # float16 stays float16 (caption features of 20 captions per row are large)
+        return targets if targets.dtype in FEATURE_DTYPES else targets.astype(np.float32)
+
+    def _target_shape(self, size: int) -> tuple[int, ...]:
+        """Expected shape of a regression or retrieval split's ``targets.npy``."""
+        if self.task == "regression":
+            return (size, self.num_outputs)
+        assert self.text is not None
+        captions = (self.max_captions,) if self.max_captions > 1 else ()
+        return (size, *captions, *self.text)
 
     # ------------------------------------------------------------------ validation
     def validate(self, deep: bool = True) -> None:
@@ -457,7 +527,7 @@ class FeatureStore:
         _check_every_row_has_a_modality(lengths, info.size, f"{folder}/*.lengths.npy")
         for extra in sorted(folder.glob("*.npy")):
             stem = extra.name[: -len(".npy")].removesuffix(".lengths")
-            if stem != "targets" and stem not in info.modalities:
+            if stem not in ("targets", "targets.counts") and stem not in info.modalities:
                 raise StoreError(
                     f"{extra}: modality {stem!r} is on disk but not listed for split {info.name!r} "
                     f"in store.json (listed: {list(info.modalities)})"
@@ -471,20 +541,25 @@ class FeatureStore:
                 raise StoreError(f"{file}: expected integer class labels, found dtype {targets.dtype}")
             _check_label_range(np.asarray(targets), self.num_outputs, str(file))
         else:
-            expected = (info.size, self.num_outputs) if self.task == "regression" else (info.size, *self.text)
+            expected = self._target_shape(info.size)
             if targets.shape != expected:
                 raise StoreError(f"{file}: expected shape {_shape(expected)}, found {_shape(targets.shape)}")
             if targets.dtype not in FEATURE_DTYPES:
                 raise StoreError(f"{file}: expected dtype float16 or float32, found {targets.dtype}")
             if deep:
                 _check_finite_chunked(targets, file)
-        lengths_file = folder / "targets.lengths.npy"
-        if lengths_file.is_file():
-            if self.task != "retrieval":
-                raise StoreError(f"{lengths_file}: caption lengths are only allowed for task "
+        lengths_file, counts_file = folder / "targets.lengths.npy", folder / "targets.counts.npy"
+        for file in (lengths_file, counts_file):
+            if file.is_file() and self.task != "retrieval":
+                raise StoreError(f"{file}: caption lengths and counts are only allowed for task "
                                  f"'retrieval', found with task {self.task!r}")
-            _check_lengths(np.asarray(self._load(lengths_file, "caption lengths")), info.size,
-                           self.text[0], str(lengths_file))
+        counts = None
+        if counts_file.is_file():
+            counts = self._check_caption_counts(np.asarray(self._load(counts_file, "caption counts")),
+                                                info.size, str(counts_file))
+        if lengths_file.is_file():
+            self._check_caption_lengths(np.asarray(self._load(lengths_file, "caption lengths")),
+                                        info.size, counts, str(lengths_file))
 
     # ------------------------------------------------------------------ access
     def splits_with_role(self, role: str) -> list[str]:
@@ -524,19 +599,42 @@ class FeatureStore:
         self._require_split(split)
         return np.array(np.load(self.path / split / "targets.npy", mmap_mode="r"))
 
-    def dataset(self, split: str) -> "FeatureDataset":
-        """A torch ``Dataset`` over one split (items as in ``docs/contracts.md``)."""
+    def caption_counts(self, split: str) -> np.ndarray:
+        """Captions in each row of a retrieval split, int64 ``(size,)`` (all 1 in a store with
+        one caption per row)."""
+        info = self._require_split(split)
+        if self.task != "retrieval":
+            raise StoreError(f"{self.path}: caption counts need task 'retrieval', the store's is {self.task!r}")
+        file = self.path / split / "targets.counts.npy"
+        if file.is_file():
+            return np.load(file).astype(np.int64)
+        return np.full(info.size, self.max_captions, dtype=np.int64)
+
+    def dataset(self, split: str, *, caption: str = "first", caption_seed: int = 0) -> "FeatureDataset":
+        """A torch ``Dataset`` over one split (items as in ``docs/contracts.md``).
+
+        Args:
+            split: the split's name.
+            caption: retrieval stores with several captions per row: which caption an item
+                carries: ``"first"`` (caption 0), ``"random"`` (one per row drawn from
+                ``(caption_seed, epoch, row)``, see :meth:`FeatureDataset.set_epoch`) or ``"all"``
+                (every caption: ``(K, tokens, dim)`` with per-caption lengths and the count).
+                With one caption per row the three are the same caption.
+            caption_seed: seed of ``"random"``.
+        """
         info = self._require_split(split)
         offset = self.train_index().get(split, 0) if info.role == "train" else 0
         return FeatureDataset(self.path, info, self.split_id(split), offset, self.modalities,
-                              self.task, self.text)
+                              self.task, self.text, max_captions=self.max_captions,
+                              caption=caption, caption_seed=caption_seed)
 
-    def train_dataset(self) -> ConcatDataset:
-        """All training splits as one ``ConcatDataset`` (items carry global train ids)."""
+    def train_dataset(self, *, caption: str = "first", caption_seed: int = 0) -> ConcatDataset:
+        """All training splits as one ``ConcatDataset`` (items carry global train ids);
+        ``caption`` and ``caption_seed`` as in :meth:`dataset`."""
         names = self.splits_with_role("train")
         if not names:
             raise StoreError(f"{self.path / 'store.json'}: no split with role 'train'")
-        return ConcatDataset([self.dataset(n) for n in names])
+        return ConcatDataset([self.dataset(n, caption=caption, caption_seed=caption_seed) for n in names])
 
     def summary(self) -> str:
         """A readable table of the store: task, modalities, and per split role, size, files."""
@@ -546,7 +644,8 @@ class FeatureStore:
             "modalities: " + ", ".join(f"{m} (tokens={k}, dim={d})" for m, (k, d) in self.modalities.items()),
         ]
         if self.text is not None:
-            lines.append(f"text: tokens={self.text[0]}, dim={self.text[1]}")
+            lines.append(f"text: tokens={self.text[0]}, dim={self.text[1]}"
+                         + (f", captions per row <= {self.max_captions}" if self.max_captions > 1 else ""))
         rows = [("split", "role", "size", "modalities", "dtype", "disk")]
         for info in self.splits.values():
             folder = self.path / info.name
@@ -643,7 +742,7 @@ def _check_every_row_has_a_modality(
         )
 
 
-def _check_finite_chunked(array: np.ndarray, file: Path) -> None:
+def _check_finite_chunked(array: np.ndarray, file: Union[Path, str]) -> None:
     row_bytes = max(1, math.prod(array.shape[1:]) * array.dtype.itemsize)
     step = max(1, _CHUNK_BYTES // row_bytes)
     for start in range(0, len(array), step):

@@ -5,14 +5,19 @@ over :func:`extract_epic`):
 
 1. :func:`load_annotations` reads the official ``EPIC_100_train.csv`` (and
    ``EPIC_100_validation.csv`` when present) into :class:`EpicClip` rows.
-2. :class:`ActionVocabulary` maps each (verb_class, noun_class) pair to a contiguous action id.
-3. :func:`build_splits` makes train / val / test splits of disjoint participants, then cuts the
-   training participants into one unimodal split per modality of the setting (Table 2 of the
-   paper: ``rgb+audio``, ``rgb+flow``, ``audio+flow``; and ``rgb+flow+audio``, the paper's
-   "beyond two unimodal subsets"). Split files pin an exact split instead.
+2. :func:`build_splits` reads the paper's released split when it is given
+   (:func:`read_released_splits`: ``EPIC_100_train_full_half1.csv`` ... with
+   ``available_sound.csv``), or makes train / val / test splits of disjoint participants and
+   cuts the training participants into one unimodal split per modality of the setting (Table 2
+   of the paper: ``rgb+audio``, ``rgb+flow``, ``audio+flow``; and ``rgb+flow+audio``, the
+   paper's "beyond two unimodal subsets"). Files of narration ids pin any other split.
+3. :func:`action_vocabulary` numbers the actions: the released ``epic_action_classes.csv``
+   (3,806 classes) when given, else every (verb_class, noun_class) pair of the annotations.
 4. :func:`extract_epic` runs each modality's frozen backbone (video Swin-T for RGB, a ResNet with
-   a 2T-channel stem for optical flow, an AST-style ViT on log-mel filterbanks for audio), keeps
-   the tokens, writes them in resumable shards, then assembles the FeatureStore.
+   a 2T-channel stem for optical flow, AST on 128-bin log-mel filterbanks for audio), keeps the
+   tokens, writes them in resumable shards, then assembles the FeatureStore. The paper's
+   checkpoints (AST AudioSet, Video Swin / Omnivore Swin-T) load in their original key names
+   (:mod:`umilayers.datasets.checkpoints`).
 
 Backbones come from ``torchvision`` / ``timm`` / ``torchaudio``, imported only when extracting;
 weights only from local files (nothing is ever downloaded).
@@ -36,7 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from umilayers._io import atomic_write_text
+from umilayers._io import atomic_write, atomic_write_text
+from umilayers.datasets.checkpoints import (
+    ast_audio_vit,
+    checkpoint_format,
+    convert_ast_state_dict,
+    convert_video_swin_state_dict,
+    load_checkpoint,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -54,8 +67,18 @@ __all__ = [
     "build_splits",
     "read_split_files",
     "write_split_files",
+    "RELEASED_SPLIT_FILES",
+    "SOUND_FILE",
+    "ACTION_CLASSES_FILE",
+    "CLASS_FILES",
+    "is_released_split",
+    "read_released_splits",
+    "read_class_keys",
+    "read_action_classes",
+    "action_vocabulary",
     "rgb_frame_indices",
     "flow_frame_indices",
+    "audio_candidates",
     "clip_input_paths",
     "find_missing_inputs",
     "ExtractionConfig",
@@ -88,6 +111,28 @@ SETTINGS: dict[str, tuple[str, ...]] = {
 ACTIONS_FILE = "epic_actions.json"
 """Written next to the FeatureStore's files: the action id -> (verb_class, noun_class) table."""
 
+RELEASED_SPLIT_FILES: dict[str, str] = {
+    "half1": "EPIC_100_train_full_half1.csv",
+    "half2": "EPIC_100_train_full_half2.csv",
+    "val": "EPIC_100_full_val.csv",
+    "test": "EPIC_100_full_test.csv",
+}
+"""The paper's released split (``epic-annotations/`` of xiaobai1217/Unseen-Modality-Interaction):
+narration ids, one a line, no header. ``half1`` is the first modality's training half (RGB in
+``rgb+audio``), ``half2`` the second's (audio)."""
+
+SOUND_FILE = "available_sound.csv"
+"""Released with the split: the video ids that have an audio track, one a line. A clip of a
+split that carries audio is kept only if its video is listed (as the released loaders do)."""
+
+ACTION_CLASSES_FILE = "epic_action_classes.csv"
+"""Released with the split: one action a line as ``verb_key,noun_key``; the line (from 0) is the
+action id (3,806 actions)."""
+
+CLASS_FILES: dict[str, str] = {"verb": "EPIC_100_verb_classes.csv", "noun": "EPIC_100_noun_classes.csv"}
+"""The official class tables (columns ``id,key,instances,category``) mapping the keys of
+:data:`ACTION_CLASSES_FILE` to class ids; read from the split folder, else the annotations."""
+
 
 # --------------------------------------------------------------------------------------------
 # Annotations
@@ -112,22 +157,32 @@ def parse_timestamp(text: str) -> float:
 
 
 class MissingInputError(FileNotFoundError):
-    """An input file (frame, wav) of a clip does not exist; names the file and the clip.
+    """An input file (frame, wav) of a clip does not exist; names the file(s) tried and the clip.
+
+    ``path`` is one file, or the candidates tried in order (the audio layouts): ``path`` is
+    then the first of them and ``tried`` all of them.
 
     Example::
 
         >>> err = MissingInputError("/data/P01/rgb_frames/P01_01/frame_0000000008.jpg", "P01_01_0")
         >>> err.narration_id
         'P01_01_0'
+        >>> len(MissingInputError(["/a/P01_01_0.wav", "/a/P01_01.wav"], "P01_01_0", "audio").tried)
+        2
     """
 
-    def __init__(self, path: PathLike, narration_id: str, modality: str = "") -> None:
-        self.path = str(path)
+    def __init__(self, path: Union[PathLike, Sequence[PathLike]], narration_id: str,
+                 modality: str = "") -> None:
+        tried = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        self.tried = tuple(str(p) for p in tried)
+        self.path = self.tried[0]
         self.narration_id = narration_id
         self.modality = modality
         kind = f"{modality} " if modality else ""
+        where = (f"{self.path} does not exist" if len(self.tried) == 1
+                 else "none of " + ", ".join(self.tried) + " exists")
         super().__init__(
-            f"missing {kind}input for clip {narration_id}: {self.path} does not exist "
+            f"missing {kind}input for clip {narration_id}: {where} "
             "(pass --skip-missing / skip_missing=True to drop such clips)"
         )
 
@@ -244,10 +299,17 @@ def load_annotations(directory: PathLike) -> list[EpicClip]:
 
 
 class ActionVocabulary:
-    """Contiguous action ids for (verb_class, noun_class) pairs, in sorted pair order.
+    """Contiguous action ids for (verb_class, noun_class) pairs.
 
-    Built from the clips' pairs (deterministic: sorted, independent of row order). Keeps the
-    verb and noun class of every action so that predictions can be scored per verb and noun.
+    Built from the clips' pairs (deterministic: sorted pair order, independent of row order),
+    or from the paper's ``epic_action_classes.csv`` in its own order
+    (:func:`read_action_classes`, ``sort=False``). Keeps the verb and noun class of every action
+    so that predictions can be scored per verb and noun.
+
+    Args:
+        pairs: (verb_class, noun_class) pairs.
+        sort: number the distinct pairs in sorted order; with False, ``pairs`` are the actions
+            in id order and must be unique.
 
     Example::
 
@@ -256,12 +318,19 @@ class ActionVocabulary:
         (3, 1)
         >>> vocab.verb_noun(np.array([2, 0]))
         (array([3, 0]), array([3, 2]))
+        >>> ActionVocabulary([(3, 3), (0, 2)], sort=False).action_id(3, 3)
+        0
     """
 
-    def __init__(self, pairs: Iterable[tuple[int, int]]) -> None:
-        self.pairs: np.ndarray = np.array(sorted(set((int(v), int(n)) for v, n in pairs)),
-                                          dtype=np.int64).reshape(-1, 2)
-        self._ids = {(int(v), int(n)): i for i, (v, n) in enumerate(self.pairs)}
+    def __init__(self, pairs: Iterable[tuple[int, int]], *, sort: bool = True) -> None:
+        listed = [(int(v), int(n)) for v, n in pairs]
+        if sort:
+            listed = sorted(set(listed))
+        elif len(set(listed)) != len(listed):
+            twice = next(p for i, p in enumerate(listed) if p in listed[:i])
+            raise ValueError(f"action pairs must be unique; (verb_class, noun_class) {twice} appears twice")
+        self.pairs: np.ndarray = np.array(listed, dtype=np.int64).reshape(-1, 2)
+        self._ids = {pair: i for i, pair in enumerate(listed)}
 
     @classmethod
     def from_clips(cls, clips: Iterable[EpicClip]) -> "ActionVocabulary":
@@ -297,12 +366,17 @@ class ActionVocabulary:
 
     @classmethod
     def load(cls, path: PathLike) -> "ActionVocabulary":
+        """Read what :meth:`save` wrote (ids in the saved order)."""
         with open(path) as handle:
             pairs = json.load(handle)["pairs"]
-        vocab = cls(map(tuple, pairs))
-        if vocab.pairs.tolist() != pairs:
-            raise ValueError(f"{path}: action pairs are not sorted and unique")
-        return vocab
+        try:
+            return cls(map(tuple, pairs), sort=False)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def missing(self, clips: Iterable[EpicClip]) -> list[EpicClip]:
+        """The clips whose (verb_class, noun_class) pair has no action id here."""
+        return [c for c in clips if (c.verb_class, c.noun_class) not in self._ids]
 
 
 def verb_noun_accuracy(
@@ -373,6 +447,8 @@ class EpicSplits:
 
     setting: str
     splits: dict[str, EpicSplit] = field(default_factory=dict)
+    no_sound: dict[str, int] = field(default_factory=dict)
+    """Clips left out of each split because their video has no sound (released split only)."""
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -383,6 +459,9 @@ class EpicSplits:
         for split in self.splits.values():
             lines.append(f"  {split.name:<12} role={split.role:<5} modalities={'+'.join(split.modalities):<15}"
                          f" clips={len(split.clips):<7} participants={','.join(split.participants)}")
+        if self.no_sound:
+            lines.append("  left out, video without sound (" + SOUND_FILE + "): "
+                         + ", ".join(f"{n} {c}" for n, c in self.no_sound.items()))
         return "\n".join(lines)
 
 
@@ -410,14 +489,17 @@ def build_splits(
     modality, largest participant first to the split with the fewest clips so far, so that
     the unimodal splits share no participant and have about the same size.
 
-    With ``split_dir``, the files ``<split>.txt`` there (narration ids, one a line) define the
-    splits instead; see :func:`read_split_files`.
+    With ``split_dir``, the files there define the splits instead: the paper's released split
+    as it is published (:data:`RELEASED_SPLIT_FILES`, read by :func:`read_released_splits`), or
+    files ``<split>.txt`` of narration ids (:func:`read_split_files`).
 
     Raises:
         ValueError: unknown setting, bad fractions, or too few participants.
     """
     layout = _split_layout(setting)
     if split_dir is not None:
+        if is_released_split(split_dir):
+            return read_released_splits(clips, setting, split_dir)
         return read_split_files(clips, setting, split_dir)
     fractions = [float(f) for f in fractions]
     if len(fractions) != 3 or min(fractions) <= 0:
@@ -495,6 +577,130 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
     return result
 
 
+def is_released_split(split_dir: PathLike) -> bool:
+    """Whether ``split_dir`` holds the paper's released split files (any of them)."""
+    return any((Path(split_dir) / name).is_file() for name in RELEASED_SPLIT_FILES.values())
+
+
+def _read_ids(path: Path) -> list[str]:
+    """Non-empty lines of a one-column file (the released CSVs have no header)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
+
+
+def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: PathLike) -> EpicSplits:
+    """The paper's released split, read from the files as they are published.
+
+    ``EPIC_100_train_full_half1.csv`` gives the first modality's training split and
+    ``..._half2.csv`` the second's (``train_rgb`` / ``train_audio`` in ``rgb+audio``, the paper's
+    setting; the other two-modality settings take the halves in their modality order);
+    ``EPIC_100_full_val.csv`` and ``EPIC_100_full_test.csv`` give val and test. Clips come from
+    both official annotation files (the released training halves include clips of
+    ``EPIC_100_validation.csv``). In a split that carries audio, clips whose video is not in
+    ``available_sound.csv`` are left out and counted in :attr:`EpicSplits.no_sound`, as the
+    released data loaders do. Clips keep the files' order.
+
+    Raises:
+        FileNotFoundError: a released file is missing (all are named).
+        ValueError: a setting with three modalities (the release has two training halves), or
+            ids that are not in the annotations or are listed twice.
+    """
+    layout = _split_layout(setting)
+    modalities = SETTINGS[setting]
+    split_dir = Path(split_dir)
+    if len(modalities) != 2:
+        raise ValueError(f"--split-dir {split_dir}: the released split has two training halves "
+                         f"({RELEASED_SPLIT_FILES['half1']}, {RELEASED_SPLIT_FILES['half2']}); "
+                         f"setting {setting} needs {len(modalities)}: use train_<modality>.txt "
+                         "files or the participant split")
+    needed = list(RELEASED_SPLIT_FILES.values()) + ([SOUND_FILE] if "audio" in modalities else [])
+    missing = [name for name in needed if not (split_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{split_dir}: missing released split file(s) {', '.join(missing)}")
+    sources = dict(zip([name for name, _, _ in layout], RELEASED_SPLIT_FILES.values()))
+    sound = set(_read_ids(split_dir / SOUND_FILE)) if "audio" in modalities else set()
+    by_id = {c.narration_id: c for c in clips}
+    owner: dict[str, str] = {}
+    result = EpicSplits(setting)
+    for name, role, split_modalities in layout:
+        path = split_dir / sources[name]
+        ids = _read_ids(path)
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} narration id(s) are not in the annotations, "
+                             f"first {unknown[:3]}; --annotations needs EPIC_100_train.csv and "
+                             "EPIC_100_validation.csv (the released halves use both)")
+        for narration_id in ids:
+            if narration_id in owner:
+                raise ValueError(f"{path}: narration_id {narration_id} is already in split "
+                                 f"{owner[narration_id]}")
+            owner[narration_id] = name
+        chosen = [by_id[i] for i in ids]
+        if "audio" in split_modalities:
+            kept = [c for c in chosen if c.video_id in sound]
+            result.no_sound[name] = len(chosen) - len(kept)
+            chosen = kept
+        result.splits[name] = EpicSplit(name, role, split_modalities, chosen)
+    return result
+
+
+def read_class_keys(path: PathLike) -> dict[str, int]:
+    """``key -> id`` from an official class table (``EPIC_100_verb_classes.csv`` or
+    ``EPIC_100_noun_classes.csv``: columns ``id,key,instances,category``)."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not {"id", "key"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: expected the columns id,key (,instances,category); found "
+                             f"{', '.join(reader.fieldnames or []) or 'no header'}")
+        return {row["key"]: int(row["id"]) for row in reader}
+
+
+def read_action_classes(path: PathLike, verb_classes: PathLike, noun_classes: PathLike) -> ActionVocabulary:
+    """The paper's action classes: ``epic_action_classes.csv`` (``verb_key,noun_key`` per line,
+    the line number being the action id) mapped to class ids with the official class tables.
+
+    Raises:
+        ValueError: a key that the class tables do not know (file and line named), a line that
+            is not two columns, or a pair listed twice.
+    """
+    path = Path(path)
+    verbs, nouns = read_class_keys(verb_classes), read_class_keys(noun_classes)
+    pairs = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if len(row) != 2:
+                raise ValueError(f"{path}, line {line}: expected verb_key,noun_key, got {row}")
+            verb, noun = row[0].strip(), row[1].strip()
+            for kind, key, table, source in (("verb", verb, verbs, verb_classes),
+                                             ("noun", noun, nouns, noun_classes)):
+                if key not in table:
+                    raise ValueError(f"{path}, line {line}: {kind} {key!r} is not a key of {source}")
+            pairs.append((verbs[verb], nouns[noun]))
+    try:
+        return ActionVocabulary(pairs, sort=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def action_vocabulary(clips: Sequence[EpicClip], split_dir: Optional[PathLike] = None,
+                      annotations: Optional[PathLike] = None) -> ActionVocabulary:
+    """The action ids of a run: the paper's 3,806 classes when ``split_dir`` holds
+    ``epic_action_classes.csv`` (the class tables come from ``split_dir``, else from
+    ``annotations``), else the sorted pairs of ``clips``."""
+    if split_dir is None or not (Path(split_dir) / ACTION_CLASSES_FILE).is_file():
+        return ActionVocabulary.from_clips(clips)
+    folders = [Path(split_dir)] + ([Path(annotations)] if annotations is not None else [])
+    tables = {}
+    for kind, name in CLASS_FILES.items():
+        found = next((f / name for f in folders if (f / name).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{name} is needed to read {ACTION_CLASSES_FILE}; looked in "
+                                    + ", ".join(str(f) for f in folders))
+        tables[kind] = found
+    return read_action_classes(Path(split_dir) / ACTION_CLASSES_FILE, tables["verb"], tables["noun"])
+
+
 def write_split_files(splits: EpicSplits, split_dir: PathLike) -> None:
     """Write ``splits`` as the files :func:`read_split_files` reads (to pin a generated split)."""
     split_dir = Path(split_dir)
@@ -544,12 +750,37 @@ def _frame_name(index: int) -> str:
     return f"frame_{index:010d}.jpg"
 
 
-def _audio_source(root: Path, clip: EpicClip) -> tuple[Path, bool]:
-    """(wav, whole_file): a per-clip ``<narration_id>.wav`` first, else the video's wav."""
-    per_clip = root / f"{clip.narration_id}.wav"
-    if per_clip.is_file():
-        return per_clip, True
-    return root / f"{clip.video_id}.wav", False
+def audio_candidates(clip: EpicClip, root: PathLike) -> list[tuple[Path, bool]]:
+    """The wav files that may hold ``clip``'s audio, in the order they are tried.
+
+    Each entry is ``(path, whole)``: ``whole`` files hold only the clip and are used whole; the
+    others hold the clip's video and are cut by the clip's timestamps. The four layouts:
+
+    1. ``<root>/<participant>/<narration_id>.wav``: one per clip, what the paper's released
+       data loader reads;
+    2. ``<root>/<narration_id>.wav``: one per clip, no participant folder;
+    3. ``<root>/<participant>/<video_id>.wav``: one per video;
+    4. ``<root>/<video_id>.wav``: one per video, what the paper's ``extract_audio.py`` writes
+       (16 kHz mono).
+
+    Example::
+
+        >>> clip = EpicClip("P01_01_0", "P01", "P01_01", 0.1, 3.4, 8, 202, 3, 3)
+        >>> [(str(p), whole) for p, whole in audio_candidates(clip, "A")]
+        [('A/P01/P01_01_0.wav', True), ('A/P01_01_0.wav', True), ('A/P01/P01_01.wav', False), ('A/P01_01.wav', False)]
+    """
+    root = Path(root)
+    return [
+        (root / clip.participant_id / f"{clip.narration_id}.wav", True),
+        (root / f"{clip.narration_id}.wav", True),
+        (root / clip.participant_id / f"{clip.video_id}.wav", False),
+        (root / f"{clip.video_id}.wav", False),
+    ]
+
+
+def _audio_source(root: PathLike, clip: EpicClip) -> Optional[tuple[Path, bool]]:
+    """The first of :func:`audio_candidates` that exists, or None."""
+    return next(((p, whole) for p, whole in audio_candidates(clip, root) if p.is_file()), None)
 
 
 def clip_input_paths(clip: EpicClip, modality: str, root: PathLike, config: "ExtractionConfig") -> list[Path]:
@@ -559,8 +790,8 @@ def clip_input_paths(clip: EpicClip, modality: str, root: PathLike, config: "Ext
 
     - rgb: ``<root>/<participant>/rgb_frames/<video>/frame_%010d.jpg``
     - flow: ``<root>/<participant>/flow_frames/<video>/{u,v}/frame_%010d.jpg``
-    - audio: ``<root>/<narration_id>.wav`` (one per clip), else ``<root>/<video>.wav`` cut by the
-      clip's timestamps
+    - audio: the first existing file of :func:`audio_candidates` (all four candidates when none
+      exists)
     """
     root = Path(root)
     if modality == "rgb":
@@ -571,17 +802,23 @@ def clip_input_paths(clip: EpicClip, modality: str, root: PathLike, config: "Ext
         indices = dict.fromkeys(flow_frame_indices(clip, config.flow_frames, config.flow_stride))
         return [folder / axis / _frame_name(i) for i in indices for axis in ("u", "v")]
     if modality == "audio":
-        return [_audio_source(root, clip)[0]]
+        found = _audio_source(root, clip)
+        return [found[0]] if found is not None else [p for p, _ in audio_candidates(clip, root)]
     raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
 
 
 def find_missing_inputs(clip: EpicClip, modality: str, root: PathLike,
-                        config: "ExtractionConfig") -> Optional[Path]:
-    """The first input file of ``clip`` that does not exist, or None."""
+                        config: "ExtractionConfig") -> tuple[Path, ...]:
+    """What is missing for ``clip``: ``()`` when every input exists; else the first missing
+    frame, or (audio) every wav layout tried."""
+    if modality == "audio":
+        if _audio_source(root, clip) is not None:
+            return ()
+        return tuple(p for p, _ in audio_candidates(clip, root))
     for path in clip_input_paths(clip, modality, root, config):
         if not path.is_file():
-            return path
-    return None
+            return (path,)
+    return ()
 
 
 def _require(module: str, extra: str):
@@ -633,7 +870,9 @@ def _read_wav(path: Path, start: Optional[float], stop: Optional[float]) -> tupl
 
 @dataclass
 class ExtractionConfig:
-    """Settings of the three extractors (defaults: the sizes of the paper's released features).
+    """Settings of the three extractors (defaults: the paper's extractors and the sizes of its
+    released features: Swin-T on 32 RGB frames at 224 px, 784 tokens; AST on 128 mel bins x 128
+    frames with 16 x 16 patches every 10, 12 x 12 = 144 patch tokens).
 
     Args:
         frames: RGB frames per clip (32 at 224 px gives Swin-T's 16 x 7 x 7 = 784 tokens).
@@ -643,8 +882,11 @@ class ExtractionConfig:
         flow_stride: RGB frames per flow frame (2 in EPIC-Kitchens).
         rgb_arch: ``swin3d_t`` (default), ``swin3d_s`` or ``swin3d_b`` (torchvision).
         flow_arch: ``resnet18`` or ``resnet50`` (torchvision).
-        audio_arch: a timm ViT name (``vit_base_patch16_224`` as AST, ``vit_tiny_patch16_224``...).
-        audio_frames: filterbank frames (10 ms each) per clip, padded or cropped.
+        audio_arch: a timm ViT name; ``deit_base_distilled_patch16_384`` is AST's network (its
+            AudioSet checkpoint loads as is, see :mod:`umilayers.datasets.checkpoints`).
+        audio_frames: filterbank frames (10 ms each) per clip, padded or cropped (AST's
+            ``target_length``; 128 in the paper's released code).
+        audio_stride: patch stride in frequency and time (16 x 16 patches; AST: 10, overlapping).
         sample_rate: audio is resampled to this rate before the filterbank.
         weights: modality -> state-dict path, or ``"random"`` to keep the random init.
         device: where the backbones run.
@@ -663,8 +905,9 @@ class ExtractionConfig:
     flow_stride: int = 2
     rgb_arch: str = "swin3d_t"
     flow_arch: str = "resnet18"
-    audio_arch: str = "vit_base_patch16_224"
-    audio_frames: int = 400
+    audio_arch: str = "deit_base_distilled_patch16_384"
+    audio_frames: int = 128
+    audio_stride: int = 10
     sample_rate: int = 16000
     weights: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
@@ -675,13 +918,14 @@ class ExtractionConfig:
         if self.flow_frames is None:
             self.flow_frames = self.frames
         for name in ("frames", "image_size", "flow_frames", "flow_stride", "audio_frames",
-                     "sample_rate", "batch_size"):
+                     "audio_stride", "sample_rate", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.audio_frames % 16:
-            raise ValueError(f"audio_frames must be a multiple of the ViT patch (16), got "
-                             f"{self.audio_frames}")
+        if self.audio_frames < 16:
+            raise ValueError(f"audio_frames must be at least one 16-frame patch, got {self.audio_frames}")
+        if self.audio_stride > 16:
+            raise ValueError(f"audio_stride must be at most the patch (16), got {self.audio_stride}")
 
 
 def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[str, str]:
@@ -721,42 +965,15 @@ def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[st
     return {m: weights[m] for m in modalities}
 
 
-class _FastTruncNormal:
-    """While active, ``nn.init.trunc_normal_`` draws a clamped normal instead of rejection
-    sampling: the same role for a random or about-to-be-overwritten init, without the seconds
-    torch's exact version spends on a Swin's 28M parameters on CPU."""
-
-    def __enter__(self) -> None:
-        self._original = nn.init.trunc_normal_
-
-        def fast(tensor: Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
-                 b: float = 2.0, generator: Optional[torch.Generator] = None) -> Tensor:
-            with torch.no_grad():
-                return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
-
-        nn.init.trunc_normal_ = fast
-
-    def __exit__(self, *exc: Any) -> None:
-        nn.init.trunc_normal_ = self._original
-
-
-def _load_state_dict(path: str) -> dict[str, Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def _load_into(model: nn.Module, state: dict[str, Tensor], path: str, head: Sequence[str]) -> None:
-    """Load weights, tolerating only the classifier head (``head`` prefixes) differing."""
+    """Load weights, tolerating only the classifier head (``head`` prefixes) differing, and
+    relative-position index buffers (a function of the window size) being absent."""
     own = model.state_dict()
     state = {k: v for k, v in state.items()
              if not (k.startswith(tuple(head)) and (k not in own or own[k].shape != v.shape))}
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(tuple(head))]
+    missing = [k for k in result.missing_keys
+               if not k.startswith(tuple(head)) and not k.endswith("relative_position_index")]
     if missing or result.unexpected_keys:
         raise ValueError(f"{path} does not match the {type(model).__name__} backbone: missing "
                          f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
@@ -822,11 +1039,15 @@ class _RGBExtractor(_Extractor):
         video = _require("torchvision.models.video", "vision")
         if config.rgb_arch not in ("swin3d_t", "swin3d_s", "swin3d_b"):
             raise ValueError(f"rgb_arch must be swin3d_t, swin3d_s or swin3d_b, got {config.rgb_arch!r}")
-        with _FastTruncNormal():
-            model = getattr(video, config.rgb_arch)(weights=None)
+        model = getattr(video, config.rgb_arch)(weights=None)
         weights = config.weights.get("rgb", "random")
         if weights != "random":
-            _load_into(model, _load_state_dict(weights), weights, head=("head.",))
+            checkpoint = load_checkpoint(weights)
+            if checkpoint_format(checkpoint) in ("video-swin", "omnivore"):
+                state = convert_video_swin_state_dict(checkpoint).state_dict
+            else:
+                state = unwrap_state_dict(checkpoint)
+            _load_into(model, state, weights, head=("head.",))
         self.model = model.eval().to(config.device)
         probe = self._tokens(torch.zeros(1, 3, config.frames, config.image_size, config.image_size,
                                          device=config.device))
@@ -865,7 +1086,7 @@ class _FlowExtractor(_Extractor):
         model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         weights = config.weights.get("flow", "random")
         if weights != "random":
-            state = _load_state_dict(weights)
+            state = unwrap_state_dict(load_checkpoint(weights))
             stem = state.get("conv1.weight")
             if stem is not None and stem.shape[1] != channels:
                 # TSN cross-modality initialisation: an RGB (or other-T) stem averaged over its
@@ -899,11 +1120,12 @@ class _FlowExtractor(_Extractor):
 
 
 class _AudioExtractor(_Extractor):
-    """Kaldi log-mel filterbank (128 bins, 25 ms / 10 ms) -> timm ViT on 16x16 patches (AST).
+    """Kaldi log-mel filterbank (128 bins, 25 ms / 10 ms) -> timm ViT on 16 x 16 patches every
+    ``audio_stride`` (AST: 10, overlapping), built by :func:`~umilayers.datasets.checkpoints.ast_audio_vit`.
 
-    Tokens are the patch tokens in time-major order (all frequency patches of the first 160 ms,
-    then the next...), so that a clip shorter than ``audio_frames`` has its real tokens first:
-    ``lengths`` counts them and the rest is padding.
+    Tokens are the patch tokens in time-major order (all frequency patches of the first time
+    step, then the next...), so that a clip shorter than ``audio_frames`` has its real tokens
+    first: ``lengths`` counts the time steps whose patch starts inside the real frames.
     """
 
     modality = "audio"
@@ -913,29 +1135,39 @@ class _AudioExtractor(_Extractor):
 
     def __init__(self, root: PathLike, config: ExtractionConfig) -> None:
         super().__init__(root, config)
-        timm = _require("timm", "vision")
+        _require("timm", "vision")
         _require("torchaudio", "audio")
-        model = timm.create_model(config.audio_arch, pretrained=False, in_chans=1,
-                                  img_size=(self.mel_bins, config.audio_frames), num_classes=0)
+        model = ast_audio_vit(config.audio_arch, self.mel_bins, config.audio_frames, config.audio_stride)
         weights = config.weights.get("audio", "random")
         if weights != "random":
-            state = _load_state_dict(weights)
-            proj = state.get("patch_embed.proj.weight")
-            if proj is not None and proj.shape[1] != 1:  # an image ViT: sum RGB filters (timm)
-                state["patch_embed.proj.weight"] = proj.sum(dim=1, keepdim=True)
-            from timm.models.vision_transformer import checkpoint_filter_fn
-
-            state = checkpoint_filter_fn(state, model)  # resamples position embeddings
-            _load_into(model, state, weights, head=("head.", "fc_norm."))
+            _load_into(model, self._audio_state(load_checkpoint(weights), model), weights,
+                       head=("head.", "head_dist.", "fc_norm."))
         self.model = model.eval().to(config.device)
         self.grid = tuple(model.patch_embed.grid_size)  # (frequency, time) patches
-        self.patch_time = config.audio_frames // self.grid[1]
         self.tokens, self.dim = self.grid[0] * self.grid[1], model.num_features
+
+    @staticmethod
+    def _audio_state(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+        """An AST checkpoint converted; any other timm ViT state dict (an image ViT too: its
+        RGB patch filters summed to one channel, position embeddings resampled by timm)."""
+        if checkpoint_format(checkpoint) == "ast":
+            return convert_ast_state_dict(checkpoint, grid=tuple(model.patch_embed.grid_size)).state_dict
+        state = unwrap_state_dict(checkpoint)
+        proj = state.get("patch_embed.proj.weight")
+        if proj is not None and proj.shape[1] != 1:
+            state["patch_embed.proj.weight"] = proj.sum(dim=1, keepdim=True)
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(state, model)
 
     def load(self, clip: EpicClip) -> tuple[Tensor, int]:
         kaldi = _require("torchaudio.compliance.kaldi", "audio")
         functional = _require("torchaudio.functional", "audio")
-        path, whole = _audio_source(self.root, clip)
+        found = _audio_source(self.root, clip)
+        if found is None:
+            raise MissingInputError([p for p, _ in audio_candidates(clip, self.root)],
+                                    clip.narration_id, "audio")
+        path, whole = found
         start, stop = (None, None) if whole else (clip.start_timestamp, clip.stop_timestamp)
         samples, rate = _read_wav(path, start, stop)
         wav = torch.from_numpy(samples)[None]
@@ -955,7 +1187,8 @@ class _AudioExtractor(_Extractor):
         x = self.model.forward_features(batch)[:, self.model.num_prefix_tokens:]
         f, t = self.grid
         x = x.reshape(len(x), f, t, -1).transpose(1, 2).flatten(1, 2)  # time-major tokens
-        valid_time = torch.div(valid + self.patch_time - 1, self.patch_time, rounding_mode="floor")
+        stride = self.config.audio_stride
+        valid_time = torch.div(valid + stride - 1, stride, rounding_mode="floor")
         return x, valid_time.clamp(1, t) * f
 
 
@@ -1046,16 +1279,9 @@ def extract_shards(
             path = folder / f"shard_{index:05d}.npz"
             if not _shard_valid(path, ids, fingerprint):
                 tokens, lengths = extractor(chunk)
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".npz")
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        np.savez(handle, tokens=tokens, lengths=lengths,
-                                 narration_ids=np.array(ids), fingerprint=np.array(fingerprint))
-                    os.replace(tmp, path)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                    raise
+                atomic_write(path, lambda handle: np.savez(
+                    handle, tokens=tokens, lengths=lengths, narration_ids=np.array(ids),
+                    fingerprint=np.array(fingerprint)))
             paths.append(path)
             bar.update(len(chunk))
     finally:
@@ -1068,19 +1294,25 @@ def _fingerprint(modality: str, config: ExtractionConfig) -> str:
     fields = {
         "rgb": ("frames", "image_size", "rgb_arch"),
         "flow": ("flow_frames", "flow_stride", "image_size", "flow_arch"),
-        "audio": ("audio_arch", "audio_frames", "sample_rate"),
+        "audio": ("audio_arch", "audio_frames", "audio_stride", "sample_rate"),
     }[modality]
     values = {f: getattr(config, f) for f in fields}
     values["weights"] = config.weights.get(modality)
     return json.dumps(values, sort_keys=True)
 
 
-def _assemble(paths: Sequence[Path], size: int, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate shards into one float16 memmap (never the whole split in RAM at once)."""
+def _assemble(paths: Sequence[Path], size: int, folder: Path) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Concatenate shards into one float16 memmap (never the whole split in RAM at once).
+
+    The memmap is a scratch file (a temporary name in ``folder``) that the caller deletes once
+    the split is in the store; it is never an output.
+    """
     with np.load(paths[0]) as first:
         _, tokens, dim = first["tokens"].shape
-    target = folder / "assembled.npy"
-    features = np.lib.format.open_memmap(target, mode="w+", dtype=np.float16,
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".assembled-", suffix=".npy")
+    os.close(fd)
+    scratch = Path(name)
+    features = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float16,
                                          shape=(size, tokens, dim))
     lengths = np.empty((size,), dtype=np.int64)
     row = 0
@@ -1091,7 +1323,7 @@ def _assemble(paths: Sequence[Path], size: int, folder: Path) -> tuple[np.ndarra
             lengths[row:row + n] = shard["lengths"]
             row += n
     features.flush()
-    return features, lengths
+    return features, lengths, scratch
 
 
 def extract_epic(
@@ -1120,12 +1352,18 @@ def extract_epic(
     ``work_dir`` (default ``<out>.shards``; an interrupted run resumes there), then written
     with ``FeatureStore.write_split``: the unimodal train splits with role ``train`` and their
     one modality, val and test with every modality of the setting; targets are action ids of
-    :class:`ActionVocabulary` (built from all annotated clips), saved as ``epic_actions.json``
-    in the store folder for verb/noun scoring.
+    :func:`action_vocabulary` (the paper's 3,806 classes when ``split_dir`` holds the released
+    ``epic_action_classes.csv``, else built from all annotated clips), saved as
+    ``epic_actions.json`` in the store folder for verb/noun scoring.
+
+    Splits: :func:`build_splits` (the released split when ``split_dir`` holds it, files of
+    narration ids, or participant-disjoint splits by default).
 
     Returns:
         A dict with ``splits`` (split name -> clips written), ``dropped`` (split name -> clips
-        dropped for missing inputs), ``num_actions`` and ``modalities`` (name -> (tokens, dim)).
+        dropped for missing inputs), ``no_sound`` (split name -> clips left out for a video
+        without sound; released split only), ``num_actions`` and ``modalities`` (name ->
+        (tokens, dim)).
     """
     from umilayers.data.store import FeatureStore
 
@@ -1145,8 +1383,14 @@ def extract_epic(
             raise ValueError(f"no weights for {m}: give a state-dict path or 'random'")
 
     clips = load_annotations(annotations)
-    vocab = ActionVocabulary.from_clips(clips)
     splits = build_splits(clips, setting, seed=seed, fractions=fractions, split_dir=split_dir)
+    vocab = action_vocabulary(clips, split_dir, annotations)
+    unlabelled = vocab.missing(c for split in splits.splits.values() for c in split.clips)
+    if unlabelled:
+        first = unlabelled[0]
+        raise ValueError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
+                         f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
+                         f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
     log(splits.summary())
 
     dropped: dict[str, int] = {}
@@ -1154,12 +1398,12 @@ def extract_epic(
         kept = []
         for clip in split.clips:
             missing = [(m, p) for m in split.modalities
-                       if (p := find_missing_inputs(clip, m, roots[m], config)) is not None]
+                       if (p := find_missing_inputs(clip, m, roots[m], config))]
             if not missing:
                 kept.append(clip)
             elif not skip_missing:
-                modality, path = missing[0]
-                raise MissingInputError(path, clip.narration_id, modality)
+                modality, paths = missing[0]
+                raise MissingInputError(paths, clip.narration_id, modality)
         dropped[split.name] = len(split.clips) - len(kept)
         if not kept:
             raise ValueError(f"split {split.name} has no clip left"
@@ -1194,13 +1438,18 @@ def extract_epic(
     store = FeatureStore.create(out, task="classification", num_outputs=vocab.num_actions,
                                 modalities=sizes, overwrite=overwrite)
     for split in splits.splits.values():
-        features, lengths = {}, {}
-        for m in split.modalities:
-            features[m], lengths[m] = _assemble(shards[split.name, m], len(split.clips),
-                                                work / split.name / m)
-        store.write_split(split.name, split.role, features=features,
-                          targets=vocab.targets(split.clips), lengths=lengths)
-        del features
+        features, lengths, scratch = {}, {}, []
+        try:
+            for m in split.modalities:
+                features[m], lengths[m], path = _assemble(shards[split.name, m], len(split.clips),
+                                                          work / split.name / m)
+                scratch.append(path)
+            store.write_split(split.name, split.role, features=features,
+                              targets=vocab.targets(split.clips), lengths=lengths)
+        finally:
+            del features
+            for path in scratch:
+                path.unlink(missing_ok=True)
     vocab.save(out / ACTIONS_FILE)
     write_split_files(splits, out / "epic_splits")
     if not keep_shards:
@@ -1208,6 +1457,7 @@ def extract_epic(
     return {
         "splits": {name: len(s.clips) for name, s in splits.splits.items()},
         "dropped": dropped,
+        "no_sound": dict(splits.no_sound),
         "num_actions": vocab.num_actions,
         "modalities": sizes,
     }

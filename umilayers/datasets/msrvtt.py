@@ -1,32 +1,42 @@
 """MSR-VTT text-video retrieval with the Collaborative Experts (CE) features.
 
 What this module reads, confirmed against the CE code (albanie/collaborative-experts:
-``data_loader/MSRVTT_dataset.py``, ``base/base_dataset.py``, ``configs/base_config.json``,
-``configs/data_loader_msrvtt.json``, ``model/text_embedding_models.json``):
+``misc/datasets/msrvtt/tar_include.txt`` and ``tar_include_hq.txt`` (the two releases' file
+lists), ``data_loader/MSRVTT_dataset.py``, ``base/base_dataset.py``, ``configs/base_config.json``,
+``configs/data_loader_msrvtt.json``, ``model/text_embedding_models.json``, ``model/metric.py``):
 
-- the feature root is ``<data>/MSRVTT/high-quality/structured-symlinks`` (CE's
-  ``root_feat_folder``); ``--data`` may name it or the ``MSRVTT`` folder above it;
-- split lists, one video id per line: ``train_list_jsfusion.txt`` / ``val_list_jsfusion.txt``
-  (the 1k-A split: 9,000 / 1,000 videos) and ``train_list_full.txt`` /
-  ``val_list_full.txt`` / ``test_list_full.txt`` (the "full" split: 6,513 / 497 / 2,990);
-  ``jsfusion_val_caption_idx.pkl`` maps each 1k-A test video to the caption evaluated;
+- two releases, both under ``data/MSRVTT`` (what ``--data`` names): the CE release
+  (``MSRVTT-experts.tar.gz``, BMVC 2019) in ``structured-symlinks/``, and the later
+  high-quality release of TeachText in ``high-quality/structured-symlinks/`` (CE's current
+  ``root_feat_folder``). ``--data`` may also name a feature root itself;
+- split lists, one video id per line: ``train_list_full.txt`` / ``val_list_full.txt`` /
+  ``test_list_full.txt`` (the "full" split of the MSR-VTT authors: 6,513 / 497 / 2,990 videos)
+  and ``train_list_jsfusion.txt`` / ``val_list_jsfusion.txt`` (1k-A: 9,000 / 1,000);
+  ``jsfusion_val_caption_idx.pkl`` maps each 1k-A test video to the one caption evaluated;
 - one pickle per expert, a dict ``video_id -> array`` of shape ``(d,)`` or ``(T, d)``; a video
   without the modality holds a float NaN (CE's ``has_missing_values``: ``isinstance(x, float)
   and np.isnan(x)``). Here a NaN value, an array with NaN entries or a missing key all mean
   *missing*, never zero;
-- text features ``aggregated_text_feats/<name>.pkl`` (``w2v`` = word2vec, 300-d; ``openai``
-  is ``w2v_MSRVTT_openAIGPT.pickle``, 768-d): ``video_id -> list`` with one ``(T_words, d)``
-  array per caption (19 or 20 per training video);
+- text features per release by its own file names (:data:`TEXT_FILES`): the CE release ships
+  ``aggregated_text_feats/w2v_MSRVTT.pickle`` (word2vec, 300-d) and
+  ``w2v_MSRVTT_openAIGPT.pickle`` (768-d); the high-quality one ``aggregated_text_feats/w2v.pkl``,
+  ``gpt2-xl.pkl``, ``gpt2-xl-finetune.pkl``. Each is ``video_id -> list`` with one
+  ``(T_words, d)`` array per caption (19 or 20 per video);
 - ``raw-captions.pkl``: ``video_id -> list`` of captions, each a list of word tokens.
 
 The MMT-style release (``mmt_feats/features.<name>.pkl``, same dict structure) is read too,
 through :data:`MMT_FEATURE_FILES`.
 
-Zhang et al. name seven MSR-VTT modalities (RGB, audio, OCR, speech, object, scene, face).
-Their mapping to CE experts is this library's reading, overridable per modality: ``rgb`` is the
-clip-level RGB video expert (CE ``r2p1d.r2p1d-ig65m.0``; MMT ``s3d``), ``object`` the
-frame-level ImageNet expert (CE ``imagenet.senet154.0``; MMT ``rgb_agg``), ``scene`` the
-Places365 DenseNet-161 expert.
+Zhang et al. name seven MSR-VTT modalities (RGB, audio, OCR, speech, object, scene, face), the
+seven experts of CE's MSR-VTT model (CE: object, motion, scene, audio, speech, OCR, face). Their
+"RGB" is CE's video-level motion expert (here ``r2p1d.r2p1d-ig65m.0``; ``i3d`` is the other
+one the release ships), "object" CE's frame-level ImageNet expert (``imagenet.senet154.0``) and
+"scene" the Places365 DenseNet-161 expert; each can be overridden (``modality_files``).
+
+Splits (:func:`split_msrvtt`): the paper's protocol (Sec. 4) by default, training split A = the
+training videos with audio, OCR and speech, split B = the rest; val / test = the videos of the
+full split's val / test lists that have every modality. Every caption of a video is kept (one
+store row per video, up to 20 captions: the store's several-captions format).
 """
 
 from __future__ import annotations
@@ -45,15 +55,20 @@ from umilayers._io import atomic_write_text
 __all__ = [
     "MSRVTT_MODALITIES",
     "TRAIN_GROUPS",
+    "SPLIT_A_REQUIRES",
+    "PROTOCOLS",
+    "PAPER_SPLIT_SIZES",
+    "RELEASES",
     "CE_FEATURE_FILES",
     "MMT_FEATURE_FILES",
-    "CE_TEXT_FILES",
+    "TEXT_FILES",
     "MAX_TOKENS",
     "MSRVTTDataError",
     "MSRVTTData",
     "MSRVTTSplits",
     "as_token_array",
     "resolve_root",
+    "text_file_for",
     "load_msrvtt",
     "assign_training_groups",
     "split_msrvtt",
@@ -67,6 +82,17 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "train_rgb_audio_ocr_speech": ("rgb", "audio", "ocr", "speech"),
     "train_rgb_object_scene_face": ("rgb", "object", "scene", "face"),
 }
+#: Split A of the paper's protocol: the training videos that have all of these.
+SPLIT_A_REQUIRES: tuple[str, ...] = ("audio", "ocr", "speech")
+#: ``paper``: Zhang et al.'s rule (:func:`split_msrvtt`); ``balanced``: this library's earlier
+#: rule, groups by coverage filled to equal halves (:func:`assign_training_groups`).
+PROTOCOLS: tuple[str, ...] = ("paper", "balanced")
+#: The split sizes Zhang et al. report (Sec. 4) for the full split.
+PAPER_SPLIT_SIZES: dict[str, int] = {
+    "train_rgb_audio_ocr_speech": 1702, "train_rgb_object_scene_face": 4811, "val": 127, "test": 765,
+}
+#: Feature root of each release under ``data/MSRVTT``.
+RELEASES: dict[str, str] = {"ce": "structured-symlinks", "high-quality": "high-quality/structured-symlinks"}
 #: CE layout: modality -> pickle path under the feature root (CE's ``visual_feat_paths`` for
 #: the visual experts with the aggregation settings of ``configs/base_config.json``, and the
 #: ``custom_paths`` of ``MSRVTT.dataset_paths`` for the others).
@@ -89,10 +115,19 @@ MMT_FEATURE_FILES: dict[str, str] = {
     "features.ocr.pkl": "ocr",
     "features.speech.pkl": "speech",
 }
-#: Text feature files by CE name (``aggregated_text_feats/<name>.pkl`` except ``openai``).
-CE_TEXT_FILES: dict[str, str] = {
-    "w2v": "aggregated_text_feats/w2v.pkl",
-    "openai": "aggregated_text_feats/w2v_MSRVTT_openAIGPT.pickle",
+#: Text features by name, per release (``tar_include.txt`` / ``tar_include_hq.txt``); any other
+#: name is ``aggregated_text_feats/<name>.pkl`` (CE's ``common_text_feat_paths``).
+TEXT_FILES: dict[str, dict[str, str]] = {
+    "ce": {
+        "w2v": "aggregated_text_feats/w2v_MSRVTT.pickle",
+        "openai": "aggregated_text_feats/w2v_MSRVTT_openAIGPT.pickle",
+    },
+    "high-quality": {
+        "w2v": "aggregated_text_feats/w2v.pkl",
+        "openai": "aggregated_text_feats/w2v_MSRVTT_openAIGPT.pickle",
+        "gpt2-xl": "aggregated_text_feats/gpt2-xl.pkl",
+        "gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl",
+    },
 }
 #: Token caps (CE ``data_loader_msrvtt.json`` ``max_tokens``); other modalities: 32.
 MAX_TOKENS: dict[str, int] = {"text": 37, "ocr": 49, "audio": 29, "speech": 32}
@@ -158,16 +193,53 @@ def as_token_array(value: Any) -> Optional[np.ndarray]:
     return arr.reshape(-1, arr.shape[-1])
 
 
-def resolve_root(data: str | os.PathLike) -> Path:
-    """The folder holding the split lists: ``data`` itself or its CE feature root."""
+def _has_split_list(folder: Path) -> bool:
+    return any((folder / name).is_file() for files in _SPLIT_FILES.values() for name in files.values())
+
+
+def resolve_root(data: str | os.PathLike, release: str = "auto") -> tuple[Path, str]:
+    """The feature root (the folder holding the split lists) and its release.
+
+    ``data`` is ``data/MSRVTT`` (its ``structured-symlinks/`` is the CE release,
+    ``high-quality/structured-symlinks/`` the high-quality one) or a feature root itself (a root
+    inside a ``high-quality`` folder is that release, any other the CE release). With
+    ``release="auto"`` the first found of ``data``, the CE root and the high-quality root wins.
+
+    Example::
+
+        >>> import tempfile
+        >>> data = Path(tempfile.mkdtemp())
+        >>> (data / "high-quality" / "structured-symlinks").mkdir(parents=True)
+        >>> _ = (data / "high-quality" / "structured-symlinks" / "train_list_full.txt").write_text("video0\\n")
+        >>> root, release = resolve_root(data)
+        >>> root.relative_to(data).as_posix(), release
+        ('high-quality/structured-symlinks', 'high-quality')
+    """
+    if release not in ("auto", *RELEASES):
+        raise ValueError(f"release: expected 'auto' or one of {list(RELEASES)}, got {release!r}")
     data = Path(data)
-    for cand in (data, data / "high-quality" / "structured-symlinks"):
-        if any((cand / name).is_file() for files in _SPLIT_FILES.values() for name in files.values()):
-            return cand
+    own = "high-quality" if data.parent.name == "high-quality" else "ce"
+    candidates = [(data, own if release == "auto" else release)]
+    candidates += [(data / folder, name) for name, folder in RELEASES.items()
+                   if release in ("auto", name)]
+    for folder, name in candidates:
+        if _has_split_list(folder):
+            return folder, name
     raise MSRVTTDataError(
-        f"data: no split list (train_list_jsfusion.txt, train_list_full.txt, ...) in {data} "
-        f"or {data / 'high-quality' / 'structured-symlinks'}"
+        f"--data {data}: no split list (train_list_full.txt, train_list_jsfusion.txt, ...) in "
+        + ", ".join(str(folder) for folder, _ in candidates)
     )
+
+
+def text_file_for(release: str, text_feat: str) -> str:
+    """The text-feature pickle of ``text_feat`` in ``release``, relative to its feature root.
+
+    Example::
+
+        >>> text_file_for("ce", "w2v"), text_file_for("high-quality", "w2v")
+        ('aggregated_text_feats/w2v_MSRVTT.pickle', 'aggregated_text_feats/w2v.pkl')
+    """
+    return TEXT_FILES.get(release, {}).get(text_feat, f"aggregated_text_feats/{text_feat}.pkl")
 
 
 def _read_list(path: Path) -> list[str]:
@@ -205,11 +277,11 @@ def _detect_layout(root: Path) -> str:
 
 @dataclass
 class MSRVTTData:
-    """Everything read from a CE / MMT release.
+    """Everything read from a CE / high-quality / MMT release.
 
     Attributes:
         root: the feature root.
-        layout: ``"ce"`` or ``"mmt"``.
+        layout: ``"ce"`` or ``"mmt"`` (feature file names).
         features: modality -> (video -> ``(T, d)`` float32, or None when missing).
         feature_files: modality -> the pickle it came from.
         dims: modality -> feature size ``d``.
@@ -218,6 +290,8 @@ class MSRVTTData:
         raw_captions: video -> list of captions (lists of words), or None if absent.
         lists: ``"train"``, ``"test"`` (and ``"val"`` for the full split) -> video ids.
         test_caption: video -> caption index evaluated (1k-A), or None.
+        release: ``"ce"`` or ``"high-quality"``.
+        dropped: videos left out by ``skip_missing`` -> why.
 
     Example::
 
@@ -238,90 +312,28 @@ class MSRVTTData:
     raw_captions: Optional[dict[str, list]]
     lists: dict[str, list[str]]
     test_caption: Optional[dict[str, int]]
+    release: str = "ce"
+    dropped: dict[str, str] = field(default_factory=dict)
 
     def available(self, video: str) -> frozenset[str]:
         """The modalities ``video`` really has."""
         return frozenset(m for m, feats in self.features.items() if feats.get(video) is not None)
 
 
-def load_msrvtt(
-    data: str | os.PathLike,
-    *,
-    split: str = "jsfusion",
-    layout: str = "auto",
-    text_feat: str = "w2v",
-    text_file: Optional[str] = None,
-    modality_files: Optional[Mapping[str, str]] = None,
-    modalities: Sequence[str] = MSRVTT_MODALITIES,
-    skip_missing: bool = False,
-    log: Callable[[str], None] = print,
-) -> MSRVTTData:
-    """Read split lists, feature pickles, text features and raw captions.
-
-    Args:
-        data: the ``MSRVTT`` folder or its ``high-quality/structured-symlinks`` feature root.
-        split: ``"jsfusion"`` (1k-A) or ``"full"``.
-        layout: ``"ce"``, ``"mmt"`` or ``"auto"`` (CE if its pickles exist, else MMT).
-        text_feat: ``"w2v"`` or ``"openai"`` (see :data:`CE_TEXT_FILES`); ignored if
-            ``text_file`` is given.
-        text_file: text-feature pickle, relative to the feature root.
-        modality_files: modality -> pickle path relative to the root, overriding the layout.
-        modalities: the modalities to read.
-        skip_missing: drop (and report) listed videos that lack captions or every modality,
-            instead of raising.
-
-    Raises:
-        MSRVTTDataError: a file is missing, a listed video has no caption features (or no
-            modality at all), or a video's feature size differs from the rest of its file;
-            the message names the file and the video.
-    """
-    if split not in _SPLIT_FILES:
-        raise ValueError(f"split: expected one of {sorted(_SPLIT_FILES)}, got {split!r}")
-    if layout not in ("auto", "ce", "mmt"):
-        raise ValueError(f"layout: expected 'auto', 'ce' or 'mmt', got {layout!r}")
-    root = resolve_root(data)
-    lists = {part: _read_list(root / name) for part, name in _SPLIT_FILES[split].items()}
-    layout = _detect_layout(root) if layout == "auto" else layout
-    paths = _modality_paths(root, layout, modality_files or {})
-    paths = {m: paths[m] for m in modalities}
-    for m, p in paths.items():
-        if not p.is_file():
-            raise MSRVTTDataError(f"{m}: feature file {p} does not exist ({layout} layout)")
-
-    if text_file is None:
-        if text_feat not in CE_TEXT_FILES:
-            text_file = f"aggregated_text_feats/{text_feat}.pkl"
-        else:
-            text_file = CE_TEXT_FILES[text_feat]
-    text_path = root / text_file
-    if not text_path.is_file():
-        raise MSRVTTDataError(f"text features: {text_path} does not exist")
-    text_raw = _load_pickle(text_path)
-    raw_path = root / "raw-captions.pkl"
-    raw_captions = _load_pickle(raw_path) if raw_path.is_file() else None
-    if raw_captions is None:
-        log(f"note: {raw_path} not found; rows will carry no caption strings")
-    cap_idx_path = root / "jsfusion_val_caption_idx.pkl"
-    test_caption = _load_pickle(cap_idx_path) if split == "jsfusion" and cap_idx_path.is_file() else None
-
-    listed = [v for part in lists.values() for v in part]
-    dropped: dict[str, str] = {}
-
-    def bad(video: str, msg: str) -> None:
-        if not skip_missing:
-            raise MSRVTTDataError(f"{msg} (use --skip-missing to drop such videos)")
-        dropped.setdefault(video, msg)
-
+def _read_captions(text_raw: Any, text_path: Path, listed: Sequence[str],
+                   bad: Callable[[str, str], None], log: Callable[[str], None]) -> dict[str, list[np.ndarray]]:
+    """Every listed video's caption features (all its usable captions), one size for all."""
     text: dict[str, list[np.ndarray]] = {}
     text_dim = None
+    unusable = 0
     for v in listed:
         caps = text_raw.get(v) if isinstance(text_raw, Mapping) else None
         if caps is None:
             bad(v, f"{text_path}: no caption features for video {v!r} listed in the split lists")
             continue
         caps = list(caps) if isinstance(caps, (list, tuple)) else [caps]
-        arrays = [as_token_array(c) for c in caps]
-        arrays = [a for a in arrays if a is not None]
+        arrays = [a for a in (as_token_array(c) for c in caps) if a is not None]
+        unusable += len(caps) - len(arrays)
         if not arrays:
             bad(v, f"{text_path}: video {v!r} has no usable caption (empty or NaN)")
             continue
@@ -334,8 +346,92 @@ def load_msrvtt(
                 f"other videos {text_dim}"
             )
         text[v] = arrays
-        if raw_captions is not None and v not in raw_captions:
-            bad(v, f"{raw_path}: no raw captions for video {v!r} listed in the split lists")
+    if unusable:
+        log(f"{text_path.name}: left out {unusable} empty or NaN caption(s)")
+    return text
+
+
+def load_msrvtt(
+    data: str | os.PathLike,
+    *,
+    split: str = "full",
+    release: str = "auto",
+    layout: str = "auto",
+    text_feat: str = "w2v",
+    text_file: Optional[str] = None,
+    modality_files: Optional[Mapping[str, str]] = None,
+    modalities: Sequence[str] = MSRVTT_MODALITIES,
+    skip_missing: bool = False,
+    log: Callable[[str], None] = print,
+) -> MSRVTTData:
+    """Read split lists, feature pickles, text features and raw captions.
+
+    Args:
+        data: ``data/MSRVTT`` or a feature root (see :func:`resolve_root`).
+        split: ``"full"`` (6,513 / 497 / 2,990 videos, the paper's) or ``"jsfusion"`` (1k-A).
+        release: ``"auto"``, ``"ce"`` or ``"high-quality"`` (see :data:`RELEASES`).
+        layout: ``"ce"``, ``"mmt"`` or ``"auto"`` (CE if its pickles exist, else MMT).
+        text_feat: a text-feature name of the release (:data:`TEXT_FILES`: ``w2v``, ``openai``,
+            ...); ignored if ``text_file`` is given.
+        text_file: text-feature pickle, relative to the feature root.
+        modality_files: modality -> pickle path relative to the root, overriding the layout.
+        modalities: the modalities to read.
+        skip_missing: drop (and report) listed videos that lack captions or every modality,
+            instead of raising.
+
+    Raises:
+        MSRVTTDataError: a file is missing (for 1k-A, ``jsfusion_val_caption_idx.pkl`` too), a
+            listed video has no caption features (or no modality at all), or a video's feature
+            size differs from the rest of its file; the message names the file and the video.
+    """
+    if split not in _SPLIT_FILES:
+        raise ValueError(f"split: expected one of {sorted(_SPLIT_FILES)}, got {split!r}")
+    if layout not in ("auto", "ce", "mmt"):
+        raise ValueError(f"layout: expected 'auto', 'ce' or 'mmt', got {layout!r}")
+    root, release = resolve_root(data, release)
+    lists = {part: _read_list(root / name) for part, name in _SPLIT_FILES[split].items()}
+    layout = _detect_layout(root) if layout == "auto" else layout
+    paths = _modality_paths(root, layout, modality_files or {})
+    paths = {m: paths[m] for m in modalities}
+    absent = [f"{m}: {p}" for m, p in paths.items() if not p.is_file()]
+    if absent:
+        raise MSRVTTDataError(f"feature file(s) missing in the {release} release ({layout} layout): "
+                              + "; ".join(absent) + " (--modality-file NAME=PATH points elsewhere)")
+    text_path = root / (text_file if text_file is not None else text_file_for(release, text_feat))
+    if not text_path.is_file():
+        raise MSRVTTDataError(f"text features: {text_path} does not exist ({release} release, "
+                              f"--text-feat {text_feat})")
+    test_caption = None
+    if split == "jsfusion":
+        cap_idx_path = root / "jsfusion_val_caption_idx.pkl"
+        if not cap_idx_path.is_file():
+            raise MSRVTTDataError(f"{cap_idx_path} does not exist: the 1k-A split evaluates one "
+                                  "given caption per test video (or use --split full)")
+        test_caption = {k.decode() if isinstance(k, bytes) else str(k): int(v)
+                        for k, v in _load_pickle(cap_idx_path).items()}
+    raw_path = root / "raw-captions.pkl"
+    raw_captions = _load_pickle(raw_path) if raw_path.is_file() else None
+    if raw_captions is None:
+        log(f"note: {raw_path} not found; rows will carry no caption strings")
+
+    listed = [v for part in lists.values() for v in part]
+    dropped: dict[str, str] = {}
+
+    def bad(video: str, msg: str) -> None:
+        if not skip_missing:
+            raise MSRVTTDataError(f"{msg} (use --skip-missing to drop such videos)")
+        dropped.setdefault(video, msg)
+
+    text = _read_captions(_load_pickle(text_path), text_path, listed, bad, log)
+    if raw_captions is not None:
+        for v in text:
+            if v not in raw_captions:
+                bad(v, f"{raw_path}: no raw captions for video {v!r} listed in the split lists")
+    if test_caption is not None:
+        for v in lists["test"]:
+            if v in text and not 0 <= test_caption.get(v, -1) < len(text[v]):
+                raise MSRVTTDataError(f"{root / 'jsfusion_val_caption_idx.pkl'}: no valid caption index "
+                                      f"for test video {v!r} ({len(text[v])} captions)")
 
     features: dict[str, dict[str, Optional[np.ndarray]]] = {}
     dims: dict[str, int] = {}
@@ -366,13 +462,12 @@ def load_msrvtt(
     if dropped:
         log(f"skipped {len(dropped)} video(s) with missing captions or no modality")
         lists = {part: [v for v in vids if v not in dropped] for part, vids in lists.items()}
+    log(f"MSR-VTT {release} release at {root}, {split} split: "
+        + ", ".join(f"{part} {len(vids)}" for part, vids in lists.items()) + " videos")
     for m, n in missing_counts.items():
         log(f"{m}: missing for {n} of {len(listed)} listed videos ({paths[m].name})")
-    data_obj = MSRVTTData(
-        root, layout, features, paths, dims, text, text_path, raw_captions, lists, test_caption
-    )
-    data_obj.dropped = dropped  # type: ignore[attr-defined]
-    return data_obj
+    return MSRVTTData(root, layout, features, paths, dims, text, text_path, raw_captions, lists,
+                      test_caption, release, dropped)
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,85 +535,132 @@ def assign_training_groups(
 
 @dataclass
 class MSRVTTSplits:
-    """Videos per split, each split's modalities and role, and the caption rows.
+    """Videos per split (one store row each), each split's modalities, role and captions.
 
     Attributes:
-        videos: split -> video ids (one row per (video, caption) in ``rows``).
+        videos: split -> video ids, the store's row order.
         modalities: split -> modalities the split carries.
         roles: split -> ``"train"``, ``"val"`` or ``"test"``.
-        rows: split -> list of ``(video, caption_index)``, the store's row order.
-        dropped: training videos eligible for no group.
+        captions: split -> per video, the indices of the captions its row holds.
+        protocol: ``"paper"`` or ``"balanced"``.
+        dropped: training videos in no training split (balanced: eligible for no group; paper:
+            a split-B video with none of B's modalities).
+        left_out: val/test (paper protocol) -> videos of the list that lack a required modality.
 
     Example::
 
-        >>> s = MSRVTTSplits({"test": ["v"]}, {"test": ("rgb",)}, {"test": "test"},
-        ...                  {"test": [("v", 0)]})
-        >>> s.rows["test"]
-        [('v', 0)]
+        >>> s = MSRVTTSplits({"test": ["v"]}, {"test": ("rgb",)}, {"test": "test"}, {"test": [(0, 1)]})
+        >>> s.sizes()
+        {'test': 1}
     """
 
     videos: dict[str, list[str]]
     modalities: dict[str, tuple[str, ...]]
     roles: dict[str, str]
-    rows: dict[str, list[tuple[str, int]]]
+    captions: dict[str, list[tuple[int, ...]]]
+    protocol: str = "paper"
     dropped: list[str] = field(default_factory=list)
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Videos per split."""
+        return {name: len(videos) for name, videos in self.videos.items()}
+
+
+def _paper_splits(data: MSRVTTData, eval_requires: Sequence[str]) -> tuple[dict[str, list[str]], list[str], dict[str, list[str]]]:
+    """Zhang et al.'s rule on the full split: split A has audio, OCR and speech, split B is the
+    rest (minus videos with none of B's modalities); val/test keep the videos having
+    ``eval_requires``."""
+    if "val" not in data.lists:
+        raise ValueError("protocol 'paper' uses the full split (train_list_full.txt, val_list_full.txt, "
+                         "test_list_full.txt): load the release with split='full' (--split full)")
+    a_name, b_name = TRAIN_GROUPS
+    b_modalities = set(TRAIN_GROUPS[b_name]) & set(data.features)
+    videos: dict[str, list[str]] = {a_name: [], b_name: []}
+    dropped = []
+    for v in data.lists["train"]:
+        have = data.available(v)
+        if set(SPLIT_A_REQUIRES) <= have:
+            videos[a_name].append(v)
+        elif have & b_modalities:
+            videos[b_name].append(v)
+        else:
+            dropped.append(v)
+    left_out = {}
+    for part in ("val", "test"):
+        videos[part] = [v for v in data.lists[part] if set(eval_requires) <= data.available(v)]
+        left_out[part] = [v for v in data.lists[part] if v not in set(videos[part])]
+    return videos, dropped, left_out
 
 
 def split_msrvtt(
     data: MSRVTTData,
     *,
+    protocol: str = "paper",
     seed: int = 0,
     val_size: int = 500,
-    train_captions: int = 1,
+    max_train_captions: Optional[int] = None,
     min_fraction: float = 0.75,
+    eval_requires: Optional[Sequence[str]] = None,
 ) -> MSRVTTSplits:
-    """Build the paper's splits from a loaded release.
+    """The training, val and test splits of a loaded release (Zhang et al., Sec. 4 and Table 1).
 
-    Training videos (the ``train`` list, minus a seeded ``val_size`` held out when the split
-    has no val list, as 1k-A has not) go to the two Table 1 groups
-    (:func:`assign_training_groups`); val and test carry every modality (a video lacking one
-    has it marked missing). Each training video gives ``train_captions`` rows (its first
-    captions); val/test videos one row: the 1k-A caption index when
-    ``jsfusion_val_caption_idx.pkl`` is present, else caption 0.
+    ``protocol="paper"`` (full split only): split A (``train_rgb_audio_ocr_speech``, modalities
+    rgb, audio, ocr, speech) = the training videos that have audio, OCR and speech; split B
+    (``train_rgb_object_scene_face``: rgb, object, scene, face) = every other training video
+    (one with none of B's modalities is dropped and counted); val and test = the videos of the
+    val / test lists that have every modality of ``eval_requires`` (default: all seven, our
+    reading of the paper's "127 / 765 videos"; the sizes produced are reported, compare them
+    with :data:`PAPER_SPLIT_SIZES`). A row lacking one of its split's modalities (split B
+    without face) has it missing.
+
+    ``protocol="balanced"`` (this library's earlier rule): training videos (minus a seeded
+    ``val_size`` held out when the split has no val list, as 1k-A has not) go to the two groups
+    by :func:`assign_training_groups`; val and test keep every video of their lists.
+
+    Captions: a training row holds the video's captions (its first ``max_train_captions``; all
+    by default); a val/test row holds every caption, except 1k-A's test rows which hold the one
+    caption of ``jsfusion_val_caption_idx.pkl`` (as CE evaluates 1k-A).
     """
-    if train_captions < 1:
-        raise ValueError(f"train_captions: expected at least 1, got {train_captions}")
-    train = list(data.lists["train"])
-    if "val" in data.lists:
-        val = list(data.lists["val"])
-    else:
-        if not 0 < val_size < len(train):
-            raise ValueError(f"val_size: expected 1 .. {len(train) - 1} videos, got {val_size}")
-        pick = set(np.random.default_rng(seed).choice(len(train), val_size, replace=False).tolist())
-        val = [v for i, v in enumerate(train) if i in pick]
-        train = [v for i, v in enumerate(train) if i not in pick]
-    test = list(data.lists["test"])
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
+    if max_train_captions is not None and max_train_captions < 1:
+        raise ValueError(f"max_train_captions: expected at least 1 (or None for all), got {max_train_captions}")
     all_mods = tuple(m for m in MSRVTT_MODALITIES if m in data.features)
     groups = {n: tuple(m for m in mods if m in data.features) for n, mods in TRAIN_GROUPS.items()}
-    assigned, dropped = assign_training_groups(
-        train, {v: data.available(v) for v in train}, groups=groups,
-        min_fraction=min_fraction, seed=seed,
-    )
-    videos = dict(assigned)
-    videos["val"] = val
-    videos["test"] = test
-    modalities = dict(groups)
-    modalities["val"] = all_mods
-    modalities["test"] = all_mods
-    roles = {n: "train" for n in assigned} | {"val": "val", "test": "test"}
-
-    def eval_caption(v: str) -> int:
-        if data.test_caption is not None and v in data.test_caption:
-            return min(int(data.test_caption[v]), len(data.text[v]) - 1)
-        return 0
-
-    rows = {}
-    for name, vids in videos.items():
-        if roles[name] == "train":
-            rows[name] = [(v, c) for v in vids for c in range(min(train_captions, len(data.text[v])))]
+    left_out: dict[str, list[str]] = {}
+    if protocol == "paper":
+        required = tuple(m for m in (eval_requires or all_mods) if m in data.features)
+        videos, dropped, left_out = _paper_splits(data, required)
+    else:
+        train = list(data.lists["train"])
+        if "val" in data.lists:
+            val = list(data.lists["val"])
         else:
-            rows[name] = [(v, eval_caption(v)) for v in vids]
-    return MSRVTTSplits(videos, modalities, roles, rows, dropped)
+            if not 0 < val_size < len(train):
+                raise ValueError(f"val_size: expected 1 .. {len(train) - 1} videos, got {val_size}")
+            pick = set(np.random.default_rng(seed).choice(len(train), val_size, replace=False).tolist())
+            val = [v for i, v in enumerate(train) if i in pick]
+            train = [v for i, v in enumerate(train) if i not in pick]
+        assigned, dropped = assign_training_groups(
+            train, {v: data.available(v) for v in train}, groups=groups,
+            min_fraction=min_fraction, seed=seed,
+        )
+        videos = dict(assigned)
+        videos["val"], videos["test"] = val, list(data.lists["test"])
+    modalities = dict(groups) | {"val": all_mods, "test": all_mods}
+    roles = {n: "train" for n in groups} | {"val": "val", "test": "test"}
+
+    def row_captions(name: str, v: str) -> tuple[int, ...]:
+        count = len(data.text[v])
+        if roles[name] == "train":
+            return tuple(range(min(count, max_train_captions or count)))
+        if name == "test" and data.test_caption is not None:
+            return (data.test_caption[v],)
+        return tuple(range(count))
+
+    captions = {name: [row_captions(name, v) for v in vids] for name, vids in videos.items()}
+    return MSRVTTSplits(videos, modalities, roles, captions, protocol, dropped, left_out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -543,6 +685,22 @@ def _token_count(data: MSRVTTData, m: str, videos: Iterable[str], cap: int) -> i
     return max(1, min(cap, longest))
 
 
+def _caption_arrays(data: MSRVTTData, videos: Sequence[str], captions: Sequence[tuple[int, ...]],
+                    slots: int, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Caption features ``(N, slots, tokens, d)`` float16, token counts ``(N, slots)`` (0 in
+    empty slots) and caption counts ``(N,)``."""
+    dim = next(iter(data.text.values()))[0].shape[1]
+    text = np.zeros((len(videos), slots, tokens, dim), dtype=np.float16)
+    lengths = np.zeros((len(videos), slots), dtype=np.int64)
+    for row, (v, chosen) in enumerate(zip(videos, captions)):
+        for slot, c in enumerate(chosen):
+            words = data.text[v][c][:tokens]
+            text[row, slot, :len(words)] = words
+            lengths[row, slot] = len(words)
+    counts = np.array([len(chosen) for chosen in captions], dtype=np.int64)
+    return text, lengths, counts
+
+
 def split_arrays(
     data: MSRVTTData, splits: MSRVTTSplits, *, max_tokens: Optional[Mapping[str, int]] = None
 ) -> dict[str, dict[str, Any]]:
@@ -550,31 +708,48 @@ def split_arrays(
 
     Returns:
         split -> a dict with ``"features"`` (``{m: (N, k_m, d_m)}``), ``"lengths"``
-        (``{m: (N,)}``), ``"text"`` (``(N, t, d)``) and ``"text_lengths"`` (``(N,)``); a
-        missing modality has length 0 and zero features.
+        (``{m: (N,)}``), ``"text"`` (``(N, K, t, d)`` float16: up to ``K`` captions per row,
+        ``K`` the most any row of any split holds), ``"text_lengths"`` (``(N, K)``, 0 for empty
+        slots) and ``"caption_counts"`` (``(N,)``); a missing modality has length 0 and zero
+        features.
     """
     caps = dict(MAX_TOKENS) | dict(max_tokens or {})
     all_videos = [v for vids in splits.videos.values() for v in vids]
     tokens = {
         m: _token_count(data, m, all_videos, caps.get(m, _DEFAULT_MAX_TOKENS)) for m in data.features
     }
-    text_tokens = max(1, min(caps["text"], max(a.shape[0] for caps_ in data.text.values() for a in caps_)))
-    text_dim = next(iter(data.text.values()))[0].shape[1]
+    used = [data.text[v][c] for name, vids in splits.videos.items()
+            for v, chosen in zip(vids, splits.captions[name]) for c in chosen]
+    text_tokens = max(1, min(caps["text"], max(a.shape[0] for a in used)))
+    slots = max(len(chosen) for rows in splits.captions.values() for chosen in rows)
     out = {}
-    for name, rows in splits.rows.items():
+    for name, vids in splits.videos.items():
         feats, lengths = {}, {}
         for m in splits.modalities[name]:
-            feats[m], lengths[m] = _pad([data.features[m][v] for v, _ in rows], tokens[m], data.dims[m])
-        text, text_len = _pad([data.text[v][c] for v, c in rows], text_tokens, text_dim)
-        out[name] = {"features": feats, "lengths": lengths, "text": text, "text_lengths": text_len}
+            feats[m], lengths[m] = _pad([data.features[m][v] for v in vids], tokens[m], data.dims[m])
+        text, text_len, counts = _caption_arrays(data, vids, splits.captions[name], slots, text_tokens)
+        out[name] = {"features": feats, "lengths": lengths, "text": text, "text_lengths": text_len,
+                     "caption_counts": counts}
     return out
+
+
+def _caption_text(data: MSRVTTData, v: str, c: int) -> Optional[str]:
+    if data.raw_captions is None:
+        return None
+    caps = data.raw_captions.get(v) or []
+    if c >= len(caps):
+        return None
+    cap = caps[c]
+    return " ".join(cap) if isinstance(cap, (list, tuple)) else str(cap)
 
 
 def build_msrvtt_store(
     data_dir: str | os.PathLike,
     store_path: str | os.PathLike,
     *,
-    split: str = "jsfusion",
+    protocol: str = "paper",
+    split: Optional[str] = None,
+    release: str = "auto",
     layout: str = "auto",
     text_feat: str = "w2v",
     text_file: Optional[str] = None,
@@ -582,106 +757,128 @@ def build_msrvtt_store(
     embed_dim: int = 256,
     seed: int = 0,
     val_size: int = 500,
-    train_captions: int = 1,
+    max_train_captions: Optional[int] = None,
     min_fraction: float = 0.75,
+    eval_requires: Optional[Sequence[str]] = None,
     max_tokens: Optional[Mapping[str, int]] = None,
     missing: str = "lengths0",
     skip_missing: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Read a CE / MMT release and write the paper's retrieval FeatureStore.
+    """Read a CE / high-quality / MMT release and write the paper's retrieval FeatureStore.
 
-    The store has task ``retrieval`` with joint embedding size ``embed_dim``; its text is the
-    caption word features. Each split lists its modalities; a video of a split that lacks one
-    of them has that modality's length 0 (missing, not zero-filled input). Also writes
-    ``store_path/msrvtt_rows.json``: per split, each row's video id, caption index and caption
-    text, plus the group assignment and dropped videos.
+    The store has task ``retrieval`` with joint embedding size ``embed_dim``; one row per video
+    holding its captions' word features (up to ``K`` captions per row, the store's
+    several-captions format). Splits by :func:`split_msrvtt` (``protocol``; ``split`` defaults to
+    ``"full"`` for the paper's protocol, ``"jsfusion"`` for ``"balanced"``). A video of a split
+    that lacks one of its modalities has that modality's length 0 (missing, not zero-filled
+    input); ``missing="complete"`` leaves such rows out instead. Also writes
+    ``store_path/msrvtt_rows.json``: the summary returned here plus, per split, each row's
+    video, caption indices and caption texts.
 
     Returns:
-        The summary written to ``msrvtt_rows.json`` (without the per-row lists).
+        The summary: release, files, protocol, per-split sizes (``split_sizes``, and the paper's
+        for comparison), captions, missing modalities and what was left out.
     """
     from umilayers.data.store import FeatureStore
 
-    store_path = Path(store_path)
-    data = load_msrvtt(
-        data_dir, split=split, layout=layout, text_feat=text_feat, text_file=text_file,
-        modality_files=modality_files, skip_missing=skip_missing, log=log,
-    )
-    splits = split_msrvtt(
-        data, seed=seed, val_size=val_size, train_captions=train_captions, min_fraction=min_fraction
-    )
-    if splits.dropped:
-        log(f"{len(splits.dropped)} training video(s) fit neither modality group and were left out")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
     if missing not in ("lengths0", "complete"):
         raise ValueError(f"missing: expected 'lengths0' or 'complete', got {missing!r}")
+    unknown = sorted(set(eval_requires or ()) - set(MSRVTT_MODALITIES))
+    if unknown:
+        raise ValueError(f"eval_requires: unknown modality {unknown}, expected some of {list(MSRVTT_MODALITIES)}")
+    if max_train_captions is not None and max_train_captions < 1:
+        raise ValueError(f"max_train_captions: expected at least 1 (or None for all), got {max_train_captions}")
+    split = split or ("full" if protocol == "paper" else "jsfusion")
+    if protocol == "paper" and split != "full":
+        raise ValueError(f"protocol 'paper' uses the full split (6,513 / 497 / 2,990 videos), got "
+                         f"split {split!r}: use --split full or --protocol balanced")
+    store_path = Path(store_path)
+    data = load_msrvtt(
+        data_dir, split=split, release=release, layout=layout, text_feat=text_feat,
+        text_file=text_file, modality_files=modality_files, skip_missing=skip_missing, log=log,
+    )
+    splits = split_msrvtt(data, protocol=protocol, seed=seed, val_size=val_size,
+                          max_train_captions=max_train_captions, min_fraction=min_fraction,
+                          eval_requires=eval_requires)
+    if splits.dropped:
+        log(f"{len(splits.dropped)} training video(s) fit no training split and were left out")
     incomplete: dict[str, int] = {}
     if missing == "complete":
-        for name, rows in splits.rows.items():
-            keep = [r for r in rows if set(splits.modalities[name]) <= data.available(r[0])]
-            incomplete[name] = len(rows) - len(keep)
-            splits.rows[name] = keep
-            if not keep:
-                raise MSRVTTDataError(
-                    f"split {name!r}: no video has all of {list(splits.modalities[name])} "
-                    f"(missing='complete')"
-                )
+        for name, vids in splits.videos.items():
+            keep = [i for i, v in enumerate(vids) if set(splits.modalities[name]) <= data.available(v)]
+            incomplete[name] = len(vids) - len(keep)
+            splits.videos[name] = [vids[i] for i in keep]
+            splits.captions[name] = [splits.captions[name][i] for i in keep]
         log("missing='complete': left out rows lacking a modality of their split: "
             + ", ".join(f"{n} {k}" for n, k in incomplete.items()))
+    empty = [name for name, vids in splits.videos.items() if not vids]
+    if empty:
+        raise MSRVTTDataError(f"split(s) {empty} have no video (protocol {protocol!r}, missing={missing!r})")
+    sizes = splits.sizes()
+    log("MSR-VTT splits (videos): " + ", ".join(f"{n} {k}" for n, k in sizes.items())
+        + (" (paper: " + ", ".join(f"{n} {k}" for n, k in PAPER_SPLIT_SIZES.items()) + ")"
+           if protocol == "paper" else ""))
     arrays = split_arrays(data, splits, max_tokens=max_tokens)
     first = next(iter(arrays.values()))
     modalities = {}
     for a in arrays.values():
         for m, f in a["features"].items():
             modalities[m] = (int(f.shape[1]), int(f.shape[2]))
-    text_shape = (int(first["text"].shape[1]), int(first["text"].shape[2]))
+    slots = int(first["text"].shape[1])
+    text_shape = (int(first["text"].shape[2]), int(first["text"].shape[3]))
     store = FeatureStore.create(
         store_path, "retrieval", embed_dim, modalities=modalities, text=text_shape,
-        overwrite=overwrite,
+        overwrite=overwrite, captions=slots,
     )
     for name, a in arrays.items():
         store.write_split(
-            name, splits.roles[name], a["features"], a["text"], lengths=a["lengths"],
-            target_lengths=a["text_lengths"],
+            name, splits.roles[name], a["features"], a["text"] if slots > 1 else a["text"][:, 0],
+            lengths=a["lengths"],
+            target_lengths=a["text_lengths"] if slots > 1 else a["text_lengths"][:, 0],
+            target_counts=a["caption_counts"] if slots > 1 else None,
         )
-
-    def caption_text(v: str, c: int) -> Optional[str]:
-        if data.raw_captions is None:
-            return None
-        caps = data.raw_captions.get(v) or []
-        if c >= len(caps):
-            return None
-        cap = caps[c]
-        return " ".join(cap) if isinstance(cap, (list, tuple)) else str(cap)
 
     summary = {
         "data": str(data.root),
+        "release": data.release,
         "layout": data.layout,
         "split": split,
+        "protocol": protocol,
         "feature_files": {m: str(p) for m, p in data.feature_files.items()},
         "text_file": str(data.text_file),
         "seed": seed,
+        "split_sizes": sizes,
+        "paper_split_sizes": dict(PAPER_SPLIT_SIZES) if protocol == "paper" else None,
         "splits": {
             name: {
                 "role": splits.roles[name],
                 "modalities": list(splits.modalities[name]),
                 "videos": len(splits.videos[name]),
-                "rows": len(splits.rows[name]),
+                "captions": int(arrays[name]["caption_counts"].sum()),
                 "missing": {
                     m: int((arrays[name]["lengths"][m] == 0).sum()) for m in splits.modalities[name]
                 },
             }
-            for name in splits.rows
+            for name in splits.videos
         },
+        "max_captions_per_row": slots,
         "left_out_training_videos": len(splits.dropped),
+        "left_out_eval_videos": {name: len(v) for name, v in splits.left_out.items()},
         "missing_policy": missing,
         "left_out_incomplete_rows": incomplete,
-        "dropped_videos": dict(getattr(data, "dropped", {})),
+        "dropped_videos": dict(data.dropped),
     }
     rows_json = dict(summary)
     rows_json["rows"] = {
-        name: [[v, c, caption_text(v, c)] for v, c in rows] for name, rows in splits.rows.items()
+        name: [[v, list(chosen), [_caption_text(data, v, c) for c in chosen]]
+               for v, chosen in zip(vids, splits.captions[name])]
+        for name, vids in splits.videos.items()
     }
     rows_json["left_out_training_video_ids"] = splits.dropped
+    rows_json["left_out_eval_video_ids"] = splits.left_out
     atomic_write_text(store_path / "msrvtt_rows.json", json.dumps(rows_json, indent=1))
     return summary
