@@ -448,3 +448,35 @@ def test_cuda_module_auto_runs_with_and_without_padding():
 
 def test_backends_constant_lists_every_implementation():
     assert set(BACKENDS) == {"auto", "xformers", "fold", "loop", "padded_fold", "sdpa", "reference"}
+
+
+def test_module_resolves_the_backend_once_per_call(monkeypatch):
+    import umilayers.attention as attention
+
+    calls = []
+    real = attention.select_backend
+    monkeypatch.setattr(attention, "select_backend", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    layer = GroupMaskedTransformer(dim=16, depth=3, heads=2, groups=2)
+    layer(torch.randn(2, 8, 16))
+    assert len(calls) == 1  # not once per layer
+
+
+def test_module_takes_an_attention_kernel():
+    # Variation by constructor argument (timm's Block(attn_layer=...)): every layer calls the kernel.
+    import copy
+
+    from umilayers.attention import group_attention
+
+    seen = []
+
+    def kernel(q, k, v, group_sizes, key_padding_mask):
+        seen.append(list(group_sizes))
+        return group_attention(q, k, v, group_sizes, "reference", key_padding_mask)
+
+    torch.manual_seed(0)
+    layer = GroupMaskedTransformer(dim=16, depth=3, heads=2, groups=2, backend="reference")
+    custom = copy.deepcopy(layer)
+    custom.backend = kernel
+    x = torch.randn(2, 8, 16)
+    assert torch.equal(custom(x), layer(x)) and seen == [[4, 4]] * 3
+    assert "backend=kernel" in repr(custom)

@@ -427,3 +427,23 @@ def test_model_config_fields_are_the_constructor_arguments():
     assert UMIConfig.from_dict(config.to_dict()) == config
     resolved = ModelConfig(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, num_align_tokens=C)
     assert config.hyperparameters == resolved  # the default n_u resolved: one token per class
+
+
+def test_the_batch_is_checked_once(monkeypatch):
+    # The model checks `present` at its boundary and fuses with the unchecked kernel; the checked
+    # CommonSpaceSum path is not taken again inside.
+    import umilayers.fusion as fusion
+    import umilayers.model as model_module
+
+    calls = []
+    real = model_module.check_present
+    monkeypatch.setattr(model_module, "check_present", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model re-checked its batch in the fusion")
+
+    monkeypatch.setattr(fusion, "check_present", refuse)
+    present = {"audio": torch.tensor([True, False, True]), "rgb": torch.tensor([False, True, True])}
+    inputs, masks = make_batch(present)
+    make_model()(inputs, masks, present)
+    assert calls == [1]
