@@ -122,7 +122,7 @@ def _add_option(group: Any, spec: OptionSpec, default: Any) -> None:
         group.add_argument(flag(spec.name), action=_Toggle, dest=spec.name, default=default, help=spec.help)
         return
     metavar = "{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else spec.name.upper()
-    help_text = spec.help + (f" ('{_NONE}' for the default)" if spec.optional else "")
+    help_text = spec.help + (f"; '{_NONE}' for None" if spec.optional else "")
     group.add_argument(flag(spec.name), action=_Value, spec=spec, dest=spec.name, default=default,
                        metavar=metavar, help=help_text)
 
