@@ -551,13 +551,14 @@ def group_attention(
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.heads = heads
+        inner = heads * head_dim  # the attention's width; dim when head_dim = dim // heads
         self.norm1 = nn.LayerNorm(dim, **factory)
-        self.qkv = nn.Linear(dim, 3 * dim, **factory)
-        self.proj = nn.Linear(dim, dim, **factory)
+        self.qkv = nn.Linear(dim, 3 * inner, **factory)
+        self.proj = nn.Linear(inner, dim, **factory)
         self.norm2 = nn.LayerNorm(dim, **factory)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -609,11 +610,15 @@ class GroupMaskedTransformer(nn.Module):
     Args:
         dim: token width D.
         depth: number of layers.
-        heads: attention heads H (must divide ``dim``).
+        heads: attention heads H (must divide ``dim`` unless ``head_dim`` is given).
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         groups: number of equal contiguous groups (N must be divisible by it); default 1.
         group_sizes: explicit group sizes instead of ``groups``.
         backend: attention backend, one of :data:`BACKENDS`, or an :data:`AttentionKernel`.
+        head_dim: width h of each head (x-transformers' ``dim_head``); the queries, keys and
+            values are ``H * h`` wide, mapped back to ``dim`` by the output projection. Default
+            ``dim // heads`` (then ``H * h = dim``); the authors' released code uses 64 with 8
+            heads at ``dim`` 256.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -631,6 +636,9 @@ class GroupMaskedTransformer(nn.Module):
         >>> layer.backend = "reference"  # flip to the oracle
         >>> layer(torch.randn(3, 10, 32)).shape
         torch.Size([3, 10, 32])
+        >>> wide = GroupMaskedTransformer(dim=32, depth=1, heads=3, head_dim=16, groups=2)
+        >>> wide.blocks[0].qkv.weight.shape  # 3 x (3 heads x 16) queries, keys and values
+        torch.Size([144, 32])
     """
 
     def __init__(
@@ -642,13 +650,17 @@ class GroupMaskedTransformer(nn.Module):
         groups: Optional[int] = None,
         group_sizes: Optional[Sequence[int]] = None,
         backend: Union[str, AttentionKernel] = "auto",
+        head_dim: Optional[int] = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
-        check_divides("heads", heads, "dim", dim)
+        if head_dim is None:
+            check_divides("heads", heads, "dim", dim)
+            head_dim = dim // heads
+        check_positive_int("head_dim", head_dim)
         check_number("mlp_ratio", mlp_ratio, strict=True)
         if groups is not None and group_sizes is not None:
             raise ValueError("give either groups or group_sizes, not both")
@@ -665,8 +677,9 @@ class GroupMaskedTransformer(nn.Module):
         self.backend = backend
         self.dim = dim
         self.heads = heads
+        self.head_dim = head_dim
         self.blocks = nn.ModuleList(
-            _Block(dim, heads, mlp_ratio, device=device, dtype=dtype) for _ in range(depth)
+            _Block(dim, heads, head_dim, mlp_ratio, device=device, dtype=dtype) for _ in range(depth)
         )
 
     def resolve_group_sizes(self, n: int) -> list[int]:
@@ -692,7 +705,7 @@ class GroupMaskedTransformer(nn.Module):
             return self.backend
         batch, n, _ = x.shape
         grad = torch.is_grad_enabled() and (x.requires_grad or self.blocks[0].qkv.weight.requires_grad)
-        queries = _Queries(x.device, _compute_dtype(x), (batch, self.heads, n, self.dim // self.heads), grad)
+        queries = _Queries(x.device, _compute_dtype(x), (batch, self.heads, n, self.head_dim), grad)
         return resolve_kernel(self.backend, queries, group_sizes, padding_mask)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -709,4 +722,4 @@ class GroupMaskedTransformer(nn.Module):
     def extra_repr(self) -> str:
         groups = f"group_sizes={self.group_sizes}" if self.group_sizes else f"groups={self.groups}"
         backend = repr(self.backend) if isinstance(self.backend, str) else getattr(self.backend, "__name__", "kernel")
-        return f"dim={self.dim}, heads={self.heads}, {groups}, backend={backend}"
+        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, {groups}, backend={backend}"
