@@ -59,6 +59,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (imports no torch: the parent process never does)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"learned_mb": 600.0, "file_mb": 300.0, "epoch_s": 10.0}
 VARIANTS = ("full", "learned", "told", "file-full", "file")
@@ -135,7 +138,7 @@ def worker(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     bank_class = _bank_class(args)
-    torch.set_num_threads(args.threads)
+    _common.set_threads(args.threads)
     n, c, batch = args.samples, args.classes, args.batch
     modalities = [f"m{i}" for i in range(args.modalities)]
     has = _owner(n, len(modalities), args.pairs)
@@ -325,9 +328,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of updates timed")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in the workers (the bank's work is memory-bound; on a "
-                             "shared machine extra threads mostly wait for each other)")
+    _common.add_threads_option(parser)  # the workers' threads (the bank's work is memory-bound)
     parser.add_argument("--old-code", type=Path, default=None,
                         help="a pseudo_labels.py to run as the extra variant 'old-code' (full layout)")
     parser.add_argument("--released-sample", type=int, default=200,

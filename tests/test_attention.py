@@ -424,6 +424,38 @@ def test_every_backend_matches_the_reference_with_head_dim_not_dim_over_heads(gr
             torch.testing.assert_close(dw, ref_dw, **tol(torch.float32, "bwd"), msg=backend)
 
 
+@pytest.mark.parametrize("group_sizes", [[4, 4], [3, 1, 5], [6]])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_first_of_group_computes_only_the_first_queries_exactly(group_sizes, depth, padded):
+    torch.manual_seed(0)
+    layer = GroupMaskedTransformer(dim=16, depth=depth, heads=3, head_dim=8, group_sizes=group_sizes)
+    n = sum(group_sizes)
+    x = torch.randn(3, n, 16)
+    mask = None
+    if padded:
+        mask = torch.zeros(3, n, dtype=torch.bool)
+        mask[0, -2:] = True
+        mask[1, : group_sizes[0]] = True  # row 1: its whole first group is padding
+    results = {}
+    for fast in (True, False):
+        layer.first_queries_only = fast
+        leaf = x.clone().requires_grad_(True)
+        out = layer(leaf, mask, first_of_group=True)
+        out.square().sum().backward()
+        results[fast] = (out.detach(), leaf.grad, [p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad(set_to_none=True)
+    (fast_out, fast_dx, fast_dw), (full_out, full_dx, full_dw) = results[True], results[False]
+    assert fast_out.shape == (3, len(group_sizes), 16)
+    starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+    layer.first_queries_only = True
+    torch.testing.assert_close(full_out, layer(x, mask)[:, starts], rtol=0, atol=0)  # the slow path selects
+    torch.testing.assert_close(fast_out, full_out, **tol(torch.float32, "fwd"))
+    torch.testing.assert_close(fast_dx, full_dx, **tol(torch.float32, "bwd"))
+    for a, b in zip(fast_dw, full_dw):
+        torch.testing.assert_close(a, b, **tol(torch.float32, "bwd"))
+
+
 def test_module_groups_are_isolated():
     torch.manual_seed(0)
     layer = GroupMaskedTransformer(dim=16, depth=2, heads=4, group_sizes=[3, 1, 4])

@@ -450,6 +450,26 @@ def test_default_head_dim_builds_the_model_of_dim_over_heads():
     assert torch.equal(default(inputs, masks, PRESENT).prediction, explicit(inputs, masks, PRESENT).prediction)
 
 
+@pytest.mark.parametrize("task", ["classification", "retrieval"])
+def test_readout_queries_only_equals_the_full_fusion(task):
+    # The fusion's last layer computes the readouts' queries only; flipping the fast path off
+    # computes every token and reads the readouts: the same outputs, loss and gradients.
+    model = make_model(task, fusion_depth=2, branches=2).train()
+    inputs, masks = make_batch(PRESENT)
+    results = {}
+    for fast in (True, False):
+        model.transformer.first_queries_only = fast
+        out = model(inputs, masks, PRESENT)
+        loss = model.loss(out, targets_for(task, 4), pseudo_for(task, 4)).total
+        loss.backward()
+        results[fast] = (out.branch_outputs.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[True][0], results[False][0], **tol(torch.float32, "fwd"))
+    torch.testing.assert_close(results[True][1], results[False][1], **tol(torch.float32, "fwd"))
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, **tol(torch.float32, "bwd"), msg=name)
+
+
 def test_the_batch_is_checked_once(monkeypatch):
     # The model checks `present` at its boundary and fuses with the unchecked kernel; the checked
     # CommonSpaceSum path is not taken again inside.

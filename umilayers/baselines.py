@@ -173,7 +173,7 @@ class UnimodalModel(_SupervisedOnly):
             mask = None
             if padding_mask is not None:
                 mask = F.pad(padding_mask, (1, 0), value=False)
-            out = self.head(self.transformer(h, padding_mask=mask)[:, 0])
+            out = self.head(self.transformer(h, padding_mask=mask, first_of_group=True)[:, 0])
         return F.normalize(out, dim=-1) if self.task == "retrieval" else out
 
     def check_inputs(
@@ -463,7 +463,7 @@ class VanillaTransformer(_SupervisedOnly):
             tokens, padding = self._modality_sequence(m, batch, inputs.get(m), padding_masks.get(m), have)
             sequences.append(tokens)
             paddings.append(padding)
-        h = self.transformer(torch.cat(sequences, dim=1), padding_mask=torch.cat(paddings, dim=1))
+        h = self.transformer(torch.cat(sequences, dim=1), padding_mask=torch.cat(paddings, dim=1), first_of_group=True)
         out = self.head(h[:, 0])
         if self.task == "retrieval":
             out = F.normalize(out, dim=-1)

@@ -808,9 +808,8 @@ class UnseenModalityModel(TaskModel):
             if inputs[m].shape[0] > 0
         }
         fused = fuse_rows(features, present, batch)
-        tokens = self.transformer(self.branch_tokens(fused))
-        g = self.config.branches
-        readouts = rearrange(tokens, "b (g n) d -> b g n d", g=g)[:, :, 0]
+        # Only the readouts are read: the last layer computes their queries alone (exact).
+        readouts = self.transformer(self.branch_tokens(fused), first_of_group=True)  # (B, G, D)
         branch_outputs = self.head(readouts)
         if self.config.task == "retrieval":
             branch_outputs = F.normalize(branch_outputs, dim=-1)
