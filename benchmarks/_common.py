@@ -300,6 +300,14 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
+def write_results(out: Path, name: str, result: Mapping[str, Any], plot: Optional[Callable[[Path, Any], None]]) -> None:
+    """``out/<name>.json`` (atomically), then ``plot(out/<name>.png, result)``, and say so."""
+    write_json(Path(out) / f"{name}.json", result)
+    if plot is not None:
+        plot(Path(out) / f"{name}.png", result)
+    print(f"wrote {Path(out) / name}.json" + (" and .png" if plot is not None else ""))
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Save a matplotlib figure atomically (temporary PNG in the same folder, then rename)."""
     path = Path(path)
@@ -313,6 +321,16 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def finish_figure(fig: Any, path: Path, title: str, fontsize: int = 7) -> None:
+    """Title, tight layout, save atomically, close."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def pyplot() -> Any:

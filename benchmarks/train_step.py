@@ -601,10 +601,13 @@ def plot(path: Path, result: dict) -> None:
     colors = ["C0" if m.startswith("ours") else "C3" for m in methods]
     panels = 3 if result.get("breakdown") else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
-    axes[0].bar(methods, [result["methods"][m]["median_s"] for m in methods], color=colors)
+    axes[0].bar(methods, [result["methods"][m]["cpu_median_s"] for m in methods], color=colors, label="CPU time")
+    axes[0].plot(methods, [result["methods"][m]["median_s"] for m in methods], "k_", markersize=18,
+                 label="wall time")
     axes[0].set_ylabel("median step time (s)")
-    axes[0].set_title(f"speed-up {result['speedup']:.2f}x vs {result['baseline']} "
-                      f"(goal {GOAL_SPEEDUP}x)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(f"speed-up vs {result['baseline']}: {result['speedup']:.2f}x wall, "
+                      f"{result['cpu_speedup']:.2f}x CPU (goal {GOAL_SPEEDUP}x)", fontsize=9)
     peaks = [result["methods"][m]["peak_bytes"] or 0 for m in methods]
     axes[1].bar(methods, [p / 2**20 for p in peaks], color=colors)
     axes[1].set_ylabel("peak memory of one step (MiB)")
@@ -622,10 +625,7 @@ def plot(path: Path, result: dict) -> None:
         axes[2].tick_params(axis="y", labelsize=6)
         axes[2].set_xlabel("seconds (one profiled step of ours)")
         axes[2].legend(fontsize=7)
-    fig.suptitle(textwrap.fill(result["title"], 150), fontsize=7)
-    fig.tight_layout()
-    _common.save_figure(fig, path)
-    plt.close(fig)
+    _common.finish_figure(fig, path, textwrap.fill(result["title"], 150))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -785,10 +785,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["breakdown_shares"] = shares
         print("by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     result["seconds"] = time.perf_counter() - started
-    _common.write_json(args.out / f"{name}.json", result)
-    if baseline is not None:
-        plot(args.out / f"{name}.png", result)
-    print(f"wrote {args.out / (name + '.json')} in {result['seconds']:.0f} s")
+    _common.write_results(args.out, name, result, plot if baseline is not None else None)
     return 0
 
 
