@@ -120,6 +120,24 @@ def test_fold_matches_reference(case):
     assert_matches_reference("fold", *case)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_fold_of_the_layers_layout_matches_reference(padded):
+    # q, k, v as GroupMaskedTransformer cuts them from one (B, N, 3 H h) projection: fold moves the
+    # groups into the batch there (views), next to the heads for contiguous (B, H, N, h) inputs.
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, 12, 3, 2, 8, generator=gen)  # (B, N, three, H, h)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # three (B, H, N, h) views
+    assert q.stride(1) != 12 * q.stride(2)  # not the heads-outside layout
+    kpm = None
+    if padded:
+        kpm = torch.zeros(3, 12, dtype=torch.bool)
+        kpm[0, 2:6] = True
+        kpm[1, 6:] = True  # row 1: its second group is only padding
+    assert_matches_reference("fold", q, k, v, [6, 6], kpm)
+    contiguous = group_attention(q.contiguous(), k.contiguous(), v.contiguous(), [6, 6], "fold", kpm)
+    torch.testing.assert_close(group_attention(q, k, v, [6, 6], "fold", kpm), contiguous, **tol(torch.float32))
+
+
 @given(case_st())
 def test_sdpa_matches_reference(case):
     assert_matches_reference("sdpa", *case)

@@ -8,9 +8,9 @@ Backends (see ``docs/attention.rst``):
 
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` with a ``BlockDiagonalMask`` in
   the packed layout ``(1, B * N, H, h)``; CUDA only, no key padding.
-- ``"fold"``: equal groups moved into the batch dimension, plain
-  ``F.scaled_dot_product_attention`` without a mask (exact; ~1/G of the dense work; views, no
-  copies, for the module's q, k, v).
+- ``"fold"``: equal groups moved into the batch dimension (next to the heads or into the batch,
+  whichever is a view of the input's layout), plain ``F.scaled_dot_product_attention`` without
+  a mask (exact; ~1/G of the dense work; no copies).
 - ``"padded_fold"``: unequal groups each padded to the largest, then folded like ``"fold"``
   with the padding masked (exact; ``G * max(n_g)**2`` work instead of ``N**2``).
 - ``"loop"``: a Python loop over the groups, one plain ``F.scaled_dot_product_attention`` per
@@ -236,13 +236,16 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Ten
 
 
 def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    # (B, H, G n, h) -> (B G, H, n, h): each group a batch entry. For q, k, v cut from one
-    # (B, N, 3 H h) projection (GroupMaskedTransformer's layout) this is a view, and so is the way
-    # back from SDPA's output ((B G, n, H, h) in memory) to the layer's (B, N, H h): no copy of
-    # q, k, v or of the output, forward or backward (folding the groups into the heads instead
-    # copied all four in a two-group layer).
+    # Each group becomes a batch entry of its own, folded where that is a view of the input (no
+    # copy of q, k, v, forward or backward): next to the heads, (B, H G, n, h), for a (B, H, N, h)
+    # layout (contiguous inputs); into the batch, (B G, H, n, h), for a (B, N, H, h) layout (the
+    # q, k, v that GroupMaskedTransformer cuts from one (B, N, 3 H h) projection, whose output
+    # then also goes back to (B, N, H h) as a view). Folding the module's q, k, v next to the
+    # heads copied all four in a two-group layer (6% of the layer's time forward + backward).
     batch, heads, n, _ = q.shape
     groups = len(group_sizes)
+    if all(t.stride(1) == n * t.stride(2) for t in (q, k, v)):
+        return _fold_heads(q, k, v, groups, key_padding_mask)
     size = n // groups
     q, k, v = (t.unflatten(2, (groups, size)).transpose(1, 2).reshape(batch * groups, heads, size, t.shape[-1])
                for t in (q, k, v))
@@ -253,6 +256,22 @@ def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Ten
         empty = ~keep.any(dim=-1, keepdim=True)  # (B G, 1, 1, 1): a group made only of padding
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty).masked_fill(empty, 0.0)
     return out.unflatten(0, (batch, groups)).transpose(1, 2).reshape(batch, heads, n, out.shape[-1])
+
+
+def _fold_heads(q: Tensor, k: Tensor, v: Tensor, groups: int, key_padding_mask) -> Tensor:
+    """:func:`_fold` for a ``(B, H, N, h)`` layout: ``(B, H, G n, h) -> (B, H G, n, h)``."""
+    batch, heads, n, _ = q.shape
+    size = n // groups
+    q, k, v = (t.reshape(batch, heads * groups, size, t.shape[-1]) for t in (q, k, v))
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        keep = ~key_padding_mask.reshape(batch, 1, groups, 1, size)
+        empty = ~keep.any(dim=-1, keepdim=True)  # (B, 1, G, 1, 1): a group made only of padding
+        keep = keep.expand(-1, heads, -1, -1, -1).reshape(batch, heads * groups, 1, size)
+        empty = empty.expand(-1, heads, -1, -1, -1).reshape(batch, heads * groups, 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty).masked_fill(empty, 0.0)
+    return out.reshape(batch, heads, n, out.shape[-1])
 
 
 def _loop(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
