@@ -166,10 +166,12 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- threads
 
 
-def default_threads() -> int:
-    """The default of every benchmark's ``--threads``: 1, steady on a shared machine.
+def default_threads(device: Any = "cpu") -> int:
+    """The threads of a benchmark run without ``--threads``: 1, steady on a shared machine
+    (0 would mean torch's own choice).
 
-    The one place that sets it: pointing the benchmarks at another policy is a change here.
+    The one place that sets the default: pointing the benchmarks at another policy (say,
+    ``umilayers._threads``) is a change of this function's body.
     """
     return 1
 
@@ -188,17 +190,19 @@ def _threads(text: str) -> int:
 
 def add_threads_option(parser: Any) -> None:
     """Add ``--threads N`` (torch's intra-op CPU threads) to a benchmark's argument parser."""
-    parser.add_argument("--threads", type=_threads, default=default_threads(), metavar="N",
-                        help="torch intra-op CPU threads (default %(default)s: steady on a shared machine; "
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
+                        help=f"torch intra-op CPU threads (default {default_threads()}: steady on a shared machine; "
                              "0 = torch's own choice)")
 
 
-def set_threads(threads: int) -> int:
-    """Apply ``--threads`` (0 leaves torch's choice); return the number torch then uses."""
+def set_threads(threads: Optional[int], device: Any = "cpu") -> int:
+    """Apply ``--threads`` (None: :func:`default_threads`; 0: torch's choice); return the
+    number torch then uses."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    chosen = default_threads(device) if threads is None else threads
+    if chosen:
+        torch.set_num_threads(chosen)
     return torch.get_num_threads()
 
 

@@ -482,7 +482,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.head_dim = args.dim // args.heads
     elif args.head_dim < 1:
         p.error(f"--head-dim: expected an int >= 1, got {args.head_dim}")
-    _common.set_threads(args.threads)
+    _common.set_threads(args.threads, args.device)
     args.param_dtype = torch.float32
     AUTOCAST_DTYPE = None if args.dtype == "float32" else getattr(torch, args.dtype)
 

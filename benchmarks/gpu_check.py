@@ -213,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available (use --device cpu for the dry run)")
-    _common.set_threads(args.threads)
+    _common.set_threads(args.threads, args.device)
     problems = []
     for command in args.commands or list(COMMANDS):
         found = COMMANDS[command](args)

@@ -287,11 +287,16 @@ def _plot(result: dict, path: Path) -> None:
     os.replace(path.with_suffix(".tmp.png"), path)
 
 
+def _worker_threads(args) -> int:
+    """The workers' ``--threads``: the parent's, or the benchmarks' default (the parent imports no torch)."""
+    return _common.default_threads() if args.threads is None else args.threads
+
+
 def _run_variant(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--samples", str(args.samples),
            "--classes", str(args.classes), "--modalities", str(args.modalities),
            "--window", str(args.window), "--batch", str(args.batch), "--epochs", str(args.epochs),
-           "--threads", str(args.threads), "--pairs", args.pairs]
+           "--threads", str(_worker_threads(args)), "--pairs", args.pairs]
     if args.tmpdir:
         cmd += ["--tmpdir", args.tmpdir]
     if args.old_code:
@@ -362,7 +367,7 @@ def main(argv=None) -> int:
     result = {
         "config": {"samples": args.samples, "classes": args.classes, "modalities": args.modalities,
                    "pairs": args.pairs, "window": args.window, "batch": args.batch,
-                   "epochs": args.epochs, "threads": args.threads, "dtype": "float16",
+                   "epochs": args.epochs, "threads": _worker_threads(args), "dtype": "float16",
                    "quick": args.quick, "old_code": str(args.old_code) if args.old_code else None},
         "machine": {"cpus": os.cpu_count(), "torch_threads": runs[0]["torch_threads"],
                     "processor": platform.processor() or platform.machine(),

@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    _common.set_threads(args.threads)
+    threads = _common.set_threads(args.threads, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     info = _common.machine_info(device)
     title = (f"UnseenModalityModel scaling, fwd+bwd, B={args.batch}, d_m={s['feature_dim']}, D={s['dim']}, "
@@ -219,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "title": title,
         "command": " ".join(["python", "benchmarks/scaling.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": {"batch": args.batch, "sizes": s, "device": str(device), "repeats": args.repeats,
-                   "warmup": args.warmup, "threads": args.threads, "quick": args.quick},
+                   "warmup": args.warmup, "threads": threads, "quick": args.quick},
         "machine": info,
         "load_average_1min_after": _common.machine_info(device).get("load_average_1min"),
         "sweeps": sweeps,

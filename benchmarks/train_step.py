@@ -681,7 +681,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     sizes, batch, device = args.sizes, args.batch, args.device
-    _common.set_threads(args.threads)
+    threads = _common.set_threads(args.threads, device)
     name = args.name or ("train_step_quick" if args.quick else "train_step")
     autocast = None if args.dtype == "float32" else getattr(torch, args.dtype)
 
@@ -748,7 +748,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join(["python", "benchmarks/train_step.py",
                              *[a for a in (argv if argv is not None else sys.argv[1:]) if a != _common.NO_REEXEC]]),
         "config": {"batch": batch, "sizes": sizes, "dtype": args.dtype, "device": str(device),
-                   "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+                   "repeats": args.repeats, "warmup": args.warmup, "threads": threads,
                    "baselines": args.baselines, "backends": args.backends, "quick": args.quick,
                    "released_code": str(args.released_code) if args.released_code else None,
                    "optimizer": "AdamW"},

@@ -194,12 +194,19 @@ def test_threads_option_is_one_definition(monkeypatch):
 
     parser = argparse.ArgumentParser()
     _common.add_threads_option(parser)
-    assert parser.parse_args([]).threads == _common.default_threads() == 1
+    assert parser.parse_args([]).threads is None and _common.default_threads() == 1
     assert parser.parse_args(["--threads", "0"]).threads == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["--threads", "-1"])
+    torch_threads = torch.get_num_threads()
+    try:
+        assert _common.set_threads(None) == _common.default_threads()
+        assert _common.set_threads(2) == 2
+    finally:
+        torch.set_num_threads(torch_threads)
+    # threads.py measures thread counts themselves (it sets them per worker): no --threads there.
     for script in sorted((Path(_common.ROOT) / "benchmarks").glob("*.py")):
-        if script.name.startswith("_"):
+        if script.name.startswith("_") or script.name == "threads.py":
             continue
         text = script.read_text()
         assert "add_threads_option" in text, f"{script.name}: no --threads option through _common"
