@@ -167,13 +167,12 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
 
 
 def default_threads(device: Any = "cpu") -> int:
-    """The threads of a benchmark run without ``--threads``: 1, steady on a shared machine
-    (0 would mean torch's own choice).
+    """The threads of a benchmark run without ``--threads``: the library's measured policy
+    (:func:`umilayers._threads.choose_threads`: one on the CPU unless ``OMP_NUM_THREADS`` /
+    ``MKL_NUM_THREADS`` is set; torch's choice on CUDA); 0 stands for torch's own choice."""
+    from umilayers._threads import choose_threads
 
-    The one place that sets the default: pointing the benchmarks at another policy (say,
-    ``umilayers._threads``) is a change of this function's body.
-    """
-    return 1
+    return choose_threads(None, device)[0] or 0
 
 
 def _threads(text: str) -> int:
@@ -190,20 +189,17 @@ def _threads(text: str) -> int:
 
 def add_threads_option(parser: Any) -> None:
     """Add ``--threads N`` (torch's intra-op CPU threads) to a benchmark's argument parser."""
-    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
-                        help=f"torch intra-op CPU threads (default {default_threads()}: steady on a shared machine; "
-                             "0 = torch's own choice)")
+    from umilayers._threads import THREADS_HELP
+
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N", help=THREADS_HELP)
 
 
 def set_threads(threads: Optional[int], device: Any = "cpu") -> int:
-    """Apply ``--threads`` (None: :func:`default_threads`; 0: torch's choice); return the
-    number torch then uses."""
-    import torch
+    """Apply ``--threads`` by the library's rule (:func:`umilayers._threads.apply_thread_policy`:
+    None = the measured default, 0 = torch's choice); return the number torch then uses."""
+    from umilayers._threads import apply_thread_policy
 
-    chosen = default_threads(device) if threads is None else threads
-    if chosen:
-        torch.set_num_threads(chosen)
-    return torch.get_num_threads()
+    return apply_thread_policy(threads, device)
 
 
 # ----------------------------------------------------------------------------- machine

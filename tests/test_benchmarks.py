@@ -194,7 +194,12 @@ def test_threads_option_is_one_definition(monkeypatch):
 
     parser = argparse.ArgumentParser()
     _common.add_threads_option(parser)
-    assert parser.parse_args([]).threads is None and _common.default_threads() == 1
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert parser.parse_args([]).threads is None and _common.default_threads("cpu") == 1  # the library's rule
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _common.default_threads("cpu") == 0  # an explicit environment is left to torch
+    monkeypatch.delenv("OMP_NUM_THREADS")
     assert parser.parse_args(["--threads", "0"]).threads == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["--threads", "-1"])
