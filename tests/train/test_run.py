@@ -254,3 +254,17 @@ def test_fitconfig_roundtrip_and_unknown_keys():
         FitConfig.from_dict({"method": "umi", "learning_rate": 1})
     assert FitConfig.from_options(method="umi", use_pseudo=False).uses_pseudo_labels is False
     assert FitConfig(method="vanilla").uses_pseudo_labels is False
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_default_learning_rate_follows_the_square_root_batch_rule():
+    from umilayers.train.config import BASE_BATCH, BASE_LR, TrainConfig
+
+    assert TrainConfig().lr is None and TrainConfig().peak_lr() == BASE_LR and TrainConfig().batch_size == BASE_BATCH
+    assert TrainConfig(batch_size=4 * BASE_BATCH).peak_lr() == pytest.approx(2 * BASE_LR)
+    assert TrainConfig(batch_size=256, lr=3e-4).peak_lr() == 3e-4  # a given lr is used as is
+    assert TrainConfig().warmup_epochs == 1 and FitConfig().predictor == "transformer"
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0)

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,19 +38,30 @@ from umilayers._validation import InvalidArgument
 from umilayers.baselines import METHODS, PREDICTORS
 from umilayers.model import ModelConfig
 
-__all__ = ["TrainConfig", "RuntimeConfig", "FitConfig"]
+__all__ = ["BASE_LR", "BASE_BATCH", "TrainConfig", "RuntimeConfig", "FitConfig"]
+
+#: Default peak learning rate at :data:`BASE_BATCH` (chosen on val: ``docs/training.rst``).
+BASE_LR = 2e-3
+#: The batch size :data:`BASE_LR` is for; other sizes scale it by ``sqrt(batch_size / BASE_BATCH)``.
+BASE_BATCH = 64
 
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """Optimisation and schedule of both stages (part of what a run computes).
 
-    AdamW with a linear warm-up then cosine decay per step is this library's choice (the paper
-    does not say). Every epoch's sample order and random state derive from ``seed``.
+    AdamW with a linear warm-up (one epoch by default) then cosine decay per step is this
+    library's choice (the paper does not say). The peak learning rate is ``lr`` when given, else
+    :data:`BASE_LR` at batch size :data:`BASE_BATCH` scaled by the square root of
+    ``batch_size / BASE_BATCH`` (the square-root rule for Adam-type optimisers; :meth:`peak_lr`).
+    These defaults were chosen on val splits (``docs/training.rst``). Every epoch's sample order
+    and random state derive from ``seed``.
 
     Example::
 
         >>> TrainConfig(epochs=2, lr=3e-3).replace(amp=True).amp
+        True
+        >>> TrainConfig(batch_size=256).peak_lr() == 2 * TrainConfig().peak_lr()
         True
     """
 
@@ -60,12 +72,19 @@ class TrainConfig(Config):
     pseudo_window: int = option(10, "last unimodal epochs whose predictions are averaged into pseudo-labels "
                                      "(the paper's e)", minimum=0)
     batch_size: int = option(64, "global batch size (split over the processes under torchrun)", minimum=1)
-    lr: float = option(1e-4, "peak learning rate (AdamW)", minimum=0, strict=True)
+    lr: Optional[float] = option(None, f"peak learning rate (AdamW); None: {BASE_LR:g} * sqrt(batch_size / "
+                                       f"{BASE_BATCH}), the square-root rule", minimum=0, strict=True)
     weight_decay: float = option(0.01, "AdamW weight decay", minimum=0)
-    warmup_epochs: int = option(0, "epochs of linear warm-up before the cosine decay", minimum=0)
+    warmup_epochs: int = option(1, "epochs of linear warm-up before the cosine decay", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
     amp: bool = option(False, "bf16 autocast (CUDA and CPU)")
     compile: bool = option(False, "torch.compile the model")
+
+    def peak_lr(self) -> float:
+        """The peak learning rate: ``lr``, or ``BASE_LR * sqrt(batch_size / BASE_BATCH)``."""
+        if self.lr is not None:
+            return float(self.lr)
+        return BASE_LR * math.sqrt(self.batch_size / BASE_BATCH)
 
 
 @dataclass(frozen=True)
@@ -105,9 +124,10 @@ class FitConfig(Config):
     method: str = option("umi", "what to train: the paper's model, its baselines and the pooled-projection "
                                 "ablation", choices=METHODS)
     modality: Optional[str] = option(None, "the modality of method 'unimodal'")
-    predictor: str = option(PREDICTORS[0], "predictor of the unimodal models (stage 1, the late-fusion members, "
-                                           "method 'unimodal'): linear on mean-pooled tokens (the paper's) or a "
-                                           "transformer of projection_depth layers over the tokens",
+    predictor: str = option("transformer", "predictor of the unimodal models (stage 1, the late-fusion members, "
+                                           "method 'unimodal'): a transformer of projection_depth layers over the "
+                                           "tokens, or linear on mean-pooled tokens (the paper's; on token data it "
+                                           "learns next to nothing)",
                             choices=PREDICTORS)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -228,7 +228,7 @@ class Phase:
                  epochs: int) -> None:
         train = cfg.train
         self.model = model.to(ctx.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.peak_lr(), weight_decay=train.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, steps_per_epoch * epochs,
                                          steps_per_epoch * train.warmup_epochs)
         forward = torch.compile(self.model, dynamic=True) if train.compile else None
