@@ -77,8 +77,18 @@ class TrainConfig(Config):
     weight_decay: float = option(0.01, "AdamW weight decay", minimum=0)
     warmup_epochs: int = option(1, "epochs of linear warm-up before the cosine decay", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
+    pseudo_folds: int = option(1, "not in the paper: k > 1 trains k unimodal models per modality, each on k - 1 "
+                                  "folds, and labels each row by the one that did not train on it (out-of-fold "
+                                  "pseudo-labels; classification and regression); 1: the paper", minimum=1)
+    pair_same_label: float = option(0.0, "not in the paper, classification: probability that a training row is "
+                                         "replaced by a same-label row joined with another row's modalities "
+                                         "(umilayers.data.pair_same_label)", minimum=0)
     amp: bool = option(False, "bf16 autocast (CUDA and CPU)")
     compile: bool = option(False, "torch.compile the model")
+
+    def check(self) -> None:
+        if self.pair_same_label > 1:
+            raise InvalidArgument("pair_same_label", f"expected a probability in [0, 1], got {self.pair_same_label}")
 
     def peak_lr(self) -> float:
         """The peak learning rate: ``lr``, or ``BASE_LR * sqrt(batch_size / BASE_BATCH)``."""
@@ -129,6 +139,9 @@ class FitConfig(Config):
                                            "tokens, or linear on mean-pooled tokens (the paper's; on token data it "
                                            "learns next to nothing)",
                             choices=PREDICTORS)
+    subset_ensemble: bool = option(False, "not in the paper; methods umi and pooled, at evaluation: average the "
+                                          "fused prediction with the predictions from each training split's "
+                                          "modality set that a row has more than")
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -136,6 +149,9 @@ class FitConfig(Config):
     def check(self) -> None:
         if self.method == "unimodal" and not self.modality:
             raise InvalidArgument("modality", "method 'unimodal' needs the modality to train on")
+        if self.subset_ensemble and self.method not in ("umi", "pooled"):
+            raise InvalidArgument("subset_ensemble", f"only methods 'umi' and 'pooled' have it, got method "
+                                                     f"{self.method!r}")
         if self.method != "unimodal" and self.modality:
             raise InvalidArgument("modality", f"only used by method 'unimodal', got modality={self.modality!r} "
                                               f"with method {self.method!r}")

@@ -14,14 +14,15 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from umilayers import metrics
 from umilayers._progress import progress
-from umilayers.data import Batch, FeatureStore, collate
+from umilayers.data import Batch, FeatureStore, collate, pair_same_label
 from umilayers.model import TaskModel, UMIOutput
 from umilayers.train.config import FitConfig
 from umilayers.train.distributed import (
@@ -45,6 +46,7 @@ __all__ = [
     "autocast",
     "cosine_schedule",
     "train_step",
+    "fold_of_rows",
     "train_epoch",
     "predict",
     "encode_captions",
@@ -303,6 +305,8 @@ def train_epoch(
     for step, (batch, scale) in enumerate(zip(loader, scales)):
         pseudo_targets = pseudo(batch).to(ctx.device, non_blocking=True) if pseudo is not None else None
         batch = batch.to(ctx.device, non_blocking=True)
+        if cfg.train.pair_same_label:
+            batch, pseudo_targets = pair_same_label(batch, cfg.train.pair_same_label, pseudo_targets)
         terms = train_step(phase, batch, pseudo_targets, scale, cfg, ctx)
         rows = float(len(batch.indices)) if scale else 0.0
         sums[:4] += terms * rows
@@ -322,12 +326,24 @@ def train_epoch(
 # ============================================================================ prediction and metrics
 
 
+def fold_of_rows(count: int, folds: int, seed: int) -> np.ndarray:
+    """``(count,)`` fold of each row: a seeded permutation cut into ``folds`` near-equal parts."""
+    order = np.random.default_rng(seed % (2**63)).permutation(count)
+    fold = np.empty(count, dtype=np.int64)
+    fold[order] = np.arange(count) % folds
+    return fold
+
+
 @torch.no_grad()
 def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureStore, names: Sequence[str],
-            keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext) -> dict[str, Tensor]:
-    """Predictions (and retrieval text embeddings, targets and ids) on the rows of ``names``,
-    in split order then row order; each rank predicts a contiguous shard, then all are gathered."""
-    dataset = concat(store, names)
+            keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext,
+            only: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
+    """Predictions (and retrieval text embeddings, targets and ids) on the rows of ``names`` (or
+    only the rows ``only`` of their concatenation), in split order then row order; each rank
+    predicts a contiguous shard, then all are gathered."""
+    dataset: Dataset = concat(store, names)
+    if only is not None:
+        dataset = Subset(dataset, list(only))
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
