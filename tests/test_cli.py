@@ -128,15 +128,15 @@ def test_a_new_field_is_a_new_flag():
 
     @dataclasses.dataclass(frozen=True)
     class Runtime(train_config.RuntimeConfig):
-        threads: int = option(1, "torch threads", minimum=1)
+        prefetch: int = option(1, "batches each loader prefetches", minimum=1)
 
     original = train_config.CONCERNS["runtime"]
     train_config.CONCERNS["runtime"] = Runtime
     try:
         parser = _fit_parser()
-        assert "--threads" in parser.format_help() and "(default: 1)" in parser.format_help()
+        assert "--prefetch" in parser.format_help() and "(default: 1)" in parser.format_help()
         with pytest.raises(SystemExit):
-            parser.parse_args(["--out", "x", "--threads", "0"])
+            parser.parse_args(["--out", "x", "--prefetch", "0"])
     finally:
         train_config.CONCERNS["runtime"] = original
 
