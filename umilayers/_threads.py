@@ -161,8 +161,9 @@ class _ThreadsOption(argparse.Action):
         setattr(namespace, self.dest, count)
 
 
-def add_threads_argument(parser: Any, flags: Sequence[str] = ("--threads",)) -> None:
-    """Add ``--threads N`` (default ``None``: the rule decides) to a parser or argument group.
+def add_threads_argument(parser: Any, flags: Sequence[str] = ("--threads",), note: str = "") -> None:
+    """Add ``--threads N`` (default ``None``: the rule decides) to a parser or argument group;
+    ``note`` is added to its help.
 
     Example::
 
@@ -171,4 +172,5 @@ def add_threads_argument(parser: Any, flags: Sequence[str] = ("--threads",)) -> 
         >>> parser.parse_args([]).threads, parser.parse_args(["--threads", "0"]).threads
         (None, 0)
     """
-    parser.add_argument(*flags, action=_ThreadsOption, default=None, metavar="N", help=THREADS_HELP)
+    parser.add_argument(*flags, action=_ThreadsOption, default=None, metavar="N",
+                        help=THREADS_HELP + (" " + note if note else ""))

@@ -47,6 +47,7 @@ __all__ = [
     "Sizes",
     "InvalidArgument",
     "InvalidArgumentType",
+    "OutputExistsError",
     "check_tensor",
     "check_bool_mask",
     "check_finite",
@@ -97,6 +98,19 @@ class InvalidArgument(ValueError):
 
 class InvalidArgumentType(InvalidArgument, TypeError):
     """:class:`InvalidArgument` for a value of the wrong type (also a ``TypeError``)."""
+
+
+class OutputExistsError(InvalidArgument, FileExistsError):
+    """:class:`InvalidArgument` for an output that exists already and is not to be replaced
+    unless asked (also a ``FileExistsError``).
+
+    Example::
+
+        >>> err = OutputExistsError("out", "runs/a already exists; pass {overwrite} to replace it",
+        ...                         refs=["overwrite"])
+        >>> err.message(lambda name: "--" + name)
+        '--out: runs/a already exists; pass --overwrite to replace it'
+    """
 
 
 class Sizes(dict):

@@ -68,7 +68,8 @@ def flag(name: str) -> str:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions as written, and every option's default after its help (not for required
-    ones, nor where the help says the default in words).
+    ones, nor where the help says the default in words, nor an unset default (``None``, ``[]``)
+    of an option that is not a config field).
 
     Example::
 
@@ -81,7 +82,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """
 
     def _get_help_string(self, action: argparse.Action) -> Optional[str]:
-        if action.required or "default" in (action.help or "").lower():
+        unset = action.default in (None, []) and not isinstance(action, _Value)
+        if action.required or unset or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from umilayers._io import append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write_json, read_json
-from umilayers._validation import InvalidArgument
+from umilayers._validation import InvalidArgument, OutputExistsError
 from umilayers._version import __version__
 from umilayers.baselines import build_model, model_from_spec, model_spec
 from umilayers.data import Batch, FeatureStore
@@ -95,7 +95,7 @@ RUN_FILES = {
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class RunExistsError(InvalidArgument, FileExistsError):
+class RunExistsError(OutputExistsError):
     """The run directory already holds a run and neither ``resume`` nor ``overwrite`` was given.
 
     An :class:`~umilayers._validation.InvalidArgument` of ``out`` (the command line names
