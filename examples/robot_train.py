@@ -83,10 +83,14 @@ def evaluate_subsets(run: Path, store: Path, device: str = "auto", rank: int = 0
 
 
 def _plot_subsets(rows, path: Path) -> None:
-    import matplotlib
+    """The bar chart, when matplotlib (umilayers[train]) is installed: the numbers are in the .md."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
 
     labels = ["+".join(r["modalities"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))

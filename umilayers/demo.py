@@ -304,6 +304,11 @@ def _finished(path: Path) -> str:
         return "unreadable"
 
 
+def _say(text: str = "") -> None:
+    """Print a line now, also into a pipe or a log file (the heartbeat is no use buffered)."""
+    print(text, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``umilayers demo`` options."""
     parser = argparse.ArgumentParser(prog="umilayers demo", description=_plain(__doc__ or ""),
@@ -342,25 +347,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     heartbeat = Heartbeat(plan)
     load_start, cpu_start, start = _load_average(), time.process_time(), time.perf_counter()
     if args.quick:
-        print(SMOKE_TEST)
-    print(f"{len(plan)} runs, torch threads: {threads} ({why}); one line per run, "
+        _say(SMOKE_TEST)
+    _say(f"{len(plan)} runs, torch threads: {threads} ({why}); one line per run, "
           f"the estimate of what remains from the first on")
     with tempfile.TemporaryDirectory(prefix="umilayers-demo-") as tmp:
         root = Path(tmp)
-        print(f"Table 4 layout: {len(METHOD_ROWS)} methods x {len(tasks)} tasks x {len(seeds)} seed(s)")
-        main_results = run_grid(root, tasks, METHOD_ROWS, seeds, size, heartbeat=heartbeat)
+        _say(f"Table 4 layout: {len(METHOD_ROWS)} methods x {len(tasks)} tasks x {len(seeds)} seed(s)")
+        main_results = run_grid(root, tasks, METHOD_ROWS, seeds, size, log=_say, heartbeat=heartbeat)
         ablation_results = None
         if not args.no_ablation:
-            print("Tables 2-3 layout: ablations on the classification task")
+            _say("Tables 2-3 layout: ablations on the classification task")
             ablation_results = run_grid(root / "ablation", ["classification"], ABLATION_ROWS, seeds, size,
-                                        heartbeat=heartbeat)
-    print()
+                                        log=_say, heartbeat=heartbeat)
+    _say()
     if args.quick:
-        print(SMOKE_TEST + "\n")
-    print(format_table(main_results, tasks, "method (Table 4 layout)"))
+        _say(SMOKE_TEST + "\n")
+    _say(format_table(main_results, tasks, "method (Table 4 layout)"))
     if ablation_results is not None:
-        print()
-        print(format_table(ablation_results, ["classification"], "ablation (Tables 2-3 layout)"))
+        _say()
+        _say(format_table(ablation_results, ["classification"], "ablation (Tables 2-3 layout)"))
     elapsed = time.perf_counter() - start
     record = {"size": "quick" if args.quick else "default", "smoke_test": args.quick, "seeds": seeds,
               "seconds": round(elapsed, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
@@ -371,10 +376,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record["note"] = SMOKE_TEST
     atomic_write_json(record_path, record)
     png = _plot(main_results, tasks, out / "demo.png", args.quick)
-    print(f"\nwrote {record_path}" + (f" and {png}" if png else "") + f" in {_duration(elapsed)} "
+    _say(f"\nwrote {record_path}" + (f" and {png}" if png else "") + f" in {_duration(elapsed)} "
           f"({time.process_time() - cpu_start:.0f} s of CPU time, {threads} thread(s))")
     if args.quick:
-        print("(a smoke test: see above)")
+        _say("(a smoke test: its numbers are not results)")
     return 0
 
 
