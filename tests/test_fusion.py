@@ -156,9 +156,10 @@ def _mask(*values):
         ({"rgb": torch.zeros(1, K, D)}, {"rgb": _mask(True, False, True)}, ValueError,
          r"features\['rgb'\]: expected 2 rows .* or 3 rows .*, got 1"),
         ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D)}, {"rgb": _mask(True)}, ValueError,
-         r"features: unknown modality \['audio'\]: present has masks for \['rgb'\] only"),
+         r"^present: missing the mask of \['audio'\] \(every modality of features needs its \(B,\) mask; "
+         r"present has \['rgb'\]\)$"),
         ({"rgb": torch.zeros(1, K, D), "audoi": torch.zeros(1, K, D)}, {"rgb": _mask(True), "audio": _mask(True)},
-         ValueError, r"^features: unknown modality \['audoi'\]: present has masks for \['audio', 'rgb'\] only"),
+         ValueError, r"^features: unknown modality \['audoi'\]: present has masks for \['audio', 'rgb'\], not for it$"),
         ({"rgb": torch.zeros(1, K, D)}, {"rgb": _mask(True), "audio": _mask(True)}, ValueError,
          r"present\['audio'\]: marks 1 row\(s\) as having 'audio', but features has no 'audio'"),
         ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D)}, {"rgb": _mask(True), "audio": _mask(True, False)},

@@ -92,10 +92,13 @@ def check_present(
     names = sorted(tensors)
     if not isinstance(present, Mapping):
         raise TypeError(f"present: expected a mapping of modality name -> (B,) bool mask, got {type(present).__name__}")
-    unknown = [m for m in names if m not in present]
-    if unknown:
-        raise ValueError(f"{name}: unknown modality {unknown}: present has masks for {sorted(present)} only "
-                         f"(every modality of {name} needs its (B,) mask)")
+    unmasked = [m for m in names if m not in present]
+    if unmasked and set(present) - set(names):  # masks under other names: a name spelled two ways?
+        raise ValueError(f"{name}: unknown modality {unmasked}: present has masks for {sorted(present)}, "
+                         f"not for {'it' if len(unmasked) == 1 else 'them'}")
+    if unmasked:
+        raise ValueError(f"present: missing the mask of {unmasked} (every modality of {name} needs its (B,) "
+                         f"mask; present has {sorted(present)})")
     sizes = Sizes()
     for m in sorted(present):
         check_bool_mask(f"present[{m!r}]", present[m], ("B",), sizes)
