@@ -350,3 +350,24 @@ def test_every_help_shows_every_default(command):
         if f"(default: {action.default})" not in text:  # said in words instead: never a wrong value
             assert "(default: " not in text or action.default is None, f"{command} {option}: {text}"
     assert "(default: 64)" in _help_lines(_subparser("fit"))["--batch-size"]
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(finished, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "umilayers", "fit", str(finished / "store"), "--out", str(run), *TINY,
+            "--epochs", "200"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "log.jsonl").exists() or "multimodal" not in (run / "log.jsonl").read_text():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and out == ""
+    assert err.strip().splitlines() == [
+        "umilayers fit: interrupted; the last finished epoch is kept: add --resume to continue"]
+    assert (run / "checkpoint.pt").is_file() and not (run / "metrics.json").exists()  # resumable, unfinished

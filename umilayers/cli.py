@@ -389,6 +389,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return commands[args.command](args)
     except USER_ERRORS as err:
         return report_error(f"umilayers {args.command}", err)
+    except KeyboardInterrupt:
+        hint = "; the last finished epoch is kept: add --resume to continue" if args.command == "fit" else ""
+        print(f"umilayers {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
