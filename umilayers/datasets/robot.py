@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from umilayers._io import atomic_torch_save, atomic_write_text
 from umilayers._validation import check_positive_int, check_tensor
+from umilayers.data.store import FeatureStore
 
 __all__ = [
     "ROBOT_MODALITIES",
@@ -127,10 +128,11 @@ def list_episodes(data_dir: str | os.PathLike) -> list[Path]:
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data: {root} is not a directory")
+        raise FileNotFoundError(f"{root}: not a directory (--data: the folder of the dataset's .h5 episode files)")
     files = sorted(p for p in root.iterdir() if p.suffix == ".h5" and p.is_file())
     if not files:
-        raise FileNotFoundError(f"data: no .h5 episode files in {root}")
+        raise FileNotFoundError(f"{root}: no .h5 episode files (--data: the folder of the dataset's .h5 episode "
+                                f"files)")
     return files
 
 
@@ -750,8 +752,6 @@ def build_robot_store(
         RobotDataError: an episode lacks a key (unless ``skip_missing``: then it is dropped
             and counted).
     """
-    from umilayers.data.store import FeatureStore
-
     check_positive_int("image_size", image_size)
     check_positive_int("force_window", force_window)
     if force_window < 8:
