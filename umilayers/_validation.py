@@ -58,6 +58,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_divides",
+    "check_ids",
     "format_spec",
     "format_indices",
 ]
@@ -294,6 +295,35 @@ def check_divides(name: str, value: int, of: str, total: int) -> None:
     """
     if total % value:
         raise InvalidArgument(name, f"must divide {{{of}}}={total}, got {{{name}}}={value}", refs=(of, name))
+
+
+def check_ids(name: str, ids: Tensor, upper: int, what: str) -> Tensor:
+    """Refuse a float, complex or bool tensor, or values outside ``[0, upper)``.
+
+    Reads the values back to the host: for entry points that hold ids on the CPU anyway.
+
+    Args:
+        name: the argument, for the message.
+        ids: integer tensor of any shape.
+        upper: one past the largest valid value.
+        what: what the values are, for the message (``"sample ids"``, ``"class labels"``).
+
+    Returns:
+        ``ids`` detached, as a CPU ``int64`` tensor.
+
+    Example::
+
+        >>> check_ids("labels", torch.tensor([0, 2]), 3, "class labels")
+        tensor([0, 2])
+    """
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor of {what}, got dtype {ids.dtype}")
+    ids = ids.detach().to("cpu", torch.int64)
+    bad = (ids < 0) | (ids >= upper)
+    if ids.numel() and bool(bad.any()):
+        raise ValueError(f"{name}: expected {what} in [0, {upper}), got {int(bad.sum())} out of range, "
+                         f"e.g. {format_indices(ids[bad], limit=5)}")
+    return ids
 
 
 def format_indices(indices: Iterable[Any], limit: int = 10) -> str:
