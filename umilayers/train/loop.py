@@ -229,15 +229,16 @@ class Phase:
 
         >>> from umilayers.baselines import LateFusion
         >>> phase = Phase(LateFusion({"rgb": 4}, num_outputs=3), FitConfig(), DistContext(), 10, 2)
-        >>> type(phase.optimizer).__name__, phase.scheduler.get_last_lr()
-        ('AdamW', [0.0001])
+        >>> type(phase.optimizer).__name__, phase.scheduler.get_last_lr()  # warm-up: 2e-3 / 10 steps
+        ('AdamW', [0.0002])
     """
 
     def __init__(self, model: TaskModel, cfg: FitConfig, ctx: DistContext, steps_per_epoch: int,
                  epochs: int) -> None:
         train = cfg.train
         self.model = model.to(ctx.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.peak_lr(), weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.peak_lr(),
+                                           weight_decay=train.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, steps_per_epoch * epochs,
                                          steps_per_epoch * train.warmup_epochs)
         forward = torch.compile(self.model, dynamic=True) if train.compile else None
