@@ -26,8 +26,8 @@ layers in every transformer, 4 heads) and training length (:data:`EPOCHS`), and
 
 - **default**: :class:`umilayers.train.FitConfig`'s defaults for everything else (learning
   rate and its batch-size rule, warm-up, schedule, unimodal predictor), seeds 0, 1, 2;
-- **tuned**: the same search for every method, :data:`SEARCH` (the learning rate at half and
-  one times the default: 2 settings, seed 0), the setting with the best **val** top-1 kept (test
+- **tuned**: the same search for every method, :data:`SEARCH` (the learning rate at half, one
+  and two times the default: 3 settings, seed 0), the setting with the best **val** top-1 kept (test
   is never looked at to choose), then seeds 0, 1, 2 of it.
 
 Data (:meth:`Size.full`): :data:`FULL_DATA` images per training split, val (disjoint, from the
@@ -71,7 +71,7 @@ EPOCHS = dict(epochs=10, unimodal_epochs=6, pseudo_window=3)
 #: Images per training split, val images, test images of the full size.
 FULL_DATA = dict(num_train=2000, num_val=1000, num_test=2000)
 #: The search (seed 0, chosen on val): multipliers of FitConfig's default learning rate.
-SEARCH = {"lr": (0.5, 1.0)}
+SEARCH = {"lr": (0.5, 1.0, 2.0)}
 #: Test-time modality subsets scored per task (beyond all modalities together).
 SUBSETS = {
     "halves": [("left",), ("right",)],
