@@ -211,7 +211,7 @@ def test_elementwise_mean_pseudo_term_reproduces_the_released_epic_weighting():
     torch.manual_seed(0)
     model = UnseenModalityModel({"audio": 6, "rgb": 5}, num_outputs=classes, dim=16, num_tokens=4,
                                 projection_depth=1, fusion_depth=1, heads=2, pseudo_weight=alpha,
-                                use_alignment=False)
+                                pseudo_reduction="elementwise_mean", use_alignment=False)
     present = {"audio": torch.tensor([True, False, True, False, False, True, False]),
                "rgb": torch.tensor([False, True, False, True, True, False, True])}
     inputs = {"audio": torch.randn(3, 4, 6), "rgb": torch.randn(4, 3, 5)}

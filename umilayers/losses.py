@@ -67,10 +67,11 @@ ASSIGNMENTS = ("label", "nearest")
 #: Reductions of :func:`alignment_loss` over a batch: the mean of the squared distances (Eq. 1),
 #: their sum, or their mean over the rows and the ``D`` features (the authors' released code).
 ALIGN_REDUCTIONS = ("mean", "sum", "elementwise_mean")
-#: Reductions of :func:`classification_pseudo_loss`: the mean over every element of ``(B, C)``
-#: (the authors' released code: ``KLDivLoss(reduce=False)`` then a mean, which is the scale its
-#: ``alpha = 3000`` was set for on EPIC-Kitchens), or the mean over the batch of each sample's KL.
-PSEUDO_REDUCTIONS = ("elementwise_mean", "batchmean")
+#: Reductions of :func:`classification_pseudo_loss`: the mean over the batch of each sample's KL,
+#: or the mean over every element of ``(B, C)`` (the authors' released code:
+#: ``KLDivLoss(reduce=False)`` then a mean, the scale its ``alpha = 3000`` was set for on
+#: EPIC-Kitchens).
+PSEUDO_REDUCTIONS = ("batchmean", "elementwise_mean")
 #: Tasks served by :class:`TaskLoss`.
 TASKS = ("classification", "regression", "retrieval")
 
@@ -327,8 +328,8 @@ def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, reductio
     terms ``p log(p / q)``, which is what the authors' released code computes
     (``KLDivLoss(reduce=False)``, a mean per modality times its row count, divided by the
     batch) and the scale its weight ``alpha = 3000`` was chosen for on EPIC-Kitchens (3,806
-    classes). :class:`~umilayers.model.UnseenModalityModel` uses ``"elementwise_mean"`` unless
-    told otherwise (``pseudo_reduction``).
+    classes): ``elementwise_mean`` with weight ``alpha`` is ``batchmean`` with ``alpha / C``.
+    :class:`~umilayers.model.UnseenModalityModel` takes the choice as ``pseudo_reduction``.
 
     ``pseudo_probs`` are the averaged unimodal softmax outputs of
     :class:`umilayers.PseudoLabelBank`; they must be non-negative but need not sum exactly to 1

@@ -280,10 +280,10 @@ class ModelConfig(Config):
                                                       "D features), 'modality_sum' (Eq. 1 as written: per modality the "
                                                       "batch mean of the squared distance, summed) or 'modality_mean'",
                                   choices=ALIGN_MODALITY_REDUCTIONS)
-    pseudo_reduction: str = option("elementwise_mean", "classification pseudo loss (KL): 'elementwise_mean' over "
-                                                       "batch x classes (the released code; the scale of alpha = 3000 "
-                                                       "on EPIC-Kitchens) or 'batchmean' (each sample's KL, averaged)",
-                                   choices=PSEUDO_REDUCTIONS)
+    pseudo_reduction: str = option("batchmean", "classification pseudo loss (KL): 'batchmean' (each sample's KL, "
+                                                "averaged) or 'elementwise_mean' over batch x classes (the released "
+                                                "code: the scale of alpha = 3000 on EPIC-Kitchens, i.e. batchmean "
+                                                "with alpha = 3000 / 3806)", choices=PSEUDO_REDUCTIONS)
     retrieval_pseudo: str = option("relational", "retrieval pseudo-labels: 'relational' (distil the unimodal "
                                                  "teachers' caption similarities) or 'paper' (the closest modality's "
                                                  "averaged video embedding, triplet loss; Sec. 3.3)",
@@ -660,9 +660,10 @@ class UnseenModalityModel(TaskModel):
       paper writes it (per modality the batch mean of the squared Euclidean distance, summed
       over the modalities), ``"modality_mean"`` that averaged over the modalities.
     - ``L_supervised``: on branch 0 against the ground truth (CE / MSE / triplet).
-    - ``L_pseudo``: on branches 1..G-1 (mean) against the pseudo-labels: KL (by default its
-      mean over batch x classes, the released code's scale for ``alpha``; ``pseudo_reduction``),
-      MSE, or for retrieval the distillation of the teachers' similarities
+    - ``L_pseudo``: on branches 1..G-1 (mean) against the pseudo-labels: KL (by default each
+      sample's KL averaged over the batch; ``pseudo_reduction="elementwise_mean"`` is the
+      released code's mean over batch x classes, the scale of its ``alpha = 3000`` on
+      EPIC-Kitchens), MSE, or for retrieval the distillation of the teachers' similarities
       (``retrieval_pseudo="relational"``) or the paper's triplet (``"paper"``).
 
     Ablation switches (the paper's Tables 2-3), fields of :class:`ModelConfig` but the last:
