@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from umilayers._io import atomic_write_json
-from umilayers.cli import HelpFormatter, add_fit_arguments, parse_fit_args
+from umilayers.cli import HelpFormatter, add_fit_arguments, add_preset_argument, parse_fit_args, preset_defaults
 from umilayers.datasets import msrvtt
 from umilayers.train import FitConfig, fit, process_group
 
@@ -37,7 +37,8 @@ def _modality_file(text: str) -> tuple[str, str]:
     return name, path
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The parser; ``preset``: the options of ``--preset`` (:func:`umilayers.cli.preset_defaults`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
     data.add_argument("--data", required=True,
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="paper: modalities a val/test video must have (default: all seven)")
     data.add_argument("--missing", choices=["lengths0", "complete"], default="lengths0",
                       help="rows lacking a modality of their split: length 0 (default) or left out")
-    add_fit_arguments(parser)
+    add_fit_arguments(parser, defaults=preset)
+    add_preset_argument(parser)
     return parser
 
 
@@ -99,7 +101,7 @@ def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
 
 
 def main(argv=None) -> int:
-    args, config = parse_fit_args(build_parser(), argv)
+    args, config = parse_fit_args(build_parser(preset_defaults(argv, "msrvtt")), argv)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))

@@ -23,14 +23,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from umilayers._io import atomic_write, atomic_write_text
-from umilayers.cli import HelpFormatter, add_fit_arguments, parse_fit_args
+from umilayers.cli import HelpFormatter, add_fit_arguments, add_preset_argument, parse_fit_args, preset_defaults
 from umilayers.datasets import robot
 from umilayers.train import FitConfig, evaluate, fit, process_group
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The parser; ``preset``: the options of ``--preset`` (:func:`umilayers.cli.preset_defaults`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
     data.add_argument("--data", required=True, help="folder of the dataset's .h5 episode files")
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for val")
     data.add_argument("--test-fraction", type=float, default=0.2, help="episodes held out for test")
     data.add_argument("--encoder-device", default="cpu", help="device of the stage-1 encoders")
-    add_fit_arguments(parser)
+    add_fit_arguments(parser, defaults=preset)
+    add_preset_argument(parser)
     return parser
 
 
@@ -107,7 +110,7 @@ def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
 
 
 def main(argv=None) -> int:
-    args, config = parse_fit_args(build_parser(), argv)
+    args, config = parse_fit_args(build_parser(preset_defaults(argv, "robot")), argv)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
