@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from umilayers.data import FeatureStore
 from umilayers.data.synthetic import make_synthetic_store
 from umilayers.pseudo_labels import PseudoLabelBank
 from umilayers.train import evaluate, fit
+from tests.train.test_distributed import _free_port
 
 K = 3  # caption slots
 TINY = dict(dim=16, projection_depth=1, fusion_depth=1, heads=2, num_tokens=4, epochs=2, unimodal_epochs=2,
@@ -166,12 +166,6 @@ def test_paper_pseudo_labels_take_the_closest_modality_for_the_drawn_caption(sto
                 scores[m] = (float(p @ truth), p)
         best = max(scores, key=lambda m: scores[m][0])
         torch.testing.assert_close(pseudo[i], scores[best][1])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _evaluate_worker(rank, world, port, out, result_file):

@@ -606,11 +606,13 @@ class FeatureStore:
         Example::
 
             >>> import tempfile
-            >>> store = FeatureStore.create(tempfile.mkdtemp() + "/s", "classification", 2, {"rgb": (3, 4)})
-            >>> store.write_split("tr", "train", {"rgb": np.ones((3, 3, 4), np.float16)}, np.array([0, 1, 1]),
+            >>> store = FeatureStore.create(tempfile.mkdtemp() + "/s", "classification", 2,
+            ...                             {"rgb": (3, 4), "audio": (2, 4)})
+            >>> features = {"rgb": np.ones((3, 3, 4), np.float16), "audio": np.ones((3, 2, 4), np.float16)}
+            >>> store.write_split("tr", "train", features, np.array([0, 1, 1]),
             ...                   lengths={"rgb": np.array([3, 0, 2])})
-            >>> store.present("tr", "rgb").tolist()
-            [True, False, True]
+            >>> store.present("tr", "rgb").tolist(), store.present("tr", "audio").tolist()
+            ([True, False, True], [True, True, True])
         """
         info = self._require_split(split)
         if modality not in info.modalities:
