@@ -238,7 +238,10 @@ class ModelConfig(Config):
 
     Defaults are the paper's robot / MSR-VTT settings (``D = 256``, ``k* = 16``, 6 layers and 8
     heads in both transformers, ``lambda = 1e-3``, ``alpha = 1``); EPIC-Kitchens used
-    ``num_tokens=512`` and ``pseudo_weight=3000``. The paper's ablation switches (Tables 2-3) are
+    ``num_tokens=512`` and ``pseudo_weight=3000`` on the released code's scale of the KL term
+    (``pseudo_reduction="elementwise_mean"``). ``align_reduction``, ``pseudo_reduction`` and
+    ``retrieval_pseudo`` name the choices where the paper, the released code and this library
+    differ (docs: Training, "The paper's settings"). The paper's ablation switches (Tables 2-3) are
     ``use_alignment``, ``use_pseudo`` and ``branches`` here, and the projection (a method of the
     recipe, ``"pooled"``).
 

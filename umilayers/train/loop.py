@@ -172,10 +172,11 @@ def train_set(store: FeatureStore, names: Sequence[str], keep: Optional[Iterable
     return _restricted(dataset, rows_having(store, names, keep))
 
 
-def eval_set(store: FeatureStore, names: Sequence[str], keep: Optional[Iterable[str]]) -> Dataset:
+def eval_set(store: FeatureStore, names: Sequence[str], keep: Optional[Iterable[str]],
+             captions: bool = True) -> Dataset:
     """The rows of ``names`` that have a modality of ``keep``, with every caption of a
-    retrieval row (``caption="all"``) when the store has several."""
-    dataset = concat(store, names, caption="all" if _several_captions(store) else "first")
+    retrieval row (``caption="all"``) when the store has several and ``captions`` is on."""
+    dataset = concat(store, names, caption="all" if captions and _several_captions(store) else "first")
     return _restricted(dataset, rows_having(store, names, keep))
 
 
@@ -431,7 +432,7 @@ def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureS
     Retrieval (with ``texts``): ``text`` ``(N, K, E)`` the embedding of every caption of each
     row (zeros past its count) and ``caption_counts`` ``(N,)``.
     """
-    dataset = eval_set(store, names, keep)
+    dataset = eval_set(store, names, keep, captions=texts)
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
