@@ -197,8 +197,23 @@ def test_loss_terms_follow_eq3(task):
         student = (b1 @ text.T / 0.1).log_softmax(-1)
         teacher = (pseudo / 0.1).log_softmax(-1)
         torch.testing.assert_close(losses.pseudo, (teacher.exp() * (teacher - student)).sum(-1).mean())
-    # alignment (default, the released code's): the squared difference of each (sample,
-    # modality) pair's mean feature and its token, averaged over the pairs and the D features
+    # alignment (default): per modality on its rows, averaged over modalities
+    terms = []
+    for m, feats in out.modality_features.items():
+        labels = targets[PRESENT[m]] if task == "classification" else None
+        terms.append(model.alignment(feats, labels))
+    torch.testing.assert_close(losses.align, torch.stack(terms).mean())
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_released_alignment_reduction(task):
+    # the released code: the squared difference of each (sample, modality) pair's mean feature
+    # and its token, averaged over the pairs and the D features
+    model = make_model(task, align_reduction="elementwise_mean")
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    targets = targets_for(task, 4)
+    losses = model.loss(out, targets, pseudo_for(task, 4))
     differences = []
     for m, feats in out.modality_features.items():
         mean = feats.mean(1)

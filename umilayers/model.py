@@ -58,11 +58,11 @@ PROJECTIONS = ("feature", "pooled")
 #: Softmax temperature of the retrieval pseudo loss (on cosine similarities; fixed, not tuned).
 RETRIEVAL_PSEUDO_TEMPERATURE = 0.1
 #: How :class:`UnseenModalityModel` reduces the alignment loss over modalities and rows
-#: (``align_reduction``): the mean over every (sample, modality) pair and the ``D`` features (the
-#: authors' released code, the scale of its ``lambda = 0.001``); per modality the batch mean of
-#: the squared distance, summed over the modalities (Eq. 1 of the paper as written); or averaged
-#: over the modalities of the batch.
-ALIGN_MODALITY_REDUCTIONS = ("elementwise_mean", "modality_sum", "modality_mean")
+#: (``align_reduction``): per modality the batch mean of the squared distance, averaged over the
+#: modalities of the batch (this library's); summed over them (Eq. 1 of the paper as written); or
+#: the mean over every (sample, modality) pair and the ``D`` features (the authors' released
+#: code, the scale of its ``lambda = 0.001``).
+ALIGN_MODALITY_REDUCTIONS = ("modality_mean", "modality_sum", "elementwise_mean")
 #: Retrieval pseudo-labels (``retrieval_pseudo``): the unimodal teachers' video-to-caption
 #: similarities, distilled (this library's); or the paper's (Sec. 3.3): the averaged unimodal
 #: video embedding of the modality closest to the ground truth, with a triplet loss.
@@ -278,11 +278,11 @@ class ModelConfig(Config):
     num_align_tokens: Optional[int] = option(None, "alignment tokens n_u (default: one per class for "
                                                    "classification, where it must be that, else 128)", minimum=1)
     margin: float = option(0.2, "triplet margin of the retrieval losses", minimum=0)
-    align_reduction: str = option("elementwise_mean", "alignment loss over (sample, modality) pairs: "
-                                                      "'elementwise_mean' (the released code: mean over the pairs and the "
-                                                      "D features), 'modality_sum' (Eq. 1 as written: per modality the "
-                                                      "batch mean of the squared distance, summed) or 'modality_mean'",
-                                  choices=ALIGN_MODALITY_REDUCTIONS)
+    align_reduction: str = option("modality_mean", "alignment loss over (sample, modality) pairs: 'modality_mean' "
+                                                   "(per modality the batch mean of the squared distance, averaged over "
+                                                   "the modalities), 'modality_sum' (Eq. 1 as written: summed) or "
+                                                   "'elementwise_mean' (the released code: mean over the pairs and the "
+                                                   "D features)", choices=ALIGN_MODALITY_REDUCTIONS)
     pseudo_reduction: str = option("batchmean", "classification pseudo loss (KL): 'batchmean' (each sample's KL, "
                                                 "averaged) or 'elementwise_mean' over batch x classes (the released "
                                                 "code: the scale of alpha = 3000 on EPIC-Kitchens, i.e. batchmean "
@@ -657,11 +657,11 @@ class UnseenModalityModel(TaskModel):
     - ``L_align``: one :class:`~umilayers.losses.AlignmentLoss` (``num_align_tokens`` learned
       tokens) applied to each modality's projected features (mean over K) on the rows that have
       it; the class's token for classification, the nearest token otherwise. ``align_reduction``
-      says how the squared distances of the (sample, modality) pairs are reduced: by default
-      their mean over the pairs and the ``D`` features, as the authors' released code computes
-      it (the scale its ``lambda = 0.001`` was set for); ``"modality_sum"`` is Eq. 1 as the
-      paper writes it (per modality the batch mean of the squared Euclidean distance, summed
-      over the modalities), ``"modality_mean"`` that averaged over the modalities.
+      says how the squared distances of the (sample, modality) pairs are reduced: by default per
+      modality the batch mean, averaged over the modalities in the batch; ``"modality_sum"`` is
+      Eq. 1 as the paper writes it (summed over the modalities), ``"elementwise_mean"`` the mean
+      over the pairs and the ``D`` features, as the authors' released code computes it (the
+      scale its ``lambda = 0.001`` was set for).
     - ``L_supervised``: on branch 0 against the ground truth (CE / MSE / triplet).
     - ``L_pseudo``: on branches 1..G-1 (mean) against the pseudo-labels: KL (by default each
       sample's KL averaged over the batch; ``pseudo_reduction="elementwise_mean"`` is the
