@@ -109,10 +109,11 @@ def drop_epoch(epochs: int) -> int:
     return max(1, round(epochs * 70 / 120))
 
 
-def compare_optimizers(root: Path, seeds: Sequence[int], size: DemoSize, tasks: Sequence[str], log=print) -> dict:
+def compare_optimizers(root: Path, seeds: Sequence[int], size: DemoSize, tasks: Sequence[str], log=print,
+                       learning_rates: Mapping[str, Sequence[float]] = LEARNING_RATES) -> dict:
     """``{"adamw+cosine": {task: {"lr": best, "val": [per seed], "grid": {lr: mean}}}, ...}``."""
     out: dict = {}
-    for optimizer, lrs in LEARNING_RATES.items():
+    for optimizer, lrs in learning_rates.items():
         for schedule in ("cosine", "step"):
             name = f"{optimizer}+{schedule}"
             extra = {"schedule": schedule}
@@ -168,33 +169,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="which comparison (repeatable; default: both)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     parser.add_argument("--tasks", default=",".join(TASKS), help="tasks of the reductions and optimizer comparisons")
-    parser.add_argument("--quick", action="store_true", help="CI smoke size, one seed")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke size: one seed, classification only, the middle learning rate")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder of choices.json")
     parser.add_argument("--keep", default=None, help="keep the stores and runs in this folder")
     args = parser.parse_args(argv)
     compare = args.compare or list(COMPARISONS)
     size = quick_size() if args.quick else DemoSize.default()
     seeds = list(range(1 if args.quick else args.seeds))
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = ["classification"] if args.quick else [t for t in args.tasks.split(",") if t]
+    learning_rates = {k: v[1:2] for k, v in LEARNING_RATES.items()} if args.quick else LEARNING_RATES
     out_file = Path(args.out) / "choices.json"
     previous = json.loads(out_file.read_text()) if out_file.is_file() else {}
     results: dict = dict(previous.get("results", {}))
-    start = time.perf_counter()
+    runs: dict = dict(previous.get("runs", {}))
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep) if args.keep else Path(scratch)
-        if "retrieval-pseudo" in compare:
-            results["retrieval-pseudo"] = compare_retrieval_pseudo(root, seeds, size)
-        if "reductions" in compare:
-            results["reductions"] = compare_reductions(root, seeds, size, tasks)
-        if "optimizer" in compare:
-            results["optimizer"] = compare_optimizers(root, seeds, size, tasks)
-    info = machine_info()
-    payload = {"command": " ".join(["python benchmarks/choices.py", *(argv or sys.argv[1:])]),
-               "seeds": seeds, "size": size.__dict__, "machine": info,
-               "wall_s": round(time.perf_counter() - start, 1), "results": results}
+        for name in compare:
+            start = time.perf_counter()
+            if name == "retrieval-pseudo":
+                results[name] = compare_retrieval_pseudo(root, seeds, size)
+            elif name == "reductions":
+                results[name] = compare_reductions(root, seeds, size, tasks)
+            else:
+                results[name] = compare_optimizers(root, seeds, size, tasks, learning_rates=learning_rates)
+            runs[name] = {"command": " ".join(["python benchmarks/choices.py", *(argv or sys.argv[1:])]),
+                          "seeds": seeds, "size": size.__dict__, "machine": machine_info(),
+                          "wall_s": round(time.perf_counter() - start, 1)}
     print(report({k: v for k, v in results.items() if k in compare}))
-    print(f"\n{describe_machine(info)}; {payload['wall_s']} s")
-    write_json(out_file, payload)
+    for name in compare:
+        print(f"{name}: {describe_machine(runs[name]['machine'])}; {runs[name]['wall_s']} s")
+    write_json(out_file, {"results": results, "runs": runs})
     return 0
 
 
