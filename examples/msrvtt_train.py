@@ -12,6 +12,9 @@ speech ({rgb, audio, ocr, speech}), split B = the rest ({rgb, object, scene, fac
 kept. Then ``umilayers.train.fit`` trains and writes ``RUN/metrics.json`` as ``umilayers fit``
 does; this script adds the split sizes it used there (``msrvtt_splits``, next to the paper's).
 ``--extract-only`` stops after the store (the sizes are in ``STORE/msrvtt_rows.json``).
+``--preset paper`` trains with the paper's MSR-VTT settings (50 epochs, SGD at 1e-2, batch 128,
+k* = 16, n_u = 128, alpha = 1, e = 20, the retrieval pseudo-labels of Sec. 3.3; docs: Training,
+"The paper's settings"); other flags override them.
 """
 
 from __future__ import annotations

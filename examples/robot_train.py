@@ -11,7 +11,9 @@
 3. Every non-empty subset of the four modalities is evaluated on the test split with the best
    model (the paper's Figure 3): ``RUN/subsets.json``, ``RUN/subsets.md``, ``RUN/subsets.png``.
 
-``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
+``--preset paper`` takes the paper's robot settings for step 2 (50 epochs, SGD at 1e-2, batch
+128, k* = 16, n_u = 128, alpha = 1, e = 20; docs: Training, "The paper's settings"); other flags
+override them. ``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
 wait for the store.
 """
 
