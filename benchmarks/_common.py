@@ -108,25 +108,33 @@ def peak_bytes(step: Callable[[], Any], device: Any = "cpu") -> Optional[int]:
 
 
 def interleaved_times(
-    steps: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, sync: Optional[Callable[[], Any]] = None
+    steps: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, sync: Optional[Callable[[], Any]] = None,
+    cpu_times: Optional[dict[str, list[float]]] = None,
 ) -> dict[str, list[float]]:
     """Wall time of each step, round-robin: every round runs every step once.
 
     On a shared machine the load then hits all methods alike, and ratios taken within a round
     (:func:`median_ratio`) are steadier than ratios of separate medians. The first ``warmup``
     rounds are not recorded. ``sync`` (e.g. ``torch.cuda.synchronize``) runs after each step,
-    inside the timed interval.
+    inside the timed interval. ``cpu_times``, when given, receives the process's CPU time of
+    each step too (``time.process_time``: on a loaded machine it leaves out the time the process
+    waited for a core; with one torch thread it is the step's own work).
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
+    for name in steps:
+        if cpu_times is not None:
+            cpu_times[name] = []
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             if sync is not None:
                 sync()
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if round_ >= warmup:
                 times[name].append(elapsed)
+                if cpu_times is not None:
+                    cpu_times[name].append(elapsed_cpu)
     return times
 
 
@@ -153,6 +161,45 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
     ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
     ss_tot = sum((y - my) ** 2 for y in ys)
     return {"intercept": intercept, "slope": slope, "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def default_threads(device: Any = "cpu") -> int:
+    """The threads of a benchmark run without ``--threads``: the library's measured policy
+    (:func:`umilayers._threads.choose_threads`: one on the CPU unless ``OMP_NUM_THREADS`` /
+    ``MKL_NUM_THREADS`` is set; torch's choice on CUDA); 0 stands for torch's own choice."""
+    from umilayers._threads import choose_threads
+
+    return choose_threads(None, device)[0] or 0
+
+
+def _threads(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
+    return value
+
+
+def add_threads_option(parser: Any) -> None:
+    """Add ``--threads N`` (torch's intra-op CPU threads) to a benchmark's argument parser."""
+    from umilayers._threads import THREADS_HELP
+
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N", help=THREADS_HELP)
+
+
+def set_threads(threads: Optional[int], device: Any = "cpu") -> int:
+    """Apply ``--threads`` by the library's rule (:func:`umilayers._threads.apply_thread_policy`:
+    None = the measured default, 0 = torch's choice); return the number torch then uses."""
+    from umilayers._threads import apply_thread_policy
+
+    return apply_thread_policy(threads, device)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -192,6 +239,44 @@ def describe_machine(info: Mapping[str, Any]) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- xformers
+
+
+def xformers_kernels(q: Any, group_sizes: Sequence[int], needs_gradient: bool = True) -> dict[str, Any]:
+    """Which xformers operators serve group attention of ``q`` as ``umilayers``' xformers backend
+    calls it (packed ``(1, B * N, H, h)`` inputs, a ``BlockDiagonalMask`` over the groups).
+
+    Asks xformers' own dispatcher (``_dispatch_fw``, then ``_dispatch_bw`` with the forward op's
+    log-sum-exp layout, as ``memory_efficient_attention`` does); the private API may move, so any
+    failure is reported, not raised.
+
+    Returns:
+        ``{"forward": name or None, "backward": name or None, "ops": (fw, bw) or None,
+        "reasons": [why not, ...]}``.
+    """
+    found: dict[str, Any] = {"forward": None, "backward": None, "ops": None, "reasons": []}
+    try:
+        import xformers.ops as xops
+        from xformers.ops.fmha.common import Inputs
+        from xformers.ops.fmha.dispatch import _dispatch_bw, _dispatch_fw
+    except Exception as err:  # not installed, a broken extension, or the private API moved
+        found["reasons"].append(f"xformers dispatch unavailable: {type(err).__name__}: {err}")
+        return found
+    batch, heads, n, head_dim = q.shape
+    packed = q.new_empty(1, batch * n, heads, head_dim)
+    bias = xops.fmha.BlockDiagonalMask.from_seqlens(list(group_sizes) * batch, device=q.device)
+    inputs = Inputs(packed, packed, packed, attn_bias=bias)
+    try:
+        forward = _dispatch_fw(inputs, needs_gradient)
+        backward = _dispatch_bw(inputs, varlen_lse_packed=forward.VARLEN_LSE_PACKED) if needs_gradient else None
+    except NotImplementedError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found["reasons"].append(" ".join(lines[-8:]))
+        return found
+    found.update(forward=forward.NAME, backward=backward.NAME if backward else None, ops=(forward, backward))
+    return found
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -215,6 +300,14 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
+def write_results(out: Path, name: str, result: Mapping[str, Any], plot: Optional[Callable[[Path, Any], None]]) -> None:
+    """``out/<name>.json`` (atomically), then ``plot(out/<name>.png, result)``, and say so."""
+    write_json(Path(out) / f"{name}.json", result)
+    if plot is not None:
+        plot(Path(out) / f"{name}.png", result)
+    print(f"wrote {Path(out) / name}.json" + (" and .png" if plot is not None else ""))
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Save a matplotlib figure atomically (temporary PNG in the same folder, then rename)."""
     path = Path(path)
@@ -228,6 +321,16 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def finish_figure(fig: Any, path: Path, title: str, fontsize: int = 7) -> None:
+    """Title, tight layout, save atomically, close."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def pyplot() -> Any:

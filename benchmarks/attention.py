@@ -59,7 +59,9 @@ if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.envir
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: E402
 from umilayers.attention import (  # noqa: E402
     GroupMaskedTransformer,
     backend_support,
@@ -106,15 +108,17 @@ def pyloop_attend(q, k, v, group_sizes, key_padding_mask=None):
 BASELINES = {"dense": dense_attend, "pyloop": pyloop_attend}
 
 
-def flops(b: int, n: int, d: int, mlp_ratio: float, group_sizes: list[int]) -> dict:
+def flops(b: int, n: int, d: int, mlp_ratio: float, group_sizes: list[int], inner: Optional[int] = None) -> dict:
     """Forward multiply-add FLOPs of one layer: linear maps, dense attention, grouped attention.
 
-    Linear: QKV (D -> 3D), output projection (D -> D), MLP (D -> rD -> D): 2 B N D^2 (4 + 2r).
-    Attention: Q K^T and P V, 2 B N^2 D each (summed over heads); grouped: N^2 -> sum n_g^2.
+    With the attention's width ``I = H h`` (``D`` by default): linear: QKV (D -> 3I), output
+    projection (I -> D), MLP (D -> rD -> D): 2 B N D (4 I + 2 r D). Attention: Q K^T and P V,
+    2 B N^2 I each (summed over heads); grouped: N^2 -> sum n_g^2.
     """
-    linear = 2 * b * n * d * d * (4 + 2 * mlp_ratio)
-    dense = 4 * b * n * n * d
-    grouped = 4 * b * d * sum(s * s for s in group_sizes)
+    inner = inner or d
+    linear = 2 * b * n * d * (4 * inner + 2 * mlp_ratio * d)
+    dense = 4 * b * n * n * inner
+    grouped = 4 * b * inner * sum(s * s for s in group_sizes)
     return {
         "linear": linear,
         "attention_dense": dense,
@@ -127,7 +131,7 @@ def flops(b: int, n: int, d: int, mlp_ratio: float, group_sizes: list[int]) -> d
 def make_layer(method: str, args, group_sizes: list[int]) -> GroupMaskedTransformer:
     return GroupMaskedTransformer(
         args.dim, args.depth, args.heads, mlp_ratio=args.mlp_ratio, group_sizes=group_sizes,
-        backend=BASELINES.get(method, method), device=args.device, dtype=args.param_dtype,
+        backend=BASELINES.get(method, method), head_dim=args.head_dim, device=args.device, dtype=args.param_dtype,
     )
 
 
@@ -198,7 +202,7 @@ def mask_bytes(method: str, b: int, h: int, n: int) -> int:
 
 
 def methods_for(args, group_sizes: list[int]) -> list[str]:
-    probe = torch.empty(1, args.heads, sum(group_sizes), args.dim // args.heads, device=args.device, dtype=AUTOCAST_DTYPE or args.param_dtype)
+    probe = torch.empty(1, args.heads, sum(group_sizes), args.head_dim, device=args.device, dtype=AUTOCAST_DTYPE or args.param_dtype)
     methods = ["dense", "pyloop", "auto"]
     for backend in ("fold", "loop", "padded_fold", "sdpa", "xformers"):
         if backend == "xformers" and args.device.type != "cuda":
@@ -218,7 +222,7 @@ AUTOCAST_DTYPE: Optional[torch.dtype] = None
 
 def run(args) -> dict:
     rows = []
-    h = args.dim // args.heads
+    h = args.head_dim
     dtype = AUTOCAST_DTYPE or args.param_dtype
     for groups in args.groups:
         for n in args.tokens:
@@ -291,8 +295,14 @@ def run(args) -> dict:
                 FAILED.setdefault(f"{key[0]}:{key[1]}", set()).add(reason)
             rows.append({
                 "N": n, "G": groups, "group_sizes": sizes, "auto_is": auto_is,
-                "flops": flops(args.batch, n, args.dim, args.mlp_ratio, sizes), "levels": levels,
+                "flops": flops(args.batch, n, args.dim, args.mlp_ratio, sizes, args.heads * h), "levels": levels,
             })
+            if "xformers" in methods:  # which of xformers' kernels served (its dispatcher's choice)
+                served = _common.xformers_kernels(
+                    torch.empty(args.batch, args.heads, n, h, device=args.device, dtype=dtype), sizes)
+                rows[-1]["xformers_kernels"] = {"forward": served["forward"], "backward": served["backward"]}
+                print(f"  xformers at N={n}, G={groups}: forward {served['forward']}, backward {served['backward']}"
+                      + (f" ({'; '.join(served['reasons'])})" if served["reasons"] else ""))
             print_row(rows[-1])
     return {"rows": rows}
 
@@ -456,8 +466,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--groups", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: steadier on a shared machine; 0 = torch's choice)")
+    p.add_argument("--head-dim", type=int, default=None, help="width of each head (default dim // heads)")
+    _common.add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="smoke size: B=2, N in {64, 130}, G=2, 3 repeats")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--name", default="attention", help="results/<name>.json and .png")
@@ -468,8 +478,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    if args.threads and args.device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    if args.head_dim is None:
+        args.head_dim = args.dim // args.heads
+    elif args.head_dim < 1:
+        p.error(f"--head-dim: expected an int >= 1, got {args.head_dim}")
+    _common.set_threads(args.threads, args.device)
     args.param_dtype = torch.float32
     AUTOCAST_DTYPE = None if args.dtype == "float32" else getattr(torch, args.dtype)
 
@@ -479,7 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     )
     title = (f"group attention op and GroupMaskedTransformer layer fwd+bwd, B={args.batch}, D={args.dim}, "
-             f"H={args.heads}, depth={args.depth}, "
+             f"H={args.heads} x {args.head_dim}, depth={args.depth}, "
              f"{args.dtype}, {args.device.type} ({machine}), median of {args.repeats}")
     print(title)
     print_header()

@@ -1,68 +1,120 @@
 #!/usr/bin/env bash
-# GPU check of the attention backends (issue 5, "GPU"): the CUDA equivalence tests against the
-# reference backend, then the attention benchmark in bf16 including xformers. Under 5 minutes on
-# an H200. Everything goes to results/gpu_<date>.log (and the terminal); one failing step is
-# reported and the next still runs. Exit status: 0 when every step passed.
+# The GPU check of issue 12, in one command, under 8 minutes on one GPU (the time limits of the
+# steps and nvidia-smi add up to 440 s): the machine; which xformers kernels serve the group attention; the
+# CUDA tests (xformers' BlockDiagonalMask against our mask, every backend against the float32
+# reference in bf16 and fp16, head_dim != dim / heads, the host reads of a CUDA training step);
+# the attention benchmark at k* = 512 in bf16 (xformers, fold, sdpa, dense-masked); one
+# EPIC-size training step per attention backend with its peak memory (and the released way);
+# the host reads of a training step on the GPU.
 #
-#   bash benchmarks/gpu.sh            # from the repository root
+# Every step has a time limit; a step that fails or times out is reported and the next one
+# runs. Everything goes to one log, <out>/gpu_<UTC time>.log (and the terminal); the benchmarks'
+# JSON and PNG files go to <out> too. Exit status: 0 when every step passed.
+#
+#   bash benchmarks/gpu.sh                 # on the GPU machine, from anywhere
+#   bash benchmarks/gpu.sh --dry-run       # on a CPU: every python piece at small sizes on the
+#                                          # CPU, CUDA-only work skipped (CI runs this)
+#   bash benchmarks/gpu.sh --out DIR       # somewhere else than results/
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p results
-log="results/gpu_$(date +%Y%m%d_%H%M%S).log"
-status=0
-step() { echo; echo "=== $*"; }
-run_step() {  # run_step <timeout seconds> <label> <command...>
-  local limit=$1 label=$2; shift 2
-  step "$label"
-  timeout "$limit" "$@"
+
+dry=0
+out=results
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --out) [ $# -ge 2 ] || { echo "gpu.sh: --out needs a folder" >&2; exit 2; }; out=$2; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument '$1' (expected --dry-run, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$out" || exit 2
+stamp=$(date -u +%Y%m%d_%H%M%S)
+log="$out/gpu_${stamp}$([ "$dry" = 1 ] && echo _dry).log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+if [ "$dry" = 1 ]; then
+  device=cpu
+  xformers_args=(--device cpu --batch 1)
+  attention_args=(--device cpu --quick --tokens 66 --groups 2 --head-dim 16)
+  train_args=(--device cpu --quick --repeats 1 --warmup 0 --no-flops --no-breakdown --backends fold sdpa loop)
+else
+  device=cuda
+  xformers_args=(--device cuda --batch 4)
+  attention_args=(--device cuda --dtype bfloat16 --tokens 514 --groups 2 --batch 16 --head-dim 64
+                  --repeats 10 --warmup 3)
+  train_args=(--device cuda --dtype bfloat16 --batch 32 --repeats 10 --warmup 2 --no-breakdown
+              --backends xformers fold sdpa loop)
+fi
+
+start=$(date +%s)
+failed=()
+
+step() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
+
+run_step() {  # run_step <time limit in seconds> <label> <command...>
+  local limit=$1 label=$2
+  shift 2
+  step "$label (limit ${limit} s): $*"
+  local began=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@"
   local rc=$?
-  if [ $rc -ne 0 ]; then echo "!!! $label: exit status $rc"; status=1; fi
+  local took=$(( $(date +%s) - began ))
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "!!! $label: TIMED OUT after ${limit} s"; failed+=("$label (timed out)")
+  elif [ $rc -ne 0 ]; then
+    echo "!!! $label: FAILED, exit status $rc, after ${took} s"; failed+=("$label (exit $rc)")
+  else
+    echo "--- $label: passed in ${took} s"
+  fi
   return 0
 }
 
-exec > >(tee "$log") 2>&1
-{
-  step "machine"
+main() {
+  step "gpu.sh $([ "$dry" = 1 ] && echo '--dry-run (CPU, small sizes, CUDA-only steps skipped)'); log $log"
   date -u +"%Y-%m-%d %H:%M UTC"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi unavailable"
-  python - <<'EOF'
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
-EOF
+  git log -1 --format='commit %H (%cd)' 2>/dev/null || true
+  uptime
+  if [ "$dry" = 1 ]; then
+    echo "nvidia-smi: skipped (dry run)"
+  else
+    timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,utilization.gpu --format=csv \
+      || echo "nvidia-smi unavailable"
+  fi
+  run_step 30 "machine" python benchmarks/gpu_check.py machine --device "$device" --out "$out"
 
-  step "xformers: import and kernel availability (a failure here is reported, not fatal)"
-  python - <<'EOF'
-import torch
-try:
-    import xformers, xformers.ops as xops
-    print("xformers", xformers.__version__)
-except Exception as err:
-    print(f"XFORMERS UNUSABLE: import failed: {type(err).__name__}: {err}")
-    raise SystemExit(0)
-from umilayers.attention import backend_support
-for dtype in (torch.float16, torch.bfloat16, torch.float32):
-    q = torch.randn(2, 8, 514, 32, device="cuda", dtype=dtype, requires_grad=True)
-    reasons = backend_support("xformers", q, [257, 257])
-    print(f"  {dtype}: " + ("supported" if not reasons else "NOT SUPPORTED: " + "; ".join(reasons)))
-    if not reasons:
-        try:
-            from umilayers.attention import group_attention
-            out = group_attention(q, q, q, [257, 257], backend="xformers")
-            out.float().sum().backward()
-            print(f"  {dtype}: forward+backward ran")
-        except Exception as err:
-            print(f"  {dtype}: XFORMERS KERNEL FAILED: {type(err).__name__}: {str(err)[:500]}")
-EOF
+  run_step 60 "xformers: which kernels serve the group attention" \
+    python benchmarks/gpu_check.py xformers "${xformers_args[@]}" --out "$out"
 
-  run_step 150 "CUDA tests: pytest -m cuda tests/test_attention.py" \
-    python -m pytest -q -rs -m cuda tests/test_attention.py -p no:cacheprovider
+  if [ "$dry" = 1 ]; then
+    run_step 60 "CUDA tests (dry run: collected, skipped without a GPU)" \
+      python -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_attention.py tests/train/test_loop.py
+  else
+    run_step 110 "CUDA tests: pytest -m cuda" \
+      python -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_attention.py tests/train/test_loop.py
+  fi
 
-  run_step 150 "benchmark: python benchmarks/attention.py --device cuda --dtype bfloat16" \
-    python benchmarks/attention.py --device cuda --dtype bfloat16 --repeats 10 --warmup 2 --name attention_cuda_bf16
+  run_step 70 "attention benchmark, k* = 512 (N = 514, 2 groups)" \
+    python benchmarks/attention.py "${attention_args[@]}" --out "$out" --name "gpu_attention_${stamp}"
 
-  step "done (status $status)"
+  run_step 120 "EPIC-size training step per attention backend, with peak memory" \
+    python benchmarks/train_step.py "${train_args[@]}" --out "$out" --name "gpu_train_step_${stamp}"
+
+  run_step 30 "host reads of a training step on $device" \
+    python benchmarks/gpu_check.py host-reads --device "$device" --out "$out"
+
+  step "done in $(( $(date +%s) - start )) s"
+  if [ ${#failed[@]} -eq 0 ]; then
+    echo "every step passed"
+    return 0
+  fi
+  echo "failed steps (${#failed[@]}):"
+  printf '  - %s\n' "${failed[@]}"
+  return 1
 }
+
+main 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
 echo "log: $log"
-exit $status
+exit "$status"

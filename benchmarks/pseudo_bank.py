@@ -59,6 +59,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (imports no torch: the parent process never does)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"learned_mb": 600.0, "file_mb": 300.0, "epoch_s": 10.0}
 VARIANTS = ("full", "learned", "told", "file-full", "file")
@@ -135,7 +138,7 @@ def worker(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     bank_class = _bank_class(args)
-    torch.set_num_threads(args.threads)
+    _common.set_threads(args.threads)
     n, c, batch = args.samples, args.classes, args.batch
     modalities = [f"m{i}" for i in range(args.modalities)]
     has = _owner(n, len(modalities), args.pairs)
@@ -284,11 +287,16 @@ def _plot(result: dict, path: Path) -> None:
     os.replace(path.with_suffix(".tmp.png"), path)
 
 
+def _worker_threads(args) -> int:
+    """The workers' ``--threads``: the parent's, or the benchmarks' default (the parent imports no torch)."""
+    return _common.default_threads() if args.threads is None else args.threads
+
+
 def _run_variant(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--samples", str(args.samples),
            "--classes", str(args.classes), "--modalities", str(args.modalities),
            "--window", str(args.window), "--batch", str(args.batch), "--epochs", str(args.epochs),
-           "--threads", str(args.threads), "--pairs", args.pairs]
+           "--threads", str(_worker_threads(args)), "--pairs", args.pairs]
     if args.tmpdir:
         cmd += ["--tmpdir", args.tmpdir]
     if args.old_code:
@@ -325,9 +333,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of updates timed")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in the workers (the bank's work is memory-bound; on a "
-                             "shared machine extra threads mostly wait for each other)")
+    _common.add_threads_option(parser)  # the workers' threads (the bank's work is memory-bound)
     parser.add_argument("--old-code", type=Path, default=None,
                         help="a pseudo_labels.py to run as the extra variant 'old-code' (full layout)")
     parser.add_argument("--released-sample", type=int, default=200,
@@ -361,7 +367,7 @@ def main(argv=None) -> int:
     result = {
         "config": {"samples": args.samples, "classes": args.classes, "modalities": args.modalities,
                    "pairs": args.pairs, "window": args.window, "batch": args.batch,
-                   "epochs": args.epochs, "threads": args.threads, "dtype": "float16",
+                   "epochs": args.epochs, "threads": _worker_threads(args), "dtype": "float16",
                    "quick": args.quick, "old_code": str(args.old_code) if args.old_code else None},
         "machine": {"cpus": os.cpu_count(), "torch_threads": runs[0]["torch_threads"],
                     "processor": platform.processor() or platform.machine(),

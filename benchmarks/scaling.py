@@ -153,8 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: steadier on a shared machine; 0 = torch's choice)")
+    _common.add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="smoke size (small widths, depth 1), < 20 s")
     p.add_argument("--out", type=Path, default=_common.ROOT / "results")
     p.add_argument("--name", default=None, help="results/<name>.json and .png (default scaling)")
@@ -164,8 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    threads = _common.set_threads(args.threads, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     info = _common.machine_info(device)
     title = (f"UnseenModalityModel scaling, fwd+bwd, B={args.batch}, d_m={s['feature_dim']}, D={s['dim']}, "
@@ -221,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "title": title,
         "command": " ".join(["python", "benchmarks/scaling.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": {"batch": args.batch, "sizes": s, "device": str(device), "repeats": args.repeats,
-                   "warmup": args.warmup, "threads": args.threads, "quick": args.quick},
+                   "warmup": args.warmup, "threads": threads, "quick": args.quick},
         "machine": info,
         "load_average_1min_after": _common.machine_info(device).get("load_average_1min"),
         "sweeps": sweeps,

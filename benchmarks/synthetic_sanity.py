@@ -19,10 +19,14 @@ Run: ``python benchmarks/synthetic_sanity.py [--beta 0.1] [--seed 0]``
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 from umilayers.data import FeatureStore
 from umilayers.data.synthetic import LAYOUTS, SyntheticConfig, _geometry, make_synthetic_store
@@ -143,7 +147,9 @@ def main() -> None:
                         help="also train a tiny attention-pooling classifier on the training splits")
     parser.add_argument("--quick", action="store_true", help="smoke size (CI): --fit-size 300")
     parser.add_argument("--out", type=Path, default=None, help="accepted for a uniform CLI; prints only")
+    _common.add_threads_option(parser)
     args = parser.parse_args()
+    _common.set_threads(args.threads)
     if args.quick:
         args.fit_size = 300
     root = tempfile.mkdtemp()

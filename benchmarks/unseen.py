@@ -38,10 +38,14 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 import numpy as np
 
@@ -277,13 +281,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="folder for unseen.json/unseen.png")
     parser.add_argument("--keep", type=Path, default=None, help="keep stores and runs in this folder")
+    _common.add_threads_option(parser)
     args = parser.parse_args(argv)
     seeds_n = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds_n < 1:
         parser.error(f"--seeds: expected a positive int, got {seeds_n}")
-    import torch
-
-    torch.set_num_threads(1)
+    threads = _common.set_threads(args.threads)
     size = quick_size() if args.quick else DemoSize.default()
     seeds = list(range(seeds_n))
     start = time.perf_counter()
@@ -326,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "unimodal_epochs": size.unimodal_epochs, "pseudo_window": size.pseudo_window, **size.model},
         "seeds": seeds, "seconds": round(elapsed, 1),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": 1},
+                    "torch_threads": threads},
         "date": time.strftime("%Y-%m-%d"),
         "table4": table4, "ablation": ablation, "three_splits": three, "subsets": subset_results, "noise": noise,
         "noise_sigmas": list(NOISE_SIGMAS), "tables": tables,

@@ -120,6 +120,24 @@ def test_fold_matches_reference(case):
     assert_matches_reference("fold", *case)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_fold_of_the_layers_layout_matches_reference(padded):
+    # q, k, v as GroupMaskedTransformer cuts them from one (B, N, 3 H h) projection: fold moves the
+    # groups into the batch there (views), next to the heads for contiguous (B, H, N, h) inputs.
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, 12, 3, 2, 8, generator=gen)  # (B, N, three, H, h)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # three (B, H, N, h) views
+    assert q.stride(1) != 12 * q.stride(2)  # not the heads-outside layout
+    kpm = None
+    if padded:
+        kpm = torch.zeros(3, 12, dtype=torch.bool)
+        kpm[0, 2:6] = True
+        kpm[1, 6:] = True  # row 1: its second group is only padding
+    assert_matches_reference("fold", q, k, v, [6, 6], kpm)
+    contiguous = group_attention(q.contiguous(), k.contiguous(), v.contiguous(), [6, 6], "fold", kpm)
+    torch.testing.assert_close(group_attention(q, k, v, [6, 6], "fold", kpm), contiguous, **tol(torch.float32))
+
+
 @given(case_st())
 def test_sdpa_matches_reference(case):
     assert_matches_reference("sdpa", *case)
@@ -356,6 +374,106 @@ def test_module_backends_agree_when_flipped():
         torch.testing.assert_close(outputs[backend], outputs["reference"], **tol(torch.float32, "fwd"))
 
 
+# --------------------------------------------------------------------------- head_dim
+
+
+def _block_parameters(dim: int, inner: int, hidden: int) -> int:
+    """One layer: two LayerNorms, QKV (dim -> 3 inner), output (inner -> dim), MLP (dim -> hidden -> dim)."""
+    return 2 * 2 * dim + (dim * 3 * inner + 3 * inner) + (inner * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+
+
+@pytest.mark.parametrize("dim,heads,head_dim", [(16, 2, None), (16, 2, 8), (16, 3, 12), (12, 8, 4), (20, 1, 64)])
+def test_head_dim_sets_the_attention_width(dim, heads, head_dim):
+    layer = GroupMaskedTransformer(dim=dim, depth=2, heads=heads, groups=2, head_dim=head_dim)
+    inner = heads * (head_dim or dim // heads)
+    block = layer.blocks[0]
+    assert layer.head_dim == (head_dim or dim // heads) and f"head_dim={layer.head_dim}" in repr(layer)
+    assert block.qkv.weight.shape == (3 * inner, dim) and block.proj.weight.shape == (dim, inner)
+    assert sum(p.numel() for p in layer.parameters()) == 2 * _block_parameters(dim, inner, 2 * dim)
+    x = torch.randn(3, 10, dim, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+
+
+def test_heads_need_not_divide_dim_when_head_dim_is_given():
+    GroupMaskedTransformer(dim=16, depth=1, heads=3, head_dim=5)
+    with pytest.raises(ValueError, match="heads"):
+        GroupMaskedTransformer(dim=16, depth=1, heads=3)
+    with pytest.raises(ValueError, match="head_dim"):
+        GroupMaskedTransformer(dim=16, depth=1, heads=2, head_dim=0)
+
+
+def test_default_head_dim_is_the_layout_of_dim_over_heads():
+    # The default builds the same parameters, in the same order and from the same random draws,
+    # as an explicit head_dim = dim // heads: the default is bit for bit what it was before.
+    torch.manual_seed(0)
+    default = GroupMaskedTransformer(dim=16, depth=2, heads=4, groups=2)
+    torch.manual_seed(0)
+    explicit = GroupMaskedTransformer(dim=16, depth=2, heads=4, groups=2, head_dim=4)
+    assert [(n, p.shape) for n, p in default.named_parameters()] == [(n, p.shape) for n, p in explicit.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    assert default.blocks[0].qkv.weight.shape == (48, 16) and default.blocks[0].proj.weight.shape == (16, 16)
+    x = torch.randn(2, 8, 16)
+    assert torch.equal(default(x), explicit(x))
+
+
+@pytest.mark.parametrize("group_sizes", [[5, 5], [3, 7], [2, 3, 5]])
+def test_every_backend_matches_the_reference_with_head_dim_not_dim_over_heads(group_sizes):
+    torch.manual_seed(0)
+    layer = GroupMaskedTransformer(dim=16, depth=2, heads=3, head_dim=12, group_sizes=group_sizes)
+    x = torch.randn(3, sum(group_sizes), 16)
+    kpm = torch.zeros(3, sum(group_sizes), dtype=torch.bool)
+    kpm[1, -2:] = True
+    backends = ["sdpa", "loop", "padded_fold", "auto"] + (["fold"] if len(set(group_sizes)) == 1 else [])
+    for mask in (None, kpm):
+        results = {}
+        for backend in ["reference", *backends]:
+            layer.backend = backend
+            leaf = x.clone().requires_grad_(True)
+            out = layer(leaf, mask)
+            out.square().sum().backward()
+            results[backend] = (out.detach(), leaf.grad, layer.blocks[0].qkv.weight.grad.clone())
+            layer.zero_grad(set_to_none=True)
+        ref_out, ref_dx, ref_dw = results.pop("reference")
+        for backend, (out, dx, dw) in results.items():
+            torch.testing.assert_close(out, ref_out, **tol(torch.float32, "fwd"), msg=backend)
+            torch.testing.assert_close(dx, ref_dx, **tol(torch.float32, "bwd"), msg=backend)
+            torch.testing.assert_close(dw, ref_dw, **tol(torch.float32, "bwd"), msg=backend)
+
+
+@pytest.mark.parametrize("group_sizes", [[4, 4], [3, 1, 5], [6]])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_first_of_group_computes_only_the_first_queries_exactly(group_sizes, depth, padded):
+    torch.manual_seed(0)
+    layer = GroupMaskedTransformer(dim=16, depth=depth, heads=3, head_dim=8, group_sizes=group_sizes)
+    n = sum(group_sizes)
+    x = torch.randn(3, n, 16)
+    mask = None
+    if padded:
+        mask = torch.zeros(3, n, dtype=torch.bool)
+        mask[0, -2:] = True
+        mask[1, : group_sizes[0]] = True  # row 1: its whole first group is padding
+    results = {}
+    for fast in (True, False):
+        layer.first_queries_only = fast
+        leaf = x.clone().requires_grad_(True)
+        out = layer(leaf, mask, first_of_group=True)
+        out.square().sum().backward()
+        results[fast] = (out.detach(), leaf.grad, [p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad(set_to_none=True)
+    (fast_out, fast_dx, fast_dw), (full_out, full_dx, full_dw) = results[True], results[False]
+    assert fast_out.shape == (3, len(group_sizes), 16)
+    starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+    layer.first_queries_only = True
+    torch.testing.assert_close(full_out, layer(x, mask)[:, starts], rtol=0, atol=0)  # the slow path selects
+    torch.testing.assert_close(fast_out, full_out, **tol(torch.float32, "fwd"))
+    torch.testing.assert_close(fast_dx, full_dx, **tol(torch.float32, "bwd"))
+    for a, b in zip(fast_dw, full_dw):
+        torch.testing.assert_close(a, b, **tol(torch.float32, "bwd"))
+
+
 def test_module_groups_are_isolated():
     torch.manual_seed(0)
     layer = GroupMaskedTransformer(dim=16, depth=2, heads=4, group_sizes=[3, 1, 4])
@@ -431,6 +549,36 @@ def test_cuda_fold_and_sdpa_match_reference(backend, dtype):
     kpm[0, :20] = True
     assert_matches_reference(backend, q, k, v, [20, 20])
     assert_matches_reference(backend, q, k, v, [20, 20], kpm)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["fold", "loop", "padded_fold", "sdpa", "xformers"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_backends_match_reference_with_a_head_dim_of_its_own(backend, dtype):
+    # The width a module with head_dim=48 (3 heads, dim 64: not dim // heads) hands its kernel.
+    q, k, v = (torch.randn(2, 3, 514, 48, device="cuda", dtype=dtype) for _ in range(3))
+    if backend == "xformers":
+        _xformers_ops()
+        reasons = backend_support("xformers", q.clone().requires_grad_(), [257, 257])
+        if reasons:
+            pytest.skip("xformers backend unusable here: " + "; ".join(reasons))
+    assert_matches_reference(backend, q, k, v, [257, 257])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_module_with_head_dim_under_autocast_matches_reference(dtype):
+    torch.manual_seed(0)
+    layer = GroupMaskedTransformer(dim=64, depth=2, heads=3, head_dim=48, groups=2, device="cuda")
+    x = torch.randn(4, 130, 64, device="cuda")
+    layer.backend = "reference"
+    expected = layer(x)  # float32 throughout
+    for backend in ("auto", "fold", "sdpa"):
+        layer.backend = backend
+        with torch.autocast("cuda", dtype=dtype):
+            out = layer(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05, msg=backend)
 
 
 @pytest.mark.cuda

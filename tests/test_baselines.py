@@ -13,6 +13,7 @@ from umilayers.baselines import (
     model_from_spec,
     model_spec,
 )
+from umilayers.attention import GroupMaskedTransformer
 from umilayers.losses import triplet_loss
 from umilayers.model import UnseenModalityModel
 from umilayers.projection import PooledProjection
@@ -252,6 +253,38 @@ def test_model_spec_round_trip(method):
     present = {"audio": torch.ones(4, dtype=torch.bool), "rgb": PRESENT["rgb"]} if method == "unimodal" else PRESENT
     inputs, masks = make_batch(present)
     torch.testing.assert_close(clone(inputs, masks, present).prediction, model(inputs, masks, present).prediction)
+
+
+@pytest.mark.parametrize("method", ["late-fusion", "vanilla", "unimodal"])
+def test_baselines_take_head_dim(method):
+    kw = dict(modality_dims=DIMS, num_outputs=C, dim=16, projection_depth=1, fusion_depth=1, heads=3, head_dim=8,
+              num_tokens=4, predictor="transformer")
+    if method == "unimodal":
+        kw["modality"] = "audio"
+    model = build_model(method, **kw)
+    transformers = [m for m in model.modules() if isinstance(m, GroupMaskedTransformer)]
+    assert transformers and all(t.head_dim == 8 and t.heads == 3 for t in transformers)
+    clone = model_from_spec(json.loads(json.dumps(model_spec(model))))
+    assert all(t.head_dim == 8 for t in clone.modules() if isinstance(t, GroupMaskedTransformer))
+
+
+@pytest.mark.parametrize("method", ["vanilla", "unimodal"])
+def test_baselines_read_the_first_token_through_the_fast_path(method):
+    kw = dict(modality_dims=DIMS, num_outputs=C, dim=16, projection_depth=2, fusion_depth=2, heads=2, num_tokens=4,
+              predictor="transformer", modality_tokens={"audio": 3, "rgb": 5})
+    if method == "unimodal":
+        kw["modality"] = "audio"
+    torch.manual_seed(0)
+    model = build_model(method, **kw)
+    present = {"audio": torch.ones(4, dtype=torch.bool), "rgb": PRESENT["rgb"]} if method == "unimodal" else PRESENT
+    inputs, masks = make_batch(present)
+    outputs = {}
+    for fast in (True, False):
+        for t in model.modules():
+            if isinstance(t, GroupMaskedTransformer):
+                t.first_queries_only = fast
+        outputs[fast] = model(inputs, masks, present).prediction
+    torch.testing.assert_close(outputs[True], outputs[False], **tol(torch.float32, "fwd"))
 
 
 def test_baselines_refuse_pseudo_targets():

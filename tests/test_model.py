@@ -469,13 +469,54 @@ def test_model_config_fields_are_the_constructor_arguments():
         assert model[field.name].default == field.default, field.name
     for cls in (UnimodalModel, LateFusion, VanillaTransformer):
         shared = [name for name in inspect.signature(cls).parameters if name in names]
-        assert {"dim", "heads", "margin"} <= set(shared)
+        assert {"dim", "heads", "head_dim", "margin"} <= set(shared)
         for name in shared:
             assert inspect.signature(cls).parameters[name].default == getattr(ModelConfig, name), (cls.__name__, name)
     config = make_model().config
     assert UMIConfig.from_dict(config.to_dict()) == config
     resolved = ModelConfig(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, num_align_tokens=C)
     assert config.hyperparameters == resolved  # the default n_u resolved: one token per class
+
+
+def test_head_dim_reaches_every_transformer_of_the_model():
+    model = make_model(heads=3, head_dim=8)  # 3 heads do not divide dim=16: allowed with head_dim
+    transformers = [model.transformer, *(p.encoder for p in model.projections.values())]
+    assert all(t.head_dim == 8 and t.blocks[0].qkv.weight.shape == (72, 16) for t in transformers)
+    out = model(*make_batch(PRESENT), PRESENT)
+    model.loss(out, targets_for("classification", 4), pseudo_for("classification", 4)).total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert UnseenModalityModel.from_config(model.config).config.head_dim == 8
+    with pytest.raises(ValueError, match="heads"):
+        make_model(heads=3)
+
+
+def test_default_head_dim_builds_the_model_of_dim_over_heads():
+    # The default is today's model: the same parameters from the same random draws as head_dim = dim // heads.
+    default, explicit = make_model(), make_model(head_dim=8)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    inputs, masks = make_batch(PRESENT)
+    assert torch.equal(default(inputs, masks, PRESENT).prediction, explicit(inputs, masks, PRESENT).prediction)
+
+
+@pytest.mark.parametrize("task", ["classification", "retrieval"])
+def test_readout_queries_only_equals_the_full_fusion(task):
+    # The fusion's last layer computes the readouts' queries only; flipping the fast path off
+    # computes every token and reads the readouts: the same outputs, loss and gradients.
+    model = make_model(task, fusion_depth=2, branches=2).train()
+    inputs, masks = make_batch(PRESENT)
+    results = {}
+    for fast in (True, False):
+        model.transformer.first_queries_only = fast
+        out = model(inputs, masks, PRESENT)
+        loss = model.loss(out, targets_for(task, 4), pseudo_for(task, 4)).total
+        loss.backward()
+        results[fast] = (out.branch_outputs.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[True][0], results[False][0], **tol(torch.float32, "fwd"))
+    torch.testing.assert_close(results[True][1], results[False][1], **tol(torch.float32, "fwd"))
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, **tol(torch.float32, "bwd"), msg=name)
 
 
 def test_the_batch_is_checked_once(monkeypatch):

@@ -158,6 +158,24 @@ def test_depth_zero_has_no_transformer():
     assert proj(torch.randn(2, 4, IN_DIM)).shape == (2, 3, OUT_DIM)
 
 
+def test_head_dim_widens_the_attention_and_lets_heads_not_divide_out_dim():
+    torch.manual_seed(0)
+    proj = FeatureProjection(IN_DIM, OUT_DIM, 3, depth=2, heads=3, head_dim=5)
+    block = proj.encoder.blocks[0]
+    assert proj.encoder.head_dim == 5
+    assert block.qkv.weight.shape == (45, OUT_DIM) and block.proj.weight.shape == (OUT_DIM, 15)
+    default = FeatureProjection(IN_DIM, OUT_DIM, 3, depth=2, heads=HEADS)
+    extra = 2 * ((OUT_DIM * 45 + 45 + 15 * OUT_DIM) - (OUT_DIM * 3 * OUT_DIM + 3 * OUT_DIM + OUT_DIM * OUT_DIM))
+    assert sum(p.numel() for p in proj.parameters()) == sum(p.numel() for p in default.parameters()) + extra
+    x = torch.randn(2, 5, IN_DIM)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    out, weights = proj(x, padding_mask=mask, return_weights=True)
+    assert out.shape == (2, 3, OUT_DIM) and bool((weights[0, 3:] == 0).all())
+    with pytest.raises(ValueError, match="head_dim"):
+        FeatureProjection(IN_DIM, OUT_DIM, 3, heads=2, head_dim=0)
+
+
 def test_sinusoidal_positions_table():
     table = sinusoidal_positions(5, 7)
     assert table.shape == (5, 7)

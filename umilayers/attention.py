@@ -8,8 +8,9 @@ Backends (see ``docs/attention.rst``):
 
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` with a ``BlockDiagonalMask`` in
   the packed layout ``(1, B * N, H, h)``; CUDA only, no key padding.
-- ``"fold"``: equal groups reshaped into the batch dimension, plain
-  ``F.scaled_dot_product_attention`` without a mask (exact; ~1/G of the dense work).
+- ``"fold"``: equal groups moved into the batch dimension (next to the heads or into the batch,
+  whichever is a view of the input's layout), plain ``F.scaled_dot_product_attention`` without
+  a mask (exact; ~1/G of the dense work; no copies).
 - ``"padded_fold"``: unequal groups each padded to the largest, then folded like ``"fold"``
   with the padding masked (exact; ``G * max(n_g)**2`` work instead of ``N**2``).
 - ``"loop"``: a Python loop over the groups, one plain ``F.scaled_dot_product_attention`` per
@@ -235,10 +236,31 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Ten
 
 
 def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    # (B, H, G n, h) -> (B, H G, n, h): a view for contiguous inputs (no copy, unlike moving the
-    # groups into the batch dimension); the heads and groups are independent batch entries.
+    # Each group becomes a batch entry of its own, folded where that is a view of the input (no
+    # copy of q, k, v, forward or backward): next to the heads, (B, H G, n, h), for a (B, H, N, h)
+    # layout (contiguous inputs); into the batch, (B G, H, n, h), for a (B, N, H, h) layout (the
+    # q, k, v that GroupMaskedTransformer cuts from one (B, N, 3 H h) projection, whose output
+    # then also goes back to (B, N, H h) as a view). Folding the module's q, k, v next to the
+    # heads copied all four in a two-group layer (6% of the layer's time forward + backward).
     batch, heads, n, _ = q.shape
     groups = len(group_sizes)
+    if all(t.stride(1) == n * t.stride(2) for t in (q, k, v)):
+        return _fold_heads(q, k, v, groups, key_padding_mask)
+    size = n // groups
+    q, k, v = (t.unflatten(2, (groups, size)).transpose(1, 2).reshape(batch * groups, heads, size, t.shape[-1])
+               for t in (q, k, v))
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        keep = ~key_padding_mask.reshape(batch * groups, 1, 1, size)
+        empty = ~keep.any(dim=-1, keepdim=True)  # (B G, 1, 1, 1): a group made only of padding
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty).masked_fill(empty, 0.0)
+    return out.unflatten(0, (batch, groups)).transpose(1, 2).reshape(batch, heads, n, out.shape[-1])
+
+
+def _fold_heads(q: Tensor, k: Tensor, v: Tensor, groups: int, key_padding_mask) -> Tensor:
+    """:func:`_fold` for a ``(B, H, N, h)`` layout: ``(B, H, G n, h) -> (B, H G, n, h)``."""
+    batch, heads, n, _ = q.shape
     size = n // groups
     q, k, v = (t.reshape(batch, heads * groups, size, t.shape[-1]) for t in (q, k, v))
     if key_padding_mask is None:
@@ -551,13 +573,14 @@ def group_attention(
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.heads = heads
+        inner = heads * head_dim  # the attention's width; dim when head_dim = dim // heads
         self.norm1 = nn.LayerNorm(dim, **factory)
-        self.qkv = nn.Linear(dim, 3 * dim, **factory)
-        self.proj = nn.Linear(dim, dim, **factory)
+        self.qkv = nn.Linear(dim, 3 * inner, **factory)
+        self.proj = nn.Linear(inner, dim, **factory)
         self.norm2 = nn.LayerNorm(dim, **factory)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -573,6 +596,45 @@ class _Block(nn.Module):
         attn = kernel(q, k, v, group_sizes, padding_mask)
         x = x + self.proj(rearrange(attn, "b h n d -> b n (h d)"))
         return x + self.mlp(self.norm2(x))
+
+    def forward_first(self, x: Tensor, group_sizes: Sequence[int], padding_mask: Optional[Tensor]) -> Tensor:
+        """This layer's output at the first token of every group only, ``(B, G, D)``.
+
+        Every token still gives its key and value; only the G first tokens are queries, so the
+        output projection, the MLP and the attention run on G tokens instead of N.
+        """
+        inner = self.proj.in_features
+        starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+        h = self.norm1(x)
+        q = F.linear(h[:, starts], self.qkv.weight[:inner], self.qkv.bias[:inner])
+        kv = F.linear(h, self.qkv.weight[inner:], self.qkv.bias[inner:])
+        q = rearrange(q, "b g (h d) -> b h g d", h=self.heads)
+        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        attn = _first_query_attention(q, k, v, group_sizes, padding_mask)
+        y = x[:, starts] + self.proj(rearrange(attn, "b h g d -> b g (h d)"))
+        return y + self.mlp(self.norm2(y))
+
+
+def _first_query_attention(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int],
+                           key_padding_mask: Optional[Tensor]) -> Tensor:
+    """Group g's one query ``q[:, :, g]`` over the keys of group g: ``(B, H, G, h)``.
+
+    G plain SDPA calls of one query each (the work is G rows of attention, whatever the backend);
+    a group made only of padding gives zero, as in every backend.
+    """
+    sizes = list(group_sizes)
+    keys, values = torch.split(k, sizes, dim=2), torch.split(v, sizes, dim=2)
+    pads = torch.split(key_padding_mask, sizes, dim=1) if key_padding_mask is not None else [None] * len(sizes)
+    outs = []
+    for g, (kg, vg, pad) in enumerate(zip(keys, values, pads)):
+        qg = q[:, :, g : g + 1]
+        if pad is None:
+            outs.append(F.scaled_dot_product_attention(qg, kg, vg))
+            continue
+        keep = ~pad[:, None, None, :]  # (B, 1, 1, n_g)
+        empty = ~keep.any(dim=-1, keepdim=True)
+        outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep | empty).masked_fill(empty, 0.0))
+    return torch.cat(outs, dim=2)
 
 
 class _Queries(NamedTuple):
@@ -606,21 +668,34 @@ class GroupMaskedTransformer(nn.Module):
     ``kernel(q, k, v, group_sizes, key_padding_mask)`` used as is by every layer (timm's
     ``Block(attn_layer=...)``): a benchmark passes the released code's attention this way.
 
+    ``forward(x, first_of_group=True)`` returns only the first token of every group,
+    ``(B, G, D)`` (the readout tokens of :class:`~umilayers.model.UnseenModalityModel` and of the
+    baselines). The last layer then computes only those G queries (every token still gives its
+    key and value): exact, and the last layer's output projection, MLP and attention run on G
+    tokens instead of N (about 5% of a training step at the paper's EPIC size). That layer's
+    attention of one query per group is plain SDPA whatever the backend. The fast path is the
+    plain attribute ``first_queries_only`` (True); a test flips it to compare with the full last
+    layer.
+
     Args:
         dim: token width D.
         depth: number of layers.
-        heads: attention heads H (must divide ``dim``).
+        heads: attention heads H (must divide ``dim`` unless ``head_dim`` is given).
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         groups: number of equal contiguous groups (N must be divisible by it); default 1.
         group_sizes: explicit group sizes instead of ``groups``.
         backend: attention backend, one of :data:`BACKENDS`, or an :data:`AttentionKernel`.
+        head_dim: width h of each head (x-transformers' ``dim_head``); the queries, keys and
+            values are ``H * h`` wide, mapped back to ``dim`` by the output projection. Default
+            ``dim // heads`` (then ``H * h = dim``); the authors' released code uses 64 with 8
+            heads at ``dim`` 256.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
     Shape:
         - x: ``(B, N, D)``
         - padding_mask: ``(B, N)`` bool, True = padding (padded keys are never attended to)
-        - output: ``(B, N, D)``
+        - output: ``(B, N, D)``; with ``first_of_group=True`` ``(B, G, D)``
 
     Example::
 
@@ -628,9 +703,14 @@ class GroupMaskedTransformer(nn.Module):
         >>> layer = GroupMaskedTransformer(dim=32, depth=2, heads=4, groups=2)
         >>> layer(torch.randn(3, 10, 32)).shape
         torch.Size([3, 10, 32])
+        >>> layer(torch.randn(3, 10, 32), first_of_group=True).shape  # tokens 0 and 5
+        torch.Size([3, 2, 32])
         >>> layer.backend = "reference"  # flip to the oracle
         >>> layer(torch.randn(3, 10, 32)).shape
         torch.Size([3, 10, 32])
+        >>> wide = GroupMaskedTransformer(dim=32, depth=1, heads=3, head_dim=16, groups=2)
+        >>> wide.blocks[0].qkv.weight.shape  # 3 x (3 heads x 16) queries, keys and values
+        torch.Size([144, 32])
     """
 
     def __init__(
@@ -642,13 +722,17 @@ class GroupMaskedTransformer(nn.Module):
         groups: Optional[int] = None,
         group_sizes: Optional[Sequence[int]] = None,
         backend: Union[str, AttentionKernel] = "auto",
+        head_dim: Optional[int] = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
-        check_divides("heads", heads, "dim", dim)
+        if head_dim is None:
+            check_divides("heads", heads, "dim", dim)
+            head_dim = dim // heads
+        check_positive_int("head_dim", head_dim)
         check_number("mlp_ratio", mlp_ratio, strict=True)
         if groups is not None and group_sizes is not None:
             raise ValueError("give either groups or group_sizes, not both")
@@ -665,9 +749,12 @@ class GroupMaskedTransformer(nn.Module):
         self.backend = backend
         self.dim = dim
         self.heads = heads
+        self.head_dim = head_dim
         self.blocks = nn.ModuleList(
-            _Block(dim, heads, mlp_ratio, device=device, dtype=dtype) for _ in range(depth)
+            _Block(dim, heads, head_dim, mlp_ratio, device=device, dtype=dtype) for _ in range(depth)
         )
+        # Fast path of first_of_group=True: the last layer computes only the groups' first queries.
+        self.first_queries_only = True
 
     def resolve_group_sizes(self, n: int) -> list[int]:
         """The group sizes used for a sequence of ``n`` tokens."""
@@ -692,21 +779,26 @@ class GroupMaskedTransformer(nn.Module):
             return self.backend
         batch, n, _ = x.shape
         grad = torch.is_grad_enabled() and (x.requires_grad or self.blocks[0].qkv.weight.requires_grad)
-        queries = _Queries(x.device, _compute_dtype(x), (batch, self.heads, n, self.dim // self.heads), grad)
+        queries = _Queries(x.device, _compute_dtype(x), (batch, self.heads, n, self.head_dim), grad)
         return resolve_kernel(self.backend, queries, group_sizes, padding_mask)  # type: ignore[arg-type]
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, *, first_of_group: bool = False) -> Tensor:
         sizes: dict[str, int] = {}
         check_tensor("x", x, ("B", "N", self.dim), sizes, floating=True)
         if padding_mask is not None:
             check_bool_mask("padding_mask", padding_mask, ("B", "N"), sizes)
         group_sizes = self.resolve_group_sizes(x.shape[1])
         kernel = self.kernel(x, group_sizes, padding_mask)
-        for block in self.blocks:
+        fast = first_of_group and self.first_queries_only
+        for block in self.blocks[:-1] if fast else self.blocks:
             x = block(x, kernel, group_sizes, padding_mask)
+        if fast:
+            return self.blocks[-1].forward_first(x, group_sizes, padding_mask)
+        if first_of_group:
+            return x[:, [sum(group_sizes[:g]) for g in range(len(group_sizes))]]
         return x
 
     def extra_repr(self) -> str:
         groups = f"group_sizes={self.group_sizes}" if self.group_sizes else f"groups={self.groups}"
         backend = repr(self.backend) if isinstance(self.backend, str) else getattr(self.backend, "__name__", "kernel")
-        return f"dim={self.dim}, heads={self.heads}, {groups}, backend={backend}"
+        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, {groups}, backend={backend}"

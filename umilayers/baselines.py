@@ -91,6 +91,7 @@ class UnimodalModel(_SupervisedOnly):
         dim: width ``D`` of the transformer predictor.
         depth: its layers.
         heads: its attention heads.
+        head_dim: the width of each head (default ``dim // heads``).
         text_dim: caption feature size (retrieval).
         margin: triplet margin (retrieval).
         device: device of the parameters.
@@ -123,6 +124,7 @@ class UnimodalModel(_SupervisedOnly):
         heads: int = ModelConfig.heads,
         text_dim: Optional[int] = None,
         margin: float = ModelConfig.margin,
+        head_dim: Optional[int] = ModelConfig.head_dim,
         device=None,
         dtype=None,
     ) -> None:
@@ -141,7 +143,7 @@ class UnimodalModel(_SupervisedOnly):
         self.hparams = {
             "modality": modality, "in_dim": in_dim, "num_outputs": num_outputs, "task": task,
             "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
-            "text_dim": text_dim, "margin": margin,
+            "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
         }
         if predictor == "linear":
             self.head = nn.Linear(in_dim, num_outputs, **factory)
@@ -151,7 +153,7 @@ class UnimodalModel(_SupervisedOnly):
             self.embed = nn.Linear(in_dim, dim, **factory)
             self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
             nn.init.trunc_normal_(self.readout, std=0.02)
-            self.transformer = GroupMaskedTransformer(dim, depth, heads, groups=1, **factory)
+            self.transformer = GroupMaskedTransformer(dim, depth, heads, groups=1, head_dim=head_dim, **factory)
             self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if text_dim is not None else None
         self.task_loss = TaskLoss(task, margin)
@@ -171,7 +173,7 @@ class UnimodalModel(_SupervisedOnly):
             mask = None
             if padding_mask is not None:
                 mask = F.pad(padding_mask, (1, 0), value=False)
-            out = self.head(self.transformer(h, padding_mask=mask)[:, 0])
+            out = self.head(self.transformer(h, padding_mask=mask, first_of_group=True)[:, 0])
         return F.normalize(out, dim=-1) if self.task == "retrieval" else out
 
     def check_inputs(
@@ -235,6 +237,7 @@ class LateFusion(TaskModel):
         heads: its heads.
         text_dim: caption feature size (retrieval, required there).
         margin: triplet margin (retrieval).
+        head_dim: the width of each head of a transformer predictor (default ``dim // heads``).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -264,6 +267,7 @@ class LateFusion(TaskModel):
         heads: int = ModelConfig.heads,
         text_dim: Optional[int] = None,
         margin: float = ModelConfig.margin,
+        head_dim: Optional[int] = ModelConfig.head_dim,
         device=None,
         dtype=None,
     ) -> None:
@@ -277,12 +281,13 @@ class LateFusion(TaskModel):
         self.hparams = {
             "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
             "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
-            "text_dim": text_dim, "margin": margin,
+            "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
         }
         factory = {"device": device, "dtype": dtype}
         self.members = nn.ModuleDict(
             {
-                m: UnimodalModel(m, d, num_outputs, task, predictor, dim, depth, heads, None, margin, **factory)
+                m: UnimodalModel(m, d, num_outputs, task, predictor, dim, depth, heads, None, margin, head_dim,
+                                 **factory)
                 for m, d in self.modality_dims.items()
             }
         )
@@ -350,6 +355,7 @@ class VanillaTransformer(_SupervisedOnly):
         mlp_ratio: MLP width relative to ``dim``.
         text_dim: caption feature size (retrieval, required there).
         margin: triplet margin (retrieval).
+        head_dim: the width of each head (default ``dim // heads``).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -380,6 +386,7 @@ class VanillaTransformer(_SupervisedOnly):
         mlp_ratio: float = ModelConfig.mlp_ratio,
         text_dim: Optional[int] = None,
         margin: float = ModelConfig.margin,
+        head_dim: Optional[int] = ModelConfig.head_dim,
         device=None,
         dtype=None,
     ) -> None:
@@ -406,7 +413,7 @@ class VanillaTransformer(_SupervisedOnly):
         self.hparams = {
             "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
             "dim": dim, "depth": depth, "heads": heads, "missing_tokens": dict(lengths),
-            "mlp_ratio": mlp_ratio, "text_dim": text_dim, "margin": margin,
+            "mlp_ratio": mlp_ratio, "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
         }
         self.embed = nn.ModuleDict({m: nn.Linear(d, dim, **factory) for m, d in self.modality_dims.items()})
         self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim, **factory)) for m in names})
@@ -414,7 +421,8 @@ class VanillaTransformer(_SupervisedOnly):
         self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
         for p in [*self.modality_embed.values(), *self.missing.values(), self.readout]:
             nn.init.trunc_normal_(p, std=0.02)
-        self.transformer = GroupMaskedTransformer(dim, depth, heads, mlp_ratio, groups=1, **factory)
+        self.transformer = GroupMaskedTransformer(dim, depth, heads, mlp_ratio, groups=1, head_dim=head_dim,
+                                                  **factory)
         self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
         self.task_loss = TaskLoss(task, margin)
@@ -455,7 +463,7 @@ class VanillaTransformer(_SupervisedOnly):
             tokens, padding = self._modality_sequence(m, batch, inputs.get(m), padding_masks.get(m), have)
             sequences.append(tokens)
             paddings.append(padding)
-        h = self.transformer(torch.cat(sequences, dim=1), padding_mask=torch.cat(paddings, dim=1))
+        h = self.transformer(torch.cat(sequences, dim=1), padding_mask=torch.cat(paddings, dim=1), first_of_group=True)
         out = self.head(h[:, 0])
         if self.task == "retrieval":
             out = F.normalize(out, dim=-1)
@@ -497,9 +505,9 @@ def build_model(
 
     - ``"umi"``: :class:`~umilayers.model.UnseenModalityModel` with every field.
     - ``"pooled"``: the same with ``projection="pooled"``.
-    - ``"late-fusion"``: :class:`LateFusion` with ``predictor``; ``dim``, ``heads``, ``margin``,
-      and ``depth = projection_depth`` (at least 1) for a transformer predictor.
-    - ``"vanilla"``: :class:`VanillaTransformer` with ``dim``, ``heads``, ``mlp_ratio``,
+    - ``"late-fusion"``: :class:`LateFusion` with ``predictor``; ``dim``, ``heads``, ``head_dim``,
+      ``margin``, and ``depth = projection_depth`` (at least 1) for a transformer predictor.
+    - ``"vanilla"``: :class:`VanillaTransformer` with ``dim``, ``heads``, ``head_dim``, ``mlp_ratio``,
       ``margin`` and ``depth = fusion_depth``; ``missing_tokens`` is ``modality_tokens`` (the
       store's token counts) when given.
     - ``"unimodal"``: :class:`UnimodalModel` of ``modality`` (optional when there is one),
@@ -521,7 +529,7 @@ def build_model(
         projection = "pooled" if method == "pooled" else "feature"
         return UnseenModalityModel(modality_dims, num_outputs, task, text_dim=text_dim, projection=projection,
                                    **hp.to_dict(), **factory)
-    shared = {"dim": hp.dim, "heads": hp.heads, "margin": hp.margin, "text_dim": text_dim}
+    shared = {"dim": hp.dim, "heads": hp.heads, "head_dim": hp.head_dim, "margin": hp.margin, "text_dim": text_dim}
     if method == "vanilla":
         missing = {} if modality_tokens is None else {"missing_tokens": dict(modality_tokens)}
         return VanillaTransformer(modality_dims, num_outputs, task, depth=hp.fusion_depth, mlp_ratio=hp.mlp_ratio,

@@ -234,7 +234,8 @@ class ModelConfig(Config):
     Each field's name is the constructor argument's, the key in checkpoints and ``config.json``,
     and the flag of ``umilayers fit`` (``--num-tokens``, ``--no-use-alignment``, ...); the
     constructor's defaults are these fields' defaults. The baselines take the ones they share
-    (``dim``, ``heads``, ``mlp_ratio``, ``margin``; see :func:`~umilayers.baselines.build_model`).
+    (``dim``, ``heads``, ``head_dim``, ``mlp_ratio``, ``margin``; see
+    :func:`~umilayers.baselines.build_model`).
 
     Defaults are the paper's robot / MSR-VTT settings (``D = 256``, ``k* = 16``, 6 layers and 8
     heads in both transformers, ``lambda = 1e-3``, ``alpha = 1``); EPIC-Kitchens used
@@ -263,7 +264,11 @@ class ModelConfig(Config):
                                       "from the token embedding); also the depth of a transformer unimodal predictor",
                                    minimum=0)
     fusion_depth: int = option(6, "layers of the fusion transformer (and of the vanilla baseline)", minimum=1)
-    heads: int = option(8, "attention heads of every transformer (must divide dim)", minimum=1)
+    heads: int = option(8, "attention heads of every transformer (must divide dim unless head_dim is given)",
+                        minimum=1)
+    head_dim: Optional[int] = option(None, "attention width per head of every transformer (None: dim // heads); "
+                                           "the authors' released code has 64, 8 heads x 64 = 512 at dim 256",
+                                     minimum=1)
     mlp_ratio: float = option(2.0, "MLP width of the transformers relative to dim", minimum=0, strict=True)
     normalize: str = option("inputs", "FeatureProjection softmax axis: 'inputs' (the paper's text) or 'slots' "
                                       "(the authors' released code)", choices=NORMALIZE)
@@ -293,7 +298,8 @@ class ModelConfig(Config):
                                    choices=RETRIEVAL_PSEUDO)
 
     def check(self) -> None:
-        check_divides("heads", self.heads, "dim", self.dim)
+        if self.head_dim is None:
+            check_divides("heads", self.heads, "dim", self.dim)
         if self.num_tokens % self.branches:
             raise InvalidArgument(
                 "branches",
@@ -702,6 +708,7 @@ class UnseenModalityModel(TaskModel):
         projection_depth: transformer layers inside each ``FeatureProjection``.
         fusion_depth: layers of the fusion ``GroupMaskedTransformer`` (at least 1).
         heads: attention heads of both transformers.
+        head_dim: width of each head (default ``dim // heads``).
         branches: number of branches ``G``.
         normalize: ``FeatureProjection`` softmax axis, ``"inputs"`` or ``"slots"``.
         projection: ``"feature"`` or ``"pooled"``.
@@ -752,6 +759,7 @@ class UnseenModalityModel(TaskModel):
         projection_depth: int = ModelConfig.projection_depth,
         fusion_depth: int = ModelConfig.fusion_depth,
         heads: int = ModelConfig.heads,
+        head_dim: Optional[int] = ModelConfig.head_dim,
         branches: int = ModelConfig.branches,
         normalize: str = ModelConfig.normalize,
         projection: str = "feature",
@@ -773,7 +781,7 @@ class UnseenModalityModel(TaskModel):
         cfg = UMIConfig(
             modality_dims=modality_dims, num_outputs=num_outputs, task=task, dim=dim,
             num_tokens=num_tokens, projection_depth=projection_depth, fusion_depth=fusion_depth,
-            heads=heads, mlp_ratio=mlp_ratio, normalize=normalize, branches=branches,
+            heads=heads, head_dim=head_dim, mlp_ratio=mlp_ratio, normalize=normalize, branches=branches,
             projection=projection, use_alignment=use_alignment, use_pseudo=use_pseudo,
             align_weight=align_weight, pseudo_weight=pseudo_weight,
             num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
@@ -787,7 +795,7 @@ class UnseenModalityModel(TaskModel):
             if cfg.projection == "feature":
                 self.projections[m] = FeatureProjection(
                     d_m, out_dim=dim, num_tokens=num_tokens, depth=projection_depth, heads=heads,
-                    normalize=normalize, mlp_ratio=mlp_ratio, **factory,
+                    normalize=normalize, mlp_ratio=mlp_ratio, head_dim=head_dim, **factory,
                 )
             else:
                 self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=num_tokens, **factory)
@@ -795,7 +803,8 @@ class UnseenModalityModel(TaskModel):
         self.readout = nn.Parameter(torch.zeros(branches, dim, **factory))
         nn.init.trunc_normal_(self.positions, std=0.02)
         nn.init.trunc_normal_(self.readout, std=0.02)
-        self.transformer = GroupMaskedTransformer(dim, fusion_depth, heads, mlp_ratio, groups=branches, **factory)
+        self.transformer = GroupMaskedTransformer(dim, fusion_depth, heads, mlp_ratio, groups=branches,
+                                                  head_dim=head_dim, **factory)
         self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
         self.alignment: Optional[AlignmentLoss] = None
         if use_alignment:
@@ -858,9 +867,8 @@ class UnseenModalityModel(TaskModel):
             if inputs[m].shape[0] > 0
         }
         fused = fuse_rows(features, present, batch)
-        tokens = self.transformer(self.branch_tokens(fused))
-        g = self.config.branches
-        readouts = rearrange(tokens, "b (g n) d -> b g n d", g=g)[:, :, 0]
+        # Only the readouts are read: the last layer computes their queries alone (exact).
+        readouts = self.transformer(self.branch_tokens(fused), first_of_group=True)  # (B, G, D)
         branch_outputs = self.head(readouts)
         if self.config.task == "retrieval":
             branch_outputs = F.normalize(branch_outputs, dim=-1)

@@ -183,12 +183,14 @@ class FeatureProjection(_TokenProjection):
         out_dim: common width ``D`` (also the transformer's width).
         num_tokens: number of output slots ``K``.
         depth: transformer layers that compute the logits (0: logits straight from the embedding).
-        heads: attention heads (must divide ``out_dim``).
+        heads: attention heads (must divide ``out_dim`` unless ``head_dim`` is given).
         normalize: ``"inputs"`` (softmax over tokens) or ``"slots"`` (softmax over slots).
         positions: ``None`` (default, any ``k_m``), ``"learned"`` (needs ``max_tokens``) or
             ``"sinusoidal"``.
         max_tokens: the most input tokens accepted; required for learned positions.
         mlp_ratio: MLP hidden width of the transformer relative to ``out_dim``.
+        head_dim: width of each attention head of the transformer (default
+            ``out_dim // heads``; see :class:`~umilayers.attention.GroupMaskedTransformer`).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -225,6 +227,7 @@ class FeatureProjection(_TokenProjection):
         positions: Optional[str] = None,
         max_tokens: Optional[int] = None,
         mlp_ratio: float = 2.0,
+        head_dim: Optional[int] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -233,7 +236,10 @@ class FeatureProjection(_TokenProjection):
         for name, value in sizes.items():
             check_positive_int(name, value)
         check_int("depth", depth, 0)
-        check_divides("heads", heads, "out_dim", out_dim)
+        if head_dim is None:
+            check_divides("heads", heads, "out_dim", out_dim)
+        else:
+            check_positive_int("head_dim", head_dim)
         check_choice("normalize", normalize, NORMALIZE)
         check_choice("positions", positions, POSITIONS)
         if max_tokens is not None:
@@ -253,7 +259,8 @@ class FeatureProjection(_TokenProjection):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.encoder: Optional[GroupMaskedTransformer] = None
         if depth > 0:
-            self.encoder = GroupMaskedTransformer(out_dim, depth, heads, mlp_ratio, groups=1, **factory)
+            self.encoder = GroupMaskedTransformer(out_dim, depth, heads, mlp_ratio, groups=1, head_dim=head_dim,
+                                                  **factory)
         self.norm = nn.LayerNorm(out_dim, **factory)
         self.head = nn.Linear(out_dim, num_tokens, **factory)
         self.proj = nn.Linear(in_dim, out_dim, **factory)

@@ -59,22 +59,24 @@ def stores(tmp_path_factory):
             for task in TASKS}
 
 
-def _step_reads(store, method: str, check_values: bool = False) -> list[tuple[str, str, str]]:
+def _step_reads(store, method: str, check_values: bool = False, device: str = "cpu") -> list[tuple[str, str, str]]:
     options = dict(method=method, dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, batch_size=8,
-                   device="cpu", quiet=True)
+                   device=device, quiet=True)
     if method == "unimodal":
         options["modality"] = sorted(store.modalities)[0]
     cfg = FitConfig.from_options(**options)
     torch.manual_seed(0)
     model = model_for_store(cfg, store)
-    phase = Phase(model, cfg, DistContext(), steps_per_epoch=2, epochs=1)
+    ctx = DistContext(device=torch.device(device))
+    phase = Phase(model, cfg, ctx, steps_per_epoch=2, epochs=1)
     keep = (cfg.modality,) if method == "unimodal" else None
     dataset = concat(store, splits(store, "train", keep))
     batch = KeepModalities(keep)([dataset[i] for i in range(len(dataset) - 8, len(dataset))])  # mixed splits
+    batch = batch.to(device)
     pseudo = None
     if model.needs_pseudo_labels:
         shape = (8, 8) if store.task == "retrieval" else (8, store.num_outputs)
-        pseudo = torch.softmax(torch.randn(shape), dim=-1)
+        pseudo = torch.softmax(torch.randn(shape), dim=-1).to(device)
     if check_values:  # the instrument itself: the opt-in value checks must show up
         model.train()
         with HostReads() as counter:
@@ -82,7 +84,7 @@ def _step_reads(store, method: str, check_values: bool = False) -> list[tuple[st
                        pseudo, text_padding_mask=batch.text_padding_mask, check_values=True)
         return counter.reads
     with HostReads() as counter:
-        terms = train_step(phase, batch, pseudo, 1.0, cfg, DistContext())
+        terms = train_step(phase, batch, pseudo, 1.0, cfg, ctx)
     assert terms.shape == (4,) and bool(torch.isfinite(terms).all())
     return counter.reads
 
@@ -90,7 +92,17 @@ def _step_reads(store, method: str, check_values: bool = False) -> list[tuple[st
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("method", METHODS)
 def test_one_training_step_reads_nothing_back(stores, task, method):
-    reads = _step_reads(stores[task], method)
+    _assert_no_reads_but_adamw_counters(_step_reads(stores[task], method))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", ["umi", "vanilla", "late-fusion"])
+def test_one_training_step_on_cuda_reads_nothing_back(stores, task, method):
+    _assert_no_reads_but_adamw_counters(_step_reads(stores[task], method, device="cuda"))
+
+
+def _assert_no_reads_but_adamw_counters(reads: list[tuple[str, str, str]]) -> None:
     ours = [r for r in reads if r[2].startswith(PACKAGE)]
     assert not ours, f"host reads made by the package: {Counter(ours).most_common()}"
     # What torch itself reads: AdamW's step counters (0-d tensors that stay on the CPU even for a
