@@ -800,9 +800,13 @@ def test_epic_train_preset_paper(epic_store, tmp_path):
         (3000.0, "elementwise_mean", 512, None)  # n_u: one token per action class (3,806 on EPIC)
     assert (model.dim, model.projection_depth, model.fusion_depth, model.heads, model.align_weight,
             model.normalize) == (256, 6, 6, 8, 0.001, "inputs")
-    # without the preset: the model settings are the paper's, alpha on the released code's scale
+    # the released Attention(dim, heads=8, dim_head=64) of both transformers: 8 x 64 = 512 wide
+    assert (model.head_dim, model.mlp_ratio, model.align_reduction) == (64, 2.0, "elementwise_mean")
+    # without the preset: the model settings are the paper's, alpha on the released code's scale,
+    # the heads this library's default width (dim // heads)
     _, plain = parse_fit_args(epic_train.build_parser(), [str(epic_store), "--out", "x"])
-    assert (plain.model.pseudo_weight, plain.model.pseudo_reduction) == (3000.0, "elementwise_mean")
+    assert (plain.model.pseudo_weight, plain.model.pseudo_reduction, plain.model.head_dim) == \
+        (3000.0, "elementwise_mean", None)
 
     run = tmp_path / "run"
     assert epic_train.main([
@@ -811,8 +815,8 @@ def test_epic_train_preset_paper(epic_store, tmp_path):
         "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--batch-size", "4", "--device", "cpu",
         "--quiet"]) == 0
     saved = json.loads((run / "config.json").read_text())["config"]
-    assert (saved["train"]["optimizer"], saved["train"]["schedule"], saved["model"]["pseudo_weight"]) == \
-        ("sgd", "step", 3000.0)
+    assert (saved["train"]["optimizer"], saved["train"]["schedule"], saved["model"]["pseudo_weight"],
+            saved["model"]["head_dim"]) == ("sgd", "step", 3000.0, 64)
     assert 0.0 <= json.loads((run / "metrics.json").read_text())["test"]["action_top1"] <= 1.0
     lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()
            if json.loads(line).get("stage") == "multimodal" and "lr" in json.loads(line)]

@@ -429,8 +429,10 @@ def test_example_preset_paper(ce, tmp_path):
     assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.9, 5e-4)
     assert (model.pseudo_weight, model.num_tokens, model.num_align_tokens, model.retrieval_pseudo) == \
         (1.0, 16, 128, "paper")
+    assert (model.heads, model.head_dim) == (8, 64)  # the paper gives no head width: the released code's
     run = tmp_path / "run"
     assert example.main(_train_args(ce, run, "--preset", "paper", "--batch-size", "8")) == 0
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["model"]["retrieval_pseudo"] == "paper" and saved["train"]["optimizer"] == "sgd"
+    assert saved["model"]["head_dim"] == 64
     assert json.loads((run / "metrics.json").read_text())["test"]["num_captions"] == 79
