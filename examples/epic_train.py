@@ -8,7 +8,8 @@ D = 256, 6 layers, 8 heads, lambda = 0.001, alpha = 3000 on the released code's 
 term, pseudo-labels averaged over the last 10 unimodal epochs; one alignment token per action
 class) with this library's optimisation. ``--preset paper`` adds the paper's schedule (120
 epochs, SGD at 1e-4 dropped to 1e-5 for the last 50, batch 96) and the released code's
-64-wide heads (``--head-dim 64``; docs: Training, "The paper's settings"). Runs under ``torchrun --nproc_per_node=N`` as ``umilayers fit`` does.
+64-wide heads (``--head-dim 64``; docs: Training, "The paper's settings"). Runs under
+``torchrun --nproc_per_node=N`` as ``umilayers fit`` does.
 
 After training, RUN/metrics.json's ``test`` entry gains ``action_top1``, ``verb_top1`` and
 ``noun_top1``: the predicted action (argmax of RUN/test_predictions.npy) mapped back to its
