@@ -14,11 +14,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from umilayers._threads import add_threads_argument, apply_thread_policy
+from umilayers.cli import USER_ERRORS, HelpFormatter, report_error
 from umilayers.datasets import epic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--annotations", required=True,
                       help="folder holding EPIC_100_train.csv (and EPIC_100_validation.csv)")
@@ -27,14 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--audio", help="folder of wavs: [<participant>/]<narration_id>.wav (one per "
                                       "clip) or [<participant>/]<video_id>.wav (one per video)")
     data.add_argument("--out", required=True, help="FeatureStore folder to write")
-    data.add_argument("--setting", required=True, choices=list(epic.SETTINGS))
+    data.add_argument("--setting", required=True, choices=list(epic.SETTINGS),
+                      help="the modalities: one of the paper's settings (one training split per modality)")
     data.add_argument("--split-dir", help="the paper's released split (the folder holding "
                       "EPIC_100_train_full_half1.csv ..., available_sound.csv, "
                       "epic_action_classes.csv), or <split>.txt files of narration ids; default: "
                       "participant-disjoint splits")
-    data.add_argument("--seed", type=int, default=0, help="participant shuffle seed (default 0)")
+    data.add_argument("--seed", type=int, default=0, help="participant shuffle seed")
     data.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
-                      metavar=("TRAIN", "VAL", "TEST"), help="participant fractions (default 0.8 0.1 0.1)")
+                      metavar=("TRAIN", "VAL", "TEST"), help="participant fractions")
     data.add_argument("--skip-missing", action="store_true",
                       help="drop clips whose frames or wav are missing (counts are reported)")
 
@@ -43,33 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'random', a folder with rgb.pth/flow.pth/audio.pth, or MODALITY=PATH "
                             "(repeatable); AST and Video Swin / Omnivore checkpoints load in their "
                             "original key names; never downloaded")
-    model.add_argument("--frames", type=int, default=32, help="RGB frames per clip (default 32)")
+    model.add_argument("--frames", type=int, default=32, help="RGB frames per clip")
     model.add_argument("--flow-frames", type=int, help="flow frames per clip (default: --frames)")
-    model.add_argument("--image-size", type=int, default=224, help="RGB/flow input side (default 224)")
-    model.add_argument("--rgb-arch", default="swin3d_t", choices=["swin3d_t", "swin3d_s", "swin3d_b"])
-    model.add_argument("--flow-arch", default="resnet18", choices=["resnet18", "resnet50"])
+    model.add_argument("--image-size", type=int, default=224, help="RGB/flow input side")
+    model.add_argument("--rgb-arch", default="swin3d_t", choices=["swin3d_t", "swin3d_s", "swin3d_b"],
+                       help="RGB backbone (torchvision's video Swin)")
+    model.add_argument("--flow-arch", default="resnet18", choices=["resnet18", "resnet50"],
+                       help="flow backbone (torchvision's ResNet)")
     model.add_argument("--audio-arch", default="deit_base_distilled_patch16_384",
-                       help="timm ViT name (default deit_base_distilled_patch16_384, AST's)")
+                       help="timm ViT name (AST's)")
     model.add_argument("--audio-frames", type=int, default=128,
-                       help="10 ms filterbank frames per clip, padded/cropped (default 128, the paper's)")
+                       help="10 ms filterbank frames per clip, padded/cropped (the paper's: 128)")
     model.add_argument("--audio-stride", type=int, default=10,
-                       help="16x16 patch stride over the 128-bin spectrogram (default 10, AST's)")
+                       help="16x16 patch stride over the 128-bin spectrogram (AST's: 10)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="cpu")
-    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--device", default="cpu", help="where the backbones run: cpu, cuda, cuda:1, ...")
+    run.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
     run.add_argument("--workers", type=int, default=0, help="input-decoding processes")
-    run.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
+    run.add_argument("--shard-size", type=int, default=256, help="clips per shard")
     run.add_argument("--work-dir", help="shard folder (default <out>.shards); rerun to resume")
-    run.add_argument("--keep-shards", action="store_true")
+    run.add_argument("--keep-shards", action="store_true", help="keep the shards once the store is written")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(run, note="The measurements behind the CPU default were of the trainer's models; "
+                                    "for these backbones on a CPU of your own, --threads 0 may be faster.")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_thread_policy(args.threads, args.device)
     modalities = epic.SETTINGS[args.setting]
     try:
         config = epic.ExtractionConfig(
@@ -85,12 +93,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = [m for m in modalities if roots[m] is None]
     if missing:
         parser.error(f"--setting {args.setting} needs " + " ".join(f"--{m} ROOT" for m in missing))
-    report = epic.extract_epic(
-        args.annotations, roots, args.out, args.setting, config=config,
-        shard_size=args.shard_size, skip_missing=args.skip_missing, split_dir=args.split_dir,
-        seed=args.seed, fractions=args.fractions, work_dir=args.work_dir,
-        overwrite=args.overwrite, keep_shards=args.keep_shards, progress=not args.no_progress,
-    )
+    try:
+        report = epic.extract_epic(
+            args.annotations, roots, args.out, args.setting, config=config,
+            shard_size=args.shard_size, skip_missing=args.skip_missing, split_dir=args.split_dir,
+            seed=args.seed, fractions=args.fractions, work_dir=args.work_dir,
+            overwrite=args.overwrite, keep_shards=args.keep_shards, progress=not args.no_progress,
+        )
+    except USER_ERRORS as err:
+        return report_error(parser.prog, err)
     sizes = ", ".join(f"{m} {t}x{d}" for m, (t, d) in report["modalities"].items())
     print(f"wrote {args.out}: {report['num_actions']} actions; tokens {sizes}; clips "
           + ", ".join(f"{n} {c}" for n, c in report["splits"].items()))

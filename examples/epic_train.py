@@ -13,7 +13,8 @@ epochs, SGD at 1e-4 dropped to 1e-5 for the last 50, batch 96) and the released 
 
 After training, RUN/metrics.json's ``test`` entry gains ``action_top1``, ``verb_top1`` and
 ``noun_top1``: the predicted action (argmax of RUN/test_predictions.npy) mapped back to its
-(verb, noun) classes with STORE/epic_actions.json.
+(verb, noun) classes with STORE/epic_actions.json, which is checked before any training (a store
+not written by epic_extract.py is refused; train it with ``umilayers fit``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from umilayers._io import atomic_write_json
-from umilayers.cli import HelpFormatter, add_fit_arguments, add_preset_argument, parse_fit_args, preset_defaults
+from umilayers._threads import apply_thread_policy
+from umilayers.cli import (USER_ERRORS, HelpFormatter, add_fit_arguments, add_preset_argument, describe_run,
+                           parse_fit_args, preset_defaults, report_error)
+from umilayers.data.store import FeatureStore
 from umilayers.datasets import epic
 from umilayers.train import fit
 
@@ -54,8 +58,6 @@ def add_verb_noun_metrics(store: Path, run: Path) -> Optional[dict[str, float]]:
 
     Returns the scores, or None when the run wrote no predictions (nothing is changed then).
     """
-    from umilayers.data.store import FeatureStore
-
     predictions_path, metrics_path = run / "test_predictions.npy", run / "metrics.json"
     if not predictions_path.is_file() or not metrics_path.is_file():
         return None
@@ -74,10 +76,36 @@ def add_verb_noun_metrics(store: Path, run: Path) -> Optional[dict[str, float]]:
     return scores
 
 
+def check_epic_store(store: Path) -> epic.ActionVocabulary:
+    """Open ``store`` (shallow) and its action table, before any training.
+
+    Raises:
+        StoreError: not a FeatureStore.
+        FileNotFoundError: no ``epic_actions.json``: not written by ``epic_extract.py``.
+        ValueError: the action table does not fit the store.
+    """
+    opened = FeatureStore(store)
+    path = opened.path / epic.ACTIONS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; epic_train.py trains on stores written by "
+                                f"examples/epic_extract.py (it scores verbs and nouns with this action table); "
+                                f"train any other store with umilayers fit")
+    vocab = epic.ActionVocabulary.load(path)
+    if vocab.num_actions != opened.num_outputs:
+        raise ValueError(f"{path}: {vocab.num_actions} actions, but the store has {opened.num_outputs} classes")
+    return vocab
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, config = parse_fit_args(build_parser(preset_defaults(argv, "epic")), argv)
-    metrics: dict[str, Any] = fit(args.store, out=args.out, config=config, resume=args.resume,
-                                  overwrite=args.overwrite)
+    parser = build_parser(preset_defaults(argv, "epic"))
+    args, config = parse_fit_args(parser, argv)
+    apply_thread_policy(args.threads, config.runtime.device)
+    try:
+        check_epic_store(Path(args.store))
+        metrics: dict[str, Any] = fit(args.store, out=args.out, config=config, resume=args.resume,
+                                      overwrite=args.overwrite)
+    except USER_ERRORS as err:
+        return report_error(parser.prog, err)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes, as `umilayers fit`
         return 0
     scores = add_verb_noun_metrics(Path(args.store), Path(args.out))
@@ -87,6 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         metrics.setdefault("test", {}).update(scores)
     print(json.dumps(metrics, indent=2))
+    print(describe_run(args.out, metrics), file=sys.stderr)
     return 0
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Optional
 
 from umilayers._io import atomic_write_json
-from umilayers.cli import HelpFormatter, add_fit_arguments, add_preset_argument, parse_fit_args, preset_defaults
+from umilayers._threads import apply_thread_policy
+from umilayers.cli import (USER_ERRORS, HelpFormatter, add_fit_arguments, add_preset_argument, describe_run,
+                           parse_fit_args, preset_defaults, report_error)
 from umilayers.datasets import msrvtt
 from umilayers.train import FitConfig, fit, process_group
 
@@ -101,10 +103,13 @@ def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
     if rank == 0:
         record_split_sizes(store, run)
         print(json.dumps(metrics.get("test", metrics), indent=2))
+        print(describe_run(run, metrics), file=sys.stderr)
 
 
 def main(argv=None) -> int:
-    args, config = parse_fit_args(build_parser(preset_defaults(argv, "msrvtt")), argv)
+    parser = build_parser(preset_defaults(argv, "msrvtt"))
+    args, config = parse_fit_args(parser, argv)
+    apply_thread_policy(args.threads, config.runtime.device)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
@@ -112,7 +117,6 @@ def main(argv=None) -> int:
     try:
         if not done_marker.is_file():
             if rank == 0:
-                run.mkdir(parents=True, exist_ok=True)
                 msrvtt.build_msrvtt_store(
                     args.data, store, protocol=args.protocol, split=args.split,
                     release=args.release, layout=args.layout,
@@ -132,9 +136,8 @@ def main(argv=None) -> int:
             return 0
         with process_group(config.runtime.device):
             _train(args, config, store, run, rank)
-    except (msrvtt.MSRVTTDataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report_error(parser.prog, err)
     return 0
 
 

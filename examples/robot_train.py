@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Optional
 
 from umilayers._io import atomic_write, atomic_write_text
-from umilayers.cli import HelpFormatter, add_fit_arguments, add_preset_argument, parse_fit_args, preset_defaults
+from umilayers._threads import apply_thread_policy
+from umilayers.cli import (USER_ERRORS, HelpFormatter, add_fit_arguments, add_preset_argument, describe_run,
+                           parse_fit_args, preset_defaults, report_error)
 from umilayers.datasets import robot
 from umilayers.train import FitConfig, evaluate, fit, process_group
 
@@ -87,10 +89,14 @@ def evaluate_subsets(run: Path, store: Path, device: str = "auto", rank: int = 0
 
 
 def _plot_subsets(rows, path: Path) -> None:
-    import matplotlib
+    """The bar chart, when matplotlib (umilayers[train]) is installed: the numbers are in the .md."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
 
     labels = ["+".join(r["modalities"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
@@ -109,10 +115,15 @@ def _train(args, config: FitConfig, store: Path, run: Path, rank: int) -> None:
     if rank == 0:
         print(json.dumps(metrics.get("test", metrics), indent=2))
     evaluate_subsets(run, store, device=config.runtime.device, rank=rank)
+    if rank == 0:
+        print(describe_run(run, metrics) + "\n  subsets.json, .md, .png  test MAE with each subset of the "
+              "modalities", file=sys.stderr)
 
 
 def main(argv=None) -> int:
-    args, config = parse_fit_args(build_parser(preset_defaults(argv, "robot")), argv)
+    parser = build_parser(preset_defaults(argv, "robot"))
+    args, config = parse_fit_args(parser, argv)
+    apply_thread_policy(args.threads, config.runtime.device)
     run = Path(args.out)
     store = Path(args.store) if args.store else run / "store"
     rank = int(os.environ.get("RANK", "0"))
@@ -120,7 +131,6 @@ def main(argv=None) -> int:
     try:
         if not done_marker.is_file():
             if rank == 0:
-                run.mkdir(parents=True, exist_ok=True)
                 robot.build_robot_store(
                     args.data, store, z_dim=args.z_dim, image_size=args.image_size,
                     force_window=args.force_window, epochs=args.encoder_epochs,
@@ -136,9 +146,8 @@ def main(argv=None) -> int:
             return 0
         with process_group(config.runtime.device):
             _train(args, config, store, run, rank)
-    except (robot.RobotDataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report_error(parser.prog, err)
     return 0
 
 

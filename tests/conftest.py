@@ -19,3 +19,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+def _snapshot(folder):
+    """Every path under ``folder`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(main, argv, folder, expected)``: the command exits with status 2 and exactly one
+    stderr line holding ``expected`` (returned), having written nothing under ``folder``."""
+
+    def check(main, argv, folder, expected):
+        before = _snapshot(folder)
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse's own refusals
+            code = exit_.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, lines
+        assert len(lines) == 1, lines
+        assert expected in lines[0], lines[0]
+        assert "Traceback" not in lines[0]
+        assert _snapshot(folder) == before, "the refused command wrote something"
+        return lines[0]
+
+    return check

@@ -13,9 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from umilayers.cli import HelpFormatter, add_fit_arguments, build_parser, fit_config, flag, main, parse_fit_args
+import numpy as np
+import torch
+
+from umilayers._threads import THREAD_ENV_VARS
+from umilayers.cli import (HelpFormatter, add_fit_arguments, build_parser, describe_run, fit_config, flag, main,
+                           parse_fit_args, synth_next_steps)
 from umilayers.data.synthetic import make_synthetic_store
-from umilayers.train import FitConfig
+from umilayers.train import FitConfig, fit
+from umilayers.train.run import RUN_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--dim", "16", "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--num-tokens", "4",
         "--epochs", "1", "--unimodal-epochs", "1", "--pseudo-window", "1", "--batch-size", "8", "--lr", "1e-3",
@@ -128,15 +136,15 @@ def test_a_new_field_is_a_new_flag():
 
     @dataclasses.dataclass(frozen=True)
     class Runtime(train_config.RuntimeConfig):
-        threads: int = option(1, "torch threads", minimum=1)
+        prefetch: int = option(1, "batches each loader prefetches", minimum=1)
 
     original = train_config.CONCERNS["runtime"]
     train_config.CONCERNS["runtime"] = Runtime
     try:
         parser = _fit_parser()
-        assert "--threads" in parser.format_help() and "(default: 1)" in parser.format_help()
+        assert "--prefetch" in parser.format_help() and "(default: 1)" in parser.format_help()
         with pytest.raises(SystemExit):
-            parser.parse_args(["--out", "x", "--threads", "0"])
+            parser.parse_args(["--out", "x", "--prefetch", "0"])
     finally:
         train_config.CONCERNS["runtime"] = original
 
@@ -164,3 +172,202 @@ def test_python_dash_m_help():
 def test_subcommands():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"fit", "evaluate", "check", "demo"} <= set(commands)
+
+
+# ------------------------------------------------------------------ a new user's first hour (issue 11)
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A folder holding a store and a finished umi run on it."""
+    root = tmp_path_factory.mktemp("finished")
+    make_synthetic_store("classification", root / "store", num_train=16, num_eval=10, tokens=4, dim=12)
+    assert main(["fit", str(root / "store"), "--out", str(root / "run"), *TINY]) == 0
+    return root
+
+
+def _bad_npy_store(root: Path, content: bytes) -> Path:
+    import shutil
+
+    bad = root / "bad"
+    if not bad.exists():
+        shutil.copytree(root / "store", bad)
+    (bad / "train_rgb" / "rgb.npy").write_bytes(content)
+    return bad
+
+
+@pytest.mark.parametrize("case", ["device", "batch-size", "split", "exists", "different", "both", "text-npy",
+                                  "object-npy", "fit-on-text-npy", "synth-exists"])
+def test_refusals_are_one_line_naming_the_flag_and_write_nothing(finished, refused, case, tmp_path):
+    store, run, new = str(finished / "store"), str(finished / "run"), str(finished / "new")
+    if case in ("text-npy", "fit-on-text-npy"):
+        _bad_npy_store(finished, b"rgb features, one row a line\n0.1 0.2\n")
+    if case == "object-npy":
+        with open(_bad_npy_store(finished, b"") / "train_rgb" / "rgb.npy", "wb") as handle:
+            np.save(handle, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    argv, expected = {
+        "device": (["fit", store, "--out", new, *TINY, "--device", "banana"],
+                   "umilayers fit: error: --device: expected auto, cpu, cuda, cuda:N, mps, ... (a torch device), "
+                   "got 'banana'"),
+        "batch-size": (["evaluate", run, "--batch-size", "0"],
+                       "umilayers evaluate: error: --batch-size: expected an int >= 1, got 0"),
+        "split": (["evaluate", run, "--split", "nosuch"],
+                  "--split: 'nosuch' is neither a split nor a role of the store"),
+        "exists": (["fit", store, "--out", run, *TINY],
+                   "umilayers fit: error: --out: " + run + " already holds a finished run (metrics.json); "
+                   "pass --resume to continue it or --overwrite to start again"),
+        "different": (["fit", store, "--out", run, "--resume", *TINY, "--epochs", "2"],
+                      "--resume: " + run + ": cannot resume with different options (--epochs: run has 1, given 2)"),
+        "both": (["fit", store, "--out", run, "--resume", "--overwrite", *TINY],
+                 "--resume: pass at most one of --resume and --overwrite"),
+        "text-npy": (["check", str(finished / "bad")],
+                     "rgb.npy: not a numeric .npy array: the file does not start with the .npy signature "
+                     "(it starts with b'rgb fe'); write arrays with numpy.save"),
+        "object-npy": (["check", str(finished / "bad")],
+                       "rgb.npy: not a numeric .npy array: it holds Python objects (dtype object), not numbers"),
+        "fit-on-text-npy": (["fit", str(finished / "bad"), "--out", new, *TINY], "not a numeric .npy array"),
+        "synth-exists": (["synth", "classification", store, "--size", "8"],
+                         f"umilayers synth: error: {store}: exists and is not empty; pass --overwrite"),
+    }[case]
+    line = refused(main, argv, finished, expected)
+    assert "allow_pickle" not in line and "=True" not in line
+    assert not Path(new).exists()
+    if case == "split":  # the store's split names, to choose from
+        assert "(splits: train_rgb, train_audio, val, test; roles: train, val, test)" in line
+
+
+def test_check_accepts_the_store_json_file(finished, capsys):
+    assert main(["check", str(finished / "store" / "store.json"), "--shallow"]) == 0
+    assert "OK: 4 splits valid" in capsys.readouterr().out
+
+
+def test_check_of_another_file_says_to_pass_the_folder(finished, refused):
+    refused(main, ["check", str(finished / "run" / "metrics.json")], finished,
+            "metrics.json: a file, not a FeatureStore; pass the folder that holds store.json")
+
+
+def test_fit_says_where_the_run_is_and_what_it_holds(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(finished / "store"), "--out", str(run), "--method", "late-fusion", *TINY]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)  # stdout stays the metrics, for scripts
+    assert captured.err == describe_run(run, metrics) + "\n"
+    lines = captured.err.splitlines()
+    assert lines[0] == f"run folder: {run} (best epoch: {metrics['best_epoch'] + 1}, chosen on val)"
+    listed = [line.split()[0].rstrip("/") for line in lines[1:-1]]
+    assert listed == [name for name in RUN_FILES if (run / name).exists()]  # every file there, nothing else
+    assert {"metrics.json", "model.pt", "config.json", "checkpoint.pt", "log.jsonl"} <= set(listed)
+    assert lines[-1].startswith(f"evaluate with some of its modalities: umilayers evaluate {run}")
+
+
+def _tiny(method: str) -> FitConfig:
+    return fit_config(build_parser().parse_args(["fit", "s", "--out", "o", "--method", method, *TINY]))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_run_files_follow_the_umask(finished, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        fit(finished / "store", out=tmp_path / "run", config=_tiny("umi"))
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"config.json", "metrics.json", "model.pt", "checkpoint.pt", "log.jsonl"} <= set(modes)
+    assert set(modes.values()) == {0o640}, modes  # as log.jsonl, written with open(): the user's umask
+
+
+def test_synth_writes_the_demo_store_and_says_what_next(tmp_path, capsys):
+    store = tmp_path / "cls"
+    assert main(["synth", "classification", str(store), "--size", "24", "--eval-size", "12", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    from umilayers.data import FeatureStore
+
+    opened = FeatureStore(store, deep=True)
+    assert [(s.name, s.size) for s in opened.splits.values()] == [
+        ("train_rgb", 24), ("train_audio", 24), ("val", 12), ("test", 12)]
+    assert out.endswith(synth_next_steps(store, "classification") + "\n")
+    same = make_synthetic_store("classification", tmp_path / "again", num_train=24, num_eval=12, seed=3)
+    np.testing.assert_array_equal(np.load(store / "test" / "rgb.npy"), np.load(same.path / "test" / "rgb.npy"))
+    assert main(["synth", "regression", str(store), "--size", "8", "--eval-size", "4", "--overwrite"]) == 0
+    assert FeatureStore(store).task == "regression"
+
+
+def test_synth_next_steps_is_the_readme_command():
+    """The README's "Train on your data" gives the command `umilayers synth` prints."""
+    readme = (ROOT / "README.md").read_text()
+    steps = synth_next_steps("data/cls", "classification").splitlines()
+    assert "umilayers synth classification data/cls" in readme
+    assert steps[1].strip() in " ".join(readme.split())
+    args = build_parser().parse_args(steps[1].split()[1:])  # a valid fit command
+    assert fit_config(args).model.dim == 32
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    for var in THREAD_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_commands_apply_the_thread_rule_the_library_does_not(finished, tmp_path, restore_threads, capsys):
+    torch.set_num_threads(2)
+    fit(finished / "store", out=tmp_path / "lib", config=_tiny("late-fusion"))
+    assert torch.get_num_threads() == 2  # the library leaves the process's count alone
+    assert main(["evaluate", str(finished / "run"), "--threads", "3"]) == 0
+    assert torch.get_num_threads() == 3
+    assert main(["fit", str(finished / "store"), "--out", str(tmp_path / "cli"), "--method", "late-fusion",
+                 *TINY]) == 0
+    assert torch.get_num_threads() == 1  # the CPU default
+    logged = [json.loads(line) for line in (tmp_path / "cli" / "log.jsonl").read_text().splitlines()]
+    assert {record["threads"] for record in logged} == {1}  # recorded with each epoch
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", str(finished / "store"), "--out", str(tmp_path / "x"), "--threads", "-1"])
+    assert "--threads: expected an int >= 0 (0 = torch's own choice), got -1" in capsys.readouterr().err
+
+
+def _help_lines(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's help as ``--help`` prints it, joined into one line."""
+    formatter = parser._get_formatter()
+    return {action.option_strings[0]: " ".join(formatter._expand_help(action).split())
+            for action in parser._actions if action.option_strings and action.help
+            and action.dest not in ("help", "version")}
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("command", ["fit", "evaluate", "synth", "check"])
+def test_every_help_shows_every_default(command):
+    parser = _subparser(command)
+    for option, text in _help_lines(parser).items():
+        action = next(a for a in parser._actions if option in a.option_strings)
+        if action.required:
+            continue
+        assert "default" in text.lower(), f"{command} {option}: {text}"
+        if f"(default: {action.default})" not in text:  # said in words instead: never a wrong value
+            assert "(default: " not in text or action.default is None, f"{command} {option}: {text}"
+    assert "(default: 64)" in _help_lines(_subparser("fit"))["--batch-size"]
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(finished, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "umilayers", "fit", str(finished / "store"), "--out", str(run), *TINY,
+            "--epochs", "200"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "log.jsonl").exists() or "multimodal" not in (run / "log.jsonl").read_text():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and out == ""
+    assert err.strip().splitlines() == [
+        "umilayers fit: interrupted; the last finished epoch is kept: add --resume to continue"]
+    assert (run / "checkpoint.pt").is_file() and not (run / "metrics.json").exists()  # resumable, unfinished

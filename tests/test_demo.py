@@ -77,3 +77,42 @@ def test_cli_parses_predictor():
 
     args = build_parser().parse_args(["fit", "S", "--out", "O", "--predictor", "transformer"])
     assert fit_config(args).predictor == "transformer"
+
+
+def test_help_is_plain_text():
+    text = demo.build_parser().format_help()
+    assert "``" not in text and ":func:" not in text and ":meth:" not in text and ":mod:" not in text
+    for option in ("--quick", "--seeds", "--out", "--overwrite", "--no-ablation", "--threads"):
+        assert option in text
+    assert "umilayers-demo-quick" in text and "(default: 1)" in text
+
+
+def test_quick_has_its_own_folder():
+    assert demo.default_out(quick=True) != demo.default_out(quick=False)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_refuses_to_overwrite_a_finished_demo(tmp_path, refused, quick):
+    finished = {"size": "default", "seeds": [0, 1, 2], "seconds": 687.0, "table4": {}}
+    (tmp_path / "demo.json").write_text(json.dumps(finished))
+    line = refused(demo.main, ["--out", str(tmp_path)] + ["--quick"] * quick, tmp_path,
+                   f"umilayers demo: error: {tmp_path / 'demo.json'}: a finished demo is there")
+    assert "(default size, 3 seed(s), 687 s); pass --overwrite to replace it, or --out DIR" in line
+
+
+def test_heartbeat_estimates_each_task_from_its_own_runs():
+    clock = iter(range(0, 1000, 10))
+    beat = demo.Heartbeat(demo.grid_plan(["classification", "retrieval"], {"a": {}, "b": {}}, [0]),
+                          clock=lambda: float(next(clock)))
+    assert beat.plan == ["classification", "classification", "retrieval", "retrieval"]
+    assert beat.tick("classification", 2.0) == "[1/4] 10s elapsed, about 6s left"  # 3 runs x 2 s
+    assert beat.tick("classification", 4.0) == "[2/4] 20s elapsed, about 6s left"  # 2 x mean 3 s
+    assert beat.tick("retrieval", 90.0) == "[3/4] 30s elapsed, about 1m30s left"   # retrieval's own
+    assert beat.tick("retrieval", 10.0) == "[4/4] 40s elapsed, done"
+
+
+def test_fit_options_are_what_every_run_shares():
+    size = demo.DemoSize.default()
+    options = size.fit_options()
+    assert options["epochs"] == size.epochs and options["pseudo_window"] == size.pseudo_window
+    assert {k: options[k] for k in size.model} == size.model

@@ -569,7 +569,7 @@ def test_targets_errors():
         bank.targets(torch.tensor([1]), both, ground_truth=torch.tensor([3]))
     with pytest.raises(ValueError, match=r"ground_truth: expected shape \(B=1, C=3\)"):
         bank.targets(torch.tensor([1]), both, ground_truth=torch.rand(1, 4))
-    with pytest.raises(TypeError, match="ground_truth: a 1-d ground truth holds class labels"):
+    with pytest.raises(TypeError, match="ground_truth: expected an integer tensor of class labels"):
         bank.targets(torch.tensor([1]), both, ground_truth=torch.tensor([0.5]))
     with pytest.raises(ValueError, match=r"present\['rgb'\]: expected shape \(B=1\)"):
         bank.targets(torch.tensor([1]), {"rgb": torch.tensor([True, True])})

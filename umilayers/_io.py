@@ -6,6 +6,11 @@ over the destination with ``os.replace`` (atomic on POSIX and Windows), and the 
 complete file or the new complete file, never a partial one, even when the writer is killed
 with ``SIGKILL`` half-way through; a failed write leaves no temporary file behind.
 
+The file gets the permissions any other tool would give it: a new file ``0o666`` less the
+process's umask (``-rw-r--r--`` under the usual ``022``), a replaced file keeps its own mode.
+(The temporary file is created private, ``0o600``, as ``tempfile.mkstemp`` does; its mode is set
+before it is renamed into place.)
+
 Example::
 
     >>> import os, tempfile
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import threading
 from typing import IO, Any, Callable, Union
 
 import numpy as np
@@ -36,9 +43,46 @@ __all__ = [
     "read_json",
     "append_jsonl",
     "fsync_dir",
+    "file_mode",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux 4.7+)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:  # elsewhere the only way to read it is to set it and set it back
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode(path: PathLike) -> int:
+    """The permission bits a file written at ``path`` gets: the existing file's own, or for a new
+    file ``0o666`` less the umask (what ``open(path, "w")`` gives).
+
+    Example::
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.txt")
+        >>> previous = os.umask(0o027)
+        >>> oct(file_mode(path))
+        '0o640'
+        >>> _ = os.umask(previous)
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def fsync_dir(folder: PathLike) -> None:
@@ -63,9 +107,11 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    mode = file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.chmod(tmp, mode)  # mkstemp made it 0o600
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -19,7 +19,8 @@ section "Threads"):
    - any other device (CUDA): left as it is. The model runs on the accelerator; the CPU
      threads only collate batches, and nothing was measured there to justify a change.
 
-Only the command-line entry points apply the rule (:func:`apply_thread_policy`, once, at start).
+Only the command-line entry points apply the rule (:func:`apply_thread_policy`, once, at start;
+their ``--threads`` option is :func:`add_threads_argument`).
 The library (``fit``, the models) never changes the process-wide thread count: a Python user
 keeps whatever ``torch.set_num_threads`` they called.
 
@@ -37,10 +38,12 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["CPU_DEFAULT_THREADS", "THREAD_ENV_VARS", "THREADS_HELP", "choose_threads", "apply_thread_policy"]
+__all__ = ["CPU_DEFAULT_THREADS", "THREAD_ENV_VARS", "THREADS_HELP", "choose_threads", "apply_thread_policy",
+           "add_threads_argument"]
 
 #: Threads on the CPU when neither ``--threads`` nor the environment says otherwise.
 CPU_DEFAULT_THREADS = 1
@@ -58,14 +61,16 @@ THREADS_HELP = (
 )
 
 
+_EXPECTED = "expected an int >= 0 (0 = torch's own choice)"
+
+
 def _check_threads(threads: Any, name: str) -> None:
     if threads is None:
         return
     if isinstance(threads, bool) or not isinstance(threads, int):
-        raise TypeError(f"{name}: expected an int >= 0 (0 = torch's own choice), got {type(threads).__name__} "
-                        f"{threads!r}")
+        raise TypeError(f"{name}: {_EXPECTED}, got {type(threads).__name__} {threads!r}")
     if threads < 0:
-        raise ValueError(f"{name}: expected an int >= 0 (0 = torch's own choice), got {threads}")
+        raise ValueError(f"{name}: {_EXPECTED}, got {threads}")
 
 
 def _runs_on_cpu(device: Any) -> bool:
@@ -137,3 +142,35 @@ def apply_thread_policy(threads: Optional[int] = None, device: Any = None, *, na
     if count is not None and count != torch.get_num_threads():
         torch.set_num_threads(count)
     return torch.get_num_threads()
+
+
+class _ThreadsOption(argparse.Action):
+    """``--threads N``: an int >= 0, refused in one line naming the flag as typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        typed = option_string or self.option_strings[0]
+        try:
+            count = int(values)
+        except ValueError:
+            parser.error(f"{typed}: {_EXPECTED}, got {values!r}")
+        try:
+            _check_threads(count, typed)
+        except ValueError as err:
+            parser.error(str(err))
+        setattr(namespace, self.dest, count)
+
+
+def add_threads_argument(parser: Any, flags: Sequence[str] = ("--threads",), note: str = "") -> None:
+    """Add ``--threads N`` (default ``None``: the rule decides) to a parser or argument group;
+    ``note`` is added to its help.
+
+    Example::
+
+        >>> parser = argparse.ArgumentParser(prog="demo")
+        >>> add_threads_argument(parser)
+        >>> parser.parse_args([]).threads, parser.parse_args(["--threads", "0"]).threads
+        (None, 0)
+    """
+    parser.add_argument(*flags, action=_ThreadsOption, default=None, metavar="N",
+                        help=THREADS_HELP + (" " + note if note else ""))

@@ -44,8 +44,10 @@ from torch import Tensor
 
 __all__ = [
     "ShapeSpec",
+    "Sizes",
     "InvalidArgument",
     "InvalidArgumentType",
+    "OutputExistsError",
     "check_tensor",
     "check_bool_mask",
     "check_finite",
@@ -56,6 +58,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_divides",
+    "check_ids",
     "format_spec",
     "format_indices",
 ]
@@ -98,6 +101,39 @@ class InvalidArgumentType(InvalidArgument, TypeError):
     """:class:`InvalidArgument` for a value of the wrong type (also a ``TypeError``)."""
 
 
+class OutputExistsError(InvalidArgument, FileExistsError):
+    """:class:`InvalidArgument` for an output that exists already and is not to be replaced
+    unless asked (also a ``FileExistsError``).
+
+    Example::
+
+        >>> err = OutputExistsError("out", "runs/a already exists; pass {overwrite} to replace it",
+        ...                         refs=["overwrite"])
+        >>> err.message(lambda name: "--" + name)
+        '--out: runs/a already exists; pass --overwrite to replace it'
+    """
+
+
+class Sizes(dict):
+    """Named sizes bound so far in a call (``{"B": 2, "D": 64}``), remembering which argument
+    bound each, so that a mismatch names both tensors involved (:func:`check_tensor`).
+
+    Example::
+
+        >>> import torch
+        >>> sizes = Sizes()
+        >>> check_tensor("features['audio']", torch.zeros(2, 4, 6), (None, "K", "D"), sizes)
+        >>> check_tensor("features['rgb']", torch.zeros(2, 4, 8), (None, "K", "D"), sizes)
+        Traceback (most recent call last):
+        ...
+        ValueError: features['rgb']: expected shape (*, K=4, D=6), got (2, 4, 8) (D is 6 from features['audio'], got 8)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.origin: dict[str, str] = {}
+
+
 def format_spec(spec: ShapeSpec, sizes: Optional[Mapping[str, int]] = None) -> str:
     """Render a shape spec as ``(B=2, k_m, 4)``, filling in names already bound in ``sizes``."""
     sizes = sizes or {}
@@ -130,7 +166,8 @@ def check_tensor(
         name: the argument's name, used in the error message.
         x: the value to check.
         spec: expected shape; ``None`` accepts any shape.
-        sizes: named sizes bound so far in this call; updated in place with new bindings.
+        sizes: named sizes bound so far in this call; updated in place with new bindings (a
+            :class:`Sizes` also records which argument bound each, for the messages).
         floating: also require a floating-point dtype.
 
     Raises:
@@ -153,12 +190,15 @@ def check_tensor(
         if dim is None:
             continue
         if isinstance(dim, str):
+            origin = getattr(bound, "origin", {})
             if dim in bound and bound[dim] != actual:
                 raise ValueError(
                     f"{name}: expected shape {format_spec(spec, bound)}, got {_shape(x)} "
-                    f"({dim} is {bound[dim]} from an earlier argument, got {actual})"
+                    f"({dim} is {bound[dim]} from {origin.get(dim, 'an earlier argument')}, got {actual})"
                 )
-            bound.setdefault(dim, int(actual))
+            if dim not in bound:
+                bound[dim] = int(actual)
+                origin[dim] = name
         elif dim != actual:
             raise ValueError(
                 f"{name}: expected shape {format_spec(spec, bound)}, got {_shape(x)} "
@@ -255,6 +295,35 @@ def check_divides(name: str, value: int, of: str, total: int) -> None:
     """
     if total % value:
         raise InvalidArgument(name, f"must divide {{{of}}}={total}, got {{{name}}}={value}", refs=(of, name))
+
+
+def check_ids(name: str, ids: Tensor, upper: int, what: str) -> Tensor:
+    """Refuse a float, complex or bool tensor, or values outside ``[0, upper)``.
+
+    Reads the values back to the host: for entry points that hold ids on the CPU anyway.
+
+    Args:
+        name: the argument, for the message.
+        ids: integer tensor of any shape.
+        upper: one past the largest valid value.
+        what: what the values are, for the message (``"sample ids"``, ``"class labels"``).
+
+    Returns:
+        ``ids`` detached, as a CPU ``int64`` tensor.
+
+    Example::
+
+        >>> check_ids("labels", torch.tensor([0, 2]), 3, "class labels")
+        tensor([0, 2])
+    """
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor of {what}, got dtype {ids.dtype}")
+    ids = ids.detach().to("cpu", torch.int64)
+    bad = (ids < 0) | (ids >= upper)
+    if ids.numel() and bool(bad.any()):
+        raise ValueError(f"{name}: expected {what} in [0, {upper}), got {int(bad.sum())} out of range, "
+                         f"e.g. {format_indices(ids[bad], limit=5)}")
+    return ids
 
 
 def format_indices(indices: Iterable[Any], limit: int = 10) -> str:

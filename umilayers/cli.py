@@ -1,4 +1,4 @@
-"""The ``umilayers`` command line: ``fit``, ``evaluate``, ``check`` and ``demo``.
+"""The ``umilayers`` command line: ``synth``, ``check``, ``fit``, ``evaluate`` and ``demo``.
 
 ``umilayers fit STORE --method umi --out RUN`` is :func:`umilayers.train.fit` with the same
 options; ``python -m umilayers ...`` is the same program. Multi-process training::
@@ -15,7 +15,13 @@ is the field's, and every help line shows the default. Scripts that train on the
 
 A bad value is one line naming the flag as it was typed, before any work:
 ``umilayers fit: error: --epochs: expected an int >= 1, got 0``. Python callers get the same
-check with the field's name (:class:`~umilayers._validation.InvalidArgument`).
+check with the field's name (:class:`~umilayers._validation.InvalidArgument`). Any other refusal
+(a bad store, a run that exists, a missing file) is also one line on stderr and exit status 2,
+never a traceback, and nothing is written (:func:`report_error`, which the examples use too).
+
+Every command that computes takes ``--threads N`` (:mod:`umilayers._threads`: one torch thread on
+the CPU unless told otherwise), applied once when the command starts; the library never changes
+the process's thread count.
 
 Example::
 
@@ -32,18 +38,24 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from umilayers._config import OptionSpec
+from umilayers._threads import add_threads_argument, apply_thread_policy
 from umilayers._validation import InvalidArgument
 from umilayers._version import __version__
-from umilayers.data import StoreError, check_store
+from umilayers.data import check_store
+from umilayers.data.synthetic import LAYOUTS, make_synthetic_store
+from umilayers.demo import DemoSize
 from umilayers.demo import main as demo_main
-from umilayers.train import FitConfig, RunExistsError, evaluate, fit
+from umilayers.train import FitConfig, evaluate, fit
 from umilayers.train.presets import PRESETS, preset_options
+from umilayers.train.run import RUN_FILES
 
 __all__ = ["HelpFormatter", "flag", "add_fit_arguments", "fit_config", "parse_fit_args", "add_preset_argument",
-           "preset_defaults", "build_parser", "main"]
+           "preset_defaults", "build_parser", "USER_ERRORS", "error_message", "report_error", "describe_run",
+           "synth_next_steps", "main"]
 
 #: Titles of the ``--help`` sections, one per concern of :class:`~umilayers.train.FitConfig`.
 GROUPS = {"method": "method", "model": "model (ModelConfig)", "train": "training (TrainConfig)",
@@ -57,18 +69,23 @@ def flag(name: str) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default after its help (not for required ones).
+    """Descriptions as written, and every option's default after its help (not for required
+    ones, nor where the help says the default in words, nor an unset default (``None``, ``[]``)
+    of an option that is not a config field).
 
     Example::
 
         >>> parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
         >>> _ = parser.add_argument("--seeds", type=int, default=3, help="seeds to run")
-        >>> "seeds to run (default: 3)" in parser.format_help()
-        True
+        >>> _ = parser.add_argument("--store", default=None, help="store (default: the run's)")
+        >>> text = " ".join(parser.format_help().split())
+        >>> "seeds to run (default: 3)" in text, "(default: None)" in text
+        (True, False)
     """
 
     def _get_help_string(self, action: argparse.Action) -> Optional[str]:
-        if action.required:
+        unset = action.default in (None, []) and not isinstance(action, _Value)
+        if action.required or unset or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
 
@@ -131,9 +148,10 @@ def _add_option(group: Any, spec: OptionSpec, default: Any) -> None:
 
 def add_fit_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (),
                       defaults: Optional[Mapping[str, Any]] = None) -> argparse.ArgumentParser:
-    """Add ``--out``, ``--resume``, ``--overwrite`` and one option per field of
+    """Add ``--out``, ``--resume``, ``--overwrite``, ``--threads`` and one option per field of
     :class:`~umilayers.train.FitConfig` and its concerns (sections "method", "model",
-    "training", "runtime").
+    "training", "runtime"). ``--threads`` is the command's, not the run's: apply it with
+    :func:`~umilayers._threads.apply_thread_policy` when the command starts.
 
     Args:
         parser: the parser to extend (give it ``formatter_class=HelpFormatter`` to show the
@@ -153,6 +171,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str]
     run.add_argument("--out", required=True, help="run directory (created; required)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
+    add_threads_argument(run)
     for concern, group_specs in specs.items():
         group = parser.add_argument_group(GROUPS[concern])
         for spec in group_specs:
@@ -210,6 +229,11 @@ def preset_defaults(argv: Optional[Sequence[str]], benchmark: str) -> dict[str, 
     return preset_options(known.preset, benchmark) if known.preset else {}
 
 
+def _int_option(parser: Any, name: str, default: int, help: str, minimum: int) -> None:
+    """An int option checked like a config field (one line naming the flag as typed)."""
+    _add_option(parser, OptionSpec(name, int, False, default, help, minimum=minimum), default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``umilayers`` parser with its sub-commands."""
     parser = argparse.ArgumentParser(
@@ -221,8 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    demo_size = DemoSize.default()
+    synth = sub.add_parser(
+        "synth", help="write a synthetic FeatureStore (the demo's data) to try fit on", formatter_class=HelpFormatter,
+        description="Write the synthetic FeatureStore of a task (umilayers.data.synthetic): modality-incomplete "
+                    "training splits, val and test with every modality, as in the paper's Table 1. The defaults "
+                    "are the demo's sizes.")
+    synth.add_argument("task", choices=list(LAYOUTS), help="classification (rgb | audio), regression (image+force "
+                                                           "| depth+proprio) or retrieval (4 + 4 of 7 modalities)")
+    synth.add_argument("store", help="FeatureStore folder to create")
+    _int_option(synth, "size", demo_size.num_train, "samples in each training split", 1)
+    _int_option(synth, "eval_size", demo_size.num_eval, "samples in val and in test", 1)
+    _int_option(synth, "seed", 0, "seed of every random choice (a seed always gives the same store)", 0)
+    synth.add_argument("--overwrite", action="store_true", help="replace a FeatureStore already in STORE")
+
+    check = sub.add_parser("check", help="validate a FeatureStore and print its summary",
+                           formatter_class=HelpFormatter)
+    check.add_argument("path", help="FeatureStore directory (or its store.json)")
+    check.add_argument("--shallow", action="store_true", help="skip the NaN/inf scan of every feature")
+
     fit_parser = sub.add_parser("fit", help="train a method on a FeatureStore (two stages)",
-                                description="Train a method on a FeatureStore; writes RUN/metrics.json.",
+                                description="Train a method on a FeatureStore; writes the run folder --out "
+                                            "(metrics.json, model.pt, ...).",
                                 formatter_class=HelpFormatter)
     fit_parser.add_argument("store", help="FeatureStore directory")
     add_fit_arguments(fit_parser)
@@ -231,17 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Score the best model of a finished run, with all or some modalities.")
     ev.add_argument("run", help="run directory written by umilayers fit")
     ev.add_argument("--store", default=None, help="store (default: the run's)")
-    ev.add_argument("--split", default="test", help="split name or role")
+    ev.add_argument("--split", default="test", help="a split of the store, or a role: train, val, test")
     ev.add_argument("--modalities", default=None, help="comma-separated subset, e.g. rgb,audio (default: all)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ev.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    add_threads_argument(ev)
 
-    check = sub.add_parser("check", help="validate a FeatureStore and print its summary",
-                           formatter_class=HelpFormatter)
-    check.add_argument("path", help="FeatureStore directory")
-    check.add_argument("--shallow", action="store_true", help="skip the NaN/inf scan of every feature")
-
-    demo = sub.add_parser("demo", help="the embedded synthetic benchmark (see umilayers.demo)", add_help=False)
+    demo = sub.add_parser("demo", help="the embedded synthetic benchmark (umilayers demo --help)", add_help=False)
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     return parser
 
@@ -255,6 +295,115 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+#: What a command refuses with one line on stderr and exit status 2 instead of a traceback: bad
+#: options (:class:`~umilayers._validation.InvalidArgument`), stores (``StoreError``), runs that
+#: exist (``RunExistsError``), missing or unreadable files, a missing optional extra.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ImportError)
+
+
+def error_message(err: BaseException) -> str:
+    """The one-line message of a refused command, options spelled as flags (``--epochs``).
+
+    Example::
+
+        >>> error_message(InvalidArgument("num_tokens", "must be even, got 3"))
+        '--num-tokens: must be even, got 3'
+        >>> error_message(KeyError("split 'x' not in store"))
+        "split 'x' not in store"
+    """
+    if isinstance(err, InvalidArgument):
+        text = err.message(flag)
+    elif isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])  # str(KeyError) would quote it
+    else:
+        text = str(err)
+    return " ".join(text.split("\n"))
+
+
+def report_error(prog: str, err: BaseException) -> int:
+    """Print ``prog: error: <message>`` on stderr (one line); return the exit status, 2."""
+    print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+    return 2
+
+
+def describe_run(out: Any, metrics: Optional[Mapping[str, Any]] = None) -> str:
+    """Where a finished run is and what its folder holds, for the end of a command.
+
+    Example::
+
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> _ = (run / "metrics.json").write_text("{}")
+        >>> print(describe_run(run, {"best_epoch": 2}).splitlines()[1])
+          metrics.json  val and test metrics of the best model
+    """
+    out = Path(out)
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    width = max((len(name) + 1 for name in present), default=0)
+    best = f" (best epoch: {metrics['best_epoch'] + 1}, chosen on val)" if metrics and "best_epoch" in metrics else ""
+    lines = [f"run folder: {out}{best}"]
+    lines += [f"  {(name + ('/' if (out / name).is_dir() else '')).ljust(width)}  {RUN_FILES[name]}"
+              for name in present]
+    lines.append(f"evaluate with some of its modalities: umilayers evaluate {out} --modalities M1,M2")
+    return "\n".join(lines)
+
+
+def synth_next_steps(store: Any, task: str) -> str:
+    """The commands to try next on a store made by ``umilayers synth``: the demo's setting,
+    the options that differ from ``umilayers fit``'s defaults.
+
+    Example::
+
+        >>> print(synth_next_steps("data/cls", "classification").splitlines()[1])  # doctest: +ELLIPSIS
+          umilayers fit data/cls --out runs/classification-umi --epochs 12 ...
+    """
+    defaults = FitConfig().options()
+    options = {k: v for k, v in DemoSize.default().fit_options().items() if defaults[k] != v}
+    flags = " ".join(f"{flag(k)} {v}" for k, v in options.items())
+    run = f"runs/{task}-umi"
+    return "\n".join([
+        "next (the demo's setting, a minute or two on a CPU):",
+        f"  umilayers fit {store} --out {run} {flags}",
+        f"  umilayers fit {store} --out runs/{task}-late-fusion --method late-fusion {flags}",
+        f"  umilayers evaluate {run} --modalities {LAYOUTS[task][next(iter(LAYOUTS[task]))][0]}",
+    ])
+
+
+def _synth(args: argparse.Namespace) -> int:
+    store = Path(args.store)
+    if store.exists() and any(store.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{store}: exists and is not empty; pass --overwrite to replace a FeatureStore "
+                              f"there, or choose another folder")
+    made = make_synthetic_store(args.task, store, num_train=args.size, num_eval=args.eval_size, seed=args.seed,
+                                overwrite=args.overwrite)
+    print(made.summary())
+    print(synth_next_steps(store, args.task))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    print(check_store(args.path, deep=not args.shallow))
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    config = fit_config(args)
+    apply_thread_policy(args.threads, config.runtime.device)
+    metrics = fit(args.store, out=args.out, config=config, resume=args.resume, overwrite=args.overwrite)
+    if _is_main_process():
+        _print_json(metrics)
+        print(describe_run(args.out, metrics), file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    apply_thread_policy(args.threads, args.device)
+    subset = [m for m in args.modalities.split(",") if m] if args.modalities else None
+    _print_json(evaluate(args.run, store=args.store, split=args.split, modalities=subset,
+                         device=args.device, batch_size=args.batch_size))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``umilayers`` and ``python -m umilayers``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -262,28 +411,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(demo_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {"synth": _synth, "check": _check, "fit": _fit, "evaluate": _evaluate}
     try:
-        if args.command == "check":
-            print(check_store(args.path, deep=not args.shallow))
-            return 0
-        if args.command == "fit":
-            config = fit_config(args)
-            metrics = fit(args.store, out=args.out, config=config, resume=args.resume, overwrite=args.overwrite)
-            if _is_main_process():
-                _print_json(metrics)
-            return 0
-        if args.command == "evaluate":
-            subset = [m for m in args.modalities.split(",") if m] if args.modalities else None
-            _print_json(evaluate(args.run, store=args.store, split=args.split, modalities=subset,
-                                 device=args.device, batch_size=args.batch_size))
-            return 0
-    except InvalidArgument as err:
-        print(f"umilayers {args.command}: error: {err.message(flag)}", file=sys.stderr)
-        return 2
-    except (StoreError, RunExistsError, ValueError, FileNotFoundError, KeyError) as err:
-        print(f"umilayers {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    raise AssertionError(args.command)  # pragma: no cover
+        return commands[args.command](args)
+    except USER_ERRORS as err:
+        return report_error(f"umilayers {args.command}", err)
+    except KeyboardInterrupt:
+        hint = "; the last finished epoch is kept: add --resume to continue" if args.command == "fit" else ""
+        print(f"umilayers {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,20 +14,29 @@ then saves both as ``demo.json`` and a PNG bar chart (``demo.png``) in ``--out``
 Every method and ablation is trained with one shared setting (:meth:`DemoSize.default`, chosen
 on the val split only), including ``predictor="transformer"`` for stage 1 and the late-fusion
 members. Results and what they show: ``docs/accuracy.rst``.
+
+One line per finished run says how long it took, the time elapsed and an estimate of what
+remains. Torch runs one thread on the CPU unless ``--threads`` says otherwise (the measurements
+behind that: the docs page "Benchmarks", section "Threads"). ``--quick`` is a smoke test (tiny data and model, a minute or two):
+its tables are labelled as such and go to their own folder, ``./umilayers-demo-quick``. A
+finished demo in ``--out`` is never replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from umilayers._io import atomic_write, atomic_write_json
+from umilayers._io import atomic_write, atomic_write_json, read_json
+from umilayers._threads import add_threads_argument, apply_thread_policy, choose_threads
 from umilayers.data.synthetic import make_synthetic_store
 from umilayers.train import fit
 
@@ -36,10 +45,15 @@ __all__ = [
     "METHOD_ROWS",
     "ABLATION_ROWS",
     "DemoSize",
+    "Heartbeat",
+    "SMOKE_TEST",
+    "default_out",
+    "grid_plan",
     "headline_metric",
     "run_dir",
     "run_grid",
     "format_table",
+    "build_parser",
     "main",
 ]
 
@@ -98,6 +112,86 @@ class DemoSize:
                    model=dict(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, batch_size=64,
                               lr=3e-3, predictor="transformer"))
 
+    def fit_options(self) -> dict:
+        """The options of :func:`~umilayers.train.fit` every run of this size shares (the rows add
+        their method and ablation switches).
+
+        Example::
+
+            >>> DemoSize.default().fit_options()["epochs"]
+            12
+        """
+        return {"epochs": self.epochs, "unimodal_epochs": self.unimodal_epochs,
+                "pseudo_window": self.pseudo_window, **self.model}
+
+
+#: The banner of ``--quick`` output: its numbers come from a tiny model trained for 3 epochs.
+SMOKE_TEST = ("SMOKE TEST (--quick): tiny data, a tiny model, 3 epochs. These numbers only show that "
+              "everything runs; they are not results (`umilayers demo` gives those).")
+
+
+def default_out(quick: bool) -> Path:
+    """Where the demo writes without ``--out``: the smoke test has its own folder."""
+    return Path("umilayers-demo-quick" if quick else "umilayers-demo")
+
+
+def grid_plan(tasks: Sequence[str], rows: Mapping[str, dict], seeds: Sequence[int]) -> list[str]:
+    """The task of every run :func:`run_grid` makes, in its order."""
+    return [task for task in tasks for _ in seeds for _ in rows]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Heartbeat:
+    """One line per finished run: its number, the time elapsed and an estimate of what remains.
+
+    The estimate of a run still to come is the mean time of the finished runs of its task (of
+    all finished runs while its task has none).
+
+    Args:
+        plan: the task of every run to come, in order (:func:`grid_plan`).
+        clock: seconds, monotonic (``time.perf_counter``).
+
+    Example::
+
+        >>> times = iter([0.0, 10.0, 40.0])
+        >>> beat = Heartbeat(["classification", "classification", "retrieval"], clock=lambda: next(times))
+        >>> beat.tick("classification", 10.0)
+        '[1/3] 10s elapsed, about 20s left'
+        >>> beat.tick("classification", 30.0)
+        '[2/3] 40s elapsed, about 20s left'
+    """
+
+    def __init__(self, plan: Sequence[str], clock: Callable[[], float] = time.perf_counter) -> None:
+        self.plan = list(plan)
+        self.clock = clock
+        self.start = clock()
+        self.seconds: dict[str, list[float]] = {}
+
+    @property
+    def done(self) -> int:
+        return sum(len(v) for v in self.seconds.values())
+
+    def remaining_seconds(self) -> float:
+        """The estimate of the runs still to come."""
+        finished = [t for times in self.seconds.values() for t in times]
+        if not finished:
+            return float("nan")
+        overall = statistics.fmean(finished)
+        return sum(statistics.fmean(self.seconds[task]) if task in self.seconds else overall
+                   for task in self.plan[self.done:])
+
+    def tick(self, task: str, seconds: float) -> str:
+        """Record a finished run of ``task`` that took ``seconds``; return the heartbeat line."""
+        self.seconds.setdefault(task, []).append(seconds)
+        width = len(str(len(self.plan)))
+        line = f"[{self.done:>{width}}/{len(self.plan)}] {_duration(self.clock() - self.start)} elapsed"
+        left = self.remaining_seconds()
+        return line + (f", about {_duration(left)} left" if self.done < len(self.plan) else ", done")
+
 
 def headline_metric(task: str, metrics: Mapping) -> float:
     """The one number reported for a task from a ``metrics.json`` split dict."""
@@ -116,8 +210,14 @@ def run_grid(
     seeds: Sequence[int],
     size: DemoSize,
     log: Callable[[str], None] = print,
+    heartbeat: Optional[Heartbeat] = None,
 ) -> dict:
-    """Train every row on every task and seed; returns ``{row: {task: [test metric per seed]}}``."""
+    """Train every row on every task and seed; returns ``{row: {task: [test metric per seed]}}``.
+
+    Logs one line per run: its result, its time and the ``heartbeat`` (default: one over this
+    grid's runs).
+    """
+    heartbeat = heartbeat or Heartbeat(grid_plan(tasks, rows, seeds))
     results: dict = {row: {task: [] for task in tasks} for row in rows}
     for task in tasks:
         for seed in seeds:
@@ -127,14 +227,12 @@ def run_grid(
             for row_number, (row, options) in enumerate(rows.items()):
                 start = time.perf_counter()
                 out = run_dir(root, task, row_number, options, seed)
-                metrics = fit(
-                    store, out=out, seed=seed, epochs=size.epochs, unimodal_epochs=size.unimodal_epochs,
-                    pseudo_window=size.pseudo_window, overwrite=True, quiet=True,
-                    **size.model, **options,
-                )
+                metrics = fit(store, out=out, seed=seed, overwrite=True, quiet=True, **size.fit_options(), **options)
                 value = headline_metric(task, metrics["test"])
                 results[row][task].append(value)
-                log(f"  {task:<14} seed {seed}  {row:<45} {value:8.4f}  ({time.perf_counter() - start:.1f}s)")
+                seconds = time.perf_counter() - start
+                log(f"  {task:<14} seed {seed}  {row:<41} {value:8.4f} {seconds:6.1f}s  "
+                    f"{heartbeat.tick(task, seconds)}")
     return results
 
 
@@ -157,7 +255,7 @@ def format_table(results: Mapping, tasks: Sequence[str], title: str) -> str:
     return "\n".join([line(header), rule] + [line(r) for r in body])
 
 
-def _plot(results: Mapping, tasks: Sequence[str], path: Path) -> Optional[Path]:
+def _plot(results: Mapping, tasks: Sequence[str], path: Path, smoke_test: bool) -> Optional[Path]:
     try:
         import matplotlib
 
@@ -174,44 +272,116 @@ def _plot(results: Mapping, tasks: Sequence[str], path: Path) -> Optional[Path]:
         ax.bar(range(len(rows)), means, yerr=errs, color=["#999999"] * (len(rows) - 1) + ["#d62728"])
         ax.set_xticks(range(len(rows)), [r.replace(" ", "\n", 1) for r in rows], fontsize=7)
         ax.set_title(TASK_COLUMNS[task][0], fontsize=9)
-    fig.suptitle("umilayers demo: synthetic unseen-modality benchmark (test split)", fontsize=10)
+    title = "umilayers demo: synthetic unseen-modality benchmark (test split)"
+    if smoke_test:
+        title = "SMOKE TEST (--quick), not results: " + title
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="umilayers demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke test, < 2 minutes)")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std over them)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for demo.json/demo.png (default: ./umilayers-demo)")
+def _plain(rst: str) -> str:
+    """``rst`` without its inline markup, for ``--help``: ``x`` -> x, :func:`~a.b` -> b."""
+    text = re.sub(r":[a-z]+:`~([^`]*)`", lambda m: m.group(1).rsplit(".", 1)[-1], rst)
+    return re.sub(r":[a-z]+:`([^`]*)`", r"\1", text).replace("``", "")
+
+
+def _load_average() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this system
+        return None
+
+
+def _finished(path: Path) -> str:
+    """What the ``demo.json`` at ``path`` holds, in a few words."""
+    try:
+        record = read_json(path)
+        return f"{record['size']} size, {len(record['seeds'])} seed(s), {record['seconds']:.0f} s"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable"
+
+
+def _say(text: str = "") -> None:
+    """Print a line now, also into a pipe or a log file (the heartbeat is no use buffered)."""
+    print(text, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``umilayers demo`` options."""
+    parser = argparse.ArgumentParser(prog="umilayers demo", description=_plain(__doc__ or ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny sizes, a minute or two; its numbers are not results")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds, mean ± std over them (default: 1)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for demo.json and demo.png (default: ./{default_out(False)}; "
+                             f"with --quick ./{default_out(True)})")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     parser.add_argument("--no-ablation", action="store_true", help="skip the Tables 2-3 ablation grid")
+    add_threads_argument(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.seeds < 1:
-        parser.error(f"--seeds: expected a positive int, got {args.seeds}")
+        parser.error(f"--seeds: expected an int >= 1, got {args.seeds}")
     size = DemoSize.quick() if args.quick else DemoSize.default()
-    out = args.out or Path("umilayers-demo")
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out or default_out(args.quick)
+    record_path = out / "demo.json"
+    if record_path.exists() and not args.overwrite:
+        print(f"umilayers demo: error: {record_path}: a finished demo is there ({_finished(record_path)}); "
+              f"pass --overwrite to replace it, or --out DIR", file=sys.stderr)
+        return 2
+    threads = apply_thread_policy(args.threads, "auto")
+    why = choose_threads(args.threads, "auto")[1]
     seeds = list(range(args.seeds))
-    start = time.perf_counter()
+    tasks = list(TASK_COLUMNS)
+    plan = grid_plan(tasks, METHOD_ROWS, seeds)
+    if not args.no_ablation:
+        plan += grid_plan(["classification"], ABLATION_ROWS, seeds)
+    heartbeat = Heartbeat(plan)
+    load_start, cpu_start, start = _load_average(), time.process_time(), time.perf_counter()
+    if args.quick:
+        _say(SMOKE_TEST)
+    _say(f"{len(plan)} runs, torch threads: {threads} ({why}); one line per run, "
+          f"the estimate of what remains from the first on")
     with tempfile.TemporaryDirectory(prefix="umilayers-demo-") as tmp:
         root = Path(tmp)
-        print(f"Table 4 layout: {len(METHOD_ROWS)} methods x {len(TASK_COLUMNS)} tasks x {len(seeds)} seed(s)")
-        main_results = run_grid(root, list(TASK_COLUMNS), METHOD_ROWS, seeds, size)
+        _say(f"Table 4 layout: {len(METHOD_ROWS)} methods x {len(tasks)} tasks x {len(seeds)} seed(s)")
+        main_results = run_grid(root, tasks, METHOD_ROWS, seeds, size, log=_say, heartbeat=heartbeat)
         ablation_results = None
         if not args.no_ablation:
-            print("Tables 2-3 layout: ablations on the classification task")
-            ablation_results = run_grid(root / "ablation", ["classification"], ABLATION_ROWS, seeds, size)
-    print()
-    print(format_table(main_results, list(TASK_COLUMNS), "method (Table 4 layout)"))
+            _say("Tables 2-3 layout: ablations on the classification task")
+            ablation_results = run_grid(root / "ablation", ["classification"], ABLATION_ROWS, seeds, size,
+                                        log=_say, heartbeat=heartbeat)
+    _say()
+    if args.quick:
+        _say(SMOKE_TEST + "\n")
+    _say(format_table(main_results, tasks, "method (Table 4 layout)"))
     if ablation_results is not None:
-        print()
-        print(format_table(ablation_results, ["classification"], "ablation (Tables 2-3 layout)"))
+        _say()
+        _say(format_table(ablation_results, ["classification"], "ablation (Tables 2-3 layout)"))
     elapsed = time.perf_counter() - start
-    record = {"size": "quick" if args.quick else "default", "seeds": seeds, "seconds": round(elapsed, 1),
+    record = {"size": "quick" if args.quick else "default", "smoke_test": args.quick, "seeds": seeds,
+              "seconds": round(elapsed, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
+              "threads": threads, "threads_reason": why,
+              "load_average": {"start": load_start, "end": _load_average()},
               "table4": main_results, "ablation": ablation_results, "cpu_count": os.cpu_count()}
-    atomic_write_json(out / "demo.json", record)
-    png = _plot(main_results, list(TASK_COLUMNS), out / "demo.png")
-    print(f"\nwrote {out / 'demo.json'}" + (f" and {png}" if png else "") + f" in {elapsed:.0f}s")
+    if args.quick:
+        record["note"] = SMOKE_TEST
+    atomic_write_json(record_path, record)
+    png = _plot(main_results, tasks, out / "demo.png", args.quick)
+    _say(f"\nwrote {record_path}" + (f" and {png}" if png else "") + f" in {_duration(elapsed)} "
+          f"({time.process_time() - cpu_start:.0f} s of CPU time, {threads} thread(s))")
+    if args.quick:
+        _say("(a smoke test: its numbers are not results)")
     return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from umilayers._validation import check_bool_mask, check_tensor, format_indices
+from umilayers._validation import Sizes, check_bool_mask, check_tensor, format_indices
 
 __all__ = ["CommonSpaceSum", "common_space_sum", "fuse_rows", "modality_counts", "sub_batch_rows", "check_present"]
 
@@ -57,7 +57,7 @@ def _check_features(features: Mapping[str, Tensor]) -> list[str]:
         raise ValueError("features: expected at least one modality, got an empty mapping")
     names = sorted(features)
     first = names[0]
-    sizes: dict[str, int] = {}
+    sizes = Sizes()  # a K or D mismatch names the tensor that set it
     for name in names:
         check_tensor(f"features[{name!r}]", features[name], (None, "K", "D"), sizes, floating=True)
     ref = features[first]
@@ -92,10 +92,14 @@ def check_present(
     names = sorted(tensors)
     if not isinstance(present, Mapping):
         raise TypeError(f"present: expected a mapping of modality name -> (B,) bool mask, got {type(present).__name__}")
-    missing = [m for m in names if m not in present]
-    if missing:
-        raise ValueError(f"present: expected a mask for every modality in {name} {names}, missing {missing}")
-    sizes: dict[str, int] = {}
+    unmasked = [m for m in names if m not in present]
+    if unmasked and set(present) - set(names):  # masks under other names: a name spelled two ways?
+        raise ValueError(f"{name}: unknown modality {unmasked}: present has masks for {sorted(present)}, "
+                         f"not for {'it' if len(unmasked) == 1 else 'them'}")
+    if unmasked:
+        raise ValueError(f"present: missing the mask of {unmasked} (every modality of {name} needs its (B,) "
+                         f"mask; present has {sorted(present)})")
+    sizes = Sizes()
     for m in sorted(present):
         check_bool_mask(f"present[{m!r}]", present[m], ("B",), sizes)
     batch = sizes["B"]
@@ -137,7 +141,7 @@ def modality_counts(
     names = sorted(present if modalities is None else modalities)
     if not names:
         raise ValueError("present: expected at least one modality, got an empty mapping")
-    sizes: dict[str, int] = {}
+    sizes = Sizes()
     for name in names:
         check_bool_mask(f"present[{name!r}]", present[name], ("B",), sizes)
     device = present[names[0]].device

@@ -80,7 +80,14 @@ import torch
 from torch import Tensor
 
 from umilayers._io import atomic_numpy_save, atomic_write
-from umilayers._validation import check_bool_mask, check_finite, check_positive_int, check_tensor
+from umilayers._validation import (
+    check_bool_mask,
+    check_finite,
+    check_ids,
+    check_positive_int,
+    check_tensor,
+    format_indices,
+)
 from umilayers.row_storage import DEFAULT_CHUNK_BYTES, FileRows, MemoryRows, RowStorage, map_npy, save_rows
 
 __all__ = ["PseudoLabelBank"]
@@ -96,12 +103,6 @@ _NAME_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_BY_NAME.items()}
 _INDEX = np.dtype("<i8")  # the per-sample arrays: row (slot) and epoch bit mask
 _INDEX_BYTES = 2 * _INDEX.itemsize  # per sample and modality
 _CHUNK_BYTES = 32 << 20  # rows copied per step when streaming a whole table
-
-
-def _few(values: Tensor, limit: int = 5) -> str:
-    items = [int(v) for v in values.flatten()[:limit]]
-    more = ", ..." if values.numel() > limit else ""
-    return "[" + ", ".join(map(str, items)) + more + "]"
 
 
 def _popcount(bits: Tensor, width: int) -> Tensor:
@@ -124,7 +125,7 @@ def _check_layout(where: str, slot: Tensor, seen: Tensor, rows: int, window: int
     orphan = (seen != 0) & (slot < 0)
     if bool(orphan.any()):
         raise ValueError(f"{where}: {int(orphan.sum())} samples were recorded but have no row, "
-                         f"e.g. {_few(orphan.nonzero().flatten())}")
+                         f"e.g. {format_indices(orphan.nonzero().flatten())}")
     if bool(((seen >> window) != 0).any()):  # also catches negative masks
         raise ValueError(f"{where}: epoch masks hold bits beyond the window of {window} epochs")
 
@@ -418,16 +419,7 @@ class PseudoLabelBank:
         if not isinstance(indices, Tensor):
             indices = torch.as_tensor(indices)
         check_tensor(name, indices, ("B",))
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-            raise TypeError(f"{name}: expected an integer tensor, got dtype {indices.dtype}")
-        indices = indices.detach().to("cpu", torch.int64)
-        if indices.numel():
-            bad = (indices < 0) | (indices >= self.num_samples)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"{name}: expected sample ids in [0, {self.num_samples}), got "
-                    f"{int(bad.sum())} out of range, e.g. {_few(indices[bad])}"
-                )
+        indices = check_ids(name, indices, self.num_samples, "sample ids")
         return indices
 
     def _check_epoch(self, epoch: Any) -> int:
@@ -486,7 +478,7 @@ class PseudoLabelBank:
             values, counts = torch.unique(indices, return_counts=True)
             raise ValueError(
                 f"indices: expected no duplicates, got {int((counts > 1).sum())} ids repeated, "
-                f"e.g. {_few(values[counts > 1])}"
+                f"e.g. {format_indices(values[counts > 1])}"
             )
         if epoch < self.first_epoch or indices.numel() == 0:
             return
@@ -496,7 +488,7 @@ class PseudoLabelBank:
         if bool(again.any()):
             raise ValueError(
                 f"indices: {int(again.sum())} of {indices.numel()} samples were already recorded "
-                f"for modality {modality!r} at epoch {epoch}, e.g. {_few(indices[again])}"
+                f"for modality {modality!r} at epoch {epoch}, e.g. {format_indices(indices[again])}"
             )
         slots = self._slots_adding_rows(modality, indices)
         weight = 1.0 / (_popcount(seen, self.window).to(torch.float32) + 1.0)
@@ -573,7 +565,7 @@ class PseudoLabelBank:
         if bool(none.any()):
             raise ValueError(
                 f"present: {int(none.sum())} of {batch} samples have no modality, rows "
-                f"{_few(none.nonzero().flatten())}"
+                f"{format_indices(none.nonzero().flatten())}"
             )
         several = bool((num_present > 1).any())
         gt = self._check_ground_truth(ground_truth, batch) if ground_truth is not None else None
@@ -581,7 +573,7 @@ class PseudoLabelBank:
             raise ValueError(
                 f"ground_truth: required to choose between modalities, "
                 f"{int((num_present > 1).sum())} of {batch} samples have several, rows "
-                f"{_few((num_present > 1).nonzero().flatten())}"
+                f"{format_indices((num_present > 1).nonzero().flatten())}"
             )
         for m, mask in masks.items():
             ids = indices[mask]
@@ -590,7 +582,7 @@ class PseudoLabelBank:
                 raise ValueError(
                     f"present: modality {m!r} was never recorded (in epochs "
                     f"{self.first_epoch}..{self.total_epochs - 1}) for {int(never.sum())} of "
-                    f"{ids.numel()} samples, e.g. ids {_few(ids[never])}"
+                    f"{ids.numel()} samples, e.g. ids {format_indices(ids[never])}"
                 )
         out = torch.zeros(batch, self.num_outputs, dtype=torch.float32)
         best = torch.full((batch,), -float("inf"))
@@ -607,20 +599,7 @@ class PseudoLabelBank:
         check_tensor("ground_truth", ground_truth)
         if ground_truth.dim() == 1:
             check_tensor("ground_truth", ground_truth, ("B",), {"B": batch})
-            if ground_truth.is_floating_point() or ground_truth.dtype == torch.bool:
-                raise TypeError(
-                    f"ground_truth: a 1-d ground truth holds class labels and must be an "
-                    f"integer tensor, got dtype {ground_truth.dtype}"
-                )
-            gt = ground_truth.detach().to("cpu", torch.int64)
-            if gt.numel():
-                bad = (gt < 0) | (gt >= self.num_outputs)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"ground_truth: expected class labels in [0, {self.num_outputs}), got "
-                        f"{int(bad.sum())} out of range, e.g. {_few(gt[bad])}"
-                    )
-            return gt
+            return check_ids("ground_truth", ground_truth, self.num_outputs, "class labels")
         check_tensor("ground_truth", ground_truth, ("B", "C"),
                      {"B": batch, "C": self.num_outputs}, floating=True)
         check_finite("ground_truth", ground_truth)

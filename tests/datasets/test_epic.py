@@ -618,7 +618,7 @@ def test_extract_end_to_end_store(epic_data, epic_store):
     assert set(audio_lengths.tolist()) <= {12, 24}
 
 
-def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, tmp_path):
+def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, tmp_path, capsys):
     from umilayers.data.store import FeatureStore
 
     shards = sorted(Path(str(epic_store) + ".shards").rglob("shard_*.npz"))
@@ -636,8 +636,11 @@ def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, 
             if (epic_store / split / f"{m}.npy").exists():
                 np.testing.assert_array_equal(np.load(out / split / f"{m}.npy"),
                                               np.load(epic_store / split / f"{m}.npy"))
-    with pytest.raises(FileExistsError, match="overwrite"):
-        _run_extract(epic_data, out, "--setting", "rgb+flow+audio")
+    with pytest.raises(FileExistsError, match=r"^out: .* already exists; pass overwrite to replace it$"):
+        epic.extract_epic(epic_data["annotations"], {"rgb": epic_data["frames"]}, out, "rgb+audio")
+    assert _run_extract(epic_data, out, "--setting", "rgb+flow+audio") == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f": error: --out: {out} already exists; pass --overwrite to replace it")
     # other settings change the fingerprint: those shards are recomputed, not reused
     assert _run_extract(epic_data, out, "--setting", "rgb+flow+audio", "--overwrite",
                         "--work-dir", str(epic_store) + ".shards", "--keep-shards",
@@ -694,8 +697,10 @@ def test_skip_missing_drops_and_reports(epic_data, tmp_path, capsys):
     held = tmp_path / "held.wav"
     wav.rename(held)
     try:
-        with pytest.raises(epic.MissingInputError, match=rf"{dropped_participant}_01\.wav exists"):
-            _run_extract(epic_data, tmp_path / "a", "--setting", "audio+flow", "--seed", "0")
+        assert _run_extract(epic_data, tmp_path / "a", "--setting", "audio+flow", "--seed", "0") == 2
+        line, = capsys.readouterr().err.strip().splitlines()
+        assert line.endswith(f"{dropped_participant}_01.wav exists (--skip-missing drops such clips)")
+        assert not (tmp_path / "a").exists() and not (tmp_path / "a.shards").exists()
         assert _run_extract(epic_data, tmp_path / "b", "--setting", "audio+flow", "--seed", "0",
                             "--skip-missing") == 0
     finally:

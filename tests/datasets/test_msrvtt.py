@@ -376,10 +376,11 @@ def test_example_extract_only_and_errors(ce, tmp_path, capsys):
     assert main(["--data", str(ce), "--out", str(tmp_path / "run"), "--extract-only", "--embed-dim", "16"]) == 0
     assert (tmp_path / "run" / "store" / "store.json").is_file()
     assert "train_rgb_audio_ocr_speech 5" in capsys.readouterr().out
-    assert main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r2"), "--extract-only"]) == 1
+    assert main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r2"), "--extract-only"]) == 2
     assert "no split list" in capsys.readouterr().err
-    assert main(["--data", str(ce), "--out", str(tmp_path / "r3"), "--split", "jsfusion", "--extract-only"]) == 1
+    assert main(["--data", str(ce), "--out", str(tmp_path / "r3"), "--split", "jsfusion", "--extract-only"]) == 2
     assert "protocol 'paper' uses the full split" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
 def _train_args(ce, run, *extra):

@@ -194,8 +194,9 @@ def test_example_extract_only(h5_dir, tmp_path, capsys):
     assert main(["--data", str(h5_dir), "--out", str(run), "--extract-only",
                  "--z-dim", "8", "--image-size", "32", "--encoder-epochs", "1"]) == 0
     assert (run / "store" / "store.json").is_file()
-    assert main(["--data", str(h5_dir / "nope"), "--out", str(tmp_path / "r2"), "--extract-only"]) == 1
+    assert main(["--data", str(h5_dir / "nope"), "--out", str(tmp_path / "r2"), "--extract-only"]) == 2
     assert "not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_example_end_to_end(h5_dir, tmp_path):

@@ -48,6 +48,7 @@ ROLES = ("train", "val", "test")
 FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _RESERVED = ("targets",)
+_NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 _CHUNK_BYTES = 64 * 2**20  # deep validation scans features in chunks of about this size
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -96,7 +97,7 @@ class FeatureStore:
     ``deep=True`` (or :meth:`validate` with ``deep=True``) also scans all features for NaN/inf.
 
     Args:
-        path: the store's directory.
+        path: the store's directory (or its ``store.json``).
         deep: also scan every feature array for NaN/inf (reads all data once).
 
     Attributes:
@@ -122,7 +123,11 @@ class FeatureStore:
 
     def __init__(self, path: PathLike, *, deep: bool = False) -> None:
         self.path = Path(path)
+        if self.path.name == "store.json" and self.path.is_file():
+            self.path = self.path.parent  # the store's own store.json names the store too
         meta_path = self.path / "store.json"
+        if self.path.is_file():
+            raise StoreError(f"{self.path}: a file, not a FeatureStore; pass the folder that holds store.json")
         if not meta_path.is_file():
             raise StoreError(f"{meta_path}: missing file (not a FeatureStore directory?)")
         try:
@@ -500,7 +505,7 @@ class FeatureStore:
         try:
             return np.load(file, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as err:
-            raise StoreError(f"{file}: cannot be read as a .npy array ({err})") from err
+            raise StoreError(f"{file}: {_npy_problem(file, err)} ({label})") from None
 
     def _validate_split(self, info: SplitInfo, deep: bool) -> None:
         folder = self.path / info.name
@@ -727,6 +732,34 @@ def _parse_modalities(value: Any, where: Path) -> dict[str, tuple[int, int]]:
                              f"not {list(_RESERVED)})")
         out[name] = _parse_shape_entry(value[name], f"{where}: modality {name!r}")
     return out
+
+
+def _npy_problem(file: Path, err: Exception) -> str:
+    """Why ``file`` did not load as a numeric array; never suggests unpickling it.
+
+    Example::
+
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "rgb.npy"
+        >>> _ = path.write_text("hello")
+        >>> print(_npy_problem(path, ValueError()))
+        not a numeric .npy array: the file does not start with the .npy signature (it starts with b'hello'); write arrays with numpy.save
+    """
+    with open(file, "rb") as handle:
+        head = handle.read(len(_NPY_MAGIC))
+        if head != _NPY_MAGIC:
+            return (f"not a numeric .npy array: the file does not start with the .npy signature "
+                    f"(it starts with {head!r}); write arrays with numpy.save")
+        handle.seek(0)
+        try:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            dtype = read(handle)[2]
+        except (ValueError, OSError):
+            return "not a numeric .npy array: its header is damaged (an incomplete copy?)"
+    if dtype.hasobject:
+        return f"not a numeric .npy array: it holds Python objects (dtype {dtype}), not numbers"
+    return f"cannot be read as a .npy array ({type(err).__name__}: {err}; an incomplete copy?)"
 
 
 def _check_label_range(labels: np.ndarray, num_classes: int, label: str) -> None:

@@ -42,6 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from umilayers._io import atomic_write, atomic_write_text
+from umilayers._progress import progress as progress_bar
+from umilayers._validation import OutputExistsError
+from umilayers.data.store import FeatureStore
 from umilayers.datasets.checkpoints import (
     ast_audio_vit,
     checkpoint_format,
@@ -183,7 +186,7 @@ class MissingInputError(FileNotFoundError):
                  else "none of " + ", ".join(self.tried) + " exists")
         super().__init__(
             f"missing {kind}input for clip {narration_id}: {where} "
-            "(pass --skip-missing / skip_missing=True to drop such clips)"
+            "(--skip-missing drops such clips)"
         )
 
 
@@ -1221,22 +1224,6 @@ def build_extractor(modality: str, root: PathLike, config: ExtractionConfig) -> 
 # Resumable extraction
 # --------------------------------------------------------------------------------------------
 
-def _progress(total: int, description: str, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or not enabled:
-        class _Silent:
-            def update(self, n: int) -> None:
-                pass
-
-            def close(self) -> None:
-                pass
-        return _Silent()
-    return tqdm(total=total, desc=description, unit="clip")
-
-
 def _shard_valid(path: Path, ids: list[str], fingerprint: str) -> bool:
     try:
         with np.load(path) as shard:
@@ -1271,7 +1258,7 @@ def extract_shards(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    bar = _progress(len(clips), description, progress)
+    bar = progress_bar(len(clips), description, enabled=progress, unit="clip")
     try:
         for index, start in enumerate(range(0, len(clips), shard_size)):
             chunk = clips[start:start + shard_size]
@@ -1283,9 +1270,11 @@ def extract_shards(
                     handle, tokens=tokens, lengths=lengths, narration_ids=np.array(ids),
                     fingerprint=np.array(fingerprint)))
             paths.append(path)
-            bar.update(len(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return paths
 
 
@@ -1365,12 +1354,10 @@ def extract_epic(
         without sound; released split only), ``num_actions`` and ``modalities`` (name ->
         (tokens, dim)).
     """
-    from umilayers.data.store import FeatureStore
-
     config = config or ExtractionConfig()
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError("out", f"{out} already exists; pass {{overwrite}} to replace it", refs=("overwrite",))
     modalities = SETTINGS.get(setting)
     if modalities is None:
         raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")

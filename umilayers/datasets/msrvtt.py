@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from umilayers._io import atomic_write_text
+from umilayers.data.store import FeatureStore
 
 __all__ = [
     "MSRVTT_MODALITIES",
@@ -781,8 +782,6 @@ def build_msrvtt_store(
         The summary: release, files, protocol, per-split sizes (``split_sizes``, and the paper's
         for comparison), captions, missing modalities and what was left out.
     """
-    from umilayers.data.store import FeatureStore
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
     if missing not in ("lengths0", "complete"):

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from umilayers._io import atomic_torch_save, atomic_write_text
 from umilayers._validation import check_positive_int, check_tensor
+from umilayers.data.store import FeatureStore
 
 __all__ = [
     "ROBOT_MODALITIES",
@@ -127,10 +128,11 @@ def list_episodes(data_dir: str | os.PathLike) -> list[Path]:
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data: {root} is not a directory")
+        raise FileNotFoundError(f"{root}: not a directory (--data: the folder of the dataset's .h5 episode files)")
     files = sorted(p for p in root.iterdir() if p.suffix == ".h5" and p.is_file())
     if not files:
-        raise FileNotFoundError(f"data: no .h5 episode files in {root}")
+        raise FileNotFoundError(f"{root}: no .h5 episode files (--data: the folder of the dataset's .h5 episode "
+                                f"files)")
     return files
 
 
@@ -463,9 +465,30 @@ def _init_conv(module: nn.Module) -> None:
 
 
 class _MapTokens(nn.Module):
-    """A conv stack whose last feature map's positions become the tokens."""
+    """A conv stack whose last feature map's positions become the tokens.
 
-    in_channels: int
+    Subclasses give Lee et al.'s table: ``channels`` (input first, ``z_dim`` appended last) and
+    one kernel size per stride-2 convolution.
+    """
+
+    channels: tuple[int, ...]
+    kernels: tuple[int, ...]
+
+    def __init__(self, z_dim: int = 128, *, device=None, dtype=None) -> None:
+        super().__init__()
+        check_positive_int("z_dim", z_dim)
+        f = {"device": device, "dtype": dtype}
+        self.z_dim = z_dim
+        sizes = (*self.channels, z_dim)
+        self.convs = nn.Sequential(*(
+            _conv2d(c_in, c_out, kernel, 2, **f) for c_in, c_out, kernel in zip(sizes, sizes[1:], self.kernels)
+        ))
+        _init_conv(self)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input image (3 for RGB, 1 for depth)."""
+        return self.channels[0]
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode images to tokens.
@@ -476,7 +499,6 @@ class _MapTokens(nn.Module):
         """
         check_tensor("x", x, (None, self.in_channels, None, None), floating=True)
         return rearrange(self.convs(x), "b c h w -> b (h w) c")
-
 
 
 class RobotImageEncoder(_MapTokens):
@@ -495,22 +517,8 @@ class RobotImageEncoder(_MapTokens):
         torch.Size([2, 4, 16])
     """
 
-    in_channels = 3
-
-    def __init__(self, z_dim: int = 128, *, device=None, dtype=None) -> None:
-        super().__init__()
-        check_positive_int("z_dim", z_dim)
-        f = {"device": device, "dtype": dtype}
-        self.z_dim = z_dim
-        self.convs = nn.Sequential(
-            _conv2d(3, 16, 7, 2, **f),
-            _conv2d(16, 32, 5, 2, **f),
-            _conv2d(32, 64, 5, 2, **f),
-            _conv2d(64, 64, 3, 2, **f),
-            _conv2d(64, 128, 3, 2, **f),
-            _conv2d(128, z_dim, 3, 2, **f),
-        )
-        _init_conv(self)
+    channels = (3, 16, 32, 64, 64, 128)
+    kernels = (7, 5, 5, 3, 3, 3)
 
 
 class RobotDepthEncoder(_MapTokens):
@@ -528,22 +536,8 @@ class RobotDepthEncoder(_MapTokens):
         torch.Size([2, 4, 16])
     """
 
-    in_channels = 1
-
-    def __init__(self, z_dim: int = 128, *, device=None, dtype=None) -> None:
-        super().__init__()
-        check_positive_int("z_dim", z_dim)
-        f = {"device": device, "dtype": dtype}
-        self.z_dim = z_dim
-        self.convs = nn.Sequential(
-            _conv2d(1, 32, 3, 2, **f),
-            _conv2d(32, 64, 3, 2, **f),
-            _conv2d(64, 64, 4, 2, **f),
-            _conv2d(64, 64, 3, 2, **f),
-            _conv2d(64, 128, 3, 2, **f),
-            _conv2d(128, z_dim, 3, 2, **f),
-        )
-        _init_conv(self)
+    channels = (1, 32, 64, 64, 64, 128)
+    kernels = (3, 3, 4, 3, 3, 3)
 
 
 class RobotProprioEncoder(nn.Module):
@@ -750,8 +744,6 @@ def build_robot_store(
         RobotDataError: an episode lacks a key (unless ``skip_missing``: then it is dropped
             and counted).
     """
-    from umilayers.data.store import FeatureStore
-
     check_positive_int("image_size", image_size)
     check_positive_int("force_window", force_window)
     if force_window < 8:

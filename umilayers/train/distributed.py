@@ -91,7 +91,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise InvalidArgument("device", f"expected auto, cpu, cuda, cuda:N, ..., got {name!r} ({err})") from None
+        raise InvalidArgument("device", f"expected auto, cpu, cuda, cuda:N, mps, ... (a torch device), "
+                                        f"got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgument("device", f"{name!r} requested but CUDA is not available")

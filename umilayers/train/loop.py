@@ -22,8 +22,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from umilayers import metrics
 from umilayers._progress import progress
+from umilayers._validation import InvalidArgument
 from umilayers.data import Batch, FeatureStore, collate
 from umilayers.data.dataset import set_epoch
+from umilayers.data.store import ROLES
 from umilayers.model import TaskModel, UMIOutput
 from umilayers.train.config import FitConfig, TrainConfig, drop_epochs
 from umilayers.train.distributed import (
@@ -123,10 +125,15 @@ class KeepModalities:
 
 def splits(store: FeatureStore, role: str, keep: Optional[Iterable[str]] = None) -> list[str]:
     """Splits of ``role`` (or the one split named ``role``) that have any modality in ``keep``."""
-    names = [role] if role in store.splits else store.splits_with_role(role)
+    if role in store.splits:
+        names = [role]
+    elif role in ROLES:
+        names = store.splits_with_role(role)
+    else:
+        names = []
     if not names:
-        raise ValueError(f"split: {role!r} is neither a split nor a role of the store "
-                         f"(splits: {list(store.splits)})")
+        raise InvalidArgument("split", f"{role!r} is neither a split nor a role of the store {store.path} "
+                                       f"(splits: {', '.join(store.splits)}; roles: {', '.join(ROLES)})")
     if keep is not None:
         names = [s for s in names if set(store.splits[s].modalities) & set(keep)]
     return names

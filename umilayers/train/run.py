@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from umilayers._io import append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write_json, read_json
-from umilayers._validation import InvalidArgument
+from umilayers._validation import InvalidArgument, OutputExistsError
 from umilayers._version import __version__
 from umilayers.baselines import build_model, model_from_spec, model_spec
 from umilayers.data import Batch, FeatureStore
@@ -83,25 +83,30 @@ from umilayers.train.loop import (
 )
 
 __all__ = ["RunExistsError", "fit", "evaluate", "model_for_store", "retrieval_pseudo_targets",
-           "retrieval_paper_targets", "CHECKPOINT_VERSION"]
+           "retrieval_paper_targets", "CHECKPOINT_VERSION", "RUN_FILES"]
 
 #: Version of ``checkpoint.pt``; a resume refuses any other (3: caption tables ``(N, K, E)``).
 CHECKPOINT_VERSION = 3
-RUN_FILES = (
-    "config.json",
-    "checkpoint.pt",
-    "log.jsonl",
-    "model.pt",
-    "metrics.json",
-    "test_predictions.npy",
-    "pseudo_labels",
-)
+#: What a run directory holds: name -> what it is.
+RUN_FILES = {
+    "metrics.json": "val and test metrics of the best model",
+    "model.pt": "the best model (its epoch chosen on val)",
+    "test_predictions.npy": "the best model's test outputs, one row per test sample in store order",
+    "config.json": "every option of the run, its store and task",
+    "log.jsonl": "one line per epoch: losses, val metrics, time, torch threads",
+    "checkpoint.pt": "the state after the last epoch (what resume continues from)",
+    "pseudo_labels": "stage 1's pseudo-labels (PseudoLabelBank)",
+}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class RunExistsError(FileExistsError):
-    """The run directory already holds a run and neither ``resume`` nor ``overwrite`` was given."""
+class RunExistsError(OutputExistsError):
+    """The run directory already holds a run and neither ``resume`` nor ``overwrite`` was given.
+
+    An :class:`~umilayers._validation.InvalidArgument` of ``out`` (the command line names
+    ``--out``, ``--resume`` and ``--overwrite``) and a ``FileExistsError``.
+    """
 
 
 # ============================================================================ store and model
@@ -163,7 +168,7 @@ def _prepare_run_dir(out: Path, cfg: FitConfig, store: FeatureStore, resume: boo
     """Check the directory against ``resume``/``overwrite``; return the checkpoint to resume
     from (or None). Called on rank 0 only."""
     if resume and overwrite:
-        raise ValueError("resume and overwrite: pass at most one of them")
+        raise InvalidArgument("resume", "pass at most one of {resume} and {overwrite}", refs=("resume", "overwrite"))
     finished = (out / "metrics.json").is_file()
     started = (out / "checkpoint.pt").is_file() or (out / "config.json").is_file()
     if overwrite:
@@ -176,8 +181,8 @@ def _prepare_run_dir(out: Path, cfg: FitConfig, store: FeatureStore, resume: boo
         started = finished = False
     elif not resume and (finished or started):
         what = "a finished run (metrics.json)" if finished else "an unfinished run (checkpoint.pt)"
-        raise RunExistsError(f"{out}: already holds {what}; pass --resume to continue it or "
-                             f"--overwrite to start again (resume=True / overwrite=True)")
+        raise RunExistsError("out", f"{out} already holds {what}; pass {{resume}} to continue it or "
+                                    f"{{overwrite}} to start again", refs=("resume", "overwrite"))
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = None
     if resume and (out / "config.json").is_file():
@@ -185,8 +190,9 @@ def _prepare_run_dir(out: Path, cfg: FitConfig, store: FeatureStore, resume: boo
         previous = FitConfig.from_dict(saved["config"]).result_options()
         differences = {k: (previous[k], v) for k, v in cfg.result_options().items() if previous.get(k) != v}
         if differences:
-            listed = ", ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in differences.items())
-            raise ValueError(f"{out}: cannot resume with different options ({listed})")
+            listed = ", ".join(f"{{{k}}}: run has {a!r}, given {b!r}" for k, (a, b) in differences.items())
+            raise InvalidArgument("resume", f"{out}: cannot resume with different options ({listed})",
+                                  refs=tuple(differences))
         if (out / "checkpoint.pt").is_file():
             checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
             if checkpoint.get("version") != CHECKPOINT_VERSION:
@@ -370,7 +376,9 @@ class _Run:
 
     def log(self, record: dict) -> None:
         if self.ctx.is_main:
-            append_jsonl(self.out / "log.jsonl", {**record, "time": round(time.time(), 3)})
+            # The thread count can change a result's last bits, and may differ on resume.
+            append_jsonl(self.out / "log.jsonl", {**record, "time": round(time.time(), 3),
+                                                  "threads": torch.get_num_threads()})
 
     def end_epoch(self, stage: str, epoch: int, record: dict, state: dict, modality: Optional[str] = None) -> None:
         """Checkpoint, then log: a record in log.jsonl always has its checkpoint."""
@@ -599,14 +607,14 @@ def evaluate(run_dir: PathLike, store: Union[PathLike, FeatureStore, None] = Non
     if unknown or not keep:
         raise InvalidArgument("modalities", f"expected a non-empty subset of the model's {model_modalities}, "
                                             f"got {list(keep)}")
+    names = splits(store_obj, split, keep)
+    if not names:
+        raise InvalidArgument("split", f"{split!r}: no split has any of the modalities {keep}")
     ctx = setup(device)
     try:
         model = model_from_spec(spec)
         model.load_state_dict(checkpoint["state_dict"])
         model.to(ctx.device)
-        names = splits(store_obj, split, keep)
-        if not names:
-            raise ValueError(f"split {split!r}: no split has any of the modalities {keep}")
         result = compute_metrics(store_obj.task, predict(model, model, store_obj, names, tuple(keep), cfg, ctx))
     finally:
         teardown(ctx)
