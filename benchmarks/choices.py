@@ -49,6 +49,7 @@ from umilayers.demo import TASK_COLUMNS, DemoSize, headline_metric
 from umilayers.train import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 from _common import ROOT, describe_machine, machine_info, table, write_json  # noqa: E402
 
 COMPARISONS = ("retrieval-pseudo", "reductions", "optimizer")
@@ -173,7 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="CI smoke size: one seed, classification only, the middle learning rate")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder of choices.json")
     parser.add_argument("--keep", default=None, help="keep the stores and runs in this folder")
+    _common.add_threads_option(parser)
     args = parser.parse_args(argv)
+    _common.set_threads(args.threads)
     compare = args.compare or list(COMPARISONS)
     size = quick_size() if args.quick else DemoSize.default()
     seeds = list(range(1 if args.quick else args.seeds))
