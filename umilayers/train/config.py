@@ -37,20 +37,59 @@ from umilayers._validation import InvalidArgument
 from umilayers.baselines import METHODS, PREDICTORS
 from umilayers.model import ModelConfig
 
-__all__ = ["TrainConfig", "RuntimeConfig", "FitConfig"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "RuntimeConfig", "FitConfig", "drop_epochs"]
+
+#: Optimisers of :class:`TrainConfig`: AdamW (this library's) or SGD with momentum (the authors'
+#: released ``train.py``: momentum 0.9, weight decay 5e-4).
+OPTIMIZERS = ("adamw", "sgd")
+#: Learning-rate schedules of :class:`TrainConfig` (after the optional linear warm-up): cosine
+#: decay to 0 (this library's), steps (multiply by ``lr_drop_factor`` at each of
+#: ``lr_drop_epochs``: the paper's EPIC-Kitchens schedule), or constant.
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def drop_epochs(text: str) -> tuple[int, ...]:
+    """The epochs of ``lr_drop_epochs``: ``"70"`` -> ``(70,)``, ``"30,45"`` -> ``(30, 45)``,
+    ``""`` -> ``()``.
+
+    Raises:
+        InvalidArgument: not comma-separated non-negative integers in increasing order.
+
+    Example::
+
+        >>> drop_epochs("30, 45")
+        (30, 45)
+    """
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if not all(p.isdigit() for p in parts):
+        raise InvalidArgument("lr_drop_epochs", f"expected comma-separated epochs (ints >= 0), got {text!r}")
+    epochs = tuple(int(p) for p in parts)
+    if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise InvalidArgument("lr_drop_epochs", f"expected increasing epochs, got {text!r}")
+    return epochs
 
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """Optimisation and schedule of both stages (part of what a run computes).
 
-    AdamW with a linear warm-up then cosine decay per step is this library's choice (the paper
-    does not say). Every epoch's sample order and random state derive from ``seed``.
+    AdamW with a linear warm-up then cosine decay per step is this library's default; SGD with
+    momentum and a step schedule (the authors' released code's optimiser, the paper's EPIC
+    schedule) are reachable by name: ``optimizer="sgd"``, ``schedule="step"`` with
+    ``lr_drop_epochs``. The schedule runs per stage, with the stage's epochs; a drop epoch beyond
+    a stage's last epoch is never reached in it. Every epoch's sample order and random state
+    derive from ``seed``.
 
     Example::
 
         >>> TrainConfig(epochs=2, lr=3e-3).replace(amp=True).amp
         True
+        >>> TrainConfig(optimizer="sgd", schedule="step", lr_drop_epochs="70").lr_drop_factor
+        0.1
+        >>> TrainConfig(schedule="step")
+        Traceback (most recent call last):
+        ...
+        umilayers._validation.InvalidArgument: lr_drop_epochs: schedule 'step' needs at least one epoch to drop the learning rate at
     """
 
     seed: int = option(0, "seeds model initialisation, sample order and dropout", minimum=0)
@@ -60,12 +99,30 @@ class TrainConfig(Config):
     pseudo_window: int = option(10, "last unimodal epochs whose predictions are averaged into pseudo-labels "
                                      "(the paper's e)", minimum=0)
     batch_size: int = option(64, "global batch size (split over the processes under torchrun)", minimum=1)
-    lr: float = option(1e-4, "peak learning rate (AdamW)", minimum=0, strict=True)
-    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0)
-    warmup_epochs: int = option(0, "epochs of linear warm-up before the cosine decay", minimum=0)
+    lr: float = option(1e-4, "peak learning rate", minimum=0, strict=True)
+    optimizer: str = option("adamw", "adamw (this library's) or sgd (with momentum; the authors' released code)",
+                            choices=OPTIMIZERS)
+    momentum: float = option(0.9, "momentum of optimizer sgd", minimum=0)
+    weight_decay: float = option(0.01, "weight decay (decoupled for adamw, L2 for sgd; the released code: sgd "
+                                       "with 5e-4)", minimum=0)
+    schedule: str = option("cosine", "learning rate after the warm-up: cosine decay to 0, step (times "
+                                     "lr_drop_factor at each of lr_drop_epochs) or constant", choices=SCHEDULES)
+    lr_drop_epochs: str = option("", "schedule step: comma-separated epochs (from 0) at which the learning rate "
+                                     "drops, e.g. 70 (the paper's EPIC: 1e-4 for 70 epochs, 1e-5 for the last 50)")
+    lr_drop_factor: float = option(0.1, "schedule step: factor applied at each drop epoch", minimum=0, strict=True)
+    warmup_epochs: int = option(0, "epochs of linear warm-up before the schedule", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
     amp: bool = option(False, "bf16 autocast (CUDA and CPU)")
     compile: bool = option(False, "torch.compile the model")
+
+    def check(self) -> None:
+        drops = drop_epochs(self.lr_drop_epochs)
+        if self.schedule == "step" and not drops:
+            raise InvalidArgument("lr_drop_epochs", "schedule 'step' needs at least one epoch to drop the learning "
+                                                    "rate at")
+        if drops and self.schedule != "step":
+            raise InvalidArgument("lr_drop_epochs", f"only used by {{schedule}} 'step', got schedule "
+                                                    f"{self.schedule!r}", refs=("schedule",))
 
 
 @dataclass(frozen=True)
