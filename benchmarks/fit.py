@@ -61,7 +61,7 @@ from umilayers.data.synthetic import make_synthetic_store  # noqa: E402
 from umilayers.demo import DemoSize  # noqa: E402
 from umilayers.pseudo_labels import PseudoLabelBank  # noqa: E402
 from umilayers.train import FitConfig, FitEvent, fit  # noqa: E402
-from umilayers.train.loop import concat, cosine_schedule, splits  # noqa: E402
+from umilayers.train.loop import concat, lr_schedule, splits  # noqa: E402
 from umilayers.train.run import model_for_store  # noqa: E402
 
 GOAL_OVERHEAD, GOAL_VALIDATION = 0.10, 0.15
@@ -84,10 +84,9 @@ class BareLoop:
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.bank = cfg, bank
         self.model = model_for_store(cfg, store)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.peak_lr(),
                                            weight_decay=cfg.train.weight_decay)
-        self.scheduler = cosine_schedule(self.optimizer, steps_per_epoch * cfg.train.epochs,
-                                         steps_per_epoch * cfg.train.warmup_epochs)
+        self.scheduler = lr_schedule(self.optimizer, cfg.train, steps_per_epoch, cfg.train.epochs)
         batch = cfg.train.batch_size
         self.train = DataLoader(concat(store, splits(store, "train")), batch_size=batch, shuffle=True,
                                 collate_fn=collate)

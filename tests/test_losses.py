@@ -175,6 +175,61 @@ def test_classification_losses_match_torch():
     )
 
 
+def test_alignment_reductions():
+    g = torch.Generator().manual_seed(4)
+    features, tokens = torch.randn(5, 3, 6, generator=g), torch.randn(4, 6, generator=g)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    distances = ((features.mean(1) - tokens[labels]) ** 2).sum(-1)
+    torch.testing.assert_close(alignment_loss(features, tokens, labels), distances.mean())
+    torch.testing.assert_close(alignment_loss(features, tokens, labels, reduction="sum"), distances.sum())
+    # the released code: mean((u - x) ** 2) over the rows and the D features
+    released = ((features.mean(1) - tokens[labels]) ** 2).mean()
+    torch.testing.assert_close(alignment_loss(features, tokens, labels, reduction="elementwise_mean"), released)
+    with pytest.raises(ValueError, match="reduction"):
+        alignment_loss(features, tokens, labels, reduction="batchmean")
+
+
+def _released_pseudo_term(probs_by_modality, pseudo_by_modality, batch, alpha):
+    """The pseudo term of the authors' released ``train.py``, re-derived: per modality,
+    ``KLDivLoss(reduce=False)`` gives ``p * (log p - log q)`` per element (0 where ``p = 0``);
+    its mean over the modality's rows and classes is multiplied by the modality's row count;
+    the sum over modalities is divided by the batch size and multiplied by alpha."""
+    total = 0.0
+    for m, q in probs_by_modality.items():
+        p = pseudo_by_modality[m]
+        elements = torch.xlogy(p, p) - p * q.log()
+        total = total + elements.mean() * q.shape[0]
+    return total / batch * alpha
+
+
+def test_elementwise_mean_pseudo_term_reproduces_the_released_epic_weighting():
+    # EPIC-Kitchens: 3,806 action classes, alpha = 3000, batches mixing RGB-only and audio-only
+    # training samples (one modality per sample, as in the released training halves).
+    from umilayers.model import UnseenModalityModel
+
+    classes, alpha = 3806, 3000.0
+    torch.manual_seed(0)
+    model = UnseenModalityModel({"audio": 6, "rgb": 5}, num_outputs=classes, dim=16, num_tokens=4,
+                                projection_depth=1, fusion_depth=1, heads=2, pseudo_weight=alpha,
+                                pseudo_reduction="elementwise_mean", use_alignment=False)
+    present = {"audio": torch.tensor([True, False, True, False, False, True, False]),
+               "rgb": torch.tensor([False, True, False, True, True, False, True])}
+    inputs = {"audio": torch.randn(3, 4, 6), "rgb": torch.randn(4, 3, 5)}
+    out = model(inputs, present=present)
+    pseudo = torch.softmax(4 * torch.randn(7, classes), dim=-1)
+    pseudo[0, :100] = 0.0  # zero entries contribute 0 log 0 = 0 in both
+    labels = torch.randint(0, classes, (7,))
+    terms = model.loss(out, labels, pseudo)
+    probs = out.branch_outputs[:, 1].softmax(-1)
+    released = _released_pseudo_term({m: probs[mask] for m, mask in present.items()},
+                                      {m: pseudo[mask] for m, mask in present.items()}, batch=7, alpha=alpha)
+    torch.testing.assert_close(alpha * terms.pseudo, released, rtol=1e-4, atol=1e-6)
+    # batchmean, the previous scale, is C = 3,806 times larger
+    batchmean = classification_pseudo_loss(out.branch_outputs[:, 1], pseudo, reduction="batchmean")
+    torch.testing.assert_close(batchmean / classes, terms.pseudo, rtol=1e-5, atol=0)
+    assert float(alpha * batchmean.detach()) > 1000 * float(released.detach())
+
+
 def test_regression_losses():
     pred, target = torch.randn(4, 3), torch.randn(4, 3)
     torch.testing.assert_close(regression_loss(pred, target), ((pred - target) ** 2).mean())

@@ -185,7 +185,8 @@ def test_loss_terms_follow_eq3(task):
     b0, b1 = out.branch_outputs[:, 0], out.branch_outputs[:, 1]
     if task == "classification":
         torch.testing.assert_close(losses.supervised, F.cross_entropy(b0, targets))
-        torch.testing.assert_close(losses.pseudo, F.kl_div(b1.log_softmax(-1), pseudo, reduction="batchmean"))
+        # the default reduction: each sample's KL, averaged over the batch
+        torch.testing.assert_close(losses.pseudo, (pseudo * (pseudo.log() - b1.log_softmax(-1))).sum(-1).mean())
     elif task == "regression":
         torch.testing.assert_close(losses.supervised, F.mse_loss(b0, targets))
         torch.testing.assert_close(losses.pseudo, F.mse_loss(b1, pseudo))
@@ -196,12 +197,60 @@ def test_loss_terms_follow_eq3(task):
         student = (b1 @ text.T / 0.1).log_softmax(-1)
         teacher = (pseudo / 0.1).log_softmax(-1)
         torch.testing.assert_close(losses.pseudo, (teacher.exp() * (teacher - student)).sum(-1).mean())
-    # alignment: per modality on its rows, averaged over modalities
+    # alignment (default): per modality on its rows, averaged over modalities
     terms = []
     for m, feats in out.modality_features.items():
         labels = targets[PRESENT[m]] if task == "classification" else None
         terms.append(model.alignment(feats, labels))
     torch.testing.assert_close(losses.align, torch.stack(terms).mean())
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_released_alignment_reduction(task):
+    # the released code: the squared difference of each (sample, modality) pair's mean feature
+    # and its token, averaged over the pairs and the D features
+    model = make_model(task, align_reduction="elementwise_mean")
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    targets = targets_for(task, 4)
+    losses = model.loss(out, targets, pseudo_for(task, 4))
+    differences = []
+    for m, feats in out.modality_features.items():
+        mean = feats.mean(1)
+        tokens = model.alignment.tokens
+        if task == "classification":
+            chosen = tokens[targets[PRESENT[m]]]
+        else:
+            chosen = tokens[torch.cdist(mean, tokens).argmin(1)]
+        differences.append((mean - chosen) ** 2)
+    torch.testing.assert_close(losses.align, torch.cat(differences).mean())
+
+
+@pytest.mark.parametrize("reduction", ["modality_sum", "modality_mean"])
+def test_alignment_reductions_over_modalities(reduction):
+    # modality_sum is Eq. 1 as the paper writes it: per modality the batch mean of the squared
+    # Euclidean distance, summed over modalities; modality_mean averages instead.
+    model = make_model(align_reduction=reduction)
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    targets = targets_for("classification", 4)
+    losses = model.loss(out, targets, pseudo_for("classification", 4))
+    per_modality = torch.stack([
+        ((feats.mean(1) - model.alignment.tokens[targets[PRESENT[m]]]) ** 2).sum(-1).mean()
+        for m, feats in out.modality_features.items()
+    ])
+    expected = per_modality.sum() if reduction == "modality_sum" else per_modality.mean()
+    torch.testing.assert_close(losses.align, expected)
+
+
+def test_elementwise_mean_pseudo_reduction_is_the_mean_over_every_element():
+    model = make_model(pseudo_reduction="elementwise_mean")
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    pseudo = pseudo_for("classification", 4)
+    losses = model.loss(out, targets_for("classification", 4), pseudo)
+    elements = pseudo * (pseudo.log() - out.branch_outputs[:, 1].log_softmax(-1))  # (B, C)
+    torch.testing.assert_close(losses.pseudo, elements.mean())
 
 
 def test_alignment_uses_label_tokens_for_classes_and_nearest_otherwise():
@@ -238,7 +287,7 @@ def test_one_branch_puts_both_losses_on_the_single_readout():
     losses = model.loss(out, targets, pseudo)
     b = out.branch_outputs[:, 0]
     torch.testing.assert_close(losses.supervised, F.cross_entropy(b, targets))
-    torch.testing.assert_close(losses.pseudo, F.kl_div(b.log_softmax(-1), pseudo, reduction="batchmean"))
+    torch.testing.assert_close(losses.pseudo, (pseudo * (pseudo.log() - b.log_softmax(-1))).sum(-1).mean())
 
 
 def test_pooled_projection_switch():

@@ -50,10 +50,12 @@ from umilayers.data.synthetic import LAYOUTS, make_synthetic_store
 from umilayers.demo import DemoSize
 from umilayers.demo import main as demo_main
 from umilayers.train import FitConfig, evaluate, fit
+from umilayers.train.presets import PRESETS, preset_options
 from umilayers.train.run import RUN_FILES
 
-__all__ = ["HelpFormatter", "flag", "add_fit_arguments", "fit_config", "parse_fit_args", "build_parser",
-           "USER_ERRORS", "error_message", "report_error", "describe_run", "synth_next_steps", "main"]
+__all__ = ["HelpFormatter", "flag", "add_fit_arguments", "fit_config", "parse_fit_args", "add_preset_argument",
+           "preset_defaults", "build_parser", "USER_ERRORS", "error_message", "report_error", "describe_run",
+           "synth_next_steps", "main"]
 
 #: Titles of the ``--help`` sections, one per concern of :class:`~umilayers.train.FitConfig`.
 GROUPS = {"method": "method", "model": "model (ModelConfig)", "train": "training (TrainConfig)",
@@ -200,6 +202,31 @@ def parse_fit_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]
     except InvalidArgument as err:
         parser.error(err.message(flag))
         raise  # unreachable: parser.error exits
+
+
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """``--preset NAME`` (:data:`~umilayers.train.presets.PRESETS`); a script reads it first
+    with :func:`preset_defaults` and passes the preset's options to :func:`add_fit_arguments` as
+    ``defaults``, so that flags given on the command line override them."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="start from named settings: paper = the paper's schedule and sizes for this benchmark "
+                             "(docs: Training, 'The paper's settings'); other flags override them")
+
+
+def preset_defaults(argv: Optional[Sequence[str]], benchmark: str) -> dict[str, Any]:
+    """The options of the ``--preset`` named in ``argv`` for ``benchmark`` (``{}`` without one).
+
+    Example::
+
+        >>> preset_defaults(["STORE", "--preset", "paper", "--epochs", "2"], "robot")["epochs"]
+        50
+        >>> preset_defaults(["STORE"], "robot")
+        {}
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return preset_options(known.preset, benchmark) if known.preset else {}
 
 
 def _int_option(parser: Any, name: str, default: int, help: str, minimum: int) -> None:

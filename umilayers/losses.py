@@ -6,7 +6,8 @@ The training objective of the paper is ``L = lambda * L_align + L_supervised + a
 - :func:`alignment_loss` / :class:`AlignmentLoss`: squared Euclidean distance between each
   sample's mean projected feature and a learnable token (the class's token, or the nearest one).
 - :func:`classification_loss` (cross-entropy) and :func:`classification_pseudo_loss`
-  (``KL(pseudo || softmax(logits))``, batch mean);
+  (``KL(pseudo || softmax(logits))``: the batch mean, or the mean over every element as the
+  authors' released code computes it, :data:`PSEUDO_REDUCTIONS`);
 - :func:`regression_loss` and :func:`regression_pseudo_loss` (mean squared error, "L2");
 - :func:`triplet_loss`: max-margin ranking over a ``(B, B)`` similarity matrix, both directions,
   positives on the diagonal (as Collaborative Experts' ``MaxMarginRankingLoss`` with
@@ -45,6 +46,8 @@ from umilayers._validation import (
 
 __all__ = [
     "ASSIGNMENTS",
+    "ALIGN_REDUCTIONS",
+    "PSEUDO_REDUCTIONS",
     "TASKS",
     "alignment_loss",
     "assign_tokens",
@@ -61,6 +64,14 @@ __all__ = [
 
 #: Token assignments of :class:`AlignmentLoss`.
 ASSIGNMENTS = ("label", "nearest")
+#: Reductions of :func:`alignment_loss` over a batch: the mean of the squared distances (Eq. 1),
+#: their sum, or their mean over the rows and the ``D`` features (the authors' released code).
+ALIGN_REDUCTIONS = ("mean", "sum", "elementwise_mean")
+#: Reductions of :func:`classification_pseudo_loss`: the mean over the batch of each sample's KL,
+#: or the mean over every element of ``(B, C)`` (the authors' released code:
+#: ``KLDivLoss(reduce=False)`` then a mean, the scale its ``alpha = 3000`` was set for on
+#: EPIC-Kitchens).
+PSEUDO_REDUCTIONS = ("batchmean", "elementwise_mean")
 #: Tasks served by :class:`TaskLoss`.
 TASKS = ("classification", "regression", "retrieval")
 
@@ -142,13 +153,17 @@ def alignment_loss(
     labels: Optional[Tensor] = None,
     assign: str = "label",
     *,
+    reduction: str = "mean",
     check_values: bool = False,
 ) -> Tensor:
     """Feature alignment loss (Eq. 1): squared distance of each mean feature to its token.
 
     For each sample the projected features are averaged over the ``K`` tokens (a ``(B, D)``
     input is taken to be that mean already); the loss is the squared Euclidean distance between
-    this mean and the sample's token, averaged over the batch. The token is ``tokens[labels]``
+    this mean and the sample's token, averaged over the batch (``reduction="mean"``, Eq. 1),
+    summed (``"sum"``), or averaged over the batch and the ``D`` features
+    (``"elementwise_mean"``: the squared distance divided by ``D``, the authors' released code's
+    ``mean((u - x) ** 2, dim=-1)``). The token is ``tokens[labels]``
     for ``assign="label"`` (classification, one token per class) or the nearest token for
     ``assign="nearest"`` (the choice is not differentiated; the distance to the chosen token is).
     Computed in float32 for float16/bfloat16/float32 inputs (float64 stays float64).
@@ -158,6 +173,7 @@ def alignment_loss(
         tokens: ``(n_u, D)`` alignment tokens.
         labels: ``(B,)`` integer class labels in ``[0, n_u)``; required for ``"label"``.
         assign: ``"label"`` or ``"nearest"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"elementwise_mean"`` (:data:`ALIGN_REDUCTIONS`).
         check_values: also refuse NaN/inf and labels out of range (reads values back to the host).
 
     Returns:
@@ -174,6 +190,7 @@ def alignment_loss(
         - output: ``()``
     """
     check_choice("assign", assign, ASSIGNMENTS)
+    check_choice("reduction", reduction, ALIGN_REDUCTIONS)
     mean = _mean_feature(features, tokens, check_values)
     num_tokens = int(tokens.shape[0])
     if assign == "label":
@@ -187,7 +204,12 @@ def alignment_loss(
     if mean.shape[0] == 0:
         return _zero_like_graph(features, tokens)
     target = _acc(tokens).to(mean.dtype)[index]
-    return (mean - target).pow(2).sum(-1).mean()
+    distances = (mean - target).pow(2).sum(-1)  # (B,) squared Euclidean distances
+    if reduction == "sum":
+        return distances.sum()
+    if reduction == "elementwise_mean":
+        return distances.mean() / mean.shape[-1]
+    return distances.mean()
 
 
 class AlignmentLoss(nn.Module):
@@ -253,7 +275,8 @@ class AlignmentLoss(nn.Module):
         """Index of each sample's nearest token (squared Euclidean distance), ``(B,)`` int64."""
         return assign_tokens(features, self.tokens)
 
-    def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, check_values: bool = False) -> Tensor:
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, reduction: str = "mean",
+                check_values: bool = False) -> Tensor:
         """Alignment loss of ``features`` to the tokens (see :func:`alignment_loss`).
 
         Shape:
@@ -261,7 +284,8 @@ class AlignmentLoss(nn.Module):
             - labels: ``(B,)``
             - output: ``()``
         """
-        return alignment_loss(features, self.tokens, labels, assign=self.assignment, check_values=check_values)
+        return alignment_loss(features, self.tokens, labels, assign=self.assignment, reduction=reduction,
+                              check_values=check_values)
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, dim={self.dim}, assign={self.assignment!r}"
@@ -293,20 +317,31 @@ def classification_loss(logits: Tensor, labels: Tensor, *, check_values: bool = 
     return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long))
 
 
-def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, check_values: bool = False) -> Tensor:
-    """``KL(pseudo || softmax(logits))`` summed over classes, averaged over the batch.
+def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, reduction: str = "batchmean",
+                               check_values: bool = False) -> Tensor:
+    """``KL(pseudo || softmax(logits))``: each sample's KL averaged over the batch, or the mean
+    over every element.
 
-    The paper's pseudo-label loss for classification. ``pseudo_probs`` are the averaged
-    unimodal softmax outputs of :class:`umilayers.PseudoLabelBank`; they must be non-negative
-    but need not sum exactly to 1 (a float16 bank rounds them; see its error bound). Zero
-    entries contribute zero (``0 log 0 = 0``). ``check_values=True`` refuses NaN/inf and negative
-    entries.
+    The paper's pseudo-label loss for classification. ``reduction="batchmean"`` (the default
+    here) is the KL divergence of each sample, summed over the ``C`` classes, averaged over the
+    batch. ``"elementwise_mean"`` divides that by ``C`` as well: the mean over all ``B x C``
+    terms ``p log(p / q)``, which is what the authors' released code computes
+    (``KLDivLoss(reduce=False)``, a mean per modality times its row count, divided by the
+    batch) and the scale its weight ``alpha = 3000`` was chosen for on EPIC-Kitchens (3,806
+    classes): ``elementwise_mean`` with weight ``alpha`` is ``batchmean`` with ``alpha / C``.
+    :class:`~umilayers.model.UnseenModalityModel` takes the choice as ``pseudo_reduction``.
+
+    ``pseudo_probs`` are the averaged unimodal softmax outputs of
+    :class:`umilayers.PseudoLabelBank`; they must be non-negative but need not sum exactly to 1
+    (a float16 bank rounds them; see its error bound). Zero entries contribute zero
+    (``0 log 0 = 0``). ``check_values=True`` refuses NaN/inf and negative entries.
 
     Shape:
         - logits: ``(B, C)``
         - pseudo_probs: ``(B, C)``
         - output: ``()``
     """
+    check_choice("reduction", reduction, PSEUDO_REDUCTIONS)
     sizes: dict = {}
     _check_logits("logits", logits, sizes, check_values)
     check_tensor("pseudo_probs", pseudo_probs, ("B", "C"), sizes, floating=True)
@@ -318,7 +353,8 @@ def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, check_va
     if sizes["B"] == 0:
         return _zero_like_graph(logits, pseudo_probs)
     log_q = F.log_softmax(_acc(logits), dim=-1)
-    return F.kl_div(log_q, pseudo_probs.to(logits.device, log_q.dtype), reduction="batchmean")
+    kl = F.kl_div(log_q, pseudo_probs.to(logits.device, log_q.dtype), reduction="batchmean")
+    return kl / sizes["C"] if reduction == "elementwise_mean" else kl
 
 
 def _mse(pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> Tensor:
@@ -462,7 +498,9 @@ class TaskLoss(nn.Module):
     ============== =============================== ==========================================
     task           ``supervised(pred, target)``    ``pseudo(pred, pseudo_target)``
     ============== =============================== ==========================================
-    classification CE(logits, labels)              KL(pseudo_probs || softmax(logits))
+    classification CE(logits, labels)              KL(pseudo_probs || softmax(logits)), mean
+                                                   over every element or over the batch
+                                                   (``pseudo_reduction``)
     regression     MSE(pred, target)               MSE(pred, pseudo_target)
     retrieval      triplet(cos(text, video))       triplet(cos(pseudo_target, pred))
     ============== =============================== ==========================================
@@ -470,16 +508,19 @@ class TaskLoss(nn.Module):
     Retrieval: ``pred`` is the ``(B, E)`` video embedding of a branch and ``target`` the
     ``(B, E)`` text embedding of its caption; the similarity matrix is the cosine similarity
     ``sim[i, j] = cos(target[i], pred[j])`` (text i against video j) and the loss is
-    :func:`triplet_loss`. The pseudo loss does the same between the pseudo branch's embeddings
-    and the pseudo-label embeddings (the averaged, L2-normalised unimodal video embeddings of
-    the bank): each sample's embedding must be closer to its own pseudo-label than to the
-    other samples' pseudo-labels, by ``margin``. That retrieval pseudo loss needs the
-    pseudo-labels in the student's own embedding space; the model and recipe use
-    :func:`similarity_distillation_loss` instead, which compares similarities only.
+    :func:`triplet_loss`. The pseudo loss here is the paper's (Sec. 3.3): the same triplet
+    between the pseudo branch's embeddings and the pseudo-label embeddings (the averaged,
+    L2-normalised unimodal video embeddings of the bank): each sample's embedding must be closer
+    to its own pseudo-label than to the other samples' pseudo-labels, by ``margin``.
+    :class:`~umilayers.model.UnseenModalityModel` uses it with ``retrieval_pseudo="paper"``; its
+    default, ``"relational"``, is :func:`similarity_distillation_loss` instead, which compares
+    similarities only (each unimodal model's embeddings live in a space of its own).
 
     Args:
         task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
         margin: the triplet margin (retrieval only).
+        pseudo_reduction: reduction of the classification pseudo loss
+            (:func:`classification_pseudo_loss`: ``"batchmean"`` or ``"elementwise_mean"``).
 
     Shape:
         - pred: ``(B, C)`` logits / values, or ``(B, E)`` embeddings
@@ -501,12 +542,14 @@ class TaskLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, task: str, margin: float = 0.2) -> None:
+    def __init__(self, task: str, margin: float = 0.2, pseudo_reduction: str = "batchmean") -> None:
         super().__init__()
         check_choice("task", task, TASKS)
         check_number("margin", margin)
+        check_choice("pseudo_reduction", pseudo_reduction, PSEUDO_REDUCTIONS)
         self.task = task
         self.margin = float(margin)
+        self.pseudo_reduction = pseudo_reduction
 
     def supervised(self, pred: Tensor, target: Tensor, *, check_values: bool = False) -> Tensor:
         """Loss of a branch's output against the ground truth (see the class table)."""
@@ -519,7 +562,8 @@ class TaskLoss(nn.Module):
     def pseudo(self, pred: Tensor, pseudo_target: Tensor, *, check_values: bool = False) -> Tensor:
         """Loss of the pseudo branch's output against pseudo-labels (see the class table)."""
         if self.task == "classification":
-            return classification_pseudo_loss(pred, pseudo_target, check_values=check_values)
+            return classification_pseudo_loss(pred, pseudo_target, reduction=self.pseudo_reduction,
+                                              check_values=check_values)
         if self.task == "regression":
             return regression_pseudo_loss(pred, pseudo_target, check_values=check_values)
         return triplet_loss(
@@ -545,4 +589,5 @@ class TaskLoss(nn.Module):
         return self.supervised(pred, target, check_values=check_values)
 
     def extra_repr(self) -> str:
-        return f"task={self.task!r}" + (f", margin={self.margin}" if self.task == "retrieval" else "")
+        extra = {"retrieval": f", margin={self.margin}", "classification": f", pseudo_reduction={self.pseudo_reduction!r}"}
+        return f"task={self.task!r}" + extra.get(self.task, "")

@@ -32,11 +32,13 @@ from umilayers._validation import (
 )
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import check_present, fuse_rows, sub_batch_rows
-from umilayers.losses import TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
+from umilayers.losses import PSEUDO_REDUCTIONS, TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
 from umilayers.projection import NORMALIZE, POSITIONS, FeatureProjection, PooledProjection
 
 __all__ = [
+    "ALIGN_MODALITY_REDUCTIONS",
     "PROJECTIONS",
+    "RETRIEVAL_PSEUDO",
     "RETRIEVAL_PSEUDO_TEMPERATURE",
     "UMIOutput",
     "LossOutput",
@@ -55,6 +57,16 @@ __all__ = [
 PROJECTIONS = ("feature", "pooled")
 #: Softmax temperature of the retrieval pseudo loss (on cosine similarities; fixed, not tuned).
 RETRIEVAL_PSEUDO_TEMPERATURE = 0.1
+#: How :class:`UnseenModalityModel` reduces the alignment loss over modalities and rows
+#: (``align_reduction``): per modality the batch mean of the squared distance, averaged over the
+#: modalities of the batch (this library's); summed over them (Eq. 1 of the paper as written); or
+#: the mean over every (sample, modality) pair and the ``D`` features (the authors' released
+#: code, the scale of its ``lambda = 0.001``).
+ALIGN_MODALITY_REDUCTIONS = ("modality_mean", "modality_sum", "elementwise_mean")
+#: Retrieval pseudo-labels (``retrieval_pseudo``): the unimodal teachers' video-to-caption
+#: similarities, distilled (this library's); or the paper's (Sec. 3.3): the averaged unimodal
+#: video embedding of the modality closest to the ground truth, with a triplet loss.
+RETRIEVAL_PSEUDO = ("relational", "paper")
 
 
 @dataclass
@@ -227,7 +239,10 @@ class ModelConfig(Config):
 
     Defaults are the paper's robot / MSR-VTT settings (``D = 256``, ``k* = 16``, 6 layers and 8
     heads in both transformers, ``lambda = 1e-3``, ``alpha = 1``); EPIC-Kitchens used
-    ``num_tokens=512`` and ``pseudo_weight=3000``. The paper's ablation switches (Tables 2-3) are
+    ``num_tokens=512`` and ``pseudo_weight=3000`` on the released code's scale of the KL term
+    (``pseudo_reduction="elementwise_mean"``). ``align_reduction``, ``pseudo_reduction`` and
+    ``retrieval_pseudo`` name the choices where the paper, the released code and this library
+    differ (docs: Training, "The paper's settings"). The paper's ablation switches (Tables 2-3) are
     ``use_alignment``, ``use_pseudo`` and ``branches`` here, and the projection (a method of the
     recipe, ``"pooled"``).
 
@@ -268,6 +283,19 @@ class ModelConfig(Config):
     num_align_tokens: Optional[int] = option(None, "alignment tokens n_u (default: one per class for "
                                                    "classification, where it must be that, else 128)", minimum=1)
     margin: float = option(0.2, "triplet margin of the retrieval losses", minimum=0)
+    align_reduction: str = option("modality_mean", "alignment loss over (sample, modality) pairs: 'modality_mean' "
+                                                   "(per modality the batch mean of the squared distance, averaged over "
+                                                   "the modalities), 'modality_sum' (Eq. 1 as written: summed) or "
+                                                   "'elementwise_mean' (the released code: mean over the pairs and the "
+                                                   "D features)", choices=ALIGN_MODALITY_REDUCTIONS)
+    pseudo_reduction: str = option("batchmean", "classification pseudo loss (KL): 'batchmean' (each sample's KL, "
+                                                "averaged) or 'elementwise_mean' over batch x classes (the released "
+                                                "code: the scale of alpha = 3000 on EPIC-Kitchens, i.e. batchmean "
+                                                "with alpha = 3000 / 3806)", choices=PSEUDO_REDUCTIONS)
+    retrieval_pseudo: str = option("relational", "retrieval pseudo-labels: 'relational' (distil the unimodal "
+                                                 "teachers' caption similarities) or 'paper' (the closest modality's "
+                                                 "averaged video embedding, triplet loss; Sec. 3.3)",
+                                   choices=RETRIEVAL_PSEUDO)
     positions: Optional[str] = option(None, "not in the paper: token positions in every model that reads tokens "
                                             "with attention (umi's feature projections, transformer unimodal "
                                             "models, the vanilla transformer): learned (one table per modality, "
@@ -462,9 +490,7 @@ def _check_targets(
         check_tensor("targets", targets, (batch, "t", text_dim), floating=True)
 
 
-def _check_pseudo(pseudo_targets: Any, batch: int, num_outputs: int, task: str, check_values: bool) -> None:
-    # Retrieval pseudo-labels are the teacher's (B, B) video-to-caption similarities.
-    shape = (batch, batch) if task == "retrieval" else (batch, num_outputs)
+def _check_pseudo(pseudo_targets: Any, shape: tuple[int, int], check_values: bool) -> None:
     check_tensor("pseudo_targets", pseudo_targets, shape, floating=True)
     if check_values:
         check_finite("pseudo_targets", pseudo_targets)
@@ -563,6 +589,11 @@ class TaskModel(nn.Module):
     def _pseudo_refusal(self) -> str:
         return f"{type(self).__name__} has no pseudo branch"
 
+    def pseudo_target_shape(self, batch: int) -> tuple[int, int]:
+        """Shape of :meth:`loss`'s ``pseudo_targets`` for a batch of ``batch`` rows: ``(B, C)``,
+        or for retrieval the teachers' ``(B, B)`` video-to-caption similarities."""
+        return (batch, batch) if self.task == "retrieval" else (batch, self.num_outputs)
+
     def encode_text(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
         """Caption token features ``(B, t, d_text)`` -> L2-normalised ``(B, E)`` (retrieval only)."""
         if self.text_encoder is None:
@@ -599,7 +630,8 @@ class TaskModel(nn.Module):
             pseudo_targets: pseudo-labels, required exactly when :attr:`needs_pseudo_labels`:
                 ``(B, C)`` class probabilities or values from the
                 :class:`~umilayers.pseudo_labels.PseudoLabelBank`; for retrieval ``(B, B)``
-                teacher similarities ``cos(video_i, caption_j)``.
+                teacher similarities ``cos(video_i, caption_j)``, or ``(B, E)`` pseudo-label
+                embeddings with ``retrieval_pseudo="paper"`` (:meth:`pseudo_target_shape`).
             text_padding_mask: ``(B, t)`` bool for retrieval captions, True = padding.
             check_values: also check what needs the values (label range, NaN/inf), which reads
                 them back to the host.
@@ -616,7 +648,7 @@ class TaskModel(nn.Module):
         if self.needs_pseudo_labels:
             if pseudo_targets is None:
                 raise ValueError("pseudo_targets: required when use_pseudo=True (the pseudo branch's targets)")
-            _check_pseudo(pseudo_targets, batch, self.num_outputs, self.task, check_values)
+            _check_pseudo(pseudo_targets, self.pseudo_target_shape(batch), check_values)
         elif pseudo_targets is not None:
             raise ValueError(f"pseudo_targets: {self._pseudo_refusal()} and takes no pseudo-labels")
         return self.loss_terms(output, targets, pseudo_targets, text_padding_mask)
@@ -658,10 +690,18 @@ class UnseenModalityModel(TaskModel):
 
     - ``L_align``: one :class:`~umilayers.losses.AlignmentLoss` (``num_align_tokens`` learned
       tokens) applied to each modality's projected features (mean over K) on the rows that have
-      it; the class's token for classification, the nearest token otherwise; averaged over the
-      modalities in the batch.
+      it; the class's token for classification, the nearest token otherwise. ``align_reduction``
+      says how the squared distances of the (sample, modality) pairs are reduced: by default per
+      modality the batch mean, averaged over the modalities in the batch; ``"modality_sum"`` is
+      Eq. 1 as the paper writes it (summed over the modalities), ``"elementwise_mean"`` the mean
+      over the pairs and the ``D`` features, as the authors' released code computes it (the
+      scale its ``lambda = 0.001`` was set for).
     - ``L_supervised``: on branch 0 against the ground truth (CE / MSE / triplet).
-    - ``L_pseudo``: on branches 1..G-1 (mean) against the pseudo-labels (KL / MSE / triplet).
+    - ``L_pseudo``: on branches 1..G-1 (mean) against the pseudo-labels: KL (by default each
+      sample's KL averaged over the batch; ``pseudo_reduction="elementwise_mean"`` is the
+      released code's mean over batch x classes, the scale of its ``alpha = 3000`` on
+      EPIC-Kitchens), MSE, or for retrieval the distillation of the teachers' similarities
+      (``retrieval_pseudo="relational"``) or the paper's triplet (``"paper"``).
 
     Ablation switches (the paper's Tables 2-3), fields of :class:`ModelConfig` but the last:
 
@@ -679,7 +719,10 @@ class UnseenModalityModel(TaskModel):
     the supervised loss is the triplet (max-margin ranking, both directions) over the batch's
     video-text cosine similarity matrix; the pseudo loss the distillation of the teachers'
     ``(B, B)`` video-to-caption similarities
-    (:func:`~umilayers.losses.similarity_distillation_loss`).
+    (:func:`~umilayers.losses.similarity_distillation_loss`, ``retrieval_pseudo="relational"``)
+    or, with ``retrieval_pseudo="paper"``, the triplet between the pseudo branch's video
+    embeddings and ``(B, E)`` pseudo-label embeddings (:meth:`TaskLoss.pseudo
+    <umilayers.losses.TaskLoss.pseudo>`).
 
     ``forward`` and :meth:`loss` check types and shapes; ``check_values=True`` adds what needs the
     values (masks against rows, label ranges, NaN/inf), which reads them back to the host.
@@ -706,6 +749,11 @@ class UnseenModalityModel(TaskModel):
         text_dim: caption feature size (retrieval only, required there).
         mlp_ratio: MLP width of the transformers relative to ``dim``.
         margin: triplet margin (retrieval).
+        align_reduction: how ``L_align`` reduces over (sample, modality) pairs
+            (:data:`ALIGN_MODALITY_REDUCTIONS`).
+        pseudo_reduction: reduction of the classification pseudo loss
+            (:func:`~umilayers.losses.classification_pseudo_loss`).
+        retrieval_pseudo: retrieval pseudo-labels and loss, ``"relational"`` or ``"paper"``.
         positions: not in the paper: token positions inside each ``FeatureProjection``: None
             (default, any ``k_m``), ``"learned"`` (a table per modality, as the authors' released
             code; needs ``modality_tokens``) or ``"sinusoidal"``. The pooled projection mean-pools
@@ -764,6 +812,9 @@ class UnseenModalityModel(TaskModel):
         text_dim: Optional[int] = None,
         mlp_ratio: float = ModelConfig.mlp_ratio,
         margin: float = ModelConfig.margin,
+        align_reduction: str = ModelConfig.align_reduction,
+        pseudo_reduction: str = ModelConfig.pseudo_reduction,
+        retrieval_pseudo: str = ModelConfig.retrieval_pseudo,
         positions: Optional[str] = ModelConfig.positions,
         modality_tokens: Optional[Mapping[str, int]] = None,
         feature_norm: bool = ModelConfig.feature_norm,
@@ -779,6 +830,7 @@ class UnseenModalityModel(TaskModel):
             projection=projection, use_alignment=use_alignment, use_pseudo=use_pseudo,
             align_weight=align_weight, pseudo_weight=pseudo_weight,
             num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
+            align_reduction=align_reduction, pseudo_reduction=pseudo_reduction, retrieval_pseudo=retrieval_pseudo,
             positions=positions, modality_tokens=modality_tokens, feature_norm=feature_norm,
             ensemble_subsets=ensemble_subsets,
         )
@@ -811,7 +863,7 @@ class UnseenModalityModel(TaskModel):
         self.text_encoder: Optional[TextEncoder] = None
         if task == "retrieval":
             self.text_encoder = TextEncoder(cfg.text_dim, num_outputs, **factory)
-        self.task_loss = TaskLoss(task, margin)
+        self.task_loss = TaskLoss(task, margin, pseudo_reduction=pseudo_reduction)
 
     @classmethod
     def from_config(cls, config: UMIConfig | Mapping[str, Any], device=None, dtype=None) -> "UnseenModalityModel":
@@ -835,6 +887,13 @@ class UnseenModalityModel(TaskModel):
 
     def _pseudo_refusal(self) -> str:
         return "this model has use_pseudo=False"
+
+    def pseudo_target_shape(self, batch: int) -> tuple[int, int]:
+        """``(B, C)``; for retrieval ``(B, B)`` teacher similarities (``"relational"``) or
+        ``(B, E)`` pseudo-label embeddings (``"paper"``)."""
+        if self.task == "retrieval" and self.config.retrieval_pseudo == "relational":
+            return (batch, batch)
+        return (batch, self.num_outputs)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -908,11 +967,13 @@ class UnseenModalityModel(TaskModel):
         """Pseudo-label loss of one branch's outputs.
 
         Classification and regression: :meth:`TaskLoss.pseudo <umilayers.losses.TaskLoss.pseudo>`.
-        Retrieval: :func:`~umilayers.losses.similarity_distillation_loss` of the branch's video
-        embeddings against ``text_emb`` (this model's caption embeddings), with ``pseudo_targets``
-        the ``(B, B)`` similarities of the unimodal teachers, each in its own space.
+        Retrieval, ``"relational"``: :func:`~umilayers.losses.similarity_distillation_loss` of
+        the branch's video embeddings against ``text_emb`` (this model's caption embeddings),
+        with ``pseudo_targets`` the ``(B, B)`` similarities of the unimodal teachers, each in its
+        own space; ``"paper"``: the triplet of :meth:`TaskLoss.pseudo
+        <umilayers.losses.TaskLoss.pseudo>` against ``(B, E)`` pseudo-label embeddings.
         """
-        if self.task == "retrieval":
+        if self.task == "retrieval" and self.config.retrieval_pseudo == "relational":
             assert text_emb is not None, "retrieval needs the caption embeddings"
             return similarity_distillation_loss(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
         return self.task_loss.pseudo(outputs, pseudo_targets)
@@ -947,13 +1008,19 @@ class UnseenModalityModel(TaskModel):
         return LossOutput(total=total, align=align, supervised=supervised, pseudo=pseudo)
 
     def alignment_loss(self, output: UMIOutput, targets: Tensor) -> Tensor:
-        """``L_align``: per modality on its rows, averaged over the modalities in the batch."""
+        """``L_align`` over the modalities of the batch, each on its rows (``align_reduction``)."""
         if self.alignment is None:
             raise RuntimeError("alignment_loss: this model was built with use_alignment=False")
-        terms = []
+        reduction = self.config.align_reduction
+        per_pair = "sum" if reduction == "elementwise_mean" else "mean"
+        terms, pairs = [], 0
         for m, feats in output.modality_features.items():
             labels = None
             if self.config.task == "classification":
                 labels = targets[sub_batch_rows(output.present[m], feats.shape[0])[0]]
-            terms.append(self.alignment(feats, labels))
-        return torch.stack(terms).mean()
+            terms.append(self.alignment(feats, labels, reduction=per_pair))
+            pairs += feats.shape[0]
+        total = torch.stack(terms)
+        if reduction == "elementwise_mean":  # the released code: a mean over pairs and features
+            return total.sum() / max(pairs * self.config.dim, 1)
+        return total.sum() if reduction == "modality_sum" else total.mean()

@@ -786,3 +786,43 @@ def test_epic_train_on_extracted_store(epic_store, tmp_path):
     vocab = epic.ActionVocabulary.load(epic_store / epic.ACTIONS_FILE)
     verbs, _ = vocab.verb_noun(predicted)
     assert test["verb_top1"] == pytest.approx(np.mean(verbs == vocab.verb_noun(targets)[0]))
+
+
+def test_epic_train_preset_paper(epic_store, tmp_path):
+    """``--preset paper``: the paper's EPIC-Kitchens schedule and sizes (values written out here,
+    not read from the preset), then the same run end to end with tiny sizes given as flags."""
+    from umilayers.cli import parse_fit_args, preset_defaults
+
+    epic_train = _example("epic_train")
+    argv = [str(epic_store), "--out", str(tmp_path / "unused"), "--preset", "paper"]
+    _, config = parse_fit_args(epic_train.build_parser(preset_defaults(argv, "epic")), argv)
+    train, model = config.train, config.model
+    assert (train.epochs, train.lr, train.schedule, train.lr_drop_epochs, train.lr_drop_factor) == \
+        (120, 1e-4, "step", "70", 0.1)  # 1e-4, then 1e-5 for the last 50 epochs
+    assert (train.batch_size, train.pseudo_window, train.optimizer, train.momentum, train.weight_decay,
+            train.grad_clip) == (96, 10, "sgd", 0.9, 5e-4, 0.0)
+    assert (model.pseudo_weight, model.pseudo_reduction, model.num_tokens, model.num_align_tokens) == \
+        (3000.0, "elementwise_mean", 512, None)  # n_u: one token per action class (3,806 on EPIC)
+    assert (model.dim, model.projection_depth, model.fusion_depth, model.heads, model.align_weight,
+            model.normalize) == (256, 6, 6, 8, 0.001, "inputs")
+    # the released Attention(dim, heads=8, dim_head=64) of both transformers: 8 x 64 = 512 wide
+    assert (model.head_dim, model.mlp_ratio, model.align_reduction) == (64, 2.0, "elementwise_mean")
+    # without the preset: the model settings are the paper's, alpha on the released code's scale,
+    # the heads this library's default width (dim // heads)
+    _, plain = parse_fit_args(epic_train.build_parser(), [str(epic_store), "--out", "x"])
+    assert (plain.model.pseudo_weight, plain.model.pseudo_reduction, plain.model.head_dim) == \
+        (3000.0, "elementwise_mean", None)
+
+    run = tmp_path / "run"
+    assert epic_train.main([
+        str(epic_store), "--out", str(run), "--preset", "paper", "--epochs", "2", "--lr-drop-epochs", "1",
+        "--unimodal-epochs", "2", "--pseudo-window", "1", "--num-tokens", "4", "--dim", "16",
+        "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--batch-size", "4", "--device", "cpu",
+        "--quiet"]) == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert (saved["train"]["optimizer"], saved["train"]["schedule"], saved["model"]["pseudo_weight"],
+            saved["model"]["head_dim"]) == ("sgd", "step", 3000.0, 64)
+    assert 0.0 <= json.loads((run / "metrics.json").read_text())["test"]["action_top1"] <= 1.0
+    lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()
+           if json.loads(line).get("stage") == "multimodal" and "lr" in json.loads(line)]
+    assert lrs[-1] == pytest.approx(1e-5)  # dropped ten-fold at epoch 1

@@ -211,3 +211,30 @@ def test_example_end_to_end(h5_dir, tmp_path):
     subsets = json.loads((run / "subsets.json").read_text())
     assert len(subsets["rows"]) == 15
     assert (run / "subsets.png").stat().st_size > 0
+
+
+def test_example_preset_paper(h5_dir, tmp_path):
+    """``--preset paper``: the paper's robot schedule and sizes (written out here), then end to
+    end with tiny sizes given as flags."""
+    from umilayers.cli import parse_fit_args, preset_defaults
+
+    example = _example()
+    argv = ["--data", str(h5_dir), "--out", str(tmp_path / "unused"), "--preset", "paper"]
+    _, config = parse_fit_args(example.build_parser(preset_defaults(argv, "robot")), argv)
+    train, model = config.train, config.model
+    assert (train.epochs, train.lr, train.schedule, train.batch_size, train.pseudo_window) == \
+        (50, 1e-2, "constant", 128, 20)
+    assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.9, 5e-4)
+    assert (model.pseudo_weight, model.num_tokens, model.num_align_tokens, model.dim, model.align_weight) == \
+        (1.0, 16, 128, 256, 0.001)
+    assert (model.heads, model.head_dim) == (8, 64)  # the paper gives no head width: the released code's
+    run = tmp_path / "run"
+    assert example.main(["--data", str(h5_dir), "--out", str(run), "--preset", "paper", "--z-dim", "8",
+                         "--image-size", "32", "--encoder-epochs", "1", "--epochs", "1", "--unimodal-epochs", "1",
+                         "--pseudo-window", "1", "--dim", "16", "--projection-depth", "1", "--fusion-depth", "1",
+                         "--heads", "2", "--head-dim", "none", "--num-tokens", "4", "--batch-size", "16", "--quiet",
+                         "--device", "cpu"]) == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert (saved["train"]["optimizer"], saved["train"]["lr"], saved["model"]["num_align_tokens"]) == ("sgd", 1e-2, 128)
+    assert saved["model"]["head_dim"] is None  # "--head-dim none" gives back dim // heads over the preset's 64
+    assert "mae" in json.loads((run / "metrics.json").read_text())["test"]

@@ -604,6 +604,29 @@ class FeatureStore:
         self._require_split(split)
         return np.array(np.load(self.path / split / "targets.npy", mmap_mode="r"))
 
+    def present(self, split: str, modality: str) -> np.ndarray:
+        """Which rows of ``split`` have ``modality``: ``(size,)`` bool (False for every row when
+        the split does not have the modality; a row of length 0 lacks it).
+
+        Example::
+
+            >>> import tempfile
+            >>> store = FeatureStore.create(tempfile.mkdtemp() + "/s", "classification", 2,
+            ...                             {"rgb": (3, 4), "audio": (2, 4)})
+            >>> features = {"rgb": np.ones((3, 3, 4), np.float16), "audio": np.ones((3, 2, 4), np.float16)}
+            >>> store.write_split("tr", "train", features, np.array([0, 1, 1]),
+            ...                   lengths={"rgb": np.array([3, 0, 2])})
+            >>> store.present("tr", "rgb").tolist(), store.present("tr", "audio").tolist()
+            ([True, False, True], [True, True, True])
+        """
+        info = self._require_split(split)
+        if modality not in info.modalities:
+            return np.zeros(info.size, dtype=bool)
+        lengths = self.path / split / f"{modality}.lengths.npy"
+        if not lengths.is_file():
+            return np.ones(info.size, dtype=bool)
+        return np.load(lengths) > 0
+
     def caption_counts(self, split: str) -> np.ndarray:
         """Captions in each row of a retrieval split, int64 ``(size,)`` (all 1 in a store with
         one caption per row)."""

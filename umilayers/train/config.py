@@ -38,12 +38,41 @@ from umilayers._validation import InvalidArgument
 from umilayers.baselines import METHODS, PREDICTORS
 from umilayers.model import ModelConfig
 
-__all__ = ["BASE_LR", "BASE_BATCH", "TrainConfig", "RuntimeConfig", "FitConfig"]
+__all__ = ["BASE_LR", "BASE_BATCH", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "RuntimeConfig", "FitConfig",
+           "drop_epochs"]
 
-#: Default peak learning rate at :data:`BASE_BATCH` (chosen on val: ``docs/training.rst``).
+#: Default peak learning rate of optimizer adamw at :data:`BASE_BATCH` (chosen on val: ``docs/training.rst``).
 BASE_LR = 2e-3
 #: The batch size :data:`BASE_LR` is for; other sizes scale it by ``sqrt(batch_size / BASE_BATCH)``.
 BASE_BATCH = 64
+#: Optimisers of :class:`TrainConfig`: AdamW (this library's) or SGD with momentum (the authors'
+#: released ``train.py``: momentum 0.9, weight decay 5e-4).
+OPTIMIZERS = ("adamw", "sgd")
+#: Learning-rate schedules of :class:`TrainConfig` (after the optional linear warm-up): cosine
+#: decay to 0 (this library's), steps (multiply by ``lr_drop_factor`` at each of
+#: ``lr_drop_epochs``: the paper's EPIC-Kitchens schedule), or constant.
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def drop_epochs(text: str) -> tuple[int, ...]:
+    """The epochs of ``lr_drop_epochs``: ``"70"`` -> ``(70,)``, ``"30,45"`` -> ``(30, 45)``,
+    ``""`` -> ``()``.
+
+    Raises:
+        InvalidArgument: not comma-separated non-negative integers in increasing order.
+
+    Example::
+
+        >>> drop_epochs("30, 45")
+        (30, 45)
+    """
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if not all(p.isdigit() for p in parts):
+        raise InvalidArgument("lr_drop_epochs", f"expected comma-separated epochs (ints >= 0), got {text!r}")
+    epochs = tuple(int(p) for p in parts)
+    if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise InvalidArgument("lr_drop_epochs", f"expected increasing epochs, got {text!r}")
+    return epochs
 
 
 @dataclass(frozen=True)
@@ -51,11 +80,15 @@ class TrainConfig(Config):
     """Optimisation and schedule of both stages (part of what a run computes).
 
     AdamW with a linear warm-up (one epoch by default) then cosine decay per step is this
-    library's choice (the paper does not say). The peak learning rate is ``lr`` when given, else
-    :data:`BASE_LR` at batch size :data:`BASE_BATCH` scaled by the square root of
-    ``batch_size / BASE_BATCH`` (the square-root rule for Adam-type optimisers; :meth:`peak_lr`).
-    These defaults were chosen on val splits (``docs/training.rst``). Every epoch's sample order
-    and random state derive from ``seed``.
+    library's default; SGD with momentum and a step schedule (the authors' released code's
+    optimiser, the paper's EPIC schedule) are reachable by name: ``optimizer="sgd"``,
+    ``schedule="step"`` with ``lr_drop_epochs``. The schedule runs per stage, with the stage's
+    epochs; a drop epoch beyond a stage's last epoch is never reached in it. The peak learning
+    rate is ``lr`` when given, else (optimizer adamw) :data:`BASE_LR` at batch size
+    :data:`BASE_BATCH` scaled by the square root of ``batch_size / BASE_BATCH`` (the square-root
+    rule for Adam-type optimisers; :meth:`peak_lr`); optimizer sgd needs an ``lr``. These
+    defaults were chosen on val splits (``docs/training.rst``). Every epoch's sample order and
+    random state derive from ``seed``.
 
     Example::
 
@@ -63,6 +96,12 @@ class TrainConfig(Config):
         True
         >>> TrainConfig(batch_size=256).peak_lr() == 2 * TrainConfig().peak_lr()
         True
+        >>> TrainConfig(optimizer="sgd", lr=1e-2, schedule="step", lr_drop_epochs="70").lr_drop_factor
+        0.1
+        >>> TrainConfig(schedule="step")
+        Traceback (most recent call last):
+        ...
+        umilayers._validation.InvalidArgument: lr_drop_epochs: schedule 'step' needs at least one epoch to drop the learning rate at
     """
 
     seed: int = option(0, "seeds model initialisation, sample order and dropout", minimum=0)
@@ -72,10 +111,20 @@ class TrainConfig(Config):
     pseudo_window: int = option(10, "last unimodal epochs whose predictions are averaged into pseudo-labels "
                                      "(the paper's e)", minimum=0)
     batch_size: int = option(64, "global batch size (split over the processes under torchrun)", minimum=1)
-    lr: Optional[float] = option(None, f"peak learning rate (AdamW); None: {BASE_LR:g} * sqrt(batch_size / "
-                                       f"{BASE_BATCH}), the square-root rule", minimum=0, strict=True)
-    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0)
-    warmup_epochs: int = option(1, "epochs of linear warm-up before the cosine decay", minimum=0)
+    lr: Optional[float] = option(None, f"peak learning rate; None: {BASE_LR:g} * sqrt(batch_size / {BASE_BATCH}) "
+                                       f"for optimizer adamw (the square-root rule; sgd needs a value)", minimum=0,
+                                 strict=True)
+    optimizer: str = option("adamw", "adamw (this library's) or sgd (with momentum; the authors' released code)",
+                            choices=OPTIMIZERS)
+    momentum: float = option(0.9, "momentum of optimizer sgd", minimum=0)
+    weight_decay: float = option(0.01, "weight decay (decoupled for adamw, L2 for sgd; the released code: sgd "
+                                       "with 5e-4)", minimum=0)
+    schedule: str = option("cosine", "learning rate after the warm-up: cosine decay to 0, step (times "
+                                     "lr_drop_factor at each of lr_drop_epochs) or constant", choices=SCHEDULES)
+    lr_drop_epochs: str = option("", "schedule step: comma-separated epochs (from 0) at which the learning rate "
+                                     "drops, e.g. 70 (the paper's EPIC: 1e-4 for 70 epochs, 1e-5 for the last 50)")
+    lr_drop_factor: float = option(0.1, "schedule step: factor applied at each drop epoch", minimum=0, strict=True)
+    warmup_epochs: int = option(1, "epochs of linear warm-up before the schedule", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
     pseudo_folds: int = option(1, "not in the paper: k > 1 trains k unimodal models per modality, each on k - 1 "
                                   "folds, and labels each row by the one that did not train on it (out-of-fold "
@@ -87,6 +136,16 @@ class TrainConfig(Config):
     compile: bool = option(False, "torch.compile the model")
 
     def check(self) -> None:
+        drops = drop_epochs(self.lr_drop_epochs)
+        if self.schedule == "step" and not drops:
+            raise InvalidArgument("lr_drop_epochs", "schedule 'step' needs at least one epoch to drop the learning "
+                                                    "rate at")
+        if drops and self.schedule != "step":
+            raise InvalidArgument("lr_drop_epochs", f"only used by {{schedule}} 'step', got schedule "
+                                                    f"{self.schedule!r}", refs=("schedule",))
+        if self.lr is None and self.optimizer != "adamw":
+            raise InvalidArgument("lr", f"optimizer {self.optimizer!r} needs a learning rate (the default rule, "
+                                        f"{BASE_LR:g} * sqrt(batch_size / {BASE_BATCH}), was measured for adamw)")
         if self.pair_same_label > 1:
             raise InvalidArgument("pair_same_label", f"expected a probability in [0, 1], got {self.pair_same_label}")
 

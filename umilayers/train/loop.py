@@ -24,9 +24,10 @@ from umilayers import metrics
 from umilayers._progress import progress
 from umilayers._validation import InvalidArgument
 from umilayers.data import Batch, FeatureStore, collate, pair_same_label
+from umilayers.data.dataset import set_epoch
 from umilayers.data.store import ROLES
 from umilayers.model import TaskModel, UMIOutput
-from umilayers.train.config import FitConfig
+from umilayers.train.config import FitConfig, TrainConfig, drop_epochs
 from umilayers.train.distributed import (
     DistContext,
     GlobalBatchSampler,
@@ -44,13 +45,18 @@ __all__ = [
     "Phase",
     "splits",
     "concat",
+    "rows_having",
+    "train_set",
+    "eval_set",
     "make_loader",
     "autocast",
-    "cosine_schedule",
+    "make_optimizer",
+    "lr_schedule",
     "train_step",
     "fold_of_rows",
     "train_epoch",
     "predict",
+    "caption_embeddings",
     "encode_captions",
     "compute_metrics",
     "metric_score",
@@ -134,9 +140,52 @@ def splits(store: FeatureStore, role: str, keep: Optional[Iterable[str]] = None)
     return names
 
 
-def concat(store: FeatureStore, names: Sequence[str]) -> ConcatDataset:
-    """The splits ``names`` of ``store`` as one dataset, in that order."""
-    return ConcatDataset([store.dataset(s) for s in names])
+def concat(store: FeatureStore, names: Sequence[str], *, caption: str = "first",
+           caption_seed: int = 0) -> ConcatDataset:
+    """The splits ``names`` of ``store`` as one dataset, in that order (``caption`` and
+    ``caption_seed`` as in :meth:`FeatureStore.dataset <umilayers.data.FeatureStore.dataset>`)."""
+    return ConcatDataset([store.dataset(s, caption=caption, caption_seed=caption_seed) for s in names])
+
+
+def rows_having(store: FeatureStore, names: Sequence[str], keep: Optional[Iterable[str]]) -> Optional[list[int]]:
+    """Positions, in :func:`concat` order, of the rows of ``names`` that have at least one
+    modality of ``keep``; None when every row does (or ``keep`` is None).
+
+    A split may hold rows lacking one of its modalities (length 0: the real MSR-VTT features);
+    a unimodal model, or an evaluation with some modalities, leaves the rows without them out.
+    """
+    if keep is None:
+        return None
+    keep = tuple(keep)
+    masks = [np.any([store.present(name, m) for m in keep], axis=0) if keep
+             else np.zeros(store.splits[name].size, dtype=bool) for name in names]
+    flat = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    return None if bool(flat.all()) else np.flatnonzero(flat).tolist()
+
+
+def _restricted(dataset: ConcatDataset, rows: Optional[list[int]]) -> Dataset:
+    return dataset if rows is None else Subset(dataset, rows)
+
+
+def _several_captions(store: FeatureStore) -> bool:
+    return store.task == "retrieval" and store.max_captions > 1
+
+
+def train_set(store: FeatureStore, names: Sequence[str], keep: Optional[Iterable[str]], cfg: FitConfig) -> Dataset:
+    """The training rows of ``names`` that have a modality of ``keep``; a retrieval store with
+    several captions per row gives one drawn per row and epoch (``caption="random"``, seeded by
+    the run's seed; :func:`train_epoch` sets the epoch)."""
+    caption = "random" if _several_captions(store) else "first"
+    dataset = concat(store, names, caption=caption, caption_seed=cfg.train.seed)
+    return _restricted(dataset, rows_having(store, names, keep))
+
+
+def eval_set(store: FeatureStore, names: Sequence[str], keep: Optional[Iterable[str]],
+             captions: bool = True) -> Dataset:
+    """The rows of ``names`` that have a modality of ``keep``, with every caption of a
+    retrieval row (``caption="all"``) when the store has several and ``captions`` is on."""
+    dataset = concat(store, names, caption="all" if captions and _several_captions(store) else "first")
+    return _restricted(dataset, rows_having(store, names, keep))
 
 
 def make_loader(dataset: Dataset, batch_sampler: Iterable[list[int]], keep: Optional[Iterable[str]],
@@ -210,13 +259,42 @@ def autocast(cfg: FitConfig, ctx: DistContext) -> AbstractContextManager:
     return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
-                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer`` over every parameter of ``model``: AdamW (decoupled weight decay) or
+    SGD with ``momentum`` and L2 weight decay (the authors' released code: 0.9 and 5e-4)."""
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.peak_lr(), momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=train.peak_lr(), weight_decay=train.weight_decay)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int,
+                epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate factor of every step of a stage of ``epochs`` epochs.
+
+    A linear warm-up over ``warmup_epochs``, then ``schedule``: cosine decay to 0 at the last
+    step, ``step`` (times ``lr_drop_factor`` from the first step of each epoch of
+    ``lr_drop_epochs`` on), or constant.
+
+    Example::
+
+        >>> model = nn.Linear(2, 2)
+        >>> train = TrainConfig(lr=1e-4, schedule="step", lr_drop_epochs="2", warmup_epochs=0)
+        >>> schedule = lr_schedule(make_optimizer(model, train), train, steps_per_epoch=3, epochs=4)
+        >>> [round(schedule.lr_lambdas[0](step), 6) for step in range(0, 12, 3)]  # first step of each epoch
+        [1.0, 1.0, 0.1, 0.1]
+    """
+    total, warmup = steps_per_epoch * epochs, steps_per_epoch * train.warmup_epochs
+    drops = [epoch * steps_per_epoch for epoch in drop_epochs(train.lr_drop_epochs)]
+
     def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if train.schedule == "step":
+            return train.lr_drop_factor ** sum(step >= at for at in drops)
+        if train.schedule == "constant":
+            return 1.0
+        progress_ = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -237,10 +315,8 @@ class Phase:
                  epochs: int) -> None:
         train = cfg.train
         self.model = model.to(ctx.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.peak_lr(),
-                                           weight_decay=train.weight_decay)
-        self.scheduler = cosine_schedule(self.optimizer, steps_per_epoch * epochs,
-                                         steps_per_epoch * train.warmup_epochs)
+        self.optimizer = make_optimizer(self.model, train)
+        self.scheduler = lr_schedule(self.optimizer, train, steps_per_epoch, epochs)
         forward = torch.compile(self.model, dynamic=True) if train.compile else None
         step: nn.Module = TrainStep(self.model, forward)
         if ctx.distributed:
@@ -304,6 +380,7 @@ def train_epoch(
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, ctx.rank, ctx.world_size,
                                  tag=tag)
     sampler.set_epoch(epoch)
+    set_epoch(dataset, epoch)  # the captions drawn this epoch (before the workers copy the dataset)
     scales = sampler.loss_scales()
     loader = make_loader(dataset, sampler, keep, cfg, ctx)
     phase.step.train()
@@ -342,86 +419,121 @@ def fold_of_rows(count: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:
+    """``model.encode_text`` of every caption of a batch, ``(B, K, E)`` (zeros in the empty slots),
+    and the captions of each row ``(B,)``.
+
+    A batch of ``caption="all"`` items (``batch.caption_counts``) has ``(B, K, t, d)`` targets:
+    only the valid slots are encoded and scattered back. Otherwise each row has one caption
+    (``K = 1``).
+    """
+    if batch.caption_counts is None:
+        text = model.encode_text(batch.targets, batch.text_padding_mask).float()
+        return text[:, None], torch.ones(batch.size, dtype=torch.long, device=text.device)
+    counts = batch.caption_counts
+    valid = torch.arange(batch.targets.shape[1], device=counts.device)[None, :] < counts[:, None]  # (B, K)
+    mask = batch.text_padding_mask[valid] if batch.text_padding_mask is not None else None
+    encoded = model.encode_text(batch.targets[valid], mask).float()  # (valid slots, E)
+    text = encoded.new_zeros(*valid.shape, encoded.shape[-1])
+    text[valid] = encoded
+    return text, counts
+
+
 @torch.no_grad()
 def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureStore, names: Sequence[str],
-            keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext,
-            only: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
-    """Predictions (and retrieval text embeddings, targets and ids) on the rows of ``names`` (or
-    only the rows ``only`` of their concatenation), in split order then row order; each rank
-    predicts a contiguous shard, then all are gathered."""
-    dataset: Dataset = concat(store, names)
+            keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext, *,
+            texts: bool = True, only: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
+    """Predictions on the rows of ``names`` that have a modality of ``keep`` (all rows when
+    ``keep`` is None), or only the rows ``only`` of those (positions in that order), in split
+    order then row order, with their ``indices`` and ``targets``; each rank predicts a
+    contiguous shard, then all are gathered.
+
+    Retrieval (with ``texts``): ``text`` ``(N, K, E)`` the embedding of every caption of each
+    row (zeros past its count) and ``caption_counts`` ``(N,)``.
+    """
+    dataset = eval_set(store, names, keep, captions=texts)
     if only is not None:
         dataset = Subset(dataset, list(only))
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
     model.eval()
-    parts: dict[str, list[Tensor]] = {"prediction": [], "targets": [], "indices": []}
-    if store.task == "retrieval":
-        parts["text"] = []
+    retrieval_text = store.task == "retrieval" and texts
+    parts: dict[str, list[Tensor]] = {"prediction": [], "indices": []}
+    if store.task != "retrieval":
+        parts["targets"] = []
+    if retrieval_text:
+        parts["text"], parts["caption_counts"] = [], []
     for batch in loader:
         batch = batch.to(ctx.device, non_blocking=True)
         with autocast(cfg, ctx):
             out = forward(batch.inputs, batch.padding_masks, batch.present)
-            if store.task == "retrieval":
-                parts["text"].append(model.encode_text(batch.targets, batch.text_padding_mask).float())
+            if retrieval_text:
+                text, counts = caption_embeddings(model, batch)
+                parts["text"].append(text)
+                parts["caption_counts"].append(counts)
         parts["prediction"].append(out.prediction.float())
         if store.task != "retrieval":
             parts["targets"].append(batch.targets)
         parts["indices"].append(batch.indices)
     model.train(was_training)
-    result = {}
-    for key, values in parts.items():
-        if key == "targets" and store.task == "retrieval":
-            continue
-        local = torch.cat(values) if values else _empty_like_rows(key, store, ctx)
-        result[key] = all_gather_rows(local, ctx).cpu()
-    return result
+    return _gather(parts, store, ctx)
 
 
 @torch.no_grad()
 def encode_captions(model: TaskModel, store: FeatureStore, names: Sequence[str], cfg: FitConfig,
                     ctx: DistContext) -> dict[str, Tensor]:
-    """``model.encode_text`` of every caption of ``names`` (whatever modalities the rows have),
-    with their indices; sharded over the ranks and gathered like :func:`predict`."""
-    dataset = concat(store, names)
+    """``model.encode_text`` of every caption of every row of ``names`` (whatever modalities the
+    rows have): ``text`` ``(N, K, E)``, ``caption_counts`` and ``indices``; sharded over the
+    ranks and gathered like :func:`predict`."""
+    dataset = eval_set(store, names, None)
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), (), cfg, ctx)
     was_training = model.training
     model.eval()
-    parts: dict[str, list[Tensor]] = {"text": [], "indices": []}
+    parts: dict[str, list[Tensor]] = {"text": [], "caption_counts": [], "indices": []}
     for batch in loader:
         batch = batch.to(ctx.device, non_blocking=True)
         with autocast(cfg, ctx):
-            parts["text"].append(model.encode_text(batch.targets, batch.text_padding_mask).float())
+            text, counts = caption_embeddings(model, batch)
+        parts["text"].append(text)
+        parts["caption_counts"].append(counts)
         parts["indices"].append(batch.indices)
     model.train(was_training)
+    return _gather(parts, store, ctx)
+
+
+def _gather(parts: Mapping[str, list[Tensor]], store: FeatureStore, ctx: DistContext) -> dict[str, Tensor]:
+    """Concatenate each part over the batches, then over the ranks (rank order), on the CPU."""
     return {key: all_gather_rows(torch.cat(values) if values else _empty_like_rows(key, store, ctx), ctx).cpu()
             for key, values in parts.items()}
 
 
-def _empty_like_rows(key: str, store: FeatureStore, ctx: DistContext) -> Tensor:
-    # A rank with no rows (more ranks than rows) still takes part in the gather.
-    width = int(store.num_outputs)
-    if key == "indices":
-        return torch.zeros(0, dtype=torch.long, device=ctx.device)
-    if key == "targets":
-        if store.task == "classification":
-            return torch.zeros(0, dtype=torch.long, device=ctx.device)
-        return torch.zeros(0, width, device=ctx.device)
-    return torch.zeros(0, width, device=ctx.device)
-
-
 def compute_metrics(task: str, predicted: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The metrics of :func:`predict`'s output: top-1, MAE, or retrieval ranks both ways."""
+    """The metrics of :func:`predict`'s output: top-1, MAE, or retrieval ranks both ways.
+
+    Retrieval with several captions per video scores them as Collaborative Experts does: every
+    caption is a text-to-video query, video-to-text takes each video's best-ranked caption, and
+    tied similarities get the mean of their positions (``ties="average"``); with one caption per
+    video the ranks are pessimistic (a tie counts against the model).
+    """
     count = int(predicted["prediction"].shape[0])
     if task == "classification":
         return {"top1": metrics.top1(predicted["prediction"], predicted["targets"]), "num_samples": count}
     if task == "regression":
         return {"mae": metrics.mae(predicted["prediction"], predicted["targets"]), "num_samples": count}
-    sim = predicted["text"].double() @ predicted["prediction"].double().t()
-    out = metrics.retrieval_metrics(sim)
-    return {"mean_rank": out["mean_rank"], "t2v": out["t2v"], "v2t": out["v2t"], "num_samples": count}
+    counts = predicted["caption_counts"]
+    valid = torch.arange(predicted["text"].shape[1])[None, :] < counts[:, None]
+    text = predicted["text"][valid]  # every caption, in row order
+    sim = text.double() @ predicted["prediction"].double().t()
+    # Several captions per video: CE's protocol, every caption a query, ties averaged (its rule).
+    several = predicted["text"].shape[1] > 1
+    out = metrics.retrieval_metrics(sim, metrics.caption_owners(counts) if several else None,
+                                    ties="average" if several else "pessimistic")
+    result = {"mean_rank": out["mean_rank"], "t2v": out["t2v"], "v2t": out["v2t"], "num_samples": count}
+    if several:
+        result["num_captions"] = int(counts.sum())
+    return result
 
 
 def metric_score(task: str, result: Mapping[str, Any]) -> float:

@@ -8,15 +8,21 @@ thin wrappers with the same options.
 Stages
 ------
 1. **Unimodal** (``umi`` and ``pooled`` with pseudo-labels on): for each modality, a unimodal
-   model (mean-pooled tokens, linear head) is trained on the training samples that have it for
-   ``unimodal_epochs`` epochs; after each of the last ``pseudo_window`` epochs it predicts on
-   all of them and the predictions go into a :class:`~umilayers.pseudo_labels.PseudoLabelBank`,
-   saved to ``DIR/pseudo_labels/`` at the end of the stage. For retrieval each unimodal model
-   also embeds every training caption with its own text encoder (``text_embeddings.pt``), and
-   the pseudo-labels of stage 2 are ``(B, B)`` video-to-caption similarities averaged over the
-   sample's modalities, each measured in one unimodal space (:func:`retrieval_pseudo_targets`).
+   model (mean-pooled tokens, linear head) is trained on the training samples that have it (the
+   rows of the splits with the modality, less the rows that lack it) for ``unimodal_epochs``
+   epochs; after each of the last ``pseudo_window`` epochs it predicts on all of them and the
+   predictions go into a :class:`~umilayers.pseudo_labels.PseudoLabelBank`, saved to
+   ``DIR/pseudo_labels/`` at the end of the stage; a sample's pseudo-labels then come from the
+   modalities it has. For retrieval each unimodal model also embeds every caption of every
+   training row with its own text encoder (``text_embeddings.pt``, ``(N, K, E)`` float16 per
+   modality), and the pseudo-labels of stage 2 are either ``(B, B)`` video-to-caption
+   similarities averaged over the sample's modalities, each measured in one unimodal space
+   (``retrieval_pseudo="relational"``, :func:`retrieval_pseudo_targets`), or the paper's
+   ``(B, E)`` averaged video embedding of the modality closest to the caption
+   (``"paper"``, :func:`retrieval_paper_targets`).
 2. **Multimodal**: the method is trained for ``epochs`` epochs on batches mixed from all
-   training splits; after each epoch it is scored on the val splits (top-1, ``-mae`` or
+   training splits (a retrieval row with several captions carries one, drawn per epoch); after
+   each epoch it is scored on the val splits (every caption of a row) (top-1, ``-mae`` or
    ``-mean_rank``) and the best epoch is kept; that model is finally scored on the test splits.
 
 Run directory
@@ -69,20 +75,20 @@ from umilayers.train.loop import (
     FitEvent,
     Phase,
     compute_metrics,
-    concat,
     encode_captions,
     fold_of_rows,
     metric_score,
     predict,
     splits,
     train_epoch,
+    train_set,
 )
 
-__all__ = ["RunExistsError", "fit", "evaluate", "model_for_store", "retrieval_pseudo_targets", "CHECKPOINT_VERSION",
-           "RUN_FILES"]
+__all__ = ["RunExistsError", "fit", "evaluate", "model_for_store", "retrieval_pseudo_targets",
+           "retrieval_paper_targets", "CHECKPOINT_VERSION", "RUN_FILES"]
 
-#: Version of ``checkpoint.pt``; a resume refuses any other.
-CHECKPOINT_VERSION = 2
+#: Version of ``checkpoint.pt``; a resume refuses any other (3: caption tables ``(N, K, E)``).
+CHECKPOINT_VERSION = 3
 #: What a run directory holds: name -> what it is.
 RUN_FILES = {
     "metrics.json": "val and test metrics of the best model",
@@ -286,24 +292,32 @@ def fit(store: Union[PathLike, FeatureStore], method: Optional[str] = None, out:
         teardown(ctx)
 
 
+def _slots(indices: Tensor, caption_slots: Optional[Tensor]) -> Tensor:
+    return torch.zeros_like(indices) if caption_slots is None else caption_slots
+
+
 def retrieval_pseudo_targets(bank: PseudoLabelBank, text_embeddings: Mapping[str, Tensor], indices: Tensor,
-                             present: Mapping[str, Tensor]) -> Tensor:
-    """Retrieval pseudo-labels of a batch: ``(B, B)`` teacher similarities.
+                             present: Mapping[str, Tensor], caption_slots: Optional[Tensor] = None) -> Tensor:
+    """Retrieval pseudo-labels of a batch (``retrieval_pseudo="relational"``): ``(B, B)`` teacher
+    similarities.
 
     Row ``i`` is the mean over the modalities ``m`` present in sample ``i`` of
     ``cos(p_i^m, t_j^m)``, with ``p_i^m`` the bank's averaged video embedding of unimodal model
-    ``m`` and ``t_j^m`` that same model's embedding of caption ``j`` (``text_embeddings[m]``,
-    one row per training sample). Each cosine is measured in one unimodal space and only
-    similarities reach the loss (:func:`~umilayers.losses.similarity_distillation_loss`), so the
-    multimodal model is never pulled towards embeddings of spaces foreign to its own text
-    encoder, and the teachers of several modalities can be averaged (their embeddings could not:
-    each unimodal model has its own text encoder). The average, like late fusion, was chosen
-    over the closest-to-ground-truth modality on the val split (docs/accuracy.rst).
+    ``m`` and ``t_j^m`` that same model's embedding of the caption row ``j`` carries
+    (``text_embeddings[m][indices[j], caption_slots[j]]``, a ``(N, K, E)`` table over every
+    training caption). Each cosine is measured in one unimodal space and only similarities
+    reach the loss (:func:`~umilayers.losses.similarity_distillation_loss`), so the multimodal
+    model is never pulled towards embeddings of spaces foreign to its own text encoder, and the
+    teachers of several modalities can be averaged (their embeddings could not: each unimodal
+    model has its own text encoder). The average, like late fusion, was chosen over the
+    closest-to-ground-truth modality on the val split (docs/accuracy.rst).
 
     Shape:
-        - indices: ``(B,)`` training-sample ids; present[m]: ``(B,)`` bool
+        - indices, caption_slots: ``(B,)`` training-sample ids and caption slots (default 0);
+          present[m]: ``(B,)`` bool
         - output: ``(B, B)`` (on the CPU, where the bank is)
     """
+    slots = _slots(indices, caption_slots)
     total = torch.zeros(len(indices), len(indices))
     count = torch.zeros(len(indices))
     for m, mask in present.items():
@@ -311,10 +325,44 @@ def retrieval_pseudo_targets(bank: PseudoLabelBank, text_embeddings: Mapping[str
         if rows.numel() == 0:
             continue
         values = bank.targets(indices[rows], {m: torch.ones(rows.numel(), dtype=torch.bool)})
-        captions = text_embeddings[m][indices]  # (B, E): every caption of the batch
+        captions = text_embeddings[m][indices, slots].float()  # (B, E): every caption of the batch
         total[rows] += F.normalize(values, dim=-1) @ F.normalize(captions, dim=-1).T  # (rows, B)
         count[rows] += 1
     return total / count.clamp_min(1)[:, None]
+
+
+def retrieval_paper_targets(bank: PseudoLabelBank, text_embeddings: Mapping[str, Tensor], indices: Tensor,
+                            present: Mapping[str, Tensor], caption_slots: Optional[Tensor] = None) -> Tensor:
+    """Retrieval pseudo-labels of a batch as the paper defines them (``retrieval_pseudo="paper"``,
+    Sec. 3.3): ``(B, E)`` video embeddings.
+
+    For each sample, among the modalities it has, the bank's averaged video embedding ``p_i^m``
+    of the modality whose cosine with the ground truth is highest. The ground truth of modality
+    ``m`` is the sample's caption embedded by unimodal model ``m``'s own text encoder
+    (``text_embeddings[m][i, slot]``): each unimodal model has its own embedding space, and only
+    there is the comparison meaningful. Ties go to the first modality in sorted order. The
+    multimodal model learns from it with the triplet loss of :meth:`TaskLoss.pseudo
+    <umilayers.losses.TaskLoss.pseudo>`.
+
+    Shape:
+        - indices, caption_slots: ``(B,)``; present[m]: ``(B,)`` bool
+        - output: ``(B, E)`` L2-normalised (on the CPU)
+    """
+    slots = _slots(indices, caption_slots)
+    width = next(iter(text_embeddings.values())).shape[-1]
+    out = torch.zeros(len(indices), width)
+    best = torch.full((len(indices),), -float("inf"))
+    for m in sorted(present):
+        rows = present[m].nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        values = F.normalize(bank.targets(indices[rows], {m: torch.ones(rows.numel(), dtype=torch.bool)}), dim=-1)
+        truth = F.normalize(text_embeddings[m][indices[rows], slots[rows]].float(), dim=-1)
+        score = (values * truth).sum(-1)
+        better = score > best[rows]
+        out[rows[better]] = values[better]
+        best[rows[better]] = score[better]
+    return out
 
 
 class _Run:
@@ -438,10 +486,12 @@ class _Run:
         epochs, window = cfg.train.unimodal_epochs, cfg.train.pseudo_window
         assert self.bank is not None
         names = splits(store, "train", [modality])
-        dataset: Dataset = concat(store, names)
+        keep = (modality,)
+        dataset: Dataset = train_set(store, names, keep, cfg)  # only the rows that have the modality
         predict_rows: Optional[list[int]] = None
         tag: tuple[Any, ...] = (modality,)
         if cfg.train.pseudo_folds > 1:
+            # positions in train_set's row order, which predict's eval_set shares
             folds = fold_of_rows(len(dataset), cfg.train.pseudo_folds, derive_seed(cfg.train.seed, "folds", modality))
             predict_rows = np.flatnonzero(folds == fold).tolist()
             dataset = Subset(dataset, np.flatnonzero(folds != fold).tolist())
@@ -453,7 +503,6 @@ class _Run:
         if resume_state is not None:
             phase.load(resume_state["phase"])
             start = resume_state["epoch"] + 1
-        keep = (modality,)
         for epoch in range(start, epochs):
             self.seed_epoch("unimodal", *tag, epoch)
             losses = train_epoch(phase, dataset, keep, None, cfg, ctx, ("unimodal", *tag), epoch,
@@ -465,16 +514,18 @@ class _Run:
             if epoch >= epochs - window:
                 # Every rank predicts its shard; the gathered predictions update every rank's
                 # bank identically.
-                predicted = predict(phase.model, phase.forward, store, names, keep, cfg, ctx, predict_rows)
+                predicted = predict(phase.model, phase.forward, store, names, keep, cfg, ctx, texts=False,
+                                    only=predict_rows)
                 self.bank.update(modality, predicted["indices"], predicted["prediction"], epoch)
                 record["pseudo_labels"] = int(predicted["indices"].numel())
                 if store.task == "retrieval" and epoch == epochs - 1:
-                    # This unimodal model's embedding of EVERY train caption (also of rows without
-                    # the modality): the teacher similarities of the pseudo loss compare a video
-                    # with all the captions of a batch, in this model's own space.
+                    # This unimodal model's embedding of EVERY train caption, every slot (also of
+                    # rows without the modality): the teacher similarities of the pseudo loss
+                    # compare a video with all the captions of a batch, in this model's own space.
+                    # float16: 7 modalities x 6,513 videos x 20 captions x 256 is 0.47 GB.
                     encoded = encode_captions(phase.model, store, splits(store, "train"), cfg, ctx)
-                    table = torch.zeros(store.num_train, int(store.num_outputs))
-                    table[encoded["indices"]] = encoded["text"]
+                    table = torch.zeros(store.num_train, *encoded["text"].shape[1:], dtype=torch.float16)
+                    table[encoded["indices"]] = encoded["text"].half()
                     self.text_embeddings[modality] = table
             self.end_epoch("unimodal", epoch, record, {
                 "stage": 1, "modalities_done": list(self.done), "bank": self.bank.state_dict(),
@@ -487,19 +538,21 @@ class _Run:
 
         Classification and regression: ``(B, C)`` from the bank (the paper's
         closest-to-ground-truth rule). Retrieval: ``(B, B)`` teacher similarities
-        (:func:`retrieval_pseudo_targets`).
+        (:func:`retrieval_pseudo_targets`) or the paper's ``(B, E)`` embeddings
+        (:func:`retrieval_paper_targets`), for the caption each row carries.
         """
         assert self.bank is not None
         if self.store.task != "retrieval":
             return self.bank.targets(batch.indices, batch.present, batch.targets)
-        return retrieval_pseudo_targets(self.bank, self.text_embeddings, batch.indices, batch.present)
+        rule = retrieval_paper_targets if self.cfg.model.retrieval_pseudo == "paper" else retrieval_pseudo_targets
+        return rule(self.bank, self.text_embeddings, batch.indices, batch.present, batch.caption_slots)
 
     # ------------------------------------------------------------------ stage 2
     def stage_multimodal(self) -> dict[str, Any]:
         cfg, store, ctx = self.cfg, self.store, self.ctx
         epochs = cfg.train.epochs
         train_names = splits(store, "train", self.keep)
-        dataset = concat(store, train_names)
+        dataset = train_set(store, train_names, self.keep, cfg)
         model = self.init_model(cfg.method, cfg.modality)
         steps = math.ceil(len(dataset) / cfg.train.batch_size)
         phase = Phase(model, cfg, ctx, steps, epochs)
