@@ -49,7 +49,8 @@ def main() -> None:
                            "test": headline_metric(task, m["test"]), "best_epoch": m["best_epoch"],
                            "wall_s": round(time.perf_counter() - start, 1), "load": round(os.getloadavg()[0], 2)}
                     print(json.dumps(rec), flush=True)
-                    with open(os.environ.get("DEFAULTS_LOG", str(Path(__file__).with_name("defaults.jsonl"))), "a") as f:
+                    log = os.environ.get("DEFAULTS_LOG", str(Path(__file__).with_name("defaults.jsonl")))
+                    with open(log, "a") as f:
                         f.write(json.dumps(rec) + "\n")
 
 

@@ -46,7 +46,8 @@ def main() -> None:
         for k in range(1, len(mods)):
             for s in itertools.combinations(mods, k):
                 subsets["+".join(s)] = evaluate(out, split="test", modalities=list(s), device="cpu")["top1"]
-    record = {"tag": tag, "store": Path(store).name, "method": method, "options": options, "val": metrics["val"]["top1"],
+    record = {"tag": tag, "store": Path(store).name, "method": method, "options": options,
+              "val": metrics["val"]["top1"],
               "test": metrics["test"]["top1"], "best_epoch": metrics["best_epoch"], "subsets": subsets,
               "wall_s": round(wall, 1), "load": round(os.getloadavg()[0], 2), "time": time.strftime("%H:%M")}
     if method in ("umi", "pooled"):

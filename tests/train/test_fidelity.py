@@ -125,7 +125,8 @@ def test_bad_schedule_options(options, message):
 
 def test_the_command_line_reaches_the_optimiser_and_schedule():
     args = build_parser().parse_args(["fit", "store", "--out", "run", "--optimizer", "sgd", "--lr", "0.03",
-                                      "--momentum", "0.8", "--schedule", "step", "--lr-drop-epochs", "70,100", "--lr-drop-factor", "0.5"])
+                                      "--momentum", "0.8", "--schedule", "step", "--lr-drop-epochs", "70,100",
+                                      "--lr-drop-factor", "0.5"])
     train = fit_config(args).train
     assert (train.optimizer, train.momentum, train.schedule, train.lr_drop_epochs, train.lr_drop_factor) == \
         ("sgd", 0.8, "step", "70,100", 0.5)
