@@ -17,6 +17,7 @@ Peak memory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_REEXEC = "--no-reexec"
@@ -293,6 +294,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def run_root(keep: Optional[Path], prefix: str) -> Iterator[Path]:
+    """The folder for a benchmark's runs: ``keep`` (created, kept) or a temporary one (deleted)."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
+        return
+    keep.mkdir(parents=True, exist_ok=True)
+    yield keep
 
 
 def write_json(path: Path, payload: Any) -> None:

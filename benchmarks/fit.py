@@ -84,7 +84,7 @@ class BareLoop:
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.bank = cfg, bank
         self.model = model_for_store(cfg, store)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.peak_lr(),
                                            weight_decay=cfg.train.weight_decay)
         self.scheduler = lr_schedule(self.optimizer, cfg.train, steps_per_epoch, cfg.train.epochs)
         batch = cfg.train.batch_size

@@ -69,7 +69,8 @@ WORKER = "--worker"
 #: The demo size if ``umilayers.demo.DemoSize.default()`` cannot be read (its value on 2026-12-01).
 DEMO_FALLBACK = {"dim": 32, "num_tokens": 8, "projection_depth": 1, "fusion_depth": 1, "heads": 4, "batch": 64,
                  "lr": 2e-3}
-#: The paper's size (the defaults of ``umilayers fit``) at the demo's batch.
+#: The paper's size (the model defaults of ``umilayers fit``) at the demo's batch; ``lr`` is fit's first
+#: default, as measured (a step's time does not depend on it).
 PAPER = {"dim": 256, "num_tokens": 16, "projection_depth": 6, "fusion_depth": 6, "heads": 8, "batch": 64, "lr": 1e-4}
 WAIT_POLICIES = ("default", "passive")
 CONDITIONS = ("as is", "loaded")
@@ -104,12 +105,15 @@ def demo_size() -> tuple[dict, str]:
 
     try:
         from umilayers.demo import DemoSize
+        from umilayers.train import TrainConfig
 
         m = DemoSize.default().model
+        # the demo trains at fit's default learning rate for its batch unless it sets one
+        lr = m["lr"] if "lr" in m else TrainConfig(batch_size=m["batch_size"]).peak_lr()
         size = {"dim": m["dim"], "num_tokens": pick(m, "num_tokens", "tokens"),
                 "projection_depth": pick(m, "projection_depth", "depth"),
                 "fusion_depth": pick(m, "fusion_depth", "depth"), "heads": m["heads"],
-                "batch": m["batch_size"], "lr": m["lr"]}
+                "batch": m["batch_size"], "lr": lr}
         return size, "umilayers.demo.DemoSize.default()"
     except (ImportError, AttributeError, KeyError, TypeError):
         return dict(DEMO_FALLBACK), "benchmarks/threads.py DEMO_FALLBACK (DemoSize.default() not readable)"

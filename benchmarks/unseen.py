@@ -68,8 +68,8 @@ NOISE_SIGMAS = (1.0, 2.0)
 def quick_size() -> DemoSize:
     """CI smoke size: a few seconds per grid."""
     return DemoSize(num_train=64, num_eval=32, epochs=1, unimodal_epochs=1, pseudo_window=1,
-                    model=dict(dim=8, num_tokens=2, projection_depth=1, fusion_depth=1, heads=2, batch_size=32,
-                               lr=3e-3, predictor="transformer"))
+                    model=dict(dim=8, num_tokens=2, projection_depth=1, fusion_depth=1, heads=2,
+                               batch_size=32))
 
 
 # ----------------------------------------------------------------------------- 3-split store

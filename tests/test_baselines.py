@@ -293,3 +293,59 @@ def test_baselines_refuse_pseudo_targets():
         out = model(*make_batch(PRESENT), PRESENT)
         with pytest.raises(ValueError, match="no pseudo branch"):
             model.loss(out, targets_for("classification", 4), torch.rand(4, C))
+
+
+# ---------------------------------------------------------------- positions and the MLP predictor
+
+
+@pytest.mark.parametrize("method", ["late-fusion", "vanilla", "unimodal"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_positions_change_the_prediction_and_round_trip(method, positions):
+    kw = dict(modality_dims=DIMS, num_outputs=C, dim=16, projection_depth=1, fusion_depth=1, heads=2,
+              modality_tokens={"audio": 3, "rgb": 5}, predictor="transformer")
+    if method == "unimodal":
+        kw["modality"] = "rgb"
+    present = {"rgb": torch.ones(4, dtype=torch.bool)} if method == "unimodal" else PRESENT
+    inputs, masks = make_batch(present)
+    torch.manual_seed(0)
+    model = build_model(method, positions=positions, **kw).eval()
+    torch.manual_seed(0)
+    plain = build_model(method, **kw).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "pos_embed" not in k})
+    if positions == "learned":
+        for p in (q for name, q in model.named_parameters() if "pos_embed" in name):
+            torch.nn.init.normal_(p)  # make the tables matter
+    assert not torch.allclose(model(inputs, masks, present).prediction, plain(inputs, masks, present).prediction)
+    clone = model_from_spec(json.loads(json.dumps(model_spec(model)))).eval()
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone(inputs, masks, present).prediction, model(inputs, masks, present).prediction)
+    if positions == "learned":
+        too_long = {m: torch.randn(int(present[m].sum()), 6, DIMS[m]) for m in present}
+        with pytest.raises(ValueError, match="max_tokens="):
+            model(too_long, present=present)
+
+
+def test_mlp_predictor_sees_every_token_at_its_place_and_ignores_padding():
+    model = UnimodalModel("rgb", DIMS["rgb"], C, predictor="mlp", dim=8, depth=2, max_tokens=5).eval()
+    x = torch.randn(2, 5, DIMS["rgb"])
+    shuffled = x[:, torch.tensor([1, 0, 2, 3, 4])]
+    assert not torch.allclose(model({"rgb": x}).prediction, model({"rgb": shuffled}).prediction)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, 3:] = True
+    noisy = x.clone()
+    noisy[:, 3:] = float("nan")
+    short = model({"rgb": x[:, :3]}).prediction  # fewer tokens = padding at the end
+    torch.testing.assert_close(model({"rgb": noisy}, {"rgb": mask}).prediction, short)
+    with pytest.raises(ValueError, match="max_tokens: required with predictor='mlp'"):
+        UnimodalModel("rgb", DIMS["rgb"], C, predictor="mlp")
+    with pytest.raises(ValueError, match="max_tokens=5 tokens, got k_m=6"):
+        model({"rgb": torch.randn(2, 6, DIMS["rgb"])})
+    members = build_model("late-fusion", DIMS, C, predictor="mlp", modality_tokens={"audio": 3, "rgb": 5}, dim=8,
+                          heads=2, projection_depth=1)
+    with pytest.raises(ValueError, match=r"inputs\['rgb'\]: expected at most max_tokens=5"):
+        members({"audio": torch.randn(3, 3, 4), "rgb": torch.randn(3, 6, 6)}, present=PRESENT)
+
+
+def test_ensemble_subsets_are_for_umi_only():
+    with pytest.raises(ValueError, match="ensemble_subsets: only methods 'umi' and 'pooled'"):
+        build_model("vanilla", DIMS, C, ensemble_subsets=[["rgb"]], dim=8, heads=2)

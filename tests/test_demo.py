@@ -46,7 +46,8 @@ def test_demo_sizes_share_one_setting_for_every_method():
     # The demo's fairness rule: one training setting for all methods; only the rows' own
     # ablation switches differ.
     for size in (demo.DemoSize.default(), demo.DemoSize.quick()):
-        assert size.model["predictor"] == "transformer"
+        # the learning setting is FitConfig's defaults: the demo runs what `umilayers fit` runs
+        assert not set(size.model) & {"lr", "warmup_epochs", "predictor"}
         assert not set(size.model) & {"method", "use_alignment", "use_pseudo", "branches"}
     for options in list(demo.METHOD_ROWS.values()) + list(demo.ABLATION_ROWS.values()):
         assert set(options) <= {"method", "use_alignment", "use_pseudo", "branches"}
@@ -65,11 +66,14 @@ def test_fit_predictor_reaches_late_fusion_and_stage_one(tmp_path):
     spec = torch.load(tmp_path / "lf" / "model.pt", weights_only=False)["spec"]
     assert spec["class"] == "LateFusion" and spec["config"]["predictor"] == "transformer"
     assert spec["config"]["depth"] == 1
-    fit(store, "late-fusion", tmp_path / "lin", **tiny)
+    fit(store, "late-fusion", tmp_path / "lin", predictor="linear", **tiny)
     spec = torch.load(tmp_path / "lin" / "model.pt", weights_only=False)["spec"]
-    assert spec["config"]["predictor"] == "linear"  # the paper's default is unchanged
+    assert spec["config"]["predictor"] == "linear"  # the paper's, still reachable by name
+    fit(store, "late-fusion", tmp_path / "default", **tiny)
+    spec = torch.load(tmp_path / "default" / "model.pt", weights_only=False)["spec"]
+    assert spec["config"]["predictor"] == "transformer"  # the default
     with pytest.raises(ValueError, match="predictor"):
-        FitConfig(predictor="mlp")
+        FitConfig(predictor="cnn")
 
 
 def test_cli_parses_predictor():

@@ -375,6 +375,12 @@ def test_no_present_means_every_modality_on_every_row():
         ({"modality_dims": {}}, ValueError, "modality_dims"),
         ({"use_pseudo": 1}, TypeError, "use_pseudo"),
         ({"fusion_depth": 0}, ValueError, "fusion_depth"),
+        ({"positions": "rotary"}, ValueError, "positions"),
+        ({"positions": "learned"}, ValueError, "modality_tokens: learned positions need"),
+        ({"modality_tokens": {"rgb": 5}}, ValueError, "modality_tokens: expected the most tokens of every"),
+        ({"feature_norm": 1}, TypeError, "feature_norm"),
+        ({"ensemble_subsets": [["rgb", "smell"]]}, ValueError, "ensemble_subsets: expected non-empty sets"),
+        ({"ensemble_subsets": [[]]}, ValueError, "ensemble_subsets"),
     ],
 )
 def test_bad_construction(kwargs, error, match):
@@ -537,3 +543,73 @@ def test_the_batch_is_checked_once(monkeypatch):
     inputs, masks = make_batch(present)
     make_model()(inputs, masks, present)
     assert calls == [1]
+
+
+# ---------------------------------------------------------------- options beyond the paper
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_positions_reach_the_projections_and_survive_the_config(positions):
+    model = make_model(positions=positions, modality_tokens={"audio": 3, "rgb": 5})
+    assert all(p.positions == positions for p in model.projections.values())
+    assert model.projections["rgb"].max_tokens == 5
+    inputs, masks = make_batch(PRESENT)
+    clone = UnseenModalityModel.from_config(json.loads(json.dumps(model.config_dict()))).eval()
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone(inputs, masks, PRESENT).prediction, model(inputs, masks, PRESENT).prediction)
+    if positions == "learned":
+        too_long = {"audio": torch.randn(3, 4, DIMS["audio"]), "rgb": torch.randn(3, 5, DIMS["rgb"])}
+        with pytest.raises(ValueError, match="max_tokens=3"):
+            model(too_long, present=PRESENT)
+
+
+def test_feature_norm_normalises_each_modality_before_the_sum():
+    model = make_model(feature_norm=True)
+    out = model(*make_batch(PRESENT), PRESENT)
+    for feats in out.modality_features.values():
+        torch.testing.assert_close(feats.mean(-1), torch.zeros(feats.shape[:2]), atol=1e-5, rtol=0)
+    assert set(dict(model.named_parameters())) >= {"feature_norms.audio.weight", "feature_norms.rgb.weight"}
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "retrieval"])
+def test_subset_ensemble_averages_fused_and_single_modality_predictions(task):
+    model = make_model(task, ensemble_subsets=[["rgb"], ["audio"]])
+    inputs, masks = make_batch(PRESENT)
+    out = model(inputs, masks, PRESENT)
+    plain = make_model(task)  # same seed, same parameters, option off
+    plain.load_state_dict(model.state_dict())
+    fused = plain(inputs, masks, PRESENT).prediction
+    alone = {m: torch.zeros(4, C) for m in inputs}
+    for m in inputs:
+        rows = PRESENT[m].nonzero().flatten()
+        alone[m][rows] = plain({m: inputs[m]}, {m: masks[m]}).prediction
+    both = PRESENT["audio"] & PRESENT["rgb"]
+    expected = torch.where(both[:, None], (fused + alone["audio"] + alone["rgb"]) / 3, fused)
+    if task == "retrieval":
+        expected = F.normalize(expected, dim=-1)
+    torch.testing.assert_close(out.prediction, expected, **tol(torch.float32))
+    torch.testing.assert_close(out.branch_outputs, plain(inputs, masks, PRESENT).branch_outputs)
+    model.train()  # training is unchanged: the fused prediction
+    torch.testing.assert_close(model(inputs, masks, PRESENT).prediction, fused)
+
+
+def test_subset_ensemble_uses_only_the_subsets_a_row_has_more_than():
+    dims = {"a": 3, "b": 3, "c": 3, "d": 3}
+    torch.manual_seed(0)
+    model = UnseenModalityModel(dims, C, dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2,
+                                ensemble_subsets=[["a", "d"], ["b", "c"]]).eval()
+    plain = UnseenModalityModel(dims, C, dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2).eval()
+    plain.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = {m: torch.randn(3, 2, 3, generator=g) for m in dims}
+    # row 0: all four; row 1: a + d only (a listed subset itself: nothing to add); row 2: a, b, d
+    present = {"a": torch.tensor([True, True, True]), "b": torch.tensor([True, False, True]),
+               "c": torch.tensor([True, False, False]), "d": torch.tensor([True, True, True])}
+    inputs = {m: x[m][present[m]] for m in dims}
+    out = model(inputs, present=present).prediction
+    fused = plain(inputs, present=present).prediction
+    ad = plain({"a": x["a"], "d": x["d"]}).prediction
+    bc = plain({"b": x["b"][:1], "c": x["c"][:1]}).prediction
+    torch.testing.assert_close(out[0], (fused[0] + ad[0] + bc[0]) / 3, **tol(torch.float32))
+    torch.testing.assert_close(out[1], fused[1], **tol(torch.float32))
+    torch.testing.assert_close(out[2], (fused[2] + ad[2]) / 2, **tol(torch.float32))

@@ -15,7 +15,7 @@ feature size, ``D`` width, ``C`` outputs, ``t`` caption tokens.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from umilayers._validation import check_bool_mask, check_choice, check_positive_
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import sub_batch_rows
 from umilayers.losses import TASKS, TaskLoss
+from umilayers.projection import add_positions, check_positions, position_table
 from umilayers.model import (
     LossOutput,
     ModelConfig,
@@ -52,9 +53,32 @@ __all__ = [
 
 #: The recipe's methods, each a model :func:`build_model` makes.
 METHODS = ("umi", "late-fusion", "vanilla", "pooled", "unimodal")
-#: Predictors of the unimodal models; the first (mean-pooled tokens, linear head) is the paper's
-#: and the default.
-PREDICTORS = ("linear", "transformer")
+#: Predictors of the unimodal models: mean-pooled tokens and a linear head (the paper's), a
+#: transformer over the tokens (the recipe's default), an MLP on the flattened tokens (a plain
+#: baseline that sees every token at its position).
+PREDICTORS = ("linear", "transformer", "mlp")
+
+
+def _mlp(in_width: int, hidden: int, depth: int, out_width: int, factory: Mapping[str, Any]) -> nn.Sequential:
+    """``depth`` hidden layers of width ``hidden`` (GELU), then a linear output."""
+    check_positive_int("depth", depth)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_width if i == 0 else hidden, hidden, **factory), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, out_width, **factory))
+
+
+def _check_token_count(name: str, x: Any, max_tokens: Optional[int]) -> None:
+    """A model sized for at most ``max_tokens`` tokens refuses longer inputs (one clear line)."""
+    if max_tokens is not None and isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] > max_tokens:
+        raise ValueError(f"{name}: expected at most max_tokens={max_tokens} tokens, got k_m={x.shape[1]}")
+
+
+def _check_token_counts(inputs: Any, limits: Mapping[str, Optional[int]]) -> None:
+    """:func:`_check_token_count` of every modality of ``inputs`` that has a limit."""
+    if isinstance(inputs, Mapping):
+        for m, limit in limits.items():
+            _check_token_count(f"inputs[{m!r}]", inputs.get(m), limit)
 
 
 class _SupervisedOnly(TaskModel):
@@ -75,7 +99,9 @@ class UnimodalModel(_SupervisedOnly):
     then ``Linear(d_m, C)``. ``predictor="transformer"``: ``Linear(d_m, D)``, a readout token,
     ``depth`` transformer layers over the tokens (padding masked), ``LayerNorm + Linear(D, C)``
     on the readout; it sees token-level structure that mean pooling destroys, so it usually gives
-    better pseudo-labels at a higher cost.
+    better pseudo-labels at a higher cost. ``predictor="mlp"`` (a plain baseline): the tokens,
+    padding zeroed and padded to ``max_tokens``, flattened, then ``depth`` hidden layers of width
+    ``2 D`` (GELU) and a linear output; it sees every token at its position.
 
     Every row of a batch must have the modality (select the rows with ``present[modality]``
     first); other modalities in ``inputs`` are ignored. Retrieval outputs are L2-normalised
@@ -87,13 +113,18 @@ class UnimodalModel(_SupervisedOnly):
         in_dim: its feature size ``d_m``.
         num_outputs: classes, regression targets, or embedding size ``E``.
         task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
-        predictor: ``"linear"`` or ``"transformer"``.
-        dim: width ``D`` of the transformer predictor.
+        predictor: ``"linear"``, ``"transformer"`` or ``"mlp"`` (needs ``max_tokens``).
+        dim: width ``D`` of the transformer predictor (``2 D``: the MLP's hidden width).
         depth: its layers.
         heads: its attention heads.
         head_dim: the width of each head (default ``dim // heads``).
         text_dim: caption feature size (retrieval).
         margin: triplet margin (retrieval).
+        max_tokens: the most tokens an input may have (the MLP's input is ``max_tokens * d_m``
+            wide; the learned position table's length).
+        positions: not in the paper: token positions of the transformer predictor, None
+            (default), ``"learned"`` (needs ``max_tokens``) or ``"sinusoidal"``
+            (:func:`~umilayers.projection.add_positions`); the other predictors ignore it.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -125,6 +156,8 @@ class UnimodalModel(_SupervisedOnly):
         text_dim: Optional[int] = None,
         margin: float = ModelConfig.margin,
         head_dim: Optional[int] = ModelConfig.head_dim,
+        max_tokens: Optional[int] = None,
+        positions: Optional[str] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -143,14 +176,23 @@ class UnimodalModel(_SupervisedOnly):
         self.hparams = {
             "modality": modality, "in_dim": in_dim, "num_outputs": num_outputs, "task": task,
             "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
-            "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
+            "text_dim": text_dim, "margin": margin, "head_dim": head_dim, "max_tokens": max_tokens,
+            "positions": positions,
         }
+        positions = positions if predictor == "transformer" else None  # pooled / flattened tokens: no positions
+        check_positions(positions, max_tokens)
+        self.max_tokens, self.positions = max_tokens, positions
         if predictor == "linear":
             self.head = nn.Linear(in_dim, num_outputs, **factory)
+        elif predictor == "mlp":
+            if max_tokens is None:
+                raise ValueError("max_tokens: required with predictor='mlp' (its input is max_tokens * in_dim wide)")
+            self.head = _mlp(max_tokens * in_dim, 2 * dim, depth, num_outputs, factory)
         else:
             for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
                 check_positive_int(name, value)
             self.embed = nn.Linear(in_dim, dim, **factory)
+            self.pos_embed = position_table(positions, max_tokens, dim, **factory)
             self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
             nn.init.trunc_normal_(self.readout, std=0.02)
             self.transformer = GroupMaskedTransformer(dim, depth, heads, groups=1, head_dim=head_dim, **factory)
@@ -165,10 +207,15 @@ class UnimodalModel(_SupervisedOnly):
         """``(B, k_m, d_m)`` tokens -> ``(B, C)`` outputs (normalised embeddings for retrieval); no checks."""
         if self.predictor == "linear":
             out = self.head(masked_mean(x, padding_mask))
+        elif self.predictor == "mlp":
+            assert self.max_tokens is not None
+            if padding_mask is not None:
+                x = x.masked_fill(padding_mask[..., None], 0.0)
+            out = self.head(F.pad(x, (0, 0, 0, self.max_tokens - x.shape[1])).flatten(1))
         else:
             if padding_mask is not None:
                 x = x.masked_fill(padding_mask[..., None], 0.0)
-            h = self.embed(x)
+            h = add_positions(self.embed(x), self.positions, self.pos_embed)
             h = torch.cat([self.readout.expand(h.shape[0], -1, -1), h], dim=1)
             mask = None
             if padding_mask is not None:
@@ -200,6 +247,8 @@ class UnimodalModel(_SupervisedOnly):
         own_masks = None
         if padding_masks is not None and padding_masks.get(m) is not None:
             own_masks = {m: padding_masks[m]}
+        if self.predictor == "mlp" or self.positions == "learned":
+            _check_token_count(f"inputs[{m!r}]", inputs[m], self.max_tokens)
         return check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, check_values=check_values)
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
@@ -231,13 +280,17 @@ class LateFusion(TaskModel):
         modality_dims: modality name -> ``d_m``.
         num_outputs: classes, regression targets, or embedding size ``E``.
         task: ``"classification"``, ``"regression"`` or ``"retrieval"``.
-        predictor: the members' predictor, ``"linear"`` or ``"transformer"``.
+        predictor: the members' predictor, ``"linear"``, ``"transformer"`` or ``"mlp"`` (needs
+            ``modality_tokens``).
         dim: width of a transformer predictor.
         depth: its layers.
         heads: its heads.
         text_dim: caption feature size (retrieval, required there).
         margin: triplet margin (retrieval).
         head_dim: the width of each head of a transformer predictor (default ``dim // heads``).
+        modality_tokens: modality -> the most tokens it has (the MLP members' input length, the
+            learned position tables' length).
+        positions: the transformer members' token positions (see :class:`UnimodalModel`).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -268,6 +321,8 @@ class LateFusion(TaskModel):
         text_dim: Optional[int] = None,
         margin: float = ModelConfig.margin,
         head_dim: Optional[int] = ModelConfig.head_dim,
+        modality_tokens: Optional[Mapping[str, int]] = None,
+        positions: Optional[str] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -276,23 +331,34 @@ class LateFusion(TaskModel):
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
         check_choice("task", task, TASKS)
         _check_text_dim(task, text_dim)
+        tokens = dict(modality_tokens or {})
         self.modality_dims = {m: modality_dims[m] for m in sorted(modality_dims)}
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
         self.hparams = {
             "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
             "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
             "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
+            "modality_tokens": None if modality_tokens is None else {m: tokens[m] for m in sorted(tokens)},
+            "positions": positions,
         }
         factory = {"device": device, "dtype": dtype}
         self.members = nn.ModuleDict(
             {
                 m: UnimodalModel(m, d, num_outputs, task, predictor, dim, depth, heads, None, margin, head_dim,
-                                 **factory)
+                                 max_tokens=tokens.get(m), positions=positions, **factory)
                 for m, d in self.modality_dims.items()
             }
         )
         self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
         self.task_loss = TaskLoss(task, margin)
+
+    def check_inputs(
+        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
+    ) -> tuple[int, dict[str, Tensor]]:
+        """:func:`~umilayers.model.check_batch`, and no more tokens than an MLP member is sized for."""
+        _check_token_counts(inputs, {m: member.max_tokens for m, member in self.members.items()
+                                     if member.predictor == "mlp" or member.positions == "learned"})
+        return super().check_inputs(inputs, padding_masks, present, check_values)
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -356,6 +422,10 @@ class VanillaTransformer(_SupervisedOnly):
         text_dim: caption feature size (retrieval, required there).
         margin: triplet margin (retrieval).
         head_dim: the width of each head (default ``dim // heads``).
+        positions: not in the paper: token positions within each modality's sequence, None
+            (default: only the modality embedding tells tokens apart), ``"learned"`` (one table
+            per modality, as long as its ``missing_tokens``, which must then be a mapping: the
+            store's token counts) or ``"sinusoidal"``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -387,6 +457,7 @@ class VanillaTransformer(_SupervisedOnly):
         text_dim: Optional[int] = None,
         margin: float = ModelConfig.margin,
         head_dim: Optional[int] = ModelConfig.head_dim,
+        positions: Optional[str] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -395,6 +466,9 @@ class VanillaTransformer(_SupervisedOnly):
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
         check_choice("task", task, TASKS)
         _check_text_dim(task, text_dim)
+        if positions == "learned" and not isinstance(missing_tokens, Mapping):
+            raise ValueError("missing_tokens: learned positions need each modality's most tokens (a mapping), "
+                             f"got {missing_tokens!r}")
         for name, value in (("num_outputs", num_outputs), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
         names = sorted(modality_dims)
@@ -407,6 +481,7 @@ class VanillaTransformer(_SupervisedOnly):
             lengths = {m: missing_tokens for m in names}
         for m in names:
             check_positive_int(f"missing_tokens[{m!r}]", lengths[m])
+            check_positions(positions, lengths[m])
         factory = {"device": device, "dtype": dtype}
         self.modality_dims = {m: modality_dims[m] for m in names}
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
@@ -414,10 +489,17 @@ class VanillaTransformer(_SupervisedOnly):
             "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
             "dim": dim, "depth": depth, "heads": heads, "missing_tokens": dict(lengths),
             "mlp_ratio": mlp_ratio, "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
+            "positions": positions,
         }
+        self.positions = positions
+        self.max_tokens = dict(lengths) if positions == "learned" else None
         self.embed = nn.ModuleDict({m: nn.Linear(d, dim, **factory) for m, d in self.modality_dims.items()})
         self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim, **factory)) for m in names})
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(lengths[m], dim, **factory)) for m in names})
+        self.pos_embed: Optional[nn.ParameterDict] = None
+        if positions == "learned":
+            self.pos_embed = nn.ParameterDict({m: position_table(positions, lengths[m], dim, **factory)
+                                               for m in names})
         self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
         for p in [*self.modality_embed.values(), *self.missing.values(), self.readout]:
             nn.init.trunc_normal_(p, std=0.02)
@@ -441,7 +523,8 @@ class VanillaTransformer(_SupervisedOnly):
         if k_in:
             if mask is not None:
                 x = x.masked_fill(mask[..., None], 0.0)  # padding values are never read
-            h = F.pad(self.embed[m](x), (0, 0, 0, length - k_in))
+            table = self.pos_embed[m] if self.pos_embed is not None else None
+            h = F.pad(add_positions(self.embed[m](x), self.positions, table), (0, 0, 0, length - k_in))
             tokens = tokens.index_copy(0, rows_have, h)
             own = mask if mask is not None else torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
             padding = padding.index_copy(0, rows_have, F.pad(own, (0, length - k_in), value=True))
@@ -451,6 +534,13 @@ class VanillaTransformer(_SupervisedOnly):
             fill = torch.arange(length, device=padding.device) >= k_miss
             padding = padding.index_copy(0, rows_miss, fill.expand(rows_miss.numel(), -1))
         return tokens + self.modality_embed[m], padding
+
+    def check_inputs(
+        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
+    ) -> tuple[int, dict[str, Tensor]]:
+        """:func:`~umilayers.model.check_batch`, and no more tokens than a learned position table has."""
+        _check_token_counts(inputs, self.max_tokens or {})
+        return super().check_inputs(inputs, padding_masks, present, check_values)
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -493,6 +583,7 @@ def build_model(
     modality_tokens: Optional[Mapping[str, int]] = None,
     modality: Optional[str] = None,
     predictor: str = PREDICTORS[0],
+    ensemble_subsets: Optional[Sequence[Sequence[str]]] = None,
     device=None,
     dtype=None,
     **hyperparameters: Any,
@@ -503,10 +594,13 @@ def build_model(
     fields overridden by keyword: ``dim=16, fusion_depth=2, ...``); each model takes the ones it
     has:
 
-    - ``"umi"``: :class:`~umilayers.model.UnseenModalityModel` with every field.
+    - ``"umi"``: :class:`~umilayers.model.UnseenModalityModel` with every field (and
+      ``ensemble_subsets``, which only it takes).
     - ``"pooled"``: the same with ``projection="pooled"``.
     - ``"late-fusion"``: :class:`LateFusion` with ``predictor``; ``dim``, ``heads``, ``head_dim``,
-      ``margin``, and ``depth = projection_depth`` (at least 1) for a transformer predictor.
+      ``margin``, ``positions`` for a transformer predictor, and ``depth = projection_depth``
+      (at least 1) for a transformer or MLP predictor; an MLP predictor and learned positions
+      are sized by ``modality_tokens``.
     - ``"vanilla"``: :class:`VanillaTransformer` with ``dim``, ``heads``, ``head_dim``, ``mlp_ratio``,
       ``margin`` and ``depth = fusion_depth``; ``missing_tokens`` is ``modality_tokens`` (the
       store's token counts) when given.
@@ -525,26 +619,38 @@ def build_model(
     check_choice("method", method, METHODS)
     hp = (config or ModelConfig()).replace(**hyperparameters)
     factory = {"device": device, "dtype": dtype}
+    tokens = None if modality_tokens is None else dict(modality_tokens)
     if method in ("umi", "pooled"):
         projection = "pooled" if method == "pooled" else "feature"
+        if method == "pooled":
+            hp = hp.replace(positions=None)  # mean-pooled tokens: nothing to put positions on
+        sized = {"modality_tokens": tokens} if hp.positions == "learned" else {}
         return UnseenModalityModel(modality_dims, num_outputs, task, text_dim=text_dim, projection=projection,
-                                   **hp.to_dict(), **factory)
+                                   ensemble_subsets=ensemble_subsets, **sized, **hp.to_dict(), **factory)
+    if ensemble_subsets is not None:
+        raise ValueError(f"ensemble_subsets: only methods 'umi' and 'pooled' take it, got method {method!r}")
     shared = {"dim": hp.dim, "heads": hp.heads, "head_dim": hp.head_dim, "margin": hp.margin, "text_dim": text_dim}
     if method == "vanilla":
         missing = {} if modality_tokens is None else {"missing_tokens": dict(modality_tokens)}
         return VanillaTransformer(modality_dims, num_outputs, task, depth=hp.fusion_depth, mlp_ratio=hp.mlp_ratio,
-                                  **missing, **shared, **factory)
-    predictor_depth = {"depth": max(1, hp.projection_depth)} if predictor == "transformer" else {}
+                                  positions=hp.positions, **missing, **shared, **factory)
+    predictor_depth = {"depth": max(1, hp.projection_depth)} if predictor != "linear" else {}
+    positions = hp.positions if predictor == "transformer" else None
+    # the MLP's input width, the learned position tables' length
+    sized = tokens is not None and (predictor == "mlp" or positions == "learned")
     if method == "late-fusion":
-        return LateFusion(modality_dims, num_outputs, task, predictor, **predictor_depth, **shared, **factory)
+        tables = {"modality_tokens": tokens} if sized else {}
+        return LateFusion(modality_dims, num_outputs, task, predictor, **predictor_depth, **tables, **shared,
+                          positions=positions, **factory)
     if modality is None:
         if len(modality_dims) != 1:
             raise ValueError(f"modality: method 'unimodal' needs one of {sorted(modality_dims)}")
         modality = next(iter(modality_dims))
     if modality not in modality_dims:
         raise ValueError(f"modality: unknown modality {modality!r}; known {sorted(modality_dims)}")
+    max_tokens = {"max_tokens": tokens[modality]} if sized and tokens is not None else {}
     return UnimodalModel(modality, modality_dims[modality], num_outputs, task, predictor,
-                         **predictor_depth, **shared, **factory)
+                         **predictor_depth, **max_tokens, **shared, positions=positions, **factory)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

@@ -11,9 +11,11 @@ and prints
 
 then saves both as ``demo.json`` and a PNG bar chart (``demo.png``) in ``--out``.
 
-Every method and ablation is trained with one shared setting (:meth:`DemoSize.default`, chosen
-on the val split only), including ``predictor="transformer"`` for stage 1 and the late-fusion
-members. Results and what they show: ``docs/accuracy.rst``.
+Every method and ablation is trained with one shared setting: :meth:`DemoSize.default` sets
+the data, model size and training length; everything else (learning rate, warm-up, the
+transformer unimodal predictor of stage 1 and the late-fusion members) is
+:class:`~umilayers.train.FitConfig`'s defaults, which were chosen on val splits only.
+Results and what they show: ``docs/accuracy.rst``.
 
 One line per finished run says how long it took, the time elapsed and an estimate of what
 remains. Torch runs one thread on the CPU unless ``--threads`` says otherwise (the measurements
@@ -103,14 +105,14 @@ class DemoSize:
     @classmethod
     def default(cls) -> "DemoSize":
         return cls(num_train=1200, num_eval=400, epochs=12, unimodal_epochs=8, pseudo_window=4,
-                   model=dict(dim=32, num_tokens=8, projection_depth=1, fusion_depth=1, heads=4, batch_size=64,
-                              lr=2e-3, predictor="transformer"))
+                   model=dict(dim=32, num_tokens=8, projection_depth=1, fusion_depth=1, heads=4,
+                              batch_size=64))
 
     @classmethod
     def quick(cls) -> "DemoSize":
         return cls(num_train=320, num_eval=128, epochs=3, unimodal_epochs=3, pseudo_window=2,
-                   model=dict(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, batch_size=64,
-                              lr=3e-3, predictor="transformer"))
+                   model=dict(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2,
+                              batch_size=64))
 
     def fit_options(self) -> dict:
         """The options of :func:`~umilayers.train.fit` every run of this size shares (the rows add

@@ -13,7 +13,7 @@ noise for a missing modality and multiplying the result by zero).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from umilayers._validation import (
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import check_present, fuse_rows, sub_batch_rows
 from umilayers.losses import PSEUDO_REDUCTIONS, TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
-from umilayers.projection import NORMALIZE, FeatureProjection, PooledProjection
+from umilayers.projection import NORMALIZE, POSITIONS, FeatureProjection, PooledProjection
 
 __all__ = [
     "ALIGN_MODALITY_REDUCTIONS",
@@ -296,6 +296,13 @@ class ModelConfig(Config):
                                                  "teachers' caption similarities) or 'paper' (the closest modality's "
                                                  "averaged video embedding, triplet loss; Sec. 3.3)",
                                    choices=RETRIEVAL_PSEUDO)
+    positions: Optional[str] = option(None, "not in the paper: token positions in every model that reads tokens "
+                                            "with attention (umi's feature projections, transformer unimodal "
+                                            "models, the vanilla transformer): learned (one table per modality, "
+                                            "the authors' released code) or sinusoidal",
+                                      choices=POSITIONS[1:])
+    feature_norm: bool = option(False, "not in the paper: a LayerNorm per modality on its projected features "
+                                       "before the common-space sum (the authors' released code has one)")
 
     def check(self) -> None:
         if self.head_dim is None:
@@ -329,6 +336,8 @@ class UMIConfig(ModelConfig):
     task: str = "classification"
     text_dim: Optional[int] = None
     projection: str = "feature"
+    modality_tokens: Optional[Mapping[str, int]] = None
+    ensemble_subsets: Optional[Sequence[Sequence[str]]] = None
 
     def check(self) -> None:
         super().check()
@@ -352,6 +361,25 @@ class UMIConfig(ModelConfig):
                 f"got {self.num_align_tokens}",
             )
         _check_text_dim(self.task, self.text_dim)
+        if self.modality_tokens is not None:
+            if not isinstance(self.modality_tokens, Mapping) or set(self.modality_tokens) != set(self.modality_dims):
+                raise ValueError(f"modality_tokens: expected the most tokens of every modality "
+                                 f"{sorted(self.modality_dims)}, got {self.modality_tokens!r}")
+            for m, k in self.modality_tokens.items():
+                check_positive_int(f"modality_tokens[{m!r}]", k)
+            tokens = {m: int(self.modality_tokens[m]) for m in sorted(self.modality_tokens)}
+            object.__setattr__(self, "modality_tokens", tokens)
+        elif self.positions == "learned" and self.projection == "feature":
+            raise ValueError("modality_tokens: learned positions need each modality's most tokens, got None")
+        if self.ensemble_subsets is not None:
+            subsets = set()
+            for subset in self.ensemble_subsets:
+                names = sorted(subset) if not isinstance(subset, str) else []
+                if not names or len(set(names)) != len(names) or any(m not in self.modality_dims for m in names):
+                    raise ValueError(f"ensemble_subsets: expected non-empty sets of the modalities "
+                                     f"{sorted(self.modality_dims)}, got {subset!r}")
+                subsets.add(tuple(names))
+            object.__setattr__(self, "ensemble_subsets", tuple(sorted(subsets)))
 
     @property
     def align_assign(self) -> str:
@@ -726,6 +754,19 @@ class UnseenModalityModel(TaskModel):
         pseudo_reduction: reduction of the classification pseudo loss
             (:func:`~umilayers.losses.classification_pseudo_loss`).
         retrieval_pseudo: retrieval pseudo-labels and loss, ``"relational"`` or ``"paper"``.
+        positions: not in the paper: token positions inside each ``FeatureProjection``: None
+            (default, any ``k_m``), ``"learned"`` (a table per modality, as the authors' released
+            code; needs ``modality_tokens``) or ``"sinusoidal"``. The pooled projection mean-pools
+            the tokens and has none.
+        modality_tokens: modality -> the most tokens it has (the learned tables' length).
+        feature_norm: not in the paper: a ``LayerNorm(D)`` per modality on its projected
+            features before the sum (the authors' released code normalises each modality's
+            reorganised features this way); default off.
+        ensemble_subsets: not in the paper: modality subsets (say, the training splits' modality
+            sets); in eval mode a row gets the average of its fused prediction and of the model's
+            predictions from each listed subset that it has a strict superset of (inputs like
+            those training saw; the sum of an unseen combination is not). Training is unchanged;
+            ``branch_outputs`` stay the fused ones. Default None (off).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -774,6 +815,10 @@ class UnseenModalityModel(TaskModel):
         align_reduction: str = ModelConfig.align_reduction,
         pseudo_reduction: str = ModelConfig.pseudo_reduction,
         retrieval_pseudo: str = ModelConfig.retrieval_pseudo,
+        positions: Optional[str] = ModelConfig.positions,
+        modality_tokens: Optional[Mapping[str, int]] = None,
+        feature_norm: bool = ModelConfig.feature_norm,
+        ensemble_subsets: Optional[Sequence[Sequence[str]]] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -786,6 +831,8 @@ class UnseenModalityModel(TaskModel):
             align_weight=align_weight, pseudo_weight=pseudo_weight,
             num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
             align_reduction=align_reduction, pseudo_reduction=pseudo_reduction, retrieval_pseudo=retrieval_pseudo,
+            positions=positions, modality_tokens=modality_tokens, feature_norm=feature_norm,
+            ensemble_subsets=ensemble_subsets,
         )
         self.config = cfg
         self.modality_dims, self.task, self.num_outputs, self.text_dim = cfg.modality_dims, task, num_outputs, text_dim
@@ -795,10 +842,14 @@ class UnseenModalityModel(TaskModel):
             if cfg.projection == "feature":
                 self.projections[m] = FeatureProjection(
                     d_m, out_dim=dim, num_tokens=num_tokens, depth=projection_depth, heads=heads,
-                    normalize=normalize, mlp_ratio=mlp_ratio, head_dim=head_dim, **factory,
+                    normalize=normalize, mlp_ratio=mlp_ratio, head_dim=head_dim, positions=positions,
+                    max_tokens=(cfg.modality_tokens or {}).get(m), **factory,
                 )
             else:
                 self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=num_tokens, **factory)
+        self.feature_norms: Optional[nn.ModuleDict] = None
+        if feature_norm:
+            self.feature_norms = nn.ModuleDict({m: nn.LayerNorm(dim, **factory) for m in cfg.modality_dims})
         self.positions = nn.Parameter(torch.zeros(num_tokens, dim, **factory))
         self.readout = nn.Parameter(torch.zeros(branches, dim, **factory))
         nn.init.trunc_normal_(self.positions, std=0.02)
@@ -866,18 +917,51 @@ class UnseenModalityModel(TaskModel):
             for m in present
             if inputs[m].shape[0] > 0
         }
+        if self.feature_norms is not None:
+            features = {m: self.feature_norms[m](f) for m, f in features.items()}
+        branch_outputs = self.fused_branches(features, present, batch)
+        prediction = combine_branches(self.config.task, branch_outputs)
+        if self.config.ensemble_subsets and not self.training and len(features) > 1:
+            prediction = self.ensemble_with_subsets(prediction, features, present)
+        return UMIOutput(
+            prediction=prediction,
+            branch_outputs=branch_outputs,
+            modality_features=features,
+            present=dict(present),
+        )
+
+    def fused_branches(self, features: Mapping[str, Tensor], present: Mapping[str, Tensor], batch: int) -> Tensor:
+        """Common-space sum of the rows' features, branch tokens, fusion transformer, head: ``(B, G, C)``."""
         fused = fuse_rows(features, present, batch)
         # Only the readouts are read: the last layer computes their queries alone (exact).
         readouts = self.transformer(self.branch_tokens(fused), first_of_group=True)  # (B, G, D)
         branch_outputs = self.head(readouts)
         if self.config.task == "retrieval":
             branch_outputs = F.normalize(branch_outputs, dim=-1)
-        return UMIOutput(
-            prediction=combine_branches(self.config.task, branch_outputs),
-            branch_outputs=branch_outputs,
-            modality_features=features,
-            present=dict(present),
-        )
+        return branch_outputs
+
+    def ensemble_with_subsets(self, prediction: Tensor, features: Mapping[str, Tensor],
+                              present: Mapping[str, Tensor]) -> Tensor:
+        """Average ``prediction`` ``(B, C)`` with the predictions from each of ``ensemble_subsets``
+        on the rows that have that subset and more (evaluation only: reads masks on the host)."""
+        assert self.config.ensemble_subsets is not None
+        total, count = prediction.clone(), torch.ones_like(prediction[:, :1])
+        for subset in self.config.ensemble_subsets:
+            if any(m not in features for m in subset):
+                continue
+            inside = torch.stack([present[m] for m in subset]).all(dim=0)
+            others = [present[m] for m in features if m not in subset]
+            selected = inside & torch.stack(others).any(dim=0) if others else torch.zeros_like(inside)
+            rows = selected.nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            part = {m: features[m][selected[present[m]]] for m in subset}  # the subset's rows of each sub-batch
+            alone = self.fused_branches(part, {m: torch.ones_like(rows, dtype=torch.bool) for m in subset},
+                                        rows.numel())
+            total = total.index_add(0, rows, combine_branches(self.config.task, alone))
+            count = count.index_add(0, rows, torch.ones_like(total[rows, :1]))
+        mean = total / count
+        return F.normalize(mean, dim=-1) if self.config.task == "retrieval" else mean
 
     def pseudo_loss(self, outputs: Tensor, pseudo_targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:
         """Pseudo-label loss of one branch's outputs.

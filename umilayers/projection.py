@@ -31,7 +31,16 @@ from umilayers._validation import check_bool_mask, check_choice, check_divides, 
 from umilayers._validation import check_positive_int, check_tensor, format_indices
 from umilayers.attention import GroupMaskedTransformer
 
-__all__ = ["FeatureProjection", "PooledProjection", "sinusoidal_positions", "NORMALIZE", "POSITIONS"]
+__all__ = [
+    "FeatureProjection",
+    "PooledProjection",
+    "sinusoidal_positions",
+    "check_positions",
+    "position_table",
+    "add_positions",
+    "NORMALIZE",
+    "POSITIONS",
+]
 
 #: Accepted values of ``FeatureProjection(normalize=...)``.
 NORMALIZE = ("inputs", "slots")
@@ -62,6 +71,45 @@ def sinusoidal_positions(
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
     return table.to(dtype or torch.float32)
+
+
+def check_positions(positions: Optional[str], max_tokens: Optional[int]) -> None:
+    """Check a ``positions`` choice (:data:`POSITIONS`) and the ``max_tokens`` it needs."""
+    check_choice("positions", positions, POSITIONS)
+    if max_tokens is not None:
+        check_positive_int("max_tokens", max_tokens)
+    if positions == "learned" and max_tokens is None:
+        raise ValueError("max_tokens: required with positions='learned', got None")
+
+
+def position_table(positions: Optional[str], max_tokens: Optional[int], dim: int, device=None,
+                   dtype=None) -> Optional[nn.Parameter]:
+    """The learned position table ``(max_tokens, dim)`` (trunc-normal, std 0.02), or None."""
+    if positions != "learned":
+        return None
+    assert max_tokens is not None, "learned positions need max_tokens (check_positions)"
+    table = nn.Parameter(torch.zeros(max_tokens, dim, device=device, dtype=dtype))
+    nn.init.trunc_normal_(table, std=0.02)
+    return table
+
+
+def add_positions(h: Tensor, positions: Optional[str], table: Optional[Tensor] = None) -> Tensor:
+    """``h + positions`` for token embeddings ``(B, n, D)``: none, a learned table's first ``n``
+    rows (``table`` ``(max_tokens, D)``; ``n <= max_tokens`` is the caller's check) or
+    :func:`sinusoidal_positions`.
+
+    Example::
+
+        >>> h = torch.zeros(2, 3, 4)
+        >>> bool((add_positions(h, None) == h).all()), add_positions(h, "sinusoidal")[0, 1, 0].item() != 0
+        (True, True)
+    """
+    if positions is None:
+        return h
+    if positions == "learned":
+        assert table is not None, "learned positions need their table (position_table)"
+        return h + table[: h.shape[1]].to(h.dtype)
+    return h + sinusoidal_positions(h.shape[1], h.shape[-1], device=h.device, dtype=h.dtype)
 
 
 def _check_inputs(
@@ -241,11 +289,7 @@ class FeatureProjection(_TokenProjection):
         else:
             check_positive_int("head_dim", head_dim)
         check_choice("normalize", normalize, NORMALIZE)
-        check_choice("positions", positions, POSITIONS)
-        if max_tokens is not None:
-            check_positive_int("max_tokens", max_tokens)
-        if positions == "learned" and max_tokens is None:
-            raise ValueError("max_tokens: required with positions='learned', got None")
+        check_positions(positions, max_tokens)
         check_number("mlp_ratio", mlp_ratio, strict=True)
         factory = {"device": device, "dtype": dtype}
         self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
@@ -253,10 +297,7 @@ class FeatureProjection(_TokenProjection):
         self.positions = positions
         self.max_tokens = max_tokens
         self.embed = nn.Linear(in_dim, out_dim, **factory)
-        self.pos_embed: Optional[nn.Parameter] = None
-        if positions == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(max_tokens, out_dim, **factory))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.pos_embed = position_table(positions, max_tokens, out_dim, **factory)
         self.encoder: Optional[GroupMaskedTransformer] = None
         if depth > 0:
             self.encoder = GroupMaskedTransformer(out_dim, depth, heads, mlp_ratio, groups=1, head_dim=head_dim,
@@ -273,17 +314,9 @@ class FeatureProjection(_TokenProjection):
             f"normalize={self.normalize!r}, positions={self.positions!r}, max_tokens={self.max_tokens}"
         )
 
-    def _add_positions(self, h: Tensor) -> Tensor:
-        tokens = h.shape[1]
-        if self.positions is None:
-            return h
-        if self.positions == "learned":
-            return h + self.pos_embed[:tokens].to(h.dtype)
-        return h + sinusoidal_positions(tokens, self.out_dim, device=h.device, dtype=h.dtype)
-
     def logits(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Slot logits ``(B, k_m, K)`` of already validated, padding-zeroed inputs."""
-        h = self._add_positions(self.embed(x))
+        h = add_positions(self.embed(x), self.positions, self.pos_embed)
         if self.encoder is not None:
             h = self.encoder(h, padding_mask=padding_mask)
         return self.head(self.norm(h))

@@ -99,12 +99,13 @@ def test_sgd_with_momentum_and_weight_decay():
 
 def test_step_schedule_is_the_papers_epic_schedule():
     # 1e-4 for the first 70 epochs, 1e-5 for the last 50 (here 2 steps an epoch)
-    lrs = _lrs(TrainConfig(lr=1e-4, schedule="step", lr_drop_epochs="70", epochs=120), 2, 120)
+    lrs = _lrs(TrainConfig(lr=1e-4, schedule="step", lr_drop_epochs="70", epochs=120, warmup_epochs=0), 2, 120)
     assert lrs[: 2 * 70] == pytest.approx([1e-4] * 140)
     assert lrs[2 * 70 :] == pytest.approx([1e-5] * 100)
-    several = _lrs(TrainConfig(lr=1.0, schedule="step", lr_drop_epochs="1,3", lr_drop_factor=0.5), 1, 4)
+    several = _lrs(TrainConfig(lr=1.0, schedule="step", lr_drop_epochs="1,3", lr_drop_factor=0.5,
+                                 warmup_epochs=0), 1, 4)
     assert several == pytest.approx([1.0, 0.5, 0.5, 0.25])
-    assert _lrs(TrainConfig(lr=0.1, schedule="constant"), 3, 2) == pytest.approx([0.1] * 6)
+    assert _lrs(TrainConfig(lr=0.1, schedule="constant", warmup_epochs=0), 3, 2) == pytest.approx([0.1] * 6)
     warm = _lrs(TrainConfig(lr=1.0, schedule="constant", warmup_epochs=1), 2, 2)
     assert warm == pytest.approx([0.5, 1.0, 1.0, 1.0])
 
@@ -115,6 +116,7 @@ def test_step_schedule_is_the_papers_epic_schedule():
     (dict(schedule="step", lr_drop_epochs="70,x"), "lr_drop_epochs: expected comma-separated epochs"),
     (dict(schedule="step", lr_drop_epochs="70,30"), "lr_drop_epochs: expected increasing epochs"),
     (dict(optimizer="adam"), "optimizer: expected one of"),
+    (dict(optimizer="sgd"), "lr: optimizer 'sgd' needs a learning rate"),
 ])
 def test_bad_schedule_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -122,8 +124,9 @@ def test_bad_schedule_options(options, message):
 
 
 def test_the_command_line_reaches_the_optimiser_and_schedule():
-    args = build_parser().parse_args(["fit", "store", "--out", "run", "--optimizer", "sgd", "--momentum", "0.8",
-                                      "--schedule", "step", "--lr-drop-epochs", "70,100", "--lr-drop-factor", "0.5"])
+    args = build_parser().parse_args(["fit", "store", "--out", "run", "--optimizer", "sgd", "--lr", "0.03",
+                                      "--momentum", "0.8", "--schedule", "step", "--lr-drop-epochs", "70,100",
+                                      "--lr-drop-factor", "0.5"])
     train = fit_config(args).train
     assert (train.optimizer, train.momentum, train.schedule, train.lr_drop_epochs, train.lr_drop_factor) == \
         ("sgd", 0.8, "step", "70,100", 0.5)

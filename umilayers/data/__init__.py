@@ -5,6 +5,7 @@ See ``docs/store_format.rst`` for the format and the synthetic generator's model
 
 from umilayers.data.dataset import Batch, FeatureDataset, SplitInfo, collate
 from umilayers.data.modalities import ModalityBatch, collate_modalities
+from umilayers.data.pairing import pair_same_label
 from umilayers.data.store import FORMAT, FeatureStore, StoreError, check_store
 from umilayers.data.synthetic import SyntheticConfig, make_synthetic_store
 
@@ -17,6 +18,7 @@ __all__ = [
     "FeatureDataset",
     "Batch",
     "collate",
+    "pair_same_label",
     "ModalityBatch",
     "collate_modalities",
     "SyntheticConfig",

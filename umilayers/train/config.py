@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,8 +38,13 @@ from umilayers._validation import InvalidArgument
 from umilayers.baselines import METHODS, PREDICTORS
 from umilayers.model import ModelConfig
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "RuntimeConfig", "FitConfig", "drop_epochs"]
+__all__ = ["BASE_LR", "BASE_BATCH", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "RuntimeConfig", "FitConfig",
+           "drop_epochs"]
 
+#: Default peak learning rate of optimizer adamw at :data:`BASE_BATCH` (chosen on val: ``docs/training.rst``).
+BASE_LR = 2e-3
+#: The batch size :data:`BASE_LR` is for; other sizes scale it by ``sqrt(batch_size / BASE_BATCH)``.
+BASE_BATCH = 64
 #: Optimisers of :class:`TrainConfig`: AdamW (this library's) or SGD with momentum (the authors'
 #: released ``train.py``: momentum 0.9, weight decay 5e-4).
 OPTIMIZERS = ("adamw", "sgd")
@@ -73,18 +79,24 @@ def drop_epochs(text: str) -> tuple[int, ...]:
 class TrainConfig(Config):
     """Optimisation and schedule of both stages (part of what a run computes).
 
-    AdamW with a linear warm-up then cosine decay per step is this library's default; SGD with
-    momentum and a step schedule (the authors' released code's optimiser, the paper's EPIC
-    schedule) are reachable by name: ``optimizer="sgd"``, ``schedule="step"`` with
-    ``lr_drop_epochs``. The schedule runs per stage, with the stage's epochs; a drop epoch beyond
-    a stage's last epoch is never reached in it. Every epoch's sample order and random state
-    derive from ``seed``.
+    AdamW with a linear warm-up (one epoch by default) then cosine decay per step is this
+    library's default; SGD with momentum and a step schedule (the authors' released code's
+    optimiser, the paper's EPIC schedule) are reachable by name: ``optimizer="sgd"``,
+    ``schedule="step"`` with ``lr_drop_epochs``. The schedule runs per stage, with the stage's
+    epochs; a drop epoch beyond a stage's last epoch is never reached in it. The peak learning
+    rate is ``lr`` when given, else (optimizer adamw) :data:`BASE_LR` at batch size
+    :data:`BASE_BATCH` scaled by the square root of ``batch_size / BASE_BATCH`` (the square-root
+    rule for Adam-type optimisers; :meth:`peak_lr`); optimizer sgd needs an ``lr``. These
+    defaults were chosen on val splits (``docs/training.rst``). Every epoch's sample order and
+    random state derive from ``seed``.
 
     Example::
 
         >>> TrainConfig(epochs=2, lr=3e-3).replace(amp=True).amp
         True
-        >>> TrainConfig(optimizer="sgd", schedule="step", lr_drop_epochs="70").lr_drop_factor
+        >>> TrainConfig(batch_size=256).peak_lr() == 2 * TrainConfig().peak_lr()
+        True
+        >>> TrainConfig(optimizer="sgd", lr=1e-2, schedule="step", lr_drop_epochs="70").lr_drop_factor
         0.1
         >>> TrainConfig(schedule="step")
         Traceback (most recent call last):
@@ -99,7 +111,9 @@ class TrainConfig(Config):
     pseudo_window: int = option(10, "last unimodal epochs whose predictions are averaged into pseudo-labels "
                                      "(the paper's e)", minimum=0)
     batch_size: int = option(64, "global batch size (split over the processes under torchrun)", minimum=1)
-    lr: float = option(1e-4, "peak learning rate", minimum=0, strict=True)
+    lr: Optional[float] = option(None, f"peak learning rate; None: {BASE_LR:g} * sqrt(batch_size / {BASE_BATCH}) "
+                                       f"for optimizer adamw (the square-root rule; sgd needs a value)", minimum=0,
+                                 strict=True)
     optimizer: str = option("adamw", "adamw (this library's) or sgd (with momentum; the authors' released code)",
                             choices=OPTIMIZERS)
     momentum: float = option(0.9, "momentum of optimizer sgd", minimum=0)
@@ -110,8 +124,14 @@ class TrainConfig(Config):
     lr_drop_epochs: str = option("", "schedule step: comma-separated epochs (from 0) at which the learning rate "
                                      "drops, e.g. 70 (the paper's EPIC: 1e-4 for 70 epochs, 1e-5 for the last 50)")
     lr_drop_factor: float = option(0.1, "schedule step: factor applied at each drop epoch", minimum=0, strict=True)
-    warmup_epochs: int = option(0, "epochs of linear warm-up before the schedule", minimum=0)
+    warmup_epochs: int = option(1, "epochs of linear warm-up before the schedule", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
+    pseudo_folds: int = option(1, "not in the paper: k > 1 trains k unimodal models per modality, each on k - 1 "
+                                  "folds, and labels each row by the one that did not train on it (out-of-fold "
+                                  "pseudo-labels; classification and regression); 1: the paper", minimum=1)
+    pair_same_label: float = option(0.0, "not in the paper, classification: probability that a training row is "
+                                         "replaced by a same-label row joined with another row's modalities "
+                                         "(umilayers.data.pair_same_label)", minimum=0)
     amp: bool = option(False, "bf16 autocast (CUDA and CPU)")
     compile: bool = option(False, "torch.compile the model")
 
@@ -123,6 +143,17 @@ class TrainConfig(Config):
         if drops and self.schedule != "step":
             raise InvalidArgument("lr_drop_epochs", f"only used by {{schedule}} 'step', got schedule "
                                                     f"{self.schedule!r}", refs=("schedule",))
+        if self.lr is None and self.optimizer != "adamw":
+            raise InvalidArgument("lr", f"optimizer {self.optimizer!r} needs a learning rate (the default rule, "
+                                        f"{BASE_LR:g} * sqrt(batch_size / {BASE_BATCH}), was measured for adamw)")
+        if self.pair_same_label > 1:
+            raise InvalidArgument("pair_same_label", f"expected a probability in [0, 1], got {self.pair_same_label}")
+
+    def peak_lr(self) -> float:
+        """The peak learning rate: ``lr``, or ``BASE_LR * sqrt(batch_size / BASE_BATCH)``."""
+        if self.lr is not None:
+            return float(self.lr)
+        return BASE_LR * math.sqrt(self.batch_size / BASE_BATCH)
 
 
 @dataclass(frozen=True)
@@ -162,10 +193,14 @@ class FitConfig(Config):
     method: str = option("umi", "what to train: the paper's model, its baselines and the pooled-projection "
                                 "ablation", choices=METHODS)
     modality: Optional[str] = option(None, "the modality of method 'unimodal'")
-    predictor: str = option(PREDICTORS[0], "predictor of the unimodal models (stage 1, the late-fusion members, "
-                                           "method 'unimodal'): linear on mean-pooled tokens (the paper's) or a "
-                                           "transformer of projection_depth layers over the tokens",
+    predictor: str = option("transformer", "predictor of the unimodal models (stage 1, the late-fusion members, "
+                                           "method 'unimodal'): a transformer of projection_depth layers over the "
+                                           "tokens, or linear on mean-pooled tokens (the paper's; on token data it "
+                                           "learns next to nothing)",
                             choices=PREDICTORS)
+    subset_ensemble: bool = option(False, "not in the paper; methods umi and pooled, at evaluation: average the "
+                                          "fused prediction with the predictions from each training split's "
+                                          "modality set that a row has more than")
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -173,6 +208,9 @@ class FitConfig(Config):
     def check(self) -> None:
         if self.method == "unimodal" and not self.modality:
             raise InvalidArgument("modality", "method 'unimodal' needs the modality to train on")
+        if self.subset_ensemble and self.method not in ("umi", "pooled"):
+            raise InvalidArgument("subset_ensemble", f"only methods 'umi' and 'pooled' have it, got method "
+                                                     f"{self.method!r}")
         if self.method != "unimodal" and self.modality:
             raise InvalidArgument("modality", f"only used by method 'unimodal', got modality={self.modality!r} "
                                               f"with method {self.method!r}")

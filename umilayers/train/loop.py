@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from umilayers import metrics
 from umilayers._progress import progress
 from umilayers._validation import InvalidArgument
-from umilayers.data import Batch, FeatureStore, collate
+from umilayers.data import Batch, FeatureStore, collate, pair_same_label
 from umilayers.data.dataset import set_epoch
 from umilayers.data.store import ROLES
 from umilayers.model import TaskModel, UMIOutput
@@ -53,6 +53,7 @@ __all__ = [
     "make_optimizer",
     "lr_schedule",
     "train_step",
+    "fold_of_rows",
     "train_epoch",
     "predict",
     "caption_embeddings",
@@ -262,9 +263,9 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     """``train.optimizer`` over every parameter of ``model``: AdamW (decoupled weight decay) or
     SGD with ``momentum`` and L2 weight decay (the authors' released code: 0.9 and 5e-4)."""
     if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+        return torch.optim.SGD(model.parameters(), lr=train.peak_lr(), momentum=train.momentum,
                                weight_decay=train.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=train.peak_lr(), weight_decay=train.weight_decay)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int,
@@ -278,7 +279,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_
     Example::
 
         >>> model = nn.Linear(2, 2)
-        >>> train = TrainConfig(lr=1e-4, schedule="step", lr_drop_epochs="2")
+        >>> train = TrainConfig(lr=1e-4, schedule="step", lr_drop_epochs="2", warmup_epochs=0)
         >>> schedule = lr_schedule(make_optimizer(model, train), train, steps_per_epoch=3, epochs=4)
         >>> [round(schedule.lr_lambdas[0](step), 6) for step in range(0, 12, 3)]  # first step of each epoch
         [1.0, 1.0, 0.1, 0.1]
@@ -306,8 +307,8 @@ class Phase:
 
         >>> from umilayers.baselines import LateFusion
         >>> phase = Phase(LateFusion({"rgb": 4}, num_outputs=3), FitConfig(), DistContext(), 10, 2)
-        >>> type(phase.optimizer).__name__, phase.scheduler.get_last_lr()
-        ('AdamW', [0.0001])
+        >>> type(phase.optimizer).__name__, phase.scheduler.get_last_lr()  # warm-up: 2e-3 / 10 steps
+        ('AdamW', [0.0002])
     """
 
     def __init__(self, model: TaskModel, cfg: FitConfig, ctx: DistContext, steps_per_epoch: int,
@@ -389,6 +390,8 @@ def train_epoch(
     for step, (batch, scale) in enumerate(zip(loader, scales)):
         pseudo_targets = pseudo(batch).to(ctx.device, non_blocking=True) if pseudo is not None else None
         batch = batch.to(ctx.device, non_blocking=True)
+        if cfg.train.pair_same_label:
+            batch, pseudo_targets = pair_same_label(batch, cfg.train.pair_same_label, pseudo_targets)
         terms = train_step(phase, batch, pseudo_targets, scale, cfg, ctx)
         rows = float(len(batch.indices)) if scale else 0.0
         sums[:4] += terms * rows
@@ -406,6 +409,14 @@ def train_epoch(
 
 
 # ============================================================================ prediction and metrics
+
+
+def fold_of_rows(count: int, folds: int, seed: int) -> np.ndarray:
+    """``(count,)`` fold of each row: a seeded permutation cut into ``folds`` near-equal parts."""
+    order = np.random.default_rng(seed % (2**63)).permutation(count)
+    fold = np.empty(count, dtype=np.int64)
+    fold[order] = np.arange(count) % folds
+    return fold
 
 
 def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -431,15 +442,18 @@ def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureStore, names: Sequence[str],
             keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext, *,
-            texts: bool = True) -> dict[str, Tensor]:
+            texts: bool = True, only: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
     """Predictions on the rows of ``names`` that have a modality of ``keep`` (all rows when
-    ``keep`` is None), in split order then row order, with their ``indices`` and ``targets``;
-    each rank predicts a contiguous shard, then all are gathered.
+    ``keep`` is None), or only the rows ``only`` of those (positions in that order), in split
+    order then row order, with their ``indices`` and ``targets``; each rank predicts a
+    contiguous shard, then all are gathered.
 
     Retrieval (with ``texts``): ``text`` ``(N, K, E)`` the embedding of every caption of each
     row (zeros past its count) and ``caption_counts`` ``(N,)``.
     """
     dataset = eval_set(store, names, keep, captions=texts)
+    if only is not None:
+        dataset = Subset(dataset, list(only))
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
