@@ -162,6 +162,7 @@ class UnimodalModel(_SupervisedOnly):
         dtype=None,
     ) -> None:
         super().__init__()
+        self.record_hparams(UnimodalModel, locals())
         if not isinstance(modality, str) or not modality:
             raise ValueError(f"modality: expected a non-empty name, got {modality!r}")
         check_positive_int("in_dim", in_dim)
@@ -173,12 +174,6 @@ class UnimodalModel(_SupervisedOnly):
         self.modality, self.in_dim, self.num_outputs = modality, in_dim, num_outputs
         self.modality_dims = {modality: in_dim}
         self.task, self.predictor, self.text_dim, self.margin = task, predictor, text_dim, margin
-        self.hparams = {
-            "modality": modality, "in_dim": in_dim, "num_outputs": num_outputs, "task": task,
-            "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
-            "text_dim": text_dim, "margin": margin, "head_dim": head_dim, "max_tokens": max_tokens,
-            "positions": positions,
-        }
         positions = positions if predictor == "transformer" else None  # pooled / flattened tokens: no positions
         check_positions(positions, max_tokens)
         self.max_tokens, self.positions = max_tokens, positions
@@ -327,6 +322,7 @@ class LateFusion(TaskModel):
         dtype=None,
     ) -> None:
         super().__init__()
+        self.record_hparams(LateFusion, locals())
         if not isinstance(modality_dims, Mapping) or not modality_dims:
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
         check_choice("task", task, TASKS)
@@ -334,13 +330,6 @@ class LateFusion(TaskModel):
         tokens = dict(modality_tokens or {})
         self.modality_dims = {m: modality_dims[m] for m in sorted(modality_dims)}
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
-        self.hparams = {
-            "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
-            "predictor": predictor, "dim": dim, "depth": depth, "heads": heads,
-            "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
-            "modality_tokens": None if modality_tokens is None else {m: tokens[m] for m in sorted(tokens)},
-            "positions": positions,
-        }
         factory = {"device": device, "dtype": dtype}
         self.members = nn.ModuleDict(
             {
@@ -462,6 +451,7 @@ class VanillaTransformer(_SupervisedOnly):
         dtype=None,
     ) -> None:
         super().__init__()
+        self.record_hparams(VanillaTransformer, locals())
         if not isinstance(modality_dims, Mapping) or not modality_dims:
             raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
         check_choice("task", task, TASKS)
@@ -485,12 +475,6 @@ class VanillaTransformer(_SupervisedOnly):
         factory = {"device": device, "dtype": dtype}
         self.modality_dims = {m: modality_dims[m] for m in names}
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
-        self.hparams = {
-            "modality_dims": dict(self.modality_dims), "num_outputs": num_outputs, "task": task,
-            "dim": dim, "depth": depth, "heads": heads, "missing_tokens": dict(lengths),
-            "mlp_ratio": mlp_ratio, "text_dim": text_dim, "margin": margin, "head_dim": head_dim,
-            "positions": positions,
-        }
         self.positions = positions
         self.max_tokens = dict(lengths) if positions == "learned" else None
         self.embed = nn.ModuleDict({m: nn.Linear(d, dim, **factory) for m, d in self.modality_dims.items()})

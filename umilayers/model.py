@@ -12,6 +12,7 @@ noise for a missing modality and multiplying the result by zero).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -576,6 +577,18 @@ class TaskModel(nn.Module):
 
     #: The constructor arguments (JSON-serialisable), for :meth:`config_dict`.
     hparams: dict[str, Any]
+
+    def record_hparams(self, cls: type, args: Mapping[str, Any]) -> None:
+        """Keep ``cls.__init__``'s arguments, read from ``args``, for :meth:`config_dict`.
+
+        Called first in a constructor with its ``locals()``, so every argument is recorded as
+        given, and a new argument cannot be forgotten. ``device`` and ``dtype`` are left out;
+        mappings are copied in sorted key order.
+        """
+        names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "device", "dtype")]
+        self.hparams = {
+            n: {k: args[n][k] for k in sorted(args[n])} if isinstance(args[n], Mapping) else args[n] for n in names
+        }
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-serialisable dict (``type(model)(**model.config_dict())``)."""
