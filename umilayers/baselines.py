@@ -33,6 +33,7 @@ from umilayers.model import (
     TextEncoder,
     UMIOutput,
     UnseenModalityModel,
+    _check_modality_dims,
     _check_text_dim,
     check_batch,
     combine_branches,
@@ -323,12 +324,10 @@ class LateFusion(TaskModel):
     ) -> None:
         super().__init__()
         self.record_hparams(LateFusion, locals())
-        if not isinstance(modality_dims, Mapping) or not modality_dims:
-            raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
+        self.modality_dims = _check_modality_dims(modality_dims)
         check_choice("task", task, TASKS)
         _check_text_dim(task, text_dim)
         tokens = dict(modality_tokens or {})
-        self.modality_dims = {m: modality_dims[m] for m in sorted(modality_dims)}
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
         factory = {"device": device, "dtype": dtype}
         self.members = nn.ModuleDict(
@@ -452,8 +451,7 @@ class VanillaTransformer(_SupervisedOnly):
     ) -> None:
         super().__init__()
         self.record_hparams(VanillaTransformer, locals())
-        if not isinstance(modality_dims, Mapping) or not modality_dims:
-            raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
+        dims = _check_modality_dims(modality_dims)
         check_choice("task", task, TASKS)
         _check_text_dim(task, text_dim)
         if positions == "learned" and not isinstance(missing_tokens, Mapping):
@@ -461,7 +459,7 @@ class VanillaTransformer(_SupervisedOnly):
                              f"got {missing_tokens!r}")
         for name, value in (("num_outputs", num_outputs), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
-        names = sorted(modality_dims)
+        names = list(dims)
         if isinstance(missing_tokens, Mapping):
             absent = [m for m in names if m not in missing_tokens]
             if absent:
@@ -473,7 +471,7 @@ class VanillaTransformer(_SupervisedOnly):
             check_positive_int(f"missing_tokens[{m!r}]", lengths[m])
             check_positions(positions, lengths[m])
         factory = {"device": device, "dtype": dtype}
-        self.modality_dims = {m: modality_dims[m] for m in names}
+        self.modality_dims = dims
         self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
         self.positions = positions
         self.max_tokens = dict(lengths) if positions == "learned" else None

@@ -342,13 +342,7 @@ class UMIConfig(ModelConfig):
 
     def check(self) -> None:
         super().check()
-        if not isinstance(self.modality_dims, Mapping) or not self.modality_dims:
-            raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {self.modality_dims!r}")
-        for m, d in self.modality_dims.items():
-            if not isinstance(m, str) or not m:
-                raise ValueError(f"modality_dims: modality names must be non-empty strings, got {m!r}")
-            check_positive_int(f"modality_dims[{m!r}]", d)
-        object.__setattr__(self, "modality_dims", {m: int(self.modality_dims[m]) for m in sorted(self.modality_dims)})
+        object.__setattr__(self, "modality_dims", _check_modality_dims(self.modality_dims))
         check_positive_int("num_outputs", self.num_outputs)
         check_choice("task", self.task, TASKS)
         check_choice("projection", self.projection, PROJECTIONS)
@@ -397,6 +391,17 @@ class UMIConfig(ModelConfig):
         out = super().to_dict()
         out["modality_dims"] = dict(self.modality_dims)
         return out
+
+
+def _check_modality_dims(modality_dims: Any) -> dict[str, int]:
+    """A non-empty mapping of modality names to feature sizes ``d_m``, returned in sorted key order."""
+    if not isinstance(modality_dims, Mapping) or not modality_dims:
+        raise ValueError(f"modality_dims: expected a non-empty mapping name -> d_m, got {modality_dims!r}")
+    for m, d in modality_dims.items():
+        if not isinstance(m, str) or not m:
+            raise ValueError(f"modality_dims: modality names must be non-empty strings, got {m!r}")
+        check_positive_int(f"modality_dims[{m!r}]", d)
+    return {m: int(modality_dims[m]) for m in sorted(modality_dims)}
 
 
 def _check_text_dim(task: str, text_dim: Optional[int], required: bool = True) -> None:
