@@ -312,12 +312,15 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
-def write_results(out: Path, name: str, result: Mapping[str, Any], plot: Optional[Callable[[Path, Any], None]]) -> None:
-    """``out/<name>.json`` (atomically), then ``plot(out/<name>.png, result)``, and say so."""
+def write_results(out: Path, name: str, result: Mapping[str, Any], plot: Optional[Callable[[Path, Any], None]],
+                  seconds: Optional[float] = None) -> None:
+    """``out/<name>.json`` (atomically), then ``plot(out/<name>.png, result)``, and say so (with the
+    run's ``seconds`` when given)."""
     write_json(Path(out) / f"{name}.json", result)
     if plot is not None:
         plot(Path(out) / f"{name}.png", result)
-    print(f"wrote {Path(out) / name}.json" + (" and .png" if plot is not None else ""))
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    print(f"wrote {Path(out) / name}.json" + (" and .png" if plot is not None else "") + took)
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:

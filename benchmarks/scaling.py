@@ -225,9 +225,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "sweeps": sweeps,
         "seconds": time.perf_counter() - started,
     }
-    _common.write_json(args.out / f"{name}.json", result)
-    plot(args.out / f"{name}.png", result)
-    print(f"\nwrote {args.out / (name + '.json')} and .png in {result['seconds']:.0f} s")
+    print()
+    _common.write_results(args.out, name, result, plot, seconds=result["seconds"])
     return 0
 
 

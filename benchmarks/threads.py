@@ -564,9 +564,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args, argv)
     report(result)
-    _common.write_json(args.out / f"{args.name}.json", result)
-    plot(args.out / f"{args.name}.png", result)
-    print(f"\nwrote {args.out / (args.name + '.json')} and .png in {result['seconds']:.0f} s")
+    print()
+    _common.write_results(args.out, args.name, result, plot, seconds=result["seconds"])
     return 0
 
 
