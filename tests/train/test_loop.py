@@ -116,3 +116,22 @@ def test_the_counter_sees_the_opt_in_value_checks(stores):
     where = {line for _, line, _ in reads}
     assert any(line.startswith("model.py") for line in where) and any(line.startswith("_validation.py")
                                                                        for line in where)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_predict_on_no_rows(stores, task):
+    """An empty selection (as a rank with no rows sees it) gives empty parts shaped like rows."""
+    from umilayers.train.loop import predict
+
+    store = stores[task]
+    cfg = FitConfig.from_options(dim=16, num_tokens=4, heads=2, projection_depth=1, fusion_depth=1, quiet=True)
+    model = model_for_store(cfg, store)
+    ctx = DistContext()
+    out = predict(model, model, store, ["test"], None, cfg, ctx, only=[])
+    assert out["prediction"].shape == (0, store.num_outputs) and out["indices"].shape == (0,)
+    if task == "retrieval":
+        assert out["text"].shape == (0, 1, store.num_outputs) and out["caption_counts"].dtype == torch.long
+        full = predict(model, model, store, ["test"], None, cfg, ctx)
+        assert out["text"].shape[1:] == full["text"].shape[1:]
+    else:
+        assert out["targets"].shape[1:] == predict(model, model, store, ["test"], None, cfg, ctx)["targets"].shape[1:]

@@ -503,6 +503,18 @@ def encode_captions(model: TaskModel, store: FeatureStore, names: Sequence[str],
     return _gather(parts, store, ctx)
 
 
+def _empty_like_rows(key: str, store: FeatureStore, ctx: DistContext) -> Tensor:
+    """A part with no rows, shaped like the rows of ``key`` (a rank with no rows, or an empty
+    selection, still takes part in the gather)."""
+    width = int(store.num_outputs)
+    long = {"dtype": torch.long, "device": ctx.device}
+    if key in ("indices", "caption_counts") or (key == "targets" and store.task == "classification"):
+        return torch.zeros(0, **long)
+    if key == "text":  # (N, K, E): every caption slot of a row (caption="all" pads to max_captions)
+        return torch.zeros(0, store.max_captions if _several_captions(store) else 1, width, device=ctx.device)
+    return torch.zeros(0, width, device=ctx.device)
+
+
 def _gather(parts: Mapping[str, list[Tensor]], store: FeatureStore, ctx: DistContext) -> dict[str, Tensor]:
     """Concatenate each part over the batches, then over the ranks (rank order), on the CPU."""
     return {key: all_gather_rows(torch.cat(values) if values else _empty_like_rows(key, store, ctx), ctx).cpu()
