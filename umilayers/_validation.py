@@ -58,6 +58,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_divides",
+    "check_head_dim",
     "check_ids",
     "format_spec",
     "format_indices",
@@ -295,6 +296,22 @@ def check_divides(name: str, value: int, of: str, total: int) -> None:
     """
     if total % value:
         raise InvalidArgument(name, f"must divide {{{of}}}={total}, got {{{name}}}={value}", refs=(of, name))
+
+
+def check_head_dim(heads: int, of: str, width: int, head_dim: Optional[int]) -> int:
+    """The width of each attention head: ``head_dim`` when given (positive), else ``width //
+    heads``, which needs ``heads`` to divide ``width`` (the argument ``of``).
+
+    Example::
+
+        >>> check_head_dim(4, "dim", 32, None), check_head_dim(3, "dim", 32, 64)
+        (8, 64)
+    """
+    if head_dim is None:
+        check_divides("heads", heads, of, width)
+        return width // heads
+    check_positive_int("head_dim", head_dim)
+    return head_dim
 
 
 def check_ids(name: str, ids: Tensor, upper: int, what: str) -> Tensor:

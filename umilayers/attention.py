@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from umilayers._validation import (
     check_bool_mask,
     check_choice,
-    check_divides,
+    check_head_dim,
     check_int,
     check_number,
     check_positive_int,
@@ -729,10 +729,7 @@ class GroupMaskedTransformer(nn.Module):
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
-        if head_dim is None:
-            check_divides("heads", heads, "dim", dim)
-            head_dim = dim // heads
-        check_positive_int("head_dim", head_dim)
+        head_dim = check_head_dim(heads, "dim", dim, head_dim)
         check_number("mlp_ratio", mlp_ratio, strict=True)
         if groups is not None and group_sizes is not None:
             raise ValueError("give either groups or group_sizes, not both")

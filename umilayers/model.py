@@ -26,8 +26,8 @@ from umilayers._validation import (
     InvalidArgument,
     check_bool_mask,
     check_choice,
-    check_divides,
     check_finite,
+    check_head_dim,
     check_positive_int,
     check_tensor,
 )
@@ -306,8 +306,7 @@ class ModelConfig(Config):
                                        "before the common-space sum (the authors' released code has one)")
 
     def check(self) -> None:
-        if self.head_dim is None:
-            check_divides("heads", self.heads, "dim", self.dim)
+        check_head_dim(self.heads, "dim", self.dim, self.head_dim)
         if self.num_tokens % self.branches:
             raise InvalidArgument(
                 "branches",

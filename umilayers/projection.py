@@ -27,7 +27,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from umilayers._validation import check_bool_mask, check_choice, check_divides, check_int, check_number
+from umilayers._validation import check_bool_mask, check_choice, check_head_dim, check_int, check_number
 from umilayers._validation import check_positive_int, check_tensor, format_indices
 from umilayers.attention import GroupMaskedTransformer
 
@@ -284,10 +284,7 @@ class FeatureProjection(_TokenProjection):
         for name, value in sizes.items():
             check_positive_int(name, value)
         check_int("depth", depth, 0)
-        if head_dim is None:
-            check_divides("heads", heads, "out_dim", out_dim)
-        else:
-            check_positive_int("head_dim", head_dim)
+        check_head_dim(heads, "out_dim", out_dim, head_dim)
         check_choice("normalize", normalize, NORMALIZE)
         check_positions(positions, max_tokens)
         check_number("mlp_ratio", mlp_ratio, strict=True)
