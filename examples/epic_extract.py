@@ -15,12 +15,12 @@ import sys
 from typing import Optional, Sequence
 
 from umilayers._threads import add_threads_argument, apply_thread_policy
-from umilayers.cli import USER_ERRORS, HelpFormatter, report_error
+from umilayers.cli import USER_ERRORS, ArgumentParser, HelpFormatter, report_error
 from umilayers.datasets import epic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--annotations", required=True,
                       help="folder holding EPIC_100_train.csv (and EPIC_100_validation.csv)")

@@ -30,8 +30,8 @@ import numpy as np
 
 from umilayers._io import atomic_write_json
 from umilayers._threads import apply_thread_policy
-from umilayers.cli import (USER_ERRORS, HelpFormatter, add_fit_arguments, add_preset_argument, describe_run,
-                           parse_fit_args, preset_defaults, report_error)
+from umilayers.cli import (USER_ERRORS, ArgumentParser, HelpFormatter, add_fit_arguments, add_preset_argument,
+                           describe_run, parse_fit_args, preset_defaults, report_error)
 from umilayers.data.store import FeatureStore
 from umilayers.datasets import epic
 from umilayers.train import fit
@@ -46,7 +46,7 @@ EPIC_DEFAULTS = {
 
 def build_parser(preset: Optional[dict[str, Any]] = None) -> argparse.ArgumentParser:
     """The parser; ``preset``: the options of ``--preset`` (:func:`umilayers.cli.preset_defaults`)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("store", help="FeatureStore written by examples/epic_extract.py")
     add_fit_arguments(parser, defaults={**EPIC_DEFAULTS, **(preset or {})})
     add_preset_argument(parser)

@@ -29,8 +29,8 @@ from typing import Optional
 
 from umilayers._io import atomic_write_json
 from umilayers._threads import apply_thread_policy
-from umilayers.cli import (USER_ERRORS, HelpFormatter, add_fit_arguments, add_preset_argument, describe_run,
-                           parse_fit_args, preset_defaults, report_error)
+from umilayers.cli import (USER_ERRORS, ArgumentParser, HelpFormatter, add_fit_arguments, add_preset_argument,
+                           describe_run, parse_fit_args, preset_defaults, report_error)
 from umilayers.datasets import msrvtt
 from umilayers.train import FitConfig, fit, process_group
 
@@ -44,7 +44,7 @@ def _modality_file(text: str) -> tuple[str, str]:
 
 def build_parser(preset: Optional[dict] = None) -> argparse.ArgumentParser:
     """The parser; ``preset``: the options of ``--preset`` (:func:`umilayers.cli.preset_defaults`)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
     data.add_argument("--data", required=True,
                       help="data/MSRVTT of the CE or high-quality feature release (or a feature root)")

@@ -29,15 +29,15 @@ from typing import Optional
 
 from umilayers._io import atomic_write, atomic_write_text
 from umilayers._threads import apply_thread_policy
-from umilayers.cli import (USER_ERRORS, HelpFormatter, add_fit_arguments, add_preset_argument, describe_run,
-                           parse_fit_args, preset_defaults, report_error)
+from umilayers.cli import (USER_ERRORS, ArgumentParser, HelpFormatter, add_fit_arguments, add_preset_argument,
+                           describe_run, parse_fit_args, preset_defaults, report_error)
 from umilayers.datasets import robot
 from umilayers.train import FitConfig, evaluate, fit, process_group
 
 
 def build_parser(preset: Optional[dict] = None) -> argparse.ArgumentParser:
     """The parser; ``preset``: the options of ``--preset`` (:func:`umilayers.cli.preset_defaults`)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data and extraction")
     data.add_argument("--data", required=True, help="folder of the dataset's .h5 episode files")
     data.add_argument("--store", default=None, help="FeatureStore to write or reuse (default RUN/store)")

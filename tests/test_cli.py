@@ -371,3 +371,20 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(finished, tmp_path):
     assert err.strip().splitlines() == [
         "umilayers fit: interrupted; the last finished epoch is kept: add --resume to continue"]
     assert (run / "checkpoint.pt").is_file() and not (run / "metrics.json").exists()  # resumable, unfinished
+
+
+@pytest.mark.parametrize("argv", [
+    ["fit", "STORE", "--out", "x", "--epochs", "0"],  # a config field's check
+    ["fit", "STORE", "--out", "x", "--positions", "banana"],
+    ["fit", "STORE"],  # a required option missing
+    ["nosuch"],  # an unknown command
+])
+def test_parser_errors_are_one_line(argv, capsys):
+    """argparse's own errors too: one stderr line, no usage block, exit status 2."""
+    from umilayers.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "usage:" not in err

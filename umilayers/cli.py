@@ -39,7 +39,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NoReturn, Optional, Sequence
 
 from umilayers._config import OptionSpec
 from umilayers._threads import add_threads_argument, apply_thread_policy
@@ -53,8 +53,8 @@ from umilayers.train import FitConfig, evaluate, fit
 from umilayers.train.presets import PRESETS, preset_options
 from umilayers.train.run import RUN_FILES
 
-__all__ = ["HelpFormatter", "flag", "add_fit_arguments", "fit_config", "parse_fit_args", "add_preset_argument",
-           "preset_defaults", "build_parser", "USER_ERRORS", "error_message", "report_error", "describe_run",
+__all__ = ["ArgumentParser", "HelpFormatter", "flag", "add_fit_arguments", "fit_config", "parse_fit_args",
+           "add_preset_argument", "preset_defaults", "build_parser", "USER_ERRORS", "error_message", "report_error", "describe_run",
            "synth_next_steps", "main"]
 
 #: Titles of the ``--help`` sections, one per concern of :class:`~umilayers.train.FitConfig`.
@@ -66,6 +66,27 @@ _NONE = "none"
 def flag(name: str) -> str:
     """The command-line spelling of an option: ``num_tokens`` -> ``--num-tokens``."""
     return "--" + name.replace("_", "-")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, as every other refusal of the
+    command line: ``prog: error: <message>`` on stderr, exit status 2 (argparse prints its whole
+    usage first; ``--help`` shows it). Sub-command parsers inherit the class.
+
+    Example::
+
+        >>> import contextlib, io
+        >>> parser = ArgumentParser(prog="demo")
+        >>> _ = parser.add_argument("--epochs", type=int)
+        >>> err = io.StringIO()
+        >>> with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        ...     _ = parser.parse_args(["--epochs", "two"])
+        >>> print(err.getvalue(), end="")
+        demo: error: argument --epochs: invalid int value: 'two'
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -223,7 +244,7 @@ def preset_defaults(argv: Optional[Sequence[str]], benchmark: str) -> dict[str, 
         >>> preset_defaults(["STORE"], "robot")
         {}
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
     known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     return preset_options(known.preset, benchmark) if known.preset else {}
@@ -236,7 +257,7 @@ def _int_option(parser: Any, name: str, default: int, help: str, minimum: int) -
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``umilayers`` parser with its sub-commands."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="umilayers",
         description="Learning Unseen Modality Interaction: train and evaluate on FeatureStores.",
         formatter_class=HelpFormatter,
