@@ -41,8 +41,10 @@ prediction, loss and gradients as ``model.forward``, and run every projection on
 
 Reported: median step time over ``--repeats`` rounds after ``--warmup``, the median per-round
 ratio of each baseline to ``ours`` in wall time and in the process's CPU time (on a loaded
-machine the steadier of the two: it leaves out the time spent waiting for a core), peak memory of one more step of each (CPU: resident-set
-growth, ``VmHWM`` reset through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``),
+machine the steadier of the two: it leaves out the time spent waiting for a core), peak memory of one step of each after a warm-up step (CUDA:
+``max_memory_allocated``, in the timed process; CPU: resident-set growth, ``VmHWM`` reset through
+``/proc/self/clear_refs``, in a fresh process with glibc's mmap threshold pinned so that freed
+tensors leave the resident set; the timed process keeps glibc's defaults, as a training run does),
 matrix-product FLOPs, and where the time of ``ours`` goes: one step under ``torch.profiler``,
 every forward op attributed to a part of the model (module hooks open ``record_function``
 regions; the attention kernel is wrapped) and every backward op to the part whose forward op
@@ -64,11 +66,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-if __name__ == "__main__":
-    import _common
-
-    _common.pin_mmap_threshold()  # before torch allocates anything
-
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -414,18 +411,92 @@ def make_step(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
     return step
 
 
-def count_flops(step: Callable[[], float]) -> int:
-    """Matmul FLOPs of one step (forward + backward).
+def measure_peaks_here(steps: Mapping[str, Callable[[], float]], device: torch.device) -> dict[str, Optional[int]]:
+    """Peak memory of one step of each method in this process, after one warm-up step of each
+    (the optimizer's state then exists, as after the timed rounds)."""
+    for step in steps.values():
+        step()
+    return {m: _common.peak_bytes(step, device) for m, step in steps.items()}
+
+
+def measure_peaks(steps: Mapping[str, Callable[[], float]], device: torch.device,
+                  argv: Sequence[str]) -> dict[str, Optional[int]]:
+    """Peak memory of one step of each method: on CUDA here (the allocator's own peak); on the
+    CPU in a fresh process with glibc's mmap threshold pinned (:func:`_common.peaks_in_fresh_process`),
+    so that this process times the steps with glibc's defaults, as a user's training process runs."""
+    if device.type == "cpu":
+        peaks = _common.peaks_in_fresh_process(Path(__file__).resolve(), argv)
+        if peaks is not None:
+            return peaks
+    return measure_peaks_here(steps, device)
+
+
+def count_flops(step: Callable[[], float]) -> dict[str, int]:
+    """Matrix-product FLOPs of one step (forward + backward), by kind: ``"linear"`` (``mm``,
+    ``addmm``: the linear layers), ``"batched"`` (``bmm``: attention and the reorganisation) and
+    ``"total"``.
 
     ``torch.utils.flop_counter`` counts matrix products; SDPA's fused CPU kernel is invisible to
-    it, so the step runs with SDPA's math backend here (same FLOPs, explicit ``bmm``).
+    it, so the step runs with SDPA's math backend here (the FLOPs of attention without the fused
+    kernel's recomputation in the backward pass, as explicit ``bmm``).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         step()
-    return counter.get_total_flops()
+    by_op = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    linear = by_op.get("mm", 0) + by_op.get("addmm", 0)
+    batched = by_op.get("bmm", 0) + by_op.get("baddbmm", 0)
+    return {"linear": linear, "batched": batched, "total": counter.get_total_flops()}
+
+
+def _cpu_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """The least CPU time of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def matmul_rates(sizes: Mapping[str, Any], batch: int) -> dict[str, float]:
+    """This machine's GFLOP/s (CPU time) for the step's two kinds of matrix products, at the
+    model's own shapes (the rgb projection's, the largest part of the step):
+
+    - ``"linear"``: the forward and both backward products of the QKV map,
+      ``(n, D) x (D, 3 H h)`` with ``n`` = rgb rows x tokens;
+    - ``"batched"``: the attention's ``q k^T`` and ``p v`` as ``bmm`` of ``(B H, N, h)``, the
+      scores written into an existing buffer (as a fused kernel does per block).
+    """
+    rows = batch // 2 * sizes["tokens"]["rgb"]
+    dim, heads = sizes["dim"], sizes["heads"]
+    head = sizes["head_dim"] or dim // heads
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, dim, generator=gen), torch.randn(3 * heads * head, dim, generator=gen)
+    grad = torch.randn(rows, 3 * heads * head, generator=gen)
+
+    def linear() -> None:
+        F.linear(x, w), grad @ w, grad.t() @ x
+
+    n, bh = sizes["tokens"]["rgb"], batch // 2 * heads
+    q, k = torch.randn(bh, n, head, generator=gen), torch.randn(bh, n, head, generator=gen)
+    scores = torch.empty(bh, n, n)
+
+    def batched() -> None:
+        torch.bmm(q, k.transpose(1, 2), out=scores), torch.bmm(scores, k)
+
+    return {"linear": 3 * 2 * rows * dim * w.shape[0] / _cpu_seconds(linear) / 1e9,
+            "batched": 2 * 2 * bh * n * n * head / _cpu_seconds(batched) / 1e9}
+
+
+def matmul_floor(flops: Mapping[str, int], rates: Mapping[str, float]) -> float:
+    """Seconds the step's matrix products alone take at ``rates`` (GFLOP/s by kind; FLOPs of
+    neither kind at the slower rate): a lower bound of the step's time on this machine."""
+    other = flops["total"] - flops["linear"] - flops["batched"]
+    return (flops["linear"] / rates["linear"] + (flops["batched"] + other) / min(rates.values())) / 1e9
 
 
 # ----------------------------------------------------------------------------- where the time goes
@@ -652,7 +723,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke size (small widths and tokens), < 30 s")
     p.add_argument("--out", type=Path, default=_common.ROOT / "results")
     p.add_argument("--name", default=None, help="results/<name>.json and .png (default train_step)")
-    p.add_argument(_common.NO_REEXEC, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(_common.PEAKS_OUT, type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = dict(QUICK if args.quick else EPIC)
     if args.head_dim is not None:
@@ -702,6 +773,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         models["released-code"] = released
         steps["released-code"] = make_step("released-code", released, torch.optim.AdamW(released.parameters(), lr=1e-4),
                                            data, autocast, used=used)
+    if args.peaks_out is not None:  # the fresh process of measure_peaks
+        _common.write_json(args.peaks_out, measure_peaks_here(steps, device))
+        return 0
     params = {m: parameter_count(mod) for m, mod in models.items()}
     released_count = released_parameters(sizes, head)
     baseline = "released-code" if "released-code" in steps else next((b for b in args.baselines), None)
@@ -720,8 +794,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     cpu: dict[str, list[float]] = {}
     times = _common.interleaved_times(steps, args.warmup, args.repeats, sync, cpu_times=cpu)
-    peaks = {m: _common.peak_bytes(step, device) for m, step in steps.items()}
-    flops = None if args.no_flops else {m: count_flops(step) for m, step in steps.items()}
+    peaks = measure_peaks(steps, device, argv if argv is not None else sys.argv[1:])
+    flop_kinds = None if args.no_flops else {m: count_flops(step) for m, step in steps.items()}
+    flops = {m: f["total"] for m, f in flop_kinds.items()} if flop_kinds else None
+    rates = matmul_rates(sizes, batch) if flop_kinds and device.type == "cpu" else None
     breakdown = None
     if not args.no_breakdown and device.type == "cpu":
         breakdown = time_breakdown(model, make_step("ours", model, optimizer, data, autocast, regions=True))
@@ -746,7 +822,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {
         "title": title,
         "command": " ".join(["python", "benchmarks/train_step.py",
-                             *[a for a in (argv if argv is not None else sys.argv[1:]) if a != _common.NO_REEXEC]]),
+                             *(argv if argv is not None else sys.argv[1:])]),
         "config": {"batch": batch, "sizes": sizes, "dtype": args.dtype, "device": str(device),
                    "repeats": args.repeats, "warmup": args.warmup, "threads": threads,
                    "baselines": args.baselines, "backends": args.backends, "quick": args.quick,
@@ -779,6 +855,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if flops and baseline:
         result["flop_ratio"] = flops[baseline] / flops["ours"]
         print(f"FLOP ratio {baseline}/ours: {result['flop_ratio']:.2f} (the speed-up if time followed the arithmetic)")
+    if rates and baseline:
+        floor = matmul_floor(flop_kinds["ours"], rates)
+        ours_cpu = methods["ours"]["cpu_median_s"]
+        bound = methods[baseline]["cpu_median_s"] / floor
+        result["floor"] = {"rates_gflops": rates, "flops": flop_kinds["ours"], "floor_s": floor,
+                           "ours_cpu_s": ours_cpu, "ours_vs_floor": ours_cpu / floor, "speedup_at_floor": bound}
+        print(f"floor: ours' matrix products alone ({flop_kinds['ours']['linear'] / 1e9:,.1f} GFLOP in linear "
+              f"layers at {rates['linear']:.0f} GFLOP/s, {flop_kinds['ours']['batched'] / 1e9:,.1f} GFLOP batched at "
+              f"{rates['batched']:.0f} GFLOP/s, this machine's rates at the model's shapes, measured now) take "
+              f"{floor:.2f} s; ours took {ours_cpu:.2f} s of CPU time ({ours_cpu / floor:.2f}x the floor). If ours "
+              f"ran at the floor, the speed-up over {baseline} would be {bound:.2f}x (CPU time).")
     if breakdown is not None:
         print(breakdown_table(breakdown))
         shares = grouped_shares(breakdown)

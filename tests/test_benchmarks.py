@@ -265,3 +265,38 @@ def test_the_previous_path_computes_what_ours_computes():
     assert model.transformer.first_queries_only and model.transformer.backend == "auto"  # restored
     for name, grad in grads["ours"].items():
         torch.testing.assert_close(grads["ours-previous"][name], grad, **tol(torch.float32, "bwd"), msg=name)
+
+
+def test_peaks_are_measured_in_a_fresh_process_with_the_mmap_threshold_pinned(tmp_path):
+    """The timed process keeps glibc's defaults; the peaks come from a second process that has the
+    threshold pinned and answers through ``--peaks-out``; a failing child is reported with its output."""
+    if not sys.platform.startswith("linux"):
+        assert _common.peaks_in_fresh_process(tmp_path / "none.py", []) is None
+        return
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        if sys.argv[1] == "fail":
+            print("the child's own words")
+            sys.exit(3)
+        out = sys.argv[sys.argv.index("--peaks-out") + 1]
+        with open(out, "w") as f:
+            json.dump({"threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "argv": sys.argv[1:-2]}, f)
+    """))
+    got = _common.peaks_in_fresh_process(script, ["ok", "--x", "1"])
+    assert got == {"threshold": str(_common.PEAKS_MMAP_THRESHOLD), "argv": ["ok", "--x", "1"]}
+    with pytest.raises(RuntimeError, match=r"exit 3\)") as failed:
+        _common.peaks_in_fresh_process(script, ["fail"])
+    assert "the child's own words" in str(failed.value)
+
+
+def test_flops_by_kind_add_up_and_the_floor_is_their_time_at_the_given_rates():
+    model, data = _setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    flops = train_step.count_flops(train_step.make_step("ours", model, optimizer, data, None))
+    assert flops["linear"] > 0 and flops["batched"] > 0  # the attention is counted as bmm
+    assert flops["linear"] + flops["batched"] == flops["total"]  # matrix products are all of them
+    floor = train_step.matmul_floor({"linear": 4e9, "batched": 1e9, "total": 6e9}, {"linear": 100.0, "batched": 50.0})
+    assert floor == pytest.approx(4 / 100 + 2 / 50)  # the 1e9 of neither kind at the slower rate
+    rates = train_step.matmul_rates(TINY, 4)
+    assert set(rates) == {"linear", "batched"} and all(r > 0 for r in rates.values())
