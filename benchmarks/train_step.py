@@ -13,8 +13,9 @@ once, so a shared machine's load hits all alike):
   have it; the common-space sum scatters them; one group-masked transformer pass runs both
   branches (``auto`` attention backend). ``--backends`` adds ``ours[<backend>]`` for each
   backend named (the GPU check times xformers, fold, sdpa and loop this way).
-- ``ours-previous`` (CPU): ``ours`` as it computed before this round's two changes, for the
-  speed-up they bring, in the same run: the fusion's last layer computes every token
+- ``ours-previous`` (CPU): ``ours`` as it computed before issue 12's three changes, for the
+  speed-up they bring, in the same run: every block computes q, k, v as one product cut into
+  views (:func:`previous_block_forward`), the fusion's last layer computes every token
   (``first_queries_only = False``) and the fold backend folds the groups next to the heads
   (:func:`previous_fold`, which copies q, k, v and the output).
 - ``released``: :func:`released_forward` with THE SAME model instance (the same parameters): a
@@ -83,7 +84,7 @@ from torch import Tensor, nn  # noqa: E402
 import _common  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
-from umilayers.attention import BACKENDS, attention_backend, resolve_kernel  # noqa: E402
+from umilayers.attention import BACKENDS, _Block, attention_backend, resolve_kernel  # noqa: E402
 from umilayers.model import UMIOutput, UnseenModalityModel, combine_branches  # noqa: E402
 
 GOAL_SPEEDUP, STRETCH_SPEEDUP, GOAL_PEAK = 3.0, 4.0, 0.5
@@ -158,16 +159,33 @@ def previous_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int],
     return out.reshape(batch, heads, n, out.shape[-1])
 
 
+def previous_block_forward(block: nn.Module, x: Tensor, kernel: Callable[..., Tensor], group_sizes: Sequence[int],
+                           padding_mask: Optional[Tensor]) -> Tensor:
+    """A transformer block as before this round: one QKV product cut into three views (autograd
+    stacks their gradients and copies them back into the product's layout)."""
+    qkv = block.qkv(block.norm1(x))
+    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=block.heads)
+    attn = kernel(q, k, v, group_sizes, padding_mask)
+    x = x + block.proj(rearrange(attn, "b h n d -> b n (h d)"))
+    return x + block.mlp(block.norm2(x))
+
+
 @contextlib.contextmanager
 def previous_path(model: UnseenModalityModel) -> Iterator[None]:
-    """The fusion transformer as before this round: full last layer, :func:`previous_fold`."""
+    """``model`` as it computed before issue 12's speed-ups: every block with one QKV product cut
+    into views (:func:`previous_block_forward`), the fusion's full last layer, :func:`previous_fold`."""
     fusion = model.transformer
+    blocks = [m for m in model.modules() if isinstance(m, _Block)]
     saved = fusion.backend, fusion.first_queries_only
     fusion.backend, fusion.first_queries_only = previous_fold, False
+    for block in blocks:  # an instance attribute shadows the class's forward
+        block.forward = previous_block_forward.__get__(block)
     try:
         yield
     finally:
         fusion.backend, fusion.first_queries_only = saved
+        for block in blocks:
+            del block.forward
 
 
 @contextlib.contextmanager

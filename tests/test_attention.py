@@ -122,8 +122,9 @@ def test_fold_matches_reference(case):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_fold_of_the_layers_layout_matches_reference(padded):
-    # q, k, v as GroupMaskedTransformer cuts them from one (B, N, 3 H h) projection: fold moves the
-    # groups into the batch there (views), next to the heads for contiguous (B, H, N, h) inputs.
+    # q, k, v in a (B, N, H, h) memory layout, as GroupMaskedTransformer's blocks give them (here
+    # cut from one (B, N, 3 H h) tensor): fold moves the groups into the batch there (views), next
+    # to the heads for contiguous (B, H, N, h) inputs.
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(3, 12, 3, 2, 8, generator=gen)  # (B, N, three, H, h)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # three (B, H, N, h) views

@@ -251,7 +251,8 @@ def test_gpu_check_runs_on_cpu(tmp_path, capsys):
 
 
 def test_the_previous_path_computes_what_ours_computes():
-    # "ours-previous" (the full last layer, the old fold) is the same model: same loss and gradients.
+    # "ours-previous" (one QKV product cut into views, the full last layer, the old fold) is the same
+    # model: same loss and gradients.
     model, data = _setup()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the parameters
     grads = {}
@@ -263,6 +264,10 @@ def test_the_previous_path_computes_what_ours_computes():
         grads[method] = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
     assert model.transformer.first_queries_only and model.transformer.backend == "auto"  # restored
+    blocks = [m for m in model.modules() if isinstance(m, train_step._Block)]
+    with train_step.previous_path(model):
+        assert all(b.forward.__func__ is train_step.previous_block_forward for b in blocks)
+    assert blocks and all("forward" not in vars(b) for b in blocks)  # the class's forward again
     for name, grad in grads["ours"].items():
         torch.testing.assert_close(grads["ours-previous"][name], grad, **tol(torch.float32, "bwd"), msg=name)
 
