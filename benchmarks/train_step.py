@@ -560,11 +560,20 @@ def _timed_kernel(backend: Any, name: str) -> Callable[..., Tensor]:
     return kernel
 
 
+def _in_region(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` with every call inside a ``record_function`` region for :func:`time_breakdown`."""
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(PART + name):
+            return fn(*args, **kwargs)
+
+    return marked
+
+
 @contextlib.contextmanager
 def _marked(model: UnseenModalityModel) -> Iterator[None]:
     """Mark every part of ``model`` for :func:`time_breakdown` (restored on exit)."""
     regions = _Regions()
-    transformers = []
+    transformers, blocks = [], []
     other = "other (embed, norms, slot logits, reorganisation)"
     for stage, owner in [*((f"projection {m}", p) for m, p in model.projections.items()), ("fusion", model)]:
         encoder = owner.encoder if stage != "fusion" else owner.transformer
@@ -574,7 +583,9 @@ def _marked(model: UnseenModalityModel) -> Iterator[None]:
         transformers.append((encoder, encoder.backend))
         encoder.backend = _timed_kernel(encoder.backend, f"{stage}: attention kernel")
         for block in encoder.blocks:
-            regions.add(block.qkv, f"{stage}: attention linears (qkv, out)")
+            # The blocks multiply by row blocks of qkv.weight (Block._qkv), not through the module.
+            block._qkv = _in_region(block._qkv, f"{stage}: attention linears (qkv, out)")
+            blocks.append(block)
             regions.add(block.proj, f"{stage}: attention linears (qkv, out)")
             regions.add(block.mlp, f"{stage}: MLP")
     regions.add(model.head, "head, branch tokens, sum")
@@ -584,6 +595,8 @@ def _marked(model: UnseenModalityModel) -> Iterator[None]:
         regions.remove()
         for encoder, backend in transformers:
             encoder.backend = backend
+        for block in blocks:
+            del block._qkv
 
 
 def _enclosing(event: Any, prefix: str) -> Optional[Any]:

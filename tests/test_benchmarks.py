@@ -187,6 +187,23 @@ def test_time_breakdown_attributes_every_part():
     # the hooks and wrapped kernels are gone afterwards
     assert all(isinstance(t.backend, str) for t in (model.transformer, *(p.encoder for p in model.projections.values())))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any("_qkv" in vars(m) for m in model.modules())
+
+
+def test_time_breakdown_marks_the_qkv_products():
+    # The blocks multiply by row blocks of qkv.weight, which no module hook sees: the QKV products
+    # must still land in "attention linears", not in "other".
+    from torch.profiler import profile
+
+    model, _ = _setup()
+    block = model.projections["rgb"].encoder.blocks[0]
+    h = torch.randn(2, 9, block.qkv.in_features)
+    with train_step._marked(model), profile() as prof:
+        block._qkv(h)
+    regions = [e for e in prof.events() if e.name.startswith(train_step.PART)]
+    assert [e.name for e in regions] == [train_step.PART + "projection rgb: attention linears (qkv, out)"]
+    assert any(e.name in ("aten::linear", "aten::addmm") and train_step._enclosing(e, train_step.PART) is not None
+               for e in prof.events())
 
 
 def test_threads_option_is_one_definition(monkeypatch):
