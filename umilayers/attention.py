@@ -603,7 +603,7 @@ class _Block(nn.Module):
 
         One product cut into three views makes autograd stack the three gradients and copy them
         back into the ``(B, N, 3 H h)`` layout in every layer; three products only add their
-        input gradients. A train step at EPIC size ran about 5% faster on the CPU
+        input gradients. A train step at EPIC size ran 4-5% faster on the CPU
         (``benchmarks/notes/speed_experiments.py``).
         """
         inner = self.proj.in_features

@@ -1,7 +1,8 @@
-"""Attempts at the train step's largest item that did not pay (issue 12, 2026-11-30).
+"""Attempts at the train step's largest items, what paid and what did not (issue 12, 2026-11-30).
 
 Not a benchmark of the suite (CI does not run it): the record of what was tried against the
-rgb projection's attention, the largest item of ``benchmarks/train_step.py``'s breakdown, so
+rgb projection's attention (the largest item of ``benchmarks/train_step.py``'s breakdown) and
+the copies around it, so
 that the next person starts from the measurements. Each experiment prints forward and backward
 times (least of ``--repeats``, one torch thread) and checks that the variant computes what the
 library does:
@@ -17,21 +18,28 @@ library does:
    library since: ``_Block._qkv``), and as ``select`` views of one product.
 3. ``compile`` (``--compile``, about 2 minutes): the whole train step of ``train_step.py`` under
    ``torch.compile`` against eager.
+4. ``step`` (``--step-rounds N``, about 8 s a round): the whole train step of ``train_step.py``
+   with the blocks' QKV as one product cut into views (``train_step.previous_block_forward``)
+   against three products (the library), round-robin, CPU time; prints the median per-round
+   ratio.
 
 Measured on the 2-core CPU (1 thread, quiet), 2026-11-30: (1) kept probabilities are slower at
 the rgb shape (forward 133 ms against 43, backward 167 against 111: writing 32 score matrices of
 784 x 784 costs more than recomputing them blockwise) and at the fusion's (61 + 80 against
 24 + 64 ms); faster only at the audio's small shape (6.6 against 7.6 ms: 6 ms of a 3.6 s step);
-(2) least of 7 rounds, three runs: one product cut into views 1725, 1737, 1761 ms; three
-products 1669, 1648, 1689 ms (3-5% faster: taken; a train step about 5% faster in round-robin A/Bs);
-select views 1785, 1851, 1793 ms. (Timed one variant after the other instead, an earlier run had
+(2) least of 7 rounds, four runs: one product cut into views 1725, 1737, 1761, 1781 ms; three
+products 1669, 1648, 1689, 1698 ms (3-5% faster: taken; a train step 4-5% faster, see (4));
+select views 1785, 1851, 1793, 1869 ms. (Timed one variant after the other instead, an earlier run had
 the order reversed, 1840 against 1956 ms: the machine's speed drifts, hence round-robin.)
-(3) compiled 3.9-4.5 s per step against 3.5-4.0 s eager, after 76 s of compilation.
+(3) compiled 3.9-4.5 s per step against 3.5-4.0 s eager, after 76 s of compilation; (4) median
+per-round ratio 1.049 and 1.040 in two runs of 15 rounds (1.047 and 1.086 over 7 in two
+earlier runs, before the A/B was part of this script).
 
 Run::
 
     python benchmarks/notes/speed_experiments.py
     python benchmarks/notes/speed_experiments.py --compile
+    python benchmarks/notes/speed_experiments.py --step-rounds 15
 """
 
 from __future__ import annotations
@@ -171,16 +179,47 @@ def compiled(repeats: int) -> None:
         print(f"  {name}: " + " ".join(f"{step(fn):.2f}" for _ in range(repeats + 1)) + " s per step")
 
 
+def step_ab(rounds: int) -> None:
+    import statistics
+
+    import train_step
+
+    from umilayers.attention import _Block
+
+    sizes = dict(train_step.EPIC)
+    data = train_step.make_batch(sizes, 8, "cpu", torch.Generator().manual_seed(0))
+    model = train_step.build_model(sizes, "cpu")
+    step = train_step.make_step("ours", model, torch.optim.AdamW(model.parameters(), lr=1e-4), data, None)
+    variants = {"one product cut into views": train_step.previous_block_forward, "three products (library)": _Block.forward}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for round_ in range(rounds + 1):
+            for name, forward in variants.items():
+                _Block.forward = forward
+                start = time.process_time()
+                step()
+                if round_:
+                    times[name].append(time.process_time() - start)
+    finally:
+        _Block.forward = variants["three products (library)"]
+    (a, slow), (b, fast) = times.items()
+    print(f"train step, CPU s, median of {rounds} rounds: {a} {statistics.median(slow):.2f}, {b} "
+          f"{statistics.median(fast):.2f}; median per-round ratio {statistics.median(x / y for x, y in zip(slow, fast)):.3f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also the compiled train step (minutes)")
+    p.add_argument("--step-rounds", type=int, default=0, help="also the train-step A/B of the QKV layouts")
     args = p.parse_args()
     torch.set_num_threads(1)
     attention(args.repeats)
     qkv(args.repeats)
     if args.compile:
         compiled(args.repeats)
+    if args.step_rounds:
+        step_ab(args.step_rounds)
     return 0
 
 
