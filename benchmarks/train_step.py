@@ -138,13 +138,18 @@ def released_attention(q: Tensor, k: Tensor, v: Tensor, branches: int, kernel: s
     return torch.cat(readouts + slots, dim=2)
 
 
-def released_block(block: nn.Module, x: Tensor, branches: int, kernel: str) -> Tensor:
-    """One layer of our fusion transformer (its weights) with the released attention loop."""
+def one_product_block(block: nn.Module, x: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """A layer of ours (its weights) computed as the released code computes one: a single QKV
+    product cut into three views, ``attend(q, k, v)``, output map, MLP."""
     qkv = block.qkv(block.norm1(x))
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=block.heads)
-    attn = released_attention(q, k, v, branches, kernel)
-    x = x + block.proj(rearrange(attn, "b h n d -> b n (h d)"))
+    x = x + block.proj(rearrange(attend(q, k, v), "b h n d -> b n (h d)"))
     return x + block.mlp(block.norm2(x))
+
+
+def released_block(block: nn.Module, x: Tensor, branches: int, kernel: str) -> Tensor:
+    """One layer of our fusion transformer (its weights) with the released attention loop."""
+    return one_product_block(block, x, lambda q, k, v: released_attention(q, k, v, branches, kernel))
 
 
 def previous_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int],
@@ -161,13 +166,9 @@ def previous_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int],
 
 def previous_block_forward(block: nn.Module, x: Tensor, kernel: Callable[..., Tensor], group_sizes: Sequence[int],
                            padding_mask: Optional[Tensor]) -> Tensor:
-    """A transformer block as before this round: one QKV product cut into three views (autograd
-    stacks their gradients and copies them back into the product's layout)."""
-    qkv = block.qkv(block.norm1(x))
-    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=block.heads)
-    attn = kernel(q, k, v, group_sizes, padding_mask)
-    x = x + block.proj(rearrange(attn, "b h n d -> b n (h d)"))
-    return x + block.mlp(block.norm2(x))
+    """``_Block.forward`` as before this round: :func:`one_product_block` (autograd stacks the
+    three views' gradients and copies them back into the product's layout)."""
+    return one_product_block(block, x, lambda q, k, v: kernel(q, k, v, group_sizes, padding_mask))
 
 
 @contextlib.contextmanager
@@ -480,18 +481,17 @@ def _cpu_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
     return best
 
 
-def matmul_rates(sizes: Mapping[str, Any], batch: int) -> dict[str, float]:
+def matmul_rates(sizes: Mapping[str, Any], batch: int, head: int) -> dict[str, float]:
     """This machine's GFLOP/s (CPU time) for the step's two kinds of matrix products, at the
     model's own shapes (the rgb projection's, the largest part of the step):
 
     - ``"linear"``: the forward and both backward products of the QKV map,
       ``(n, D) x (D, 3 H h)`` with ``n`` = rgb rows x tokens;
-    - ``"batched"``: the attention's ``q k^T`` and ``p v`` as ``bmm`` of ``(B H, N, h)``, the
-      scores written into an existing buffer (as a fused kernel does per block).
+    - ``"batched"``: the attention's ``q k^T`` and ``p v`` as ``bmm`` of ``(B H, N, h)`` with
+      ``h = head``, the scores written into an existing buffer (as a fused kernel does per block).
     """
     rows = batch // 2 * sizes["tokens"]["rgb"]
     dim, heads = sizes["dim"], sizes["heads"]
-    head = sizes["head_dim"] or dim // heads
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, dim, generator=gen), torch.randn(3 * heads * head, dim, generator=gen)
     grad = torch.randn(rows, 3 * heads * head, generator=gen)
@@ -828,7 +828,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     peaks = measure_peaks(steps, device, argv if argv is not None else sys.argv[1:])
     flop_kinds = None if args.no_flops else {m: count_flops(step) for m, step in steps.items()}
     flops = {m: f["total"] for m, f in flop_kinds.items()} if flop_kinds else None
-    rates = matmul_rates(sizes, batch) if flop_kinds and device.type == "cpu" else None
+    rates = matmul_rates(sizes, batch, head) if flop_kinds and device.type == "cpu" else None
     breakdown = None
     if not args.no_breakdown and device.type == "cpu":
         breakdown = time_breakdown(model, make_step("ours", model, optimizer, data, autocast, regions=True))

@@ -320,5 +320,5 @@ def test_flops_by_kind_add_up_and_the_floor_is_their_time_at_the_given_rates():
     assert flops["linear"] + flops["batched"] == flops["total"]  # matrix products are all of them
     floor = train_step.matmul_floor({"linear": 4e9, "batched": 1e9, "total": 6e9}, {"linear": 100.0, "batched": 50.0})
     assert floor == pytest.approx(4 / 100 + 2 / 50)  # the 1e9 of neither kind at the slower rate
-    rates = train_step.matmul_rates(TINY, 4)
+    rates = train_step.matmul_rates(TINY, 4, TINY["head_dim"])
     assert set(rates) == {"linear", "batched"} and all(r > 0 for r in rates.values())

@@ -598,18 +598,21 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def _qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k and v ``(B, N, H h)`` of normed tokens ``h``: three products with row blocks of the
-        one ``qkv`` weight (its layout, and so state dicts, unchanged).
+        """q, k and v ``(B, N, H h)`` of normed tokens ``h`` (:meth:`_project`)."""
+        return self._project(h, 0), self._project(h, 1), self._project(h, 2)
 
-        One product cut into three views makes autograd stack the three gradients and copy them
-        back into the ``(B, N, 3 H h)`` layout in every layer; three products only add their
-        input gradients. A train step at EPIC size ran 4-5% faster on the CPU
+    def _project(self, h: Tensor, part: int) -> Tensor:
+        """``h`` times row block ``part`` (0: q, 1: k, 2: v) of the one ``qkv`` weight: ``(..., H h)``.
+
+        The weight's layout, and so state dicts, are one ``(3 H h, D)`` map; the products are
+        separate because one product cut into views makes autograd stack the views' gradients and
+        copy them back into the ``(B, N, 3 H h)`` layout in every layer, while separate products
+        only add their input gradients. A train step at EPIC size ran 4-5% faster on the CPU
         (``benchmarks/notes/speed_experiments.py``).
         """
         inner = self.proj.in_features
-        weight, bias = self.qkv.weight, self.qkv.bias
-        q, k, v = (F.linear(h, weight[i * inner:(i + 1) * inner], bias[i * inner:(i + 1) * inner]) for i in range(3))
-        return q, k, v
+        rows = slice(part * inner, (part + 1) * inner)
+        return F.linear(h, self.qkv.weight[rows], self.qkv.bias[rows])
 
     def forward_first(self, x: Tensor, group_sizes: Sequence[int], padding_mask: Optional[Tensor]) -> Tensor:
         """This layer's output at the first token of every group only, ``(B, G, D)``.
@@ -617,13 +620,10 @@ class _Block(nn.Module):
         Every token still gives its key and value; only the G first tokens are queries, so the
         output projection, the MLP and the attention run on G tokens instead of N.
         """
-        inner = self.proj.in_features
         starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
         h = self.norm1(x)
-        q = F.linear(h[:, starts], self.qkv.weight[:inner], self.qkv.bias[:inner])
-        kv = F.linear(h, self.qkv.weight[inner:], self.qkv.bias[inner:])
-        q = rearrange(q, "b g (h d) -> b h g d", h=self.heads)
-        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        q = rearrange(self._project(h[:, starts], 0), "b g (h d) -> b h g d", h=self.heads)
+        k, v = (rearrange(self._project(h, part), "b n (h d) -> b h n d", h=self.heads) for part in (1, 2))
         attn = _first_query_attention(q, k, v, group_sizes, padding_mask)
         y = x[:, starts] + self.proj(rearrange(attn, "b h g d -> b g (h d)"))
         return y + self.mlp(self.norm2(y))
