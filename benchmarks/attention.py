@@ -26,8 +26,11 @@ Reports the median of ``--repeats`` rounds (each round runs every level and meth
 interleaved, so a shared machine's load hits all alike), the median per-round ratio against
 ``dense`` (and against ``pyloop``), and peak memory: on CUDA ``torch.cuda.max_memory_allocated``
 above the baseline; on CPU the peak resident-set growth (the kernel's VmHWM, reset through
-``/proc/self/clear_refs``, with glibc's mmap threshold pinned so freed tensors leave the
-resident set) together with the analytic size of the attention mask. Prints a table and
+``/proc/self/clear_refs``), measured in a second, fresh process with glibc's mmap threshold
+pinned so that freed tensors leave the resident set (``_common.peaks_in_fresh_process``; the
+timed process keeps glibc's defaults, as a user's process runs: pinned, every large tensor is
+a page fault in the timed steps, which costs the methods with large masks and score matrices
+the most), together with the analytic size of the attention mask. Prints a table and
 whether the goals are met; writes ``results/attention.json`` and ``results/attention.png``.
 
 Run::
@@ -40,21 +43,11 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
-
-# Pin glibc's mmap threshold (before torch allocates anything) so that large freed tensors are
-# returned to the OS and resident-set peaks measure what the method needed, not stale heap.
-if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv, "--no-reexec"])
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -170,32 +163,6 @@ def op_step(method: str, q, k, v, grad_out, group_sizes: list[int]) -> Callable[
     return step
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
-    """Peak memory one step adds above what was allocated before it (None if not measurable)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        return torch.cuda.max_memory_allocated() - base
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base = _status_kib("VmRSS")
-        step()
-        return (_status_kib("VmHWM") - base) * 1024
-    except OSError:
-        return None
-
-
 def mask_bytes(method: str, b: int, h: int, n: int) -> int:
     """Bytes of the boolean mask each method builds (analytic, without key padding)."""
     return {"dense": b * h * n * n, "sdpa": n * n}.get(method, 0)
@@ -220,8 +187,19 @@ FAILED: dict[str, set] = {}
 AUTOCAST_DTYPE: Optional[torch.dtype] = None
 
 
-def run(args) -> dict:
-    rows = []
+class Case(NamedTuple):
+    """One measured size: N tokens in G groups, and a step of every (level, method) at it."""
+
+    n: int
+    groups: int
+    sizes: list[int]
+    auto_is: str
+    methods: list[str]
+    steps: dict[tuple[str, str], Callable[[], None]]
+
+
+def cases(args) -> Iterator[Case]:
+    """Every size of the run, in order, with its steps built (one size alive at a time)."""
     h = args.head_dim
     dtype = AUTOCAST_DTYPE or args.param_dtype
     for groups in args.groups:
@@ -247,68 +225,110 @@ def run(args) -> dict:
                 for method in methods:
                     torch.manual_seed(0)
                     steps["layer", method] = layer_step(make_layer(method, args, sizes), x)
-            # Round-robin: every round runs each (level, method) once, so the load of a shared
-            # machine hits all alike; ratios are taken within a round, then the median.
-            times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-            failed: dict[tuple[str, str], str] = {}
-            for round_ in range(args.warmup + args.repeats):
-                for key, step in list(steps.items()):
-                    try:
-                        start = time.perf_counter()
-                        step()
-                        elapsed = time.perf_counter() - start
-                    except Exception as err:  # e.g. xformers kernels that fail to load: report, go on
-                        failed[key] = f"{type(err).__name__}: {str(err)[:300]}"
-                        print(f"  {key[0]} {key[1]} failed at N={n}, G={groups}: {failed[key]}")
-                        del steps[key], times[key]
-                        continue
-                    if round_ >= args.warmup:
-                        times[key].append(elapsed)
-            levels = {}
-            for level in args.levels:
-                results = {}
-                dense_times = times[level, "dense"]
-                for (lvl, method), step in steps.items():
-                    if lvl != level:
-                        continue
-                    t = times[level, method]
-                    results[method] = {
-                        "median_s": statistics.median(t),
-                        "times_s": t,
-                        "time_vs_dense": statistics.median(a / d for a, d in zip(t, dense_times)),
-                        "peak_bytes": peak_bytes(step, args.device),
-                        "mask_bytes": mask_bytes(method, args.batch, args.heads, n),
-                    }
-                    if (level, "pyloop") in times:
-                        loop_t = times[level, "pyloop"]
-                        per_round = [a / b for a, b in zip(t, loop_t)]
-                        results[method]["time_vs_pyloop"] = statistics.median(per_round)
-                        results[method]["time_vs_pyloop_range"] = [min(per_round), max(per_round)]
-                dense = results["dense"]
-                for r in results.values():
-                    r["peak_vs_dense"] = (
-                        r["peak_bytes"] / dense["peak_bytes"] if r["peak_bytes"] and dense["peak_bytes"] else None
-                    )
-                levels[level] = results
-            del steps
-            for key, reason in failed.items():
-                FAILED.setdefault(f"{key[0]}:{key[1]}", set()).add(reason)
-            rows.append({
-                "N": n, "G": groups, "group_sizes": sizes, "auto_is": auto_is,
-                "flops": flops(args.batch, n, args.dim, args.mlp_ratio, sizes, args.heads * h), "levels": levels,
-            })
-            if "xformers" in methods:  # which of xformers' kernels served (its dispatcher's choice)
-                served = _common.xformers_kernels(
-                    torch.empty(args.batch, args.heads, n, h, device=args.device, dtype=dtype), sizes)
-                rows[-1]["xformers_kernels"] = {"forward": served["forward"], "backward": served["backward"]}
-                print(f"  xformers at N={n}, G={groups}: forward {served['forward']}, backward {served['backward']}"
-                      + (f" ({'; '.join(served['reasons'])})" if served["reasons"] else ""))
-            print_row(rows[-1])
+            yield Case(n, groups, sizes, auto_is, methods, steps)
+
+
+def peak_key(n: int, groups: int, level: str, method: str) -> str:
+    """How one step's peak is named in the peaks process's answer."""
+    return f"N={n} G={groups} {level} {method}"
+
+
+def measure_peaks_here(args) -> dict[str, Optional[int]]:
+    """Peak memory of one step of every (size, level, method), each after a warm-up call."""
+    peaks = {}
+    for case in cases(args):
+        for (level, method), step in case.steps.items():
+            try:
+                step()
+            except Exception:  # failures are the timed process's to report
+                continue
+            peaks[peak_key(case.n, case.groups, level, method)] = _common.peak_bytes(step, args.device)
+    return peaks
+
+
+def measure_peaks(args, argv: Sequence[str]) -> Optional[dict[str, Optional[int]]]:
+    """On the CPU, the peaks of a fresh process with glibc's mmap threshold pinned; None on CUDA
+    (the allocator's own peak is then measured in the timed process)."""
+    if args.device.type == "cuda":
+        return None
+    return _common.peaks_in_fresh_process(Path(__file__).resolve(), argv)
+
+
+def time_case(args, case: Case) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], str]]:
+    """Wall times of every step of ``case`` after ``args.warmup`` rounds, and the steps that failed.
+
+    Round-robin: every round runs each (level, method) once, so the load of a shared machine
+    hits all alike; ratios are taken within a round, then the median.
+    """
+    steps = dict(case.steps)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    failed: dict[tuple[str, str], str] = {}
+    for round_ in range(args.warmup + args.repeats):
+        for key, step in list(steps.items()):
+            try:
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+            except Exception as err:  # e.g. xformers kernels that fail to load: report, go on
+                failed[key] = f"{type(err).__name__}: {str(err)[:300]}"
+                print(f"  {key[0]} {key[1]} failed at N={case.n}, G={case.groups}: {failed[key]}")
+                del steps[key], times[key]
+                continue
+            if round_ >= args.warmup:
+                times[key].append(elapsed)
+    return times, failed
+
+
+def level_results(args, case: Case, level: str, times: dict[tuple[str, str], list[float]],
+                  peaks: Optional[dict[str, Optional[int]]]) -> dict[str, dict]:
+    """Median time, per-round ratios to ``dense`` and ``pyloop``, and peak memory of each method."""
+    results = {}
+    dense_times = times[level, "dense"]
+    for (lvl, method), t in times.items():
+        if lvl != level:
+            continue
+        peak = (peaks.get(peak_key(case.n, case.groups, level, method)) if peaks is not None
+                else _common.peak_bytes(case.steps[level, method], args.device))
+        results[method] = {
+            "median_s": statistics.median(t),
+            "times_s": t,
+            "time_vs_dense": statistics.median(a / d for a, d in zip(t, dense_times)),
+            "peak_bytes": peak,
+            "mask_bytes": mask_bytes(method, args.batch, args.heads, case.n),
+        }
+        if (level, "pyloop") in times:
+            per_round = [a / b for a, b in zip(t, times[level, "pyloop"])]
+            results[method]["time_vs_pyloop"] = statistics.median(per_round)
+            results[method]["time_vs_pyloop_range"] = [min(per_round), max(per_round)]
+    dense = results["dense"]
+    for r in results.values():
+        r["peak_vs_dense"] = r["peak_bytes"] / dense["peak_bytes"] if r["peak_bytes"] and dense["peak_bytes"] else None
+    return results
+
+
+def run(args, peaks: Optional[dict[str, Optional[int]]]) -> dict:
+    """Time every case; peaks from ``peaks`` (the fresh process's) or, when None, measured here."""
+    rows = []
+    dtype = AUTOCAST_DTYPE or args.param_dtype
+    for case in cases(args):
+        times, failed = time_case(args, case)
+        levels = {level: level_results(args, case, level, times, peaks) for level in args.levels}
+        for key, reason in failed.items():
+            FAILED.setdefault(f"{key[0]}:{key[1]}", set()).add(reason)
+        n, groups, sizes = case.n, case.groups, case.sizes
+        rows.append({
+            "N": n, "G": groups, "group_sizes": sizes, "auto_is": case.auto_is,
+            "flops": flops(args.batch, n, args.dim, args.mlp_ratio, sizes, args.heads * args.head_dim),
+            "levels": levels,
+        })
+        if "xformers" in case.methods:  # which of xformers' kernels served (its dispatcher's choice)
+            served = _common.xformers_kernels(
+                torch.empty(args.batch, args.heads, n, args.head_dim, device=args.device, dtype=dtype), sizes)
+            rows[-1]["xformers_kernels"] = {"forward": served["forward"], "backward": served["backward"]}
+            print(f"  xformers at N={n}, G={groups}: forward {served['forward']}, backward {served['backward']}"
+                  + (f" ({'; '.join(served['reasons'])})" if served["reasons"] else ""))
+        print_row(rows[-1])
     return {"rows": rows}
-
-
-def mib(b: Optional[int]) -> str:
-    return "   n/a" if b is None else f"{b / 2**20:6.1f}"
 
 
 def print_header() -> None:
@@ -324,7 +344,8 @@ def print_row(row: dict) -> None:
             vs_loop = f"{r['time_vs_pyloop']:9.2f}" if "time_vs_pyloop" in r else "      n/a"
             print(
                 f"{row['N']:>5} {row['G']:>2} {level:>5} {label:>16} {r['median_s'] * 1e3:10.1f} "
-                f"{r['time_vs_dense']:8.2f} {vs_loop} {mib(r['peak_bytes']):>9} {ratio_mem} {mib(r['mask_bytes']):>9}"
+                f"{r['time_vs_dense']:8.2f} {vs_loop} {_common.mib(r['peak_bytes']):>9} {ratio_mem} "
+                f"{_common.mib(r['mask_bytes']):>9}"
             )
     f = row["flops"]
     print(
@@ -394,22 +415,9 @@ def layer_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def plot(path: Path, rows: list[dict], title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'umilayers[train]'): no plot")
+    plt = _common.pyplot()
+    if plt is None:
         return
     groups = sorted({r["G"] for r in rows})
     levels = [lvl for lvl in LEVELS if any(lvl in r["levels"] for r in rows)]
@@ -439,14 +447,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("N tokens")
             ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    _common.finish_figure(fig, path, title, fontsize=8)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -471,7 +472,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke size: B=2, N in {64, 130}, G=2, 3 repeats")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--name", default="attention", help="results/<name>.json and .png")
-    p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(_common.PEAKS_OUT, type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.tokens, args.groups, args.repeats = 2, [64, 130], [2], 3
@@ -486,18 +487,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.param_dtype = torch.float32
     AUTOCAST_DTYPE = None if args.dtype == "float32" else getattr(torch, args.dtype)
 
-    machine = (
-        torch.cuda.get_device_name(args.device)
-        if args.device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    )
+    if args.peaks_out is not None:  # the fresh process of measure_peaks
+        _common.write_json(args.peaks_out, measure_peaks_here(args))
+        return 0
+    machine = _common.machine_info(args.device)
     title = (f"group attention op and GroupMaskedTransformer layer fwd+bwd, B={args.batch}, D={args.dim}, "
              f"H={args.heads} x {args.head_dim}, depth={args.depth}, "
-             f"{args.dtype}, {args.device.type} ({machine}), median of {args.repeats}")
+             f"{args.dtype}, {args.device.type} ({_common.describe_machine(machine)}), median of {args.repeats}")
     print(title)
-    print_header()
     started = time.perf_counter()
-    result = run(args)
+    peaks = measure_peaks(args, argv if argv is not None else sys.argv[1:])
+    print_header()
+    result = run(args, peaks)
     found = goals(result["rows"])
     for row in result["rows"]:
         row["layer_estimate"] = layer_estimate(row)
@@ -523,10 +524,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  note: {backend} not run where unsupported: {reason}")
     payload = {
         "title": title,
-        "config": {k: str(v) for k, v in vars(args).items() if k != "no_reexec"},
+        "config": {k: str(v) for k, v in vars(args).items() if k != "peaks_out"},
         "machine": machine,
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": machine["date"],
+        "load_average_1min_after": _common.machine_info(args.device).get("load_average_1min"),
         "seconds": time.perf_counter() - started,
         "rows": result["rows"],
         "goals": found,
@@ -535,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "skipped": {k: sorted(v) for k, v in SKIPPED.items()},
         "failed": {k: sorted(v) for k, v in FAILED.items()},
     }
-    write_json(args.out / f"{args.name}.json", payload)
+    _common.write_json(args.out / f"{args.name}.json", payload)
     plot(args.out / f"{args.name}.png", result["rows"], title)
     print(f"wrote {args.out / (args.name + '.json')} and .png in {payload['seconds']:.0f} s")
     return 0

@@ -8,6 +8,7 @@ and the baseline really does the released code's extra work (every projection on
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,8 @@ from tests.tolerances import tol
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common  # noqa: E402
 import train_step  # noqa: E402
+
+import attention as attention_benchmark  # noqa: E402  (benchmarks/attention.py)
 
 TINY = {"tokens": {"rgb": 9, "audio": 5}, "feature_dim": 12, "num_tokens": 8, "dim": 16,
         "projection_depth": 1, "fusion_depth": 2, "heads": 2, "head_dim": 12, "classes": 7, "branches": 2}
@@ -340,6 +343,31 @@ def test_the_peaks_process_runs_on_glibc_malloc_whatever_the_user_preloaded(tmp_
     monkeypatch.setattr(subprocess, "run", fake_run)
     assert _common.peaks_in_fresh_process(tmp_path / "child.py", []) == {}
     assert seen["LD_PRELOAD"] == other and seen["MALLOC_MMAP_THRESHOLD_"] == str(_common.PEAKS_MMAP_THRESHOLD)
+
+
+def test_attention_benchmark_times_here_and_takes_its_cpu_peaks_from_the_fresh_process(tmp_path, monkeypatch):
+    """attention.py no longer pins glibc's mmap threshold in the timed process: its CPU peaks come
+    from :func:`_common.peaks_in_fresh_process`, one per (size, level, method), which the child
+    computes with ``measure_peaks_here`` under the same names."""
+    argv = ["--batch", "1", "--dim", "8", "--heads", "2", "--tokens", "6", "--groups", "2", "--repeats", "1",
+            "--warmup", "0", "--out", str(tmp_path), "--name", "a"]
+    asked = []
+
+    def child(script, child_argv):
+        asked.append((Path(script).name, list(child_argv)))
+        child_out = tmp_path / "peaks.json"
+        assert attention_benchmark.main([*child_argv, _common.PEAKS_OUT, str(child_out)]) == 0
+        peaks = json.loads(child_out.read_text())
+        return {key: 1000 + i for i, key in enumerate(sorted(peaks))}  # marked: they must be these
+
+    monkeypatch.setattr(_common, "peaks_in_fresh_process", child)
+    assert attention_benchmark.main(argv) == 0
+    assert asked == [("attention.py", argv)]
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    seen = {attention_benchmark.peak_key(r["N"], r["G"], level, method): m["peak_bytes"]
+            for r in rows for level, ms in r["levels"].items() for method, m in ms.items()}
+    assert sorted(seen) and seen == {key: 1000 + i for i, key in enumerate(sorted(seen))}
+    assert {"op dense", "layer auto"} <= {key.split(" ", 2)[2] for key in seen}
 
 
 def test_flops_by_kind_add_up_and_the_floor_is_their_time_at_the_given_rates():
