@@ -57,10 +57,16 @@ def preloaded_allocators(preload: Optional[str] = None) -> list[str]:
     return [e for e in entries if any(name in Path(e).name for name in ALLOCATORS)]
 
 
+def system_allocator() -> str:
+    """The C library's malloc: ``"glibc"`` on most Linux systems, else ``"system"``."""
+    return platform.libc_ver()[0] or "system"
+
+
 def allocator_name() -> str:
-    """``"glibc"``, or the file name of the preloaded malloc replacement (see :data:`ALLOCATORS`)."""
+    """The file name of the preloaded malloc replacement (see :data:`ALLOCATORS`), or
+    :func:`system_allocator`."""
     found = preloaded_allocators()
-    return ", ".join(Path(e).name for e in found) if found else "glibc"
+    return ", ".join(Path(e).name for e in found) if found else system_allocator()
 
 
 def _without_allocators(env: Mapping[str, str]) -> dict[str, str]:
@@ -293,7 +299,7 @@ def describe_machine(info: Mapping[str, Any]) -> str:
         text += f", {info['torch_threads']} torch thread{'s' if info['torch_threads'] != 1 else ''}"
     if "load_average_1min" in info:
         text += f", load {info['load_average_1min']:.1f}"
-    if info.get("allocator", "glibc") != "glibc":
+    if info.get("allocator", system_allocator()) != system_allocator():
         text += f", malloc {info['allocator']}"
     return text
 
