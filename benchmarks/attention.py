@@ -200,7 +200,7 @@ class Case(NamedTuple):
 
 
 def cases(args) -> Iterator[Case]:
-    """Every size of the run, in order, with its steps built (one size alive at a time)."""
+    """Every size of the run, in order, with its steps built when the size is reached."""
     h = args.head_dim
     dtype = AUTOCAST_DTYPE or args.param_dtype
     for groups in args.groups:
