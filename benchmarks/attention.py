@@ -50,8 +50,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
