@@ -36,7 +36,7 @@ whether the goals are met; writes ``results/attention.json`` and ``results/atten
 
 Run::
 
-    python benchmarks/attention.py            # CPU float32, about 5 minutes on 2 quiet cores
+    python benchmarks/attention.py            # CPU float32; with --repeats 5, 275 s quiet / 429 s loaded on 2 cores
     python benchmarks/attention.py --quick    # smoke test, < 20 s
     python benchmarks/attention.py --device cuda --dtype bfloat16
 """
