@@ -826,3 +826,30 @@ def test_epic_train_preset_paper(epic_store, tmp_path):
     lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()
            if json.loads(line).get("stage") == "multimodal" and "lr" in json.loads(line)]
     assert lrs[-1] == pytest.approx(1e-5)  # dropped ten-fold at epoch 1
+
+
+# ------------------------------------------------------------------------------ the released code
+
+def _table_row(text: str, first_cell: str) -> list[str]:
+    """The cells of the list-table row of docs/training.rst whose first cell is ``first_cell``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"* - {first_cell}")
+    cells: list[str] = [first_cell]
+    for line in lines[start + 1:]:
+        stripped = line.strip()
+        if stripped.startswith("* - ") or not stripped:
+            break
+        if stripped.startswith("- "):
+            cells.append(stripped[2:])
+        else:
+            cells[-1] += " " + stripped
+    return cells
+
+
+def test_training_docs_say_the_released_code_trains_in_float32():
+    """The released ``train.py`` (EPIC-Kitchens) passes its loss through a ``GradScaler`` but
+    never enters ``torch.autocast`` nor casts to half: it trains in float32. The table of
+    docs/training.rst says so."""
+    row = _table_row((ROOT / "docs" / "training.rst").read_text(), "mixed precision (``--amp``)")
+    released = row[2]
+    assert "float32" in released and "float16" not in released, row
