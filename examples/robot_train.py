@@ -14,7 +14,8 @@
 ``--preset paper`` takes the paper's robot settings for step 2 (50 epochs, SGD at 1e-2, batch
 128, k* = 16, n_u = 128, alpha = 1, e = 20; docs: Training, "The paper's settings"); other flags
 override them. The episode split is the same with or without it: test = the dataset's standard
-held-out 20 % of the episodes, val = 10 % from the rest (docs: Robot, "Splits"). ``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
+held-out 20 % of the episodes, val = 10 % from the rest (docs: Robot, "Splits").
+``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
 wait for the store.
 """
 
