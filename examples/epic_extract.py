@@ -5,7 +5,11 @@
         --setting rgb+audio --split-dir Unseen-Modality-Interaction/epic-annotations \\
         --weights rgb=swinT_checkpoint.torch --weights audio=audioset_10_10_0.4593.pth
 
-See docs/datasets_epic.rst for the folder layout, the weights and the splits.
+See docs/datasets_epic.rst for the folder layout, the weights and the splits. ``--preset paper``
+preprocesses as the paper's released code does (RGB: shorter side 256, centre 224 crop; audio: its
+filterbank statistics, a random 128-frame crop in training, several crops averaged at val/test);
+without it: shorter side 224, AST's AudioSet statistics, the first 128 frames. Any flag given
+overrides the preset.
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ from typing import Optional, Sequence
 from umilayers._threads import add_threads_argument, apply_thread_policy
 from umilayers.cli import USER_ERRORS, ArgumentParser, HelpFormatter, report_error
 from umilayers.datasets import epic
+
+
+def _preset(argv: Optional[Sequence[str]]) -> list[str]:
+    """The ``--preset`` named in ``argv`` (read first, so that it sets defaults other flags override)."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=["paper"], default=None)
+    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return [known.preset] if known.preset else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar=("TRAIN", "VAL", "TEST"), help="participant fractions")
     data.add_argument("--skip-missing", action="store_true",
                       help="drop clips whose frames or wav are missing (counts are reported)")
+    data.add_argument("--preset", choices=["paper"], default=None,
+                      help="paper = the released code's preprocessing: --short-side 256 --audio-stats released "
+                           "--audio-crop released; flags given override it")
 
     model = parser.add_argument_group("backbones")
     model.add_argument("--weights", action="append", default=[],
@@ -49,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--frames", type=int, default=32, help="RGB frames per clip")
     model.add_argument("--flow-frames", type=int, help="flow frames per clip (default: --frames)")
     model.add_argument("--image-size", type=int, default=224, help="RGB/flow input side")
+    model.add_argument("--short-side", type=int, default=None,
+                       help="RGB: shorter side resized to this, then the centre --image-size crop (default: "
+                            "--image-size, the whole shorter side; the released code: 256, --preset paper's; "
+                            "the paper: none in what we quote)")
     model.add_argument("--rgb-arch", default="swin3d_t", choices=["swin3d_t", "swin3d_s", "swin3d_b"],
                        help="RGB backbone (torchvision's video Swin)")
     model.add_argument("--flow-arch", default="resnet18", choices=["resnet18", "resnet50"],
@@ -59,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="10 ms filterbank frames per clip, padded/cropped (the paper's: 128)")
     model.add_argument("--audio-stride", type=int, default=10,
                        help="16x16 patch stride over the 128-bin spectrogram (AST's: 10)")
+    model.add_argument("--audio-stats", choices=list(epic.AUDIO_STATS), default="audioset",
+                       help="filterbank normalisation: audioset = AST's AudioSet mean/std (-4.27, 4.57); "
+                            "released = the released code's (-5.388, 2.94), --preset paper's; "
+                            "the paper: none in what we quote")
+    model.add_argument("--audio-crop", choices=list(epic.AUDIO_CROPS), default="first",
+                       help="frames kept of a clip longer than --audio-frames: first = the first ones; "
+                            "released = the released code's, --preset paper's (a random crop in training "
+                            "splits, val/test crops every n/3.1 frames, their tokens averaged); "
+                            "the paper: none in what we quote")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cpu", help="where the backbones run: cpu, cuda, cuda:1, ...")
@@ -76,14 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    if "paper" in _preset(argv):
+        parser.set_defaults(**epic.RELEASED_PREPROCESSING)
     args = parser.parse_args(argv)
     apply_thread_policy(args.threads, args.device)
     modalities = epic.SETTINGS[args.setting]
     try:
         config = epic.ExtractionConfig(
-            frames=args.frames, image_size=args.image_size, flow_frames=args.flow_frames,
-            rgb_arch=args.rgb_arch, flow_arch=args.flow_arch, audio_arch=args.audio_arch,
-            audio_frames=args.audio_frames, audio_stride=args.audio_stride,
+            frames=args.frames, image_size=args.image_size, short_side=args.short_side,
+            flow_frames=args.flow_frames, rgb_arch=args.rgb_arch, flow_arch=args.flow_arch,
+            audio_arch=args.audio_arch, audio_frames=args.audio_frames, audio_stride=args.audio_stride,
+            audio_stats=args.audio_stats, audio_crop=args.audio_crop,
             device=args.device, batch_size=args.batch_size,
             workers=args.workers, weights=epic.resolve_weights(args.weights, modalities),
         )

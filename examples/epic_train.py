@@ -11,6 +11,10 @@ epochs, SGD at 1e-4 dropped to 1e-5 for the last 50, batch 96) and the released 
 64-wide heads (``--head-dim 64``; docs: Training, "The paper's settings"). Runs under
 ``torchrun --nproc_per_node=N`` as ``umilayers fit`` does.
 
+The preprocessing is the store's: ``--preset paper`` here trains as the paper does but cannot
+change the tokens, so it prints a note when STORE was not extracted with ``epic_extract.py
+--preset paper`` (the released code's preprocessing, recorded in STORE/epic_extraction.json).
+
 After training, RUN/metrics.json's ``test`` entry gains ``action_top1``, ``verb_top1`` and
 ``noun_top1``: the predicted action (argmax of RUN/test_predictions.npy) mapped back to its
 (verb, noun) classes with STORE/epic_actions.json, which is checked before any training (a store
@@ -96,12 +100,29 @@ def check_epic_store(store: Path) -> epic.ActionVocabulary:
     return vocab
 
 
+def preprocessing_note(store: Path) -> Optional[str]:
+    """A note when ``store`` was not extracted with the released code's preprocessing
+    (:data:`~umilayers.datasets.epic.RELEASED_PREPROCESSING`); None when it was."""
+    path = store / epic.EXTRACTION_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    differ = {k: recorded.get(k, "not recorded") for k, v in epic.RELEASED_PREPROCESSING.items() if recorded.get(k) != v}
+    if not differ:
+        return None
+    return (f"note: --preset paper trains as the paper does, but {store} was not extracted with the released "
+            f"code's preprocessing (" + ", ".join(f"{k} {v}" for k, v in differ.items())
+            + "); extract it with epic_extract.py --preset paper for that")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser(preset_defaults(argv, "epic"))
+    preset = preset_defaults(argv, "epic")
+    parser = build_parser(preset)
     args, config = parse_fit_args(parser, argv)
     apply_thread_policy(args.threads, config.runtime.device)
     try:
         check_epic_store(Path(args.store))
+        note = preprocessing_note(Path(args.store)) if preset else None
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(note, file=sys.stderr)
         metrics: dict[str, Any] = fit(args.store, out=args.out, config=config, resume=args.resume,
                                       overwrite=args.overwrite)
     except USER_ERRORS as err:

@@ -13,7 +13,9 @@
 
 ``--preset paper`` takes the paper's robot settings for step 2 (50 epochs, SGD at 1e-2, batch
 128, k* = 16, n_u = 128, alpha = 1, e = 20; docs: Training, "The paper's settings"); other flags
-override them. ``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
+override them. The episode split is the same with or without it: test = the dataset's standard
+held-out 20 % of the episodes, val = 10 % from the rest (docs: Robot, "Splits").
+``--extract-only`` stops after step 1. Under ``torchrun`` rank 0 extracts while the other ranks
 wait for the store.
 """
 
@@ -50,8 +52,12 @@ def build_parser(preset: Optional[dict] = None) -> argparse.ArgumentParser:
     data.add_argument("--encoder-epochs", type=int, default=5, help="stage-1 epochs per encoder")
     data.add_argument("--encoder-lr", type=float, default=1e-3, help="learning rate of the stage-1 encoders")
     data.add_argument("--encoder-batch-size", type=int, default=64, help="batch size of the stage-1 encoders")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for val")
-    data.add_argument("--test-fraction", type=float, default=0.2, help="episodes held out for test")
+    data.add_argument("--val-fraction", type=float, default=robot.SPLIT_FRACTIONS["val"],
+                      help="episodes held out for val, from the standard split's training 80 %% (the "
+                           "standard split has no val; this library's choice, also under --preset paper)")
+    data.add_argument("--test-fraction", type=float, default=robot.SPLIT_FRACTIONS["test"],
+                      help="episodes held out for test: the dataset's standard held-out share (Lee et "
+                           "al.'s and MultiBench's val_ratio 0.20, where they report; also --preset paper's)")
     data.add_argument("--encoder-device", default="cpu", help="device of the stage-1 encoders")
     add_fit_arguments(parser, defaults=preset)
     add_preset_argument(parser)

@@ -86,8 +86,11 @@ TINY = ["--dim", "16", "--projection-depth", "1", "--fusion-depth", "1", "--head
      "robot_train.py: error: {tmp}: no .h5 episode files"),
     ("msrvtt_train", ["--data", "{tmp}/nowhere", "--out", "{tmp}/out"],
      "msrvtt_train.py: error: --data {tmp}/nowhere: no split list"),
+    ("msrvtt_train", ["--data", "{tmp}", "--out", "{tmp}/out", "--eval-requires", "audio,depth"],
+     "msrvtt_train.py: error: argument --eval-requires: expected 'all' or some of "
+     "rgb,audio,ocr,speech,object,scene,face separated by commas, got 'audio,depth'"),
 ], ids=["extract-annotations", "train-no-store", "train-not-epic", "robot-no-folder", "robot-no-h5",
-        "msrvtt-no-release"])
+        "msrvtt-no-release", "msrvtt-eval-requires"])
 def test_bad_input_is_one_line_and_leaves_nothing(name, argv, expected, tmp_path, synthetic_store, refused):
     fill = lambda text: text.format(tmp=tmp_path, store=synthetic_store)  # noqa: E731
     main = _example(name).main

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import sys
 import wave
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +366,112 @@ def test_audio_extractor_loads_an_ast_checkpoint_as_published(epic_data, tmp_pat
     torch.testing.assert_close(model.pos_embed[:, 2:].reshape(1, 12, 12, 192), grid[:, :, 50 - 6:50 + 6])
 
 
+# ------------------------------------------------------------------------------ preprocessing
+
+def test_released_preprocessing_is_named_and_not_the_default():
+    """The released loaders: ``ast_configs.py`` norm_stats [-5.388, 2.94]; ``ShortSideScale(256)``
+    then ``SpatialCrop(224, num_crops=1)``; a random crop in training, several at test."""
+    assert epic.AUDIO_STATS["released"] == (-5.388, 2.94)
+    assert epic.AUDIO_STATS["audioset"] == (-4.2677393, 4.5689974)
+    assert epic.RELEASED_PREPROCESSING == {"short_side": 256, "audio_stats": "released", "audio_crop": "released"}
+    default = epic.ExtractionConfig()
+    assert (default.short_side, default.audio_stats, default.audio_crop) == (None, "audioset", "first")
+    epic.ExtractionConfig(**epic.RELEASED_PREPROCESSING)  # valid together at 224 px
+    for bad, match in ((dict(short_side=100), "short_side must be an int of at least image_size"),
+                       (dict(audio_stats="kinetics"), "audio_stats must be one of audioset, released"),
+                       (dict(audio_crop="centre"), "audio_crop must be one of first, released")):
+        with pytest.raises(ValueError, match=match):
+            epic.ExtractionConfig(**bad)
+
+
+def test_audio_crop_starts_follow_the_released_loaders():
+    # test loader: np.arange(0, n - 128, int(n / 3.1)) when n > 128
+    for n in (129, 200, 300, 417, 1000, 5000, 100_000):
+        assert epic.audio_crop_starts(n, 128, "released", train=False) == \
+            list(range(0, n - 128, int(n / 3.1)))
+        assert 1 <= len(epic.audio_crop_starts(n, 128, "released", train=False)) <= 4
+    # training loader: one np.random.randint(0, n - 128) start; here seeded, so reruns agree
+    starts = {epic.audio_crop_starts(300, 128, "released", train=True, seed=seed)[0] for seed in range(200)}
+    assert min(starts) >= 0 and max(starts) < 300 - 128 and len(starts) > 50
+    assert epic.audio_crop_starts(300, 128, "released", train=True, seed=7) == \
+        epic.audio_crop_starts(300, 128, "released", train=True, seed=7)
+    # short clips are padded, one crop; "first" is always the first frames
+    assert epic.audio_crop_starts(128, 128, "released", train=False) == [0]
+    assert epic.audio_crop_starts(5000, 128, "first", train=False) == [0]
+
+
+def _long_clip(tmp_path):
+    """A clip with its own 2 s wav of a rising tone: 198 filterbank frames, each different."""
+    path = tmp_path / "P03" / "P03_01_1.wav"
+    path.parent.mkdir(parents=True)
+    rate = 16000
+    t = np.arange(2 * rate) / rate
+    samples = (0.3 * np.sin(2 * np.pi * (200 + 600 * t) * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(samples.tobytes())
+    return LAYOUT_CLIP
+
+
+def test_audio_statistics_and_crops_of_the_released_code(tmp_path):
+    clip = _long_clip(tmp_path)
+    whole = epic.build_extractor("audio", tmp_path, _config(audio_frames=256))
+    full, valid = whole.load(clip)
+    frames = int(valid[0])
+    assert frames == 198 and int(valid[1]) == 1
+    full = full[0, 0, :, :frames]  # (128 bins, 198 frames), AudioSet statistics
+    mean_a, std_a = epic.AUDIO_STATS["audioset"]
+    mean_r, std_r = epic.AUDIO_STATS["released"]
+    released = full * (2 * std_a) + mean_a  # back to log-mel, then the released statistics
+    released = (released - mean_r) / (2 * std_r)
+    config = _config(audio_frames=32, audio_stats="released", audio_crop="released")
+    extractor = epic.build_extractor("audio", tmp_path, config)
+    # val/test: the test loader's crops, every int(198 / 3.1) = 63 frames
+    crops, valid = extractor.load(clip, train=False)
+    assert valid.tolist() == [32, 3]
+    for i, start in enumerate([0, 63, 126]):
+        torch.testing.assert_close(crops[i, 0], released[:, start:start + 32], atol=1e-4, rtol=1e-5)
+    assert not crops[3].any()
+    # training: one seeded random crop, the same on every call
+    crop, valid = extractor.load(clip, train=True)
+    start, = epic.audio_crop_starts(198, 32, "released", train=True, seed=zlib.crc32(b"P03_01_1"))
+    assert valid.tolist() == [32, 1]
+    torch.testing.assert_close(crop[0, 0], released[:, start:start + 32], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(extractor.load(clip, train=True)[0], crop)
+    # the tokens of val/test are the mean of the crops' tokens
+    tokens, lengths = extractor([clip], train=False)
+    with torch.no_grad():
+        per_crop = extractor.model.forward_features(crops[:3])[:, extractor.model.num_prefix_tokens:]
+    f, t = extractor.grid
+    per_crop = per_crop.reshape(3, f, t, -1).transpose(1, 2).flatten(1, 2)
+    np.testing.assert_allclose(tokens[0].astype(np.float32), per_crop.mean(0).numpy(), rtol=1e-2, atol=1e-2)
+    assert lengths.tolist() == [extractor.tokens]
+    # the default keeps the first 32 frames with AudioSet statistics
+    first, valid = epic.build_extractor("audio", tmp_path, _config(audio_frames=32)).load(clip, train=True)
+    assert valid.tolist() == [32, 1]
+    torch.testing.assert_close(first[0, 0], full[:, :32])
+
+
+def test_rgb_short_side_then_centre_crop(epic_data):
+    """``short_side``: the shorter side resized to it, then the centre crop (the released
+    ``ShortSideScale(256)`` + ``SpatialCrop(224)``); without it the whole shorter side is kept."""
+    from PIL import Image
+
+    path = epic_data["frames"] / "P01" / "rgb_frames" / "P01_01" / "frame_0000000001.jpg"
+    original = np.asarray(Image.open(path).convert("RGB"))  # 24 x 32
+    # short side 24 = the frame's own: no resize, the centre 16 x 16
+    np.testing.assert_array_equal(epic._load_image(path, 16, "RGB", short_side=24), original[4:20, 8:24])
+    assert epic._load_image(path, 16, "RGB").shape == (16, 16, 3)
+    assert not np.array_equal(epic._load_image(path, 16, "RGB"), original[4:20, 8:24])
+    clip = epic.EpicClip("x", "P01", "P01_01", 0.0, 0.1, 1, 2, 0, 0)
+    video, _ = epic.build_extractor("rgb", epic_data["frames"], _config(image_size=16, short_side=24)).load(clip)
+    mean, std = torch.tensor(epic._RGBExtractor.mean), torch.tensor(epic._RGBExtractor.std)
+    expected = (torch.from_numpy(original[4:20, 8:24].copy()).float() / 255 - mean) / std
+    torch.testing.assert_close(video[:, 0], expected.permute(2, 0, 1))
+
+
 # ------------------------------------------------------------------------------ audio layouts
 
 AUDIO_LAYOUTS = {  # relative path, whether the file holds the clip only
@@ -650,6 +757,49 @@ def test_extract_resumes_from_shards_without_recomputing(epic_data, epic_store, 
     assert all(p.stat().st_mtime_ns == stamps[p] for p in shards if p not in flow)
 
 
+def test_store_records_its_preprocessing(epic_store):
+    recorded = json.loads((epic_store / epic.EXTRACTION_FILE).read_text())
+    assert (recorded["short_side"], recorded["audio_stats"], recorded["audio_crop"]) == (None, "audioset", "first")
+    assert (recorded["frames"], recorded["image_size"], recorded["audio_frames"]) == (4, 64, 32)
+    assert "device" not in recorded and "batch_size" not in recorded
+
+
+def test_extract_preset_paper_takes_the_released_preprocessing(epic_data, tmp_path, monkeypatch):
+    """``epic_extract.py --preset paper``: the released code's preprocessing; flags override it;
+    without the preset, the library's."""
+    seen = []
+
+    def fake_extract(annotations, roots, out, setting, *, config, **kwargs):
+        seen.append(config)
+        return {"modalities": {}, "num_actions": 1, "splits": {}, "no_sound": {}}
+
+    epic_extract = _example("epic_extract")
+    monkeypatch.setattr(epic_extract.epic, "extract_epic", fake_extract)
+    base = ["--annotations", "a", "--rgb", "r", "--audio", "w", "--out", str(tmp_path / "o"),
+            "--setting", "rgb+audio", "--weights", "random"]
+    assert epic_extract.main([*base, "--preset", "paper"]) == 0
+    assert epic_extract.main([*base, "--preset", "paper", "--audio-crop", "first", "--short-side", "240"]) == 0
+    assert epic_extract.main(base) == 0
+    got = [(c.short_side, c.image_size, c.audio_stats, c.audio_crop) for c in seen]
+    assert got == [(256, 224, "released", "released"), (240, 224, "released", "first"),
+                   (None, 224, "audioset", "first")]
+    help_text = " ".join(epic_extract.build_parser().format_help().split())
+    for named in ("the released code: 256", "released = the released code's (-5.388, 2.94)",
+                  "released = the released code's, --preset paper's (a random crop in training"):
+        assert named in help_text
+
+
+def test_epic_train_preset_notes_a_store_without_the_released_preprocessing(epic_store, tmp_path):
+    epic_train = _example("epic_train")
+    note = epic_train.preprocessing_note(epic_store)
+    assert note.startswith("note: --preset paper trains as the paper does, but ")
+    assert "short_side None, audio_stats audioset, audio_crop first" in note
+    released = tmp_path / "store"
+    released.mkdir()
+    (released / epic.EXTRACTION_FILE).write_text(json.dumps(epic.RELEASED_PREPROCESSING))
+    assert epic_train.preprocessing_note(released) is None
+
+
 def test_random_rgb_backbone_is_torchvisions_own_init(epic_data):
     """Building the RGB extractor leaves torch's initialisers alone: its random weights are
     exactly torchvision's swin3d_t init under the modality's seed."""
@@ -788,7 +938,7 @@ def test_epic_train_on_extracted_store(epic_store, tmp_path):
     assert test["verb_top1"] == pytest.approx(np.mean(verbs == vocab.verb_noun(targets)[0]))
 
 
-def test_epic_train_preset_paper(epic_store, tmp_path):
+def test_epic_train_preset_paper(epic_store, tmp_path, capsys):
     """``--preset paper``: the paper's EPIC-Kitchens schedule and sizes (values written out here,
     not read from the preset), then the same run end to end with tiny sizes given as flags."""
     from umilayers.cli import parse_fit_args, preset_defaults
@@ -819,6 +969,7 @@ def test_epic_train_preset_paper(epic_store, tmp_path):
         "--unimodal-epochs", "2", "--pseudo-window", "1", "--num-tokens", "4", "--dim", "16",
         "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--batch-size", "4", "--device", "cpu",
         "--quiet"]) == 0
+    assert "note: --preset paper trains as the paper does, but" in capsys.readouterr().err
     saved = json.loads((run / "config.json").read_text())["config"]
     assert (saved["train"]["optimizer"], saved["train"]["schedule"], saved["model"]["pseudo_weight"],
             saved["model"]["head_dim"]) == ("sgd", "step", 3000.0, 64)
@@ -826,3 +977,30 @@ def test_epic_train_preset_paper(epic_store, tmp_path):
     lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()
            if json.loads(line).get("stage") == "multimodal" and "lr" in json.loads(line)]
     assert lrs[-1] == pytest.approx(1e-5)  # dropped ten-fold at epoch 1
+
+
+# ------------------------------------------------------------------------------ the released code
+
+def _table_row(text: str, first_cell: str) -> list[str]:
+    """The cells of the list-table row of docs/training.rst whose first cell is ``first_cell``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"* - {first_cell}")
+    cells: list[str] = [first_cell]
+    for line in lines[start + 1:]:
+        stripped = line.strip()
+        if stripped.startswith("* - ") or not stripped:
+            break
+        if stripped.startswith("- "):
+            cells.append(stripped[2:])
+        else:
+            cells[-1] += " " + stripped
+    return cells
+
+
+def test_training_docs_say_the_released_code_trains_in_float32():
+    """The released ``train.py`` (EPIC-Kitchens) passes its loss through a ``GradScaler`` but
+    never enters ``torch.autocast`` nor casts to half: it trains in float32. The table of
+    docs/training.rst says so."""
+    row = _table_row((ROOT / "docs" / "training.rst").read_text(), "mixed precision (``--amp``)")
+    released = row[2]
+    assert "float32" in released and "float16" not in released, row

@@ -126,6 +126,25 @@ def test_splits_are_disjoint_episodes_with_table1_modalities():
         robot.split_robot_episodes(paths[:3])
 
 
+def test_split_fractions_are_the_standard_held_out_share_and_named():
+    """Test = the dataset's standard held-out 20 % of the episode files (``val_ratio: 0.20`` of Lee
+    et al.'s and MultiBench's configs); val = 10 % from the standard training part. The same in
+    the adapter, the example's defaults and under ``--preset paper``."""
+    from umilayers.cli import preset_defaults
+
+    assert robot.STANDARD_HELD_OUT == 0.2
+    assert robot.SPLIT_FRACTIONS == {"val": 0.1, "test": robot.STANDARD_HELD_OUT}
+    s = robot.split_robot_episodes([Path(f"ep_{i}_1000.h5") for i in range(50)], seed=0)
+    assert (len(s.episodes["test"]), len(s.episodes["val"])) == (10, 5)
+    example = _example()
+    for extra in ([], ["--preset", "paper"]):
+        argv = ["--data", "H5", "--out", "RUN", *extra]
+        args = example.build_parser(preset_defaults(argv, "robot")).parse_args(argv)
+        assert (args.val_fraction, args.test_fraction) == (0.1, 0.2)
+    help_text = " ".join(example.build_parser().format_help().split())
+    assert "standard held-out share" in help_text and "val_ratio 0.20" in help_text
+
+
 def test_encoders_token_shapes():
     z = 8
     assert robot.RobotImageEncoder(z)(torch.rand(2, 3, 128, 128)).shape == (2, 4, z)

@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 import wave
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -84,6 +85,11 @@ __all__ = [
     "audio_candidates",
     "clip_input_paths",
     "find_missing_inputs",
+    "AUDIO_STATS",
+    "AUDIO_CROPS",
+    "RELEASED_PREPROCESSING",
+    "EXTRACTION_FILE",
+    "audio_crop_starts",
     "ExtractionConfig",
     "resolve_weights",
     "build_extractor",
@@ -834,14 +840,16 @@ def _require(module: str, extra: str):
                           f'pip install "umilayers[{extra}]"') from err
 
 
-def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
-    """Shorter side resized to ``size``, centre-cropped to ``size x size``; uint8 (H, W[, 3])."""
+def _load_image(path: Path, size: int, mode: str, short_side: Optional[int] = None) -> np.ndarray:
+    """Shorter side resized to ``short_side`` (default ``size``), centre-cropped to
+    ``size x size``; uint8 (H, W[, 3])."""
     image_module = _require("PIL.Image", "datasets")
+    short = short_side or size
     with image_module.open(path) as image:
         image = image.convert(mode)
         width, height = image.size
-        scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        scale = short / min(width, height)
+        new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
         image = image.resize((new_w, new_h), image_module.BILINEAR)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         return np.asarray(image.crop((left, top, left + size, top + size)))
@@ -871,6 +879,62 @@ def _read_wav(path: Path, start: Optional[float], stop: Optional[float]) -> tupl
 # Extractors
 # --------------------------------------------------------------------------------------------
 
+AUDIO_STATS: dict[str, tuple[float, float]] = {
+    "audioset": (-4.2677393, 4.5689974),
+    "released": (-5.388, 2.94),
+}
+"""Filterbank normalisation statistics ``(mean, std)``; a filterbank becomes
+``(fbank - mean) / (2 * std)`` (AST's rule, which the released loaders keep). ``audioset``: AST's
+AudioSet statistics; ``released``: the paper's released code's (``ast_configs.py``,
+``norm_stats = [-5.388, 2.94]``, used by its train, validation and test loaders)."""
+
+AUDIO_CROPS: tuple[str, ...] = ("first", "released")
+"""Which ``audio_frames`` filterbank frames of a longer clip are kept. ``first``: the first ones.
+``released``: the released loaders' crops: one random crop in a training split
+(``dataloader_train.py``; seeded by the clip's narration id here, so a rerun writes the same
+store), and at val/test the crops starting every ``int(n / 3.1)`` frames (``dataloader_test.py``,
+at most 4), whose tokens are averaged (the released ``test.py`` averages the crops' predicted
+probabilities instead; a store row holds one set of tokens). See :func:`audio_crop_starts`."""
+
+RELEASED_PREPROCESSING: dict[str, Any] = {"short_side": 256, "audio_stats": "released", "audio_crop": "released"}
+"""The released code's preprocessing as :class:`ExtractionConfig` fields (``epic_extract.py
+--preset paper``): RGB frames' shorter side resized to 256, then the centre 224 crop
+(``ShortSideScale(256)`` and ``SpatialCrop(224, num_crops=1)`` of its loaders); the audio of
+:data:`AUDIO_STATS` ``released`` and :data:`AUDIO_CROPS` ``released``."""
+
+EXTRACTION_FILE = "epic_extraction.json"
+"""Written next to the FeatureStore's files: the :class:`ExtractionConfig` that made the tokens
+(the weights as given, without device, batch size or workers)."""
+
+
+def audio_crop_starts(frames: int, target: int, rule: str, *, train: bool, seed: int = 0) -> list[int]:
+    """First frame of each ``target``-frame crop of a ``frames``-frame filterbank.
+
+    ``rule`` is one of :data:`AUDIO_CROPS`. A filterbank of at most ``target`` frames gives one
+    crop at 0 (zero-padded later). ``released``, ``train``: one start drawn from
+    ``[0, frames - target)`` as ``np.random.randint`` does in the released training loader, with
+    a generator seeded by ``seed``; not ``train``: ``0, s, 2s, ... < frames - target`` with
+    ``s = int(frames / 3.1)``, the released test loader's crops.
+
+    Example::
+
+        >>> audio_crop_starts(300, 128, "released", train=False)
+        [0, 96]
+        >>> audio_crop_starts(1000, 128, "released", train=False)
+        [0, 322, 644]
+        >>> audio_crop_starts(300, 128, "first", train=True), audio_crop_starts(100, 128, "released", train=True)
+        ([0], [0])
+    """
+    if rule not in AUDIO_CROPS:
+        raise ValueError(f"audio_crop must be one of {', '.join(AUDIO_CROPS)}, got {rule!r}")
+    extra = frames - target
+    if rule == "first" or extra <= 0:
+        return [0]
+    if train:
+        return [int(np.random.default_rng(seed).integers(0, extra))]
+    return list(range(0, extra, int(frames / 3.1)))
+
+
 @dataclass
 class ExtractionConfig:
     """Settings of the three extractors (defaults: the paper's extractors and the sizes of its
@@ -880,6 +944,9 @@ class ExtractionConfig:
     Args:
         frames: RGB frames per clip (32 at 224 px gives Swin-T's 16 x 7 x 7 = 784 tokens).
         image_size: square input side for RGB and flow.
+        short_side: RGB frames' shorter side is resized to this, then centre-cropped to
+            ``image_size``; None = ``image_size`` (the whole shorter side is kept). The released
+            loaders: 256 (then 224). Flow is always resized to ``image_size``.
         flow_frames: flow frames per clip (u and v stacked: ``2 * flow_frames`` channels);
             None = ``frames``.
         flow_stride: RGB frames per flow frame (2 in EPIC-Kitchens).
@@ -890,6 +957,11 @@ class ExtractionConfig:
         audio_frames: filterbank frames (10 ms each) per clip, padded or cropped (AST's
             ``target_length``; 128 in the paper's released code).
         audio_stride: patch stride in frequency and time (16 x 16 patches; AST: 10, overlapping).
+        audio_stats: filterbank statistics, a key of :data:`AUDIO_STATS` (``audioset``, AST's;
+            ``released``, the released code's).
+        audio_crop: which frames of a clip longer than ``audio_frames`` are used, one of
+            :data:`AUDIO_CROPS` (``first``; ``released``: a random crop in training splits, the
+            test loader's crops averaged in val/test).
         sample_rate: audio is resampled to this rate before the filterbank.
         weights: modality -> state-dict path, or ``"random"`` to keep the random init.
         device: where the backbones run.
@@ -904,6 +976,7 @@ class ExtractionConfig:
 
     frames: int = 32
     image_size: int = 224
+    short_side: Optional[int] = None
     flow_frames: Optional[int] = None
     flow_stride: int = 2
     rgb_arch: str = "swin3d_t"
@@ -911,6 +984,8 @@ class ExtractionConfig:
     audio_arch: str = "deit_base_distilled_patch16_384"
     audio_frames: int = 128
     audio_stride: int = 10
+    audio_stats: str = "audioset"
+    audio_crop: str = "first"
     sample_rate: int = 16000
     weights: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
@@ -929,6 +1004,20 @@ class ExtractionConfig:
             raise ValueError(f"audio_frames must be at least one 16-frame patch, got {self.audio_frames}")
         if self.audio_stride > 16:
             raise ValueError(f"audio_stride must be at most the patch (16), got {self.audio_stride}")
+        if self.short_side is not None and (isinstance(self.short_side, bool) or not isinstance(self.short_side, int)
+                                            or self.short_side < self.image_size):
+            raise ValueError(f"short_side must be an int of at least image_size ({self.image_size}) or None, "
+                             f"got {self.short_side!r}")
+        if self.audio_stats not in AUDIO_STATS:
+            raise ValueError(f"audio_stats must be one of {', '.join(AUDIO_STATS)}, got {self.audio_stats!r}")
+        if self.audio_crop not in AUDIO_CROPS:
+            raise ValueError(f"audio_crop must be one of {', '.join(AUDIO_CROPS)}, got {self.audio_crop!r}")
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The fields that decide the tokens (for :data:`EXTRACTION_FILE`)."""
+        skip = {"device", "batch_size", "workers"}
+        return {f: (dict(v) if isinstance(v := getattr(self, f), Mapping) else v)
+                for f in self.__dataclass_fields__ if f not in skip}
 
 
 def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[str, str]:
@@ -993,8 +1082,9 @@ class _Extractor:
         self.root = Path(root)
         self.config = config
 
-    def load(self, clip: EpicClip) -> tuple[Tensor, int]:
-        """One clip's input tensor (on CPU) and its count of real (unpadded) time steps."""
+    def load(self, clip: EpicClip, train: bool = False) -> tuple[Tensor, Any]:
+        """One clip's input tensor (on CPU) and its count of real (unpadded) time steps;
+        ``train``: the clip belongs to a training split."""
         raise NotImplementedError
 
     def forward(self, batch: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -1002,11 +1092,11 @@ class _Extractor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def __call__(self, clips: Sequence[EpicClip]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, clips: Sequence[EpicClip], train: bool = False) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.empty((len(clips), self.tokens, self.dim), dtype=np.float16)
         lengths = np.empty((len(clips),), dtype=np.int64)
         loader = torch.utils.data.DataLoader(
-            _ClipInputs(self, clips), batch_size=self.config.batch_size,
+            _ClipInputs(self, clips, train), batch_size=self.config.batch_size,
             num_workers=self.config.workers,
         )
         row = 0
@@ -1019,14 +1109,14 @@ class _Extractor:
 
 
 class _ClipInputs(torch.utils.data.Dataset):
-    def __init__(self, extractor: _Extractor, clips: Sequence[EpicClip]) -> None:
-        self.extractor, self.clips = extractor, clips
+    def __init__(self, extractor: _Extractor, clips: Sequence[EpicClip], train: bool) -> None:
+        self.extractor, self.clips, self.train = extractor, clips, train
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.extractor.load(self.clips[i])
+    def __getitem__(self, i: int) -> tuple[Tensor, Any]:
+        return self.extractor.load(self.clips[i], self.train)
 
 
 class _RGBExtractor(_Extractor):
@@ -1061,9 +1151,9 @@ class _RGBExtractor(_Extractor):
         x = m.norm(m.features(m.pos_drop(m.patch_embed(video))))  # (B, T', H', W', C)
         return x.flatten(1, 3)
 
-    def load(self, clip: EpicClip) -> tuple[Tensor, int]:
+    def load(self, clip: EpicClip, train: bool = False) -> tuple[Tensor, int]:
         folder = self.root / clip.participant_id / "rgb_frames" / clip.video_id
-        frames = [_load_image(folder / _frame_name(i), self.config.image_size, "RGB")
+        frames = [_load_image(folder / _frame_name(i), self.config.image_size, "RGB", self.config.short_side)
                   for i in rgb_frame_indices(clip, self.config.frames)]
         video = torch.from_numpy(np.stack(frames)).float().div_(255)  # (T, H, W, 3)
         video = (video - torch.tensor(self.mean)) / torch.tensor(self.std)
@@ -1108,7 +1198,7 @@ class _FlowExtractor(_Extractor):
         x = m.layer4(m.layer3(m.layer2(m.layer1(x))))  # (B, C, H', W')
         return x.flatten(2).transpose(1, 2)
 
-    def load(self, clip: EpicClip) -> tuple[Tensor, int]:
+    def load(self, clip: EpicClip, train: bool = False) -> tuple[Tensor, int]:
         folder = self.root / clip.participant_id / "flow_frames" / clip.video_id
         planes = []
         for i in flow_frame_indices(clip, self.config.flow_frames, self.config.flow_stride):
@@ -1128,13 +1218,13 @@ class _AudioExtractor(_Extractor):
 
     Tokens are the patch tokens in time-major order (all frequency patches of the first time
     step, then the next...), so that a clip shorter than ``audio_frames`` has its real tokens
-    first: ``lengths`` counts the time steps whose patch starts inside the real frames.
+    first: ``lengths`` counts the time steps whose patch starts inside the real frames. With
+    several crops of a clip (:func:`audio_crop_starts`) the tokens are their mean.
     """
 
     modality = "audio"
     mel_bins = 128
-    # AST's normalisation of AudioSet filterbanks (mean, 2 * std).
-    fbank_mean, fbank_scale = -4.2677393, 2 * 4.5689974
+    max_crops = 4  # the released test loader's crops: never more than 4 (stride n / 3.1)
 
     def __init__(self, root: PathLike, config: ExtractionConfig) -> None:
         super().__init__(root, config)
@@ -1163,7 +1253,9 @@ class _AudioExtractor(_Extractor):
 
         return checkpoint_filter_fn(state, model)
 
-    def load(self, clip: EpicClip) -> tuple[Tensor, int]:
+    def load(self, clip: EpicClip, train: bool = False) -> tuple[Tensor, Tensor]:
+        """Up to :attr:`max_crops` spectrograms ``(max_crops, 1, 128, audio_frames)`` (unused
+        crops zero) and ``[real frames of a crop, crops used]``."""
         kaldi = _require("torchaudio.compliance.kaldi", "audio")
         functional = _require("torchaudio.functional", "audio")
         found = _audio_source(self.root, clip)
@@ -1180,18 +1272,29 @@ class _AudioExtractor(_Extractor):
         fbank = kaldi.fbank(wav - wav.mean(), htk_compat=True, sample_frequency=self.config.sample_rate,
                             use_energy=False, window_type="hanning", num_mel_bins=self.mel_bins,
                             dither=0.0, frame_shift=10)  # (frames, 128)
-        fbank = (fbank - self.fbank_mean) / self.fbank_scale
-        frames = min(fbank.shape[0], self.config.audio_frames)
-        spectrogram = torch.zeros(1, self.mel_bins, self.config.audio_frames)
-        spectrogram[0, :, :frames] = fbank[:frames].T
-        return spectrogram, frames
+        mean, std = AUDIO_STATS[self.config.audio_stats]
+        fbank = (fbank - mean) / (2 * std)
+        target = self.config.audio_frames
+        starts = audio_crop_starts(fbank.shape[0], target, self.config.audio_crop, train=train,
+                                   seed=zlib.crc32(clip.narration_id.encode()))
+        frames = min(fbank.shape[0], target)
+        spectrograms = torch.zeros(self.max_crops, 1, self.mel_bins, target)
+        for i, start in enumerate(starts):
+            spectrograms[i, 0, :, :frames] = fbank[start:start + frames].T
+        return spectrograms, torch.tensor([frames, len(starts)])
 
     def forward(self, batch: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.model.forward_features(batch)[:, self.model.num_prefix_tokens:]
+        frames, crops = valid[:, 0], valid[:, 1].to(batch.device)
+        used = torch.arange(self.max_crops, device=batch.device)[None] < crops[:, None]  # (B, max_crops)
+        x = self.model.forward_features(batch[used])[:, self.model.num_prefix_tokens:]
         f, t = self.grid
         x = x.reshape(len(x), f, t, -1).transpose(1, 2).flatten(1, 2)  # time-major tokens
+        # the mean over each clip's crops: rows of `x` are the used crops, clip by clip
+        owner = torch.arange(len(batch), device=batch.device).repeat_interleave(crops)
+        summed = torch.zeros(len(batch), *x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, owner, x)
+        x = summed / crops.to(x.dtype)[:, None, None]
         stride = self.config.audio_stride
-        valid_time = torch.div(valid + stride - 1, stride, rounding_mode="floor")
+        valid_time = torch.div(frames + stride - 1, stride, rounding_mode="floor")
         return x, valid_time.clamp(1, t) * f
 
 
@@ -1281,9 +1384,9 @@ def extract_shards(
 def _fingerprint(modality: str, config: ExtractionConfig) -> str:
     """The settings that change ``modality``'s tokens (not device, batch size or workers)."""
     fields = {
-        "rgb": ("frames", "image_size", "rgb_arch"),
+        "rgb": ("frames", "image_size", "short_side", "rgb_arch"),
         "flow": ("flow_frames", "flow_stride", "image_size", "flow_arch"),
-        "audio": ("audio_arch", "audio_frames", "audio_stride", "sample_rate"),
+        "audio": ("audio_arch", "audio_frames", "audio_stride", "audio_stats", "audio_crop", "sample_rate"),
     }[modality]
     values = {f: getattr(config, f) for f in fields}
     values["weights"] = config.weights.get(modality)
@@ -1406,15 +1509,16 @@ def extract_epic(
     for m in modalities:
         built: list[_Extractor] = []
 
-        def extract(chunk: Sequence[EpicClip], m: str = m) -> tuple[np.ndarray, np.ndarray]:
+        def extract(chunk: Sequence[EpicClip], train: bool, m: str = m) -> tuple[np.ndarray, np.ndarray]:
             if not built:  # only when a shard is missing: a finished run resumes without models
                 built.append(build_extractor(m, roots[m], config))
-            return built[0](chunk)
+            return built[0](chunk, train)
 
         for split in splits.splits.values():
             if m in split.modalities:
+                train = split.role == "train"
                 shards[split.name, m] = extract_shards(
-                    split.clips, extract, work / split.name / m, shard_size,
+                    split.clips, lambda chunk, train=train: extract(chunk, train), work / split.name / m, shard_size,
                     progress=progress, description=f"{split.name}/{m}",
                     fingerprint=_fingerprint(m, config))
         first = next(paths[0] for (_, mod), paths in shards.items() if mod == m)
@@ -1438,6 +1542,7 @@ def extract_epic(
             for path in scratch:
                 path.unlink(missing_ok=True)
     vocab.save(out / ACTIONS_FILE)
+    atomic_write_text(out / EXTRACTION_FILE, json.dumps(config.preprocessing(), indent=1, sort_keys=True))
     write_split_files(splits, out / "epic_splits")
     if not keep_shards:
         shutil.rmtree(work, ignore_errors=True)

@@ -35,7 +35,8 @@ one the release ships), "object" CE's frame-level ImageNet expert (``imagenet.se
 
 Splits (:func:`split_msrvtt`): the paper's protocol (Sec. 4) by default, training split A = the
 training videos with audio, OCR and speech, split B = the rest; val / test = the videos of the
-full split's val / test lists that have every modality. Every caption of a video is kept (one
+full split's val / test lists that have audio, OCR and speech too (split A's rule: it keeps the
+share the paper keeps, see :func:`split_msrvtt`). Every caption of a video is kept (one
 store row per video, up to 20 captions: the store's several-captions format).
 """
 
@@ -59,6 +60,7 @@ __all__ = [
     "SPLIT_A_REQUIRES",
     "PROTOCOLS",
     "PAPER_SPLIT_SIZES",
+    "FULL_SPLIT_SIZES",
     "RELEASES",
     "CE_FEATURE_FILES",
     "MMT_FEATURE_FILES",
@@ -83,7 +85,8 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "train_rgb_audio_ocr_speech": ("rgb", "audio", "ocr", "speech"),
     "train_rgb_object_scene_face": ("rgb", "object", "scene", "face"),
 }
-#: Split A of the paper's protocol: the training videos that have all of these.
+#: Split A of the paper's protocol: the training videos that have all of these; by default also
+#: the rule of val and test (:func:`split_msrvtt`).
 SPLIT_A_REQUIRES: tuple[str, ...] = ("audio", "ocr", "speech")
 #: ``paper``: Zhang et al.'s rule (:func:`split_msrvtt`); ``balanced``: this library's earlier
 #: rule, groups by coverage filled to equal halves (:func:`assign_training_groups`).
@@ -92,6 +95,8 @@ PROTOCOLS: tuple[str, ...] = ("paper", "balanced")
 PAPER_SPLIT_SIZES: dict[str, int] = {
     "train_rgb_audio_ocr_speech": 1702, "train_rgb_object_scene_face": 4811, "val": 127, "test": 765,
 }
+#: Videos listed in the full split's ``train`` / ``val`` / ``test`` lists.
+FULL_SPLIT_SIZES: dict[str, int] = {"train": 6513, "val": 497, "test": 2990}
 #: Feature root of each release under ``data/MSRVTT``.
 RELEASES: dict[str, str] = {"ce": "structured-symlinks", "high-quality": "high-quality/structured-symlinks"}
 #: CE layout: modality -> pickle path under the feature root (CE's ``visual_feat_paths`` for
@@ -610,10 +615,13 @@ def split_msrvtt(
     rgb, audio, ocr, speech) = the training videos that have audio, OCR and speech; split B
     (``train_rgb_object_scene_face``: rgb, object, scene, face) = every other training video
     (one with none of B's modalities is dropped and counted); val and test = the videos of the
-    val / test lists that have every modality of ``eval_requires`` (default: all seven, our
-    reading of the paper's "127 / 765 videos"; the sizes produced are reported, compare them
-    with :data:`PAPER_SPLIT_SIZES`). A row lacking one of its split's modalities (split B
-    without face) has it missing.
+    val / test lists that have every modality of ``eval_requires`` (default
+    :data:`SPLIT_A_REQUIRES`: audio, OCR and speech). The paper gives only the counts, 127 of
+    497 val and 765 of 2,990 test videos (25.6 %), the share split A keeps of the training list
+    (1,702 of 6,513, 26.1 %): split A's rule. Requiring all seven modalities
+    (``eval_requires=MSRVTT_MODALITIES``) keeps a subset of those, so never more than split A's
+    rule does. A row lacking one of its split's modalities (a val video without face) has it
+    missing.
 
     ``protocol="balanced"`` (this library's earlier rule): training videos (minus a seeded
     ``val_size`` held out when the split has no val list, as 1k-A has not) go to the two groups
@@ -631,7 +639,7 @@ def split_msrvtt(
     groups = {n: tuple(m for m in mods if m in data.features) for n, mods in TRAIN_GROUPS.items()}
     left_out: dict[str, list[str]] = {}
     if protocol == "paper":
-        required = tuple(m for m in (eval_requires or all_mods) if m in data.features)
+        required = tuple(m for m in (eval_requires or SPLIT_A_REQUIRES) if m in data.features)
         videos, dropped, left_out = _paper_splits(data, required)
     else:
         train = list(data.lists["train"])
@@ -744,6 +752,17 @@ def _caption_text(data: MSRVTTData, v: str, c: int) -> Optional[str]:
     return " ".join(cap) if isinstance(cap, (list, tuple)) else str(cap)
 
 
+def _eval_kept_line(splits: MSRVTTSplits, data: MSRVTTData, required: Sequence[str]) -> str:
+    """How many listed val/test videos the paper's rule kept, next to the paper's counts."""
+    parts = []
+    for name in ("val", "test"):
+        kept, listed = len(splits.videos[name]), len(data.lists[name])
+        paper_kept, paper_listed = PAPER_SPLIT_SIZES[name], FULL_SPLIT_SIZES[name]
+        parts.append(f"{name} kept {kept} of {listed} listed ({100 * kept / listed:.1f} %; paper: "
+                     f"{paper_kept:,} of {paper_listed:,}, {100 * paper_kept / paper_listed:.1f} %)")
+    return f"MSR-VTT val/test videos with {', '.join(required)}: " + "; ".join(parts)
+
+
 def build_msrvtt_store(
     data_dir: str | os.PathLike,
     store_path: str | os.PathLike,
@@ -803,6 +822,8 @@ def build_msrvtt_store(
     splits = split_msrvtt(data, protocol=protocol, seed=seed, val_size=val_size,
                           max_train_captions=max_train_captions, min_fraction=min_fraction,
                           eval_requires=eval_requires)
+    if protocol == "paper":
+        log(_eval_kept_line(splits, data, eval_requires or SPLIT_A_REQUIRES))
     if splits.dropped:
         log(f"{len(splits.dropped)} training video(s) fit no training split and were left out")
     incomplete: dict[str, int] = {}
@@ -850,6 +871,7 @@ def build_msrvtt_store(
         "feature_files": {m: str(p) for m, p in data.feature_files.items()},
         "text_file": str(data.text_file),
         "seed": seed,
+        "eval_requires": list(eval_requires or SPLIT_A_REQUIRES) if protocol == "paper" else None,
         "split_sizes": sizes,
         "paper_split_sizes": dict(PAPER_SPLIT_SIZES) if protocol == "paper" else None,
         "splits": {

@@ -55,6 +55,8 @@ __all__ = [
     "ROBOT_MODALITIES",
     "ROBOT_KEYS",
     "TARGET_SIZE",
+    "STANDARD_HELD_OUT",
+    "SPLIT_FRACTIONS",
     "RobotDataError",
     "RobotEpisode",
     "RobotSplits",
@@ -86,6 +88,17 @@ ROBOT_KEYS: dict[str, str] = {
 #: ``ee_yaw_next = proprio[t + 1][:TARGET_SIZE]`` (the loader's ``action_dim``).
 TARGET_SIZE = 4
 _TARGET_KEY = "proprio"
+#: The dataset's standard split: the share of episode files held out, on which Lee et al. and
+#: MultiBench report (``val_ratio: 0.20`` in stanford-iprl-lab/multimodal_representation's
+#: ``multimodal/configs/training_default.yaml`` and MultiBench's
+#: ``examples/robotics/training_default.yaml``, drawn by file in MultiBench's
+#: ``datasets/robotics/data_loader.py``). It has no third split.
+STANDARD_HELD_OUT = 0.2
+#: Held-out episode fractions (the defaults, and ``--preset paper``'s). ``test``: the standard
+#: split's held-out 20 %, the episodes results are reported on. ``val``: the standard split has
+#: none, so val episodes come out of its 80 % training part; 0.1 of all episodes (1/8 of that
+#: part) is this library's choice, not a figure of the paper or of the dataset.
+SPLIT_FRACTIONS: dict[str, float] = {"val": 0.1, "test": STANDARD_HELD_OUT}
 #: The two training splits of Table 1 and their modalities.
 TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "train_image_depth": ("image", "depth"),
@@ -383,14 +396,17 @@ def split_robot_episodes(
     paths: Sequence[Path],
     *,
     seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
+    val_fraction: float = SPLIT_FRACTIONS["val"],
+    test_fraction: float = SPLIT_FRACTIONS["test"],
 ) -> RobotSplits:
     """Split episodes (never steps) into the paper's four splits, deterministically.
 
     A seeded permutation of the sorted episodes gives the test episodes, then the val
     episodes, and the remaining training episodes are halved: the first half gets
-    ``{image, depth}``, the second ``{proprio, force}``. Val and test have all four.
+    ``{image, depth}``, the second ``{proprio, force}``. Val and test have all four. The default
+    fractions, :data:`SPLIT_FRACTIONS`: test = the dataset's standard held-out 20 %
+    (:data:`STANDARD_HELD_OUT`), val = 0.1 of the episodes taken from the standard split's
+    training part.
 
     Raises:
         ValueError: fewer than 4 episodes, or fractions outside ``(0, 1)`` leaving no training
@@ -722,8 +738,8 @@ def build_robot_store(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
+    val_fraction: float = SPLIT_FRACTIONS["val"],
+    test_fraction: float = SPLIT_FRACTIONS["test"],
     skip_missing: bool = False,
     overwrite: bool = False,
     device: str | torch.device = "cpu",
