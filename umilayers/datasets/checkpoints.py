@@ -284,7 +284,7 @@ def convert_ast_state_dict(
     checkpoint: Mapping[str, Any],
     *,
     grid: tuple[int, int],
-    source_grid: tuple[int, int] = AST_AUDIOSET_GRID,
+    source_grid: Optional[tuple[int, int]] = None,
 ) -> ConvertedCheckpoint:
     """An AST checkpoint in the key names of :func:`ast_audio_vit`'s timm ViT.
 
@@ -297,7 +297,10 @@ def convert_ast_state_dict(
     Args:
         checkpoint: the loaded file (a state dict, or ``{"state_dict"|"model": ...}``).
         grid: ``(frequency, time)`` patches of the target (``model.patch_embed.grid_size``).
-        source_grid: the checkpoint's patches; AST's AudioSet model is ``(12, 101)``.
+        source_grid: the checkpoint's patches. Default: 12 in frequency (128 mel bins, as in
+            AST's AudioSet model, ``(12, 101)``, and in the paper's EPIC-fine-tuned
+            ``audio.pt``, ``(12, 12)``) and the rest of the table, after the class and
+            distillation tokens, in time.
 
     Raises:
         ValueError: not AST key names, a key this function does not know, or a position
@@ -313,9 +316,13 @@ def convert_ast_state_dict(
     dropped = tuple(sorted(k for k in state if k.startswith(("mlp_head.", "v.head.", "v.head_dist."))))
     out = {k.removeprefix("v."): v for k, v in state.items() if k not in dropped}
     pos = out["pos_embed"]
+    inferred = source_grid is None
+    if source_grid is None:
+        frequency = AST_AUDIOSET_GRID[0]
+        source_grid = (frequency, (pos.shape[1] - 2) // frequency if pos.dim() == 3 else 0)
     f0, t0 = source_grid
     prefix = pos.shape[1] - f0 * t0
-    if prefix < 0 or pos.dim() != 3:
+    if prefix < 0 or pos.dim() != 3 or (inferred and prefix != 2):
         raise ValueError(f"AST checkpoint: pos_embed {tuple(pos.shape)} does not hold a "
                          f"{f0} x {t0} patch grid (pass source_grid=)")
     dim = pos.shape[2]
