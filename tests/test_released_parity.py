@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.tolerances import tol
 from umilayers.datasets.checkpoints import load_released_model
 
 pytest.importorskip("einops")
@@ -228,3 +229,33 @@ def test_released_parity_loss_formulas_match_train_py(released):
     # As published, train.py feeds the reorganisation's output, 768 wide, to this 256-wide module.
     with pytest.raises(RuntimeError):
         alignment(torch.randn(2, SLOTS, 768))
+
+
+# What the converted model needs beyond the layers' defaults, checked without the released code.
+
+def test_released_parity_label_smoothing_is_the_released_one():
+    from umilayers.losses import classification_loss
+
+    torch.manual_seed(6)
+    logits, labels = torch.randn(5, 7), torch.tensor([0, 6, 3, 3, 1])
+    torch.testing.assert_close(classification_loss(logits, labels, label_smoothing=SMOOTHING),
+                               _released_ce(logits, labels), rtol=1e-6, atol=0)
+
+
+def test_released_parity_projection_norms_sit_around_both_linear_maps():
+    from umilayers.projection import FeatureProjection
+
+    torch.manual_seed(7)
+    proj = FeatureProjection(12, out_dim=8, num_tokens=4, depth=1, heads=2, normalize="slots",
+                             positions="learned", max_tokens=6, norms=True).eval()
+    with torch.no_grad():
+        for p in proj.norms.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 6, 12)
+    with torch.no_grad():
+        # The released reorganisation: LayerNorm -> Linear -> LayerNorm, positions, transformer,
+        # head, softmax over the slots; the raw tokens reorganised, then LayerNorm -> Linear.
+        h = proj.norms[1](proj.embed(proj.norms[0](x))) + proj.pos_embed
+        weights = torch.softmax(proj.head(proj.norm(proj.encoder(h))), dim=-1)
+        expected = proj.proj(proj.norms[2](weights.transpose(1, 2) @ x))
+        torch.testing.assert_close(proj(x), expected, **tol(torch.float32))

@@ -556,8 +556,6 @@ class TaskLoss(nn.Module):
         check_number("margin", margin)
         check_choice("pseudo_reduction", pseudo_reduction, PSEUDO_REDUCTIONS)
         check_number("label_smoothing", label_smoothing)
-        if label_smoothing >= 1:
-            raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
         self.task = task
         self.margin = float(margin)
         self.pseudo_reduction = pseudo_reduction

@@ -313,6 +313,8 @@ class ModelConfig(Config):
 
     def check(self) -> None:
         check_head_dim(self.heads, "dim", self.dim, self.head_dim)
+        if self.label_smoothing >= 1:
+            raise InvalidArgument("label_smoothing", f"expected a number in [0, 1), got {self.label_smoothing}")
         if self.num_tokens % self.branches:
             raise InvalidArgument(
                 "branches",
