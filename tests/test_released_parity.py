@@ -152,7 +152,7 @@ def _released_forward(released, x, present):
 
 @torch.no_grad()
 def test_released_parity_both_modalities(released):
-    batch = 3
+    batch = 2
     x = _inputs(batch, seed=1)
     present = {m: torch.ones(batch, dtype=torch.bool) for m in TOKENS}
     reorganised, theirs = _released_forward(released, x, present)
@@ -164,7 +164,7 @@ def test_released_parity_both_modalities(released):
           f"branch 1 {diffs[1]:.2e}; prediction {pred_diff:.2e}")
     assert max(diffs) < LOGIT_TOL and pred_diff < LOGIT_TOL
 
-    labels = torch.tensor([5, 3805, 0])
+    labels = torch.tensor([5, 3805])
     pseudo = _pseudo(batch, seed=2)
     ce, kl, align = _released_losses(released, reorganised, theirs, labels, present, pseudo)
     model = released["model"]
@@ -187,8 +187,8 @@ def test_released_parity_one_modality_per_row(released):
     # and multiplies the result by 0; this library never computes it. That stand-in cannot be
     # reproduced and need not be: x * 0 == 0 for finite x, so whatever the noise, the released
     # outputs equal ours (checked with two different noises).
-    batch = 4
-    present = {"rgb": torch.tensor([True, True, False, False]), "audio": torch.tensor([False, False, True, True])}
+    batch = 2
+    present = {"rgb": torch.tensor([True, False]), "audio": torch.tensor([False, True])}
     x = _inputs(batch, seed=3)
     noise = {m: torch.where(present[m][:, None, None], x[m], torch.rand_like(x[m])) for m in TOKENS}
     reorganised, theirs = _released_forward(released, noise, present)
@@ -202,7 +202,7 @@ def test_released_parity_one_modality_per_row(released):
           f"branch 1 {diffs[1]:.2e}; prediction {pred_diff:.2e}")
     assert max(diffs) < LOGIT_TOL and pred_diff < LOGIT_TOL
 
-    labels = torch.tensor([17, 42, 17, 3000])
+    labels = torch.tensor([17, 3000])
     pseudo = _pseudo(batch, seed=4)
     ce, kl, align = _released_losses(released, reorganised, theirs, labels, present, pseudo)
     row_pseudo = torch.where(present["rgb"][:, None], pseudo["rgb"], pseudo["audio"])
