@@ -132,6 +132,10 @@ def _max_diff(a, b) -> float:
     return float((a - b).abs().max())
 
 
+def _rel(ours, theirs) -> float:
+    return float((ours - theirs).abs() / theirs.abs())
+
+
 def _inputs(batch: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {m: torch.randn(batch, n, 768, generator=g) for m, n in TOKENS.items()}
@@ -169,15 +173,16 @@ def test_released_parity_both_modalities(released):
     ce, kl, align = _released_losses(released, reorganised, theirs, labels, present, pseudo)
     model = released["model"]
     terms = {m: model.loss(ours, labels, pseudo_targets=pseudo[m]) for m in TOKENS}
-    print(f"released parity, both modalities: CE {float(ce):.6f} vs {float(terms['rgb'].supervised):.6f}, "
-          f"alignment {float(align):.6f} vs {float(terms['rgb'].align):.6f}")
+    kl_ours = terms["rgb"].pseudo + terms["audio"].pseudo
+    print(f"released parity, both modalities: relative loss differences: CE {_rel(terms['rgb'].supervised, ce):.1e}, "
+          f"KL {_rel(kl_ours, kl):.1e}, alignment {_rel(terms['rgb'].align, align):.1e}")
     torch.testing.assert_close(terms["rgb"].supervised, ce, rtol=1e-5, atol=0)
     torch.testing.assert_close(terms["rgb"].align, align, rtol=1e-5, atol=0)
     # A row with both modalities gets one KL term per modality in train.py (one per pseudo-label
     # file); this library's bank gives a row one pseudo-label (the modality closest to the ground
     # truth, Sec. 4 of the paper). The released training split never has such rows, so the
     # difference never reaches its training; here it is the sum of our terms for either label.
-    torch.testing.assert_close(terms["rgb"].pseudo + terms["audio"].pseudo, kl, rtol=1e-4, atol=0)
+    torch.testing.assert_close(kl_ours, kl, rtol=1e-5, atol=0)
 
 
 @torch.no_grad()
@@ -207,9 +212,10 @@ def test_released_parity_one_modality_per_row(released):
     ce, kl, align = _released_losses(released, reorganised, theirs, labels, present, pseudo)
     row_pseudo = torch.where(present["rgb"][:, None], pseudo["rgb"], pseudo["audio"])
     terms = released["model"].loss(ours, labels, pseudo_targets=row_pseudo)
-    print(f"released parity, one modality per row: KL {float(kl):.4e} vs {float(terms.pseudo):.4e}")
+    print(f"released parity, one modality per row: relative loss differences: CE {_rel(terms.supervised, ce):.1e}, "
+          f"KL {_rel(terms.pseudo, kl):.1e}, alignment {_rel(terms.align, align):.1e}")
     torch.testing.assert_close(terms.supervised, ce, rtol=1e-5, atol=0)
-    torch.testing.assert_close(terms.pseudo, kl, rtol=1e-4, atol=0)
+    torch.testing.assert_close(terms.pseudo, kl, rtol=1e-5, atol=0)
     torch.testing.assert_close(terms.align, align, rtol=1e-5, atol=0)
     assert float(terms.total) == pytest.approx(float(ce + 3000 * kl + 1e-3 * align), rel=1e-5)
 

@@ -1,8 +1,9 @@
-"""The paper's EPIC-Kitchens backbones from their original checkpoints, read from local files.
+"""The paper's EPIC-Kitchens backbones and the authors' released model, from their checkpoints.
 
 Zhang et al. extract EPIC-Kitchens features with an Audio Spectrogram Transformer (AST,
-Gong et al. 2021) pretrained on AudioSet, and with a video Swin-T (the released code loads
-Omnivore's Swin-T). Both checkpoints are published with their own key names; the extractors
+Gong et al. 2021, AudioSet's DeiT-B/16) and Omnivore's video Swin-T, both fine-tuned on
+EPIC-Kitchens actions (the released ``train.py`` builds the two networks and loads ``audio.pt``
+and ``rgb.pt`` into them). The checkpoints are published with their own key names; the extractors
 of :mod:`umilayers.datasets.epic` run timm's ViT and torchvision's ``swin3d_t``. The functions
 here translate one into the other, tensor by tensor, and say which tensors were left out
 (classifier heads only). Nothing is downloaded: every function takes a path or a loaded dict.
@@ -23,6 +24,10 @@ here translate one into the other, tensor by tensor, and say which tensors were 
   Swin) with other names: ``layers.{i}.blocks.{j}`` -> ``features.{2i}.{j}``,
   ``layers.{i}.downsample`` -> ``features.{2i+1}``, ``mlp.fc1``/``mlp.fc2`` ->
   ``mlp.0``/``mlp.3``. :func:`convert_video_swin_state_dict` does the renaming.
+- **The released model** (``feature_reorganization.py``'s ``ViTReorganization``, ``vit.py``'s
+  ``ViT`` and ``train.py``'s ``AlignmentModule``, as ``train.py`` saves them):
+  :func:`load_released_model` builds the :class:`~umilayers.model.UnseenModalityModel` that
+  computes the same logits and losses, and :func:`convert_released_state_dict` maps the keys.
 
 Example::
 
