@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from umilayers._validation import check_positive_int
+from umilayers.model import UnseenModalityModel
 
 __all__ = [
     "AST_AUDIOSET_GRID",
@@ -556,7 +557,7 @@ def _released_config(parts: Mapping[str, Mapping[str, Tensor]], heads: int) -> d
 
 def load_released_model(
     checkpoint: Union[PathLike, Mapping[str, Any]], *, heads: int = 8, device: Optional[torch.device] = None
-) -> nn.Module:
+) -> UnseenModalityModel:
     """An :class:`~umilayers.model.UnseenModalityModel` that computes what the authors' released
     EPIC-Kitchens model computes, with its weights.
 
@@ -587,8 +588,6 @@ def load_released_model(
 
         >>> model = load_released_model("checkpoints/best_multimodal1e-1.pt")  # doctest: +SKIP
     """
-    from umilayers.model import UnseenModalityModel  # loaded here: the backbone converters do not need it
-
     check_positive_int("heads", heads)
     if not isinstance(checkpoint, Mapping):
         checkpoint = load_checkpoint(checkpoint)
