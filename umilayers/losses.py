@@ -299,9 +299,13 @@ def _check_logits(name: str, logits: Tensor, sizes: dict, check_values: bool) ->
     _check_finite(check_values, **{name: logits})
 
 
-def classification_loss(logits: Tensor, labels: Tensor, *, check_values: bool = False) -> Tensor:
+def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+                        check_values: bool = False) -> Tensor:
     """Cross-entropy of ``logits`` against integer ``labels`` (mean over the batch).
 
+    ``label_smoothing`` ``eps``: the true class keeps ``1 - eps`` and the other ``C - 1`` classes
+    share ``eps`` (the authors' released ``LabelSmoothLoss``, ``eps = 0.1`` on EPIC-Kitchens);
+    that is torch's ``label_smoothing=eps * C / (C - 1)``, which spreads over all ``C`` classes.
     ``check_values=True`` also refuses NaN/inf logits and labels outside ``[0, C)``.
 
     Shape:
@@ -314,7 +318,8 @@ def classification_loss(logits: Tensor, labels: Tensor, *, check_values: bool = 
     _check_labels("labels", labels, sizes["B"], sizes["C"], "class indices", check_values)
     if sizes["B"] == 0:
         return _zero_like_graph(logits)
-    return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long))
+    smoothing = label_smoothing * sizes["C"] / max(sizes["C"] - 1, 1)
+    return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long), label_smoothing=smoothing)
 
 
 def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, reduction: str = "batchmean",
@@ -498,7 +503,8 @@ class TaskLoss(nn.Module):
     ============== =============================== ==========================================
     task           ``supervised(pred, target)``    ``pseudo(pred, pseudo_target)``
     ============== =============================== ==========================================
-    classification CE(logits, labels)              KL(pseudo_probs || softmax(logits)), mean
+    classification CE(logits, labels), with        KL(pseudo_probs || softmax(logits)), mean
+                   ``label_smoothing``
                                                    over every element or over the batch
                                                    (``pseudo_reduction``)
     regression     MSE(pred, target)               MSE(pred, pseudo_target)
@@ -521,6 +527,7 @@ class TaskLoss(nn.Module):
         margin: the triplet margin (retrieval only).
         pseudo_reduction: reduction of the classification pseudo loss
             (:func:`classification_pseudo_loss`: ``"batchmean"`` or ``"elementwise_mean"``).
+        label_smoothing: of the classification cross-entropy (:func:`classification_loss`).
 
     Shape:
         - pred: ``(B, C)`` logits / values, or ``(B, E)`` embeddings
@@ -542,19 +549,23 @@ class TaskLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, task: str, margin: float = 0.2, pseudo_reduction: str = "batchmean") -> None:
+    def __init__(self, task: str, margin: float = 0.2, pseudo_reduction: str = "batchmean",
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         check_choice("task", task, TASKS)
         check_number("margin", margin)
         check_choice("pseudo_reduction", pseudo_reduction, PSEUDO_REDUCTIONS)
+        check_number("label_smoothing", label_smoothing)
         self.task = task
         self.margin = float(margin)
         self.pseudo_reduction = pseudo_reduction
+        self.label_smoothing = float(label_smoothing)
 
     def supervised(self, pred: Tensor, target: Tensor, *, check_values: bool = False) -> Tensor:
         """Loss of a branch's output against the ground truth (see the class table)."""
         if self.task == "classification":
-            return classification_loss(pred, target, check_values=check_values)
+            return classification_loss(pred, target, label_smoothing=self.label_smoothing,
+                                       check_values=check_values)
         if self.task == "regression":
             return regression_loss(pred, target, check_values=check_values)
         return triplet_loss(self._similarity("pred", pred, "target", target, check_values), self.margin)

@@ -304,9 +304,17 @@ class ModelConfig(Config):
                                       choices=POSITIONS[1:])
     feature_norm: bool = option(False, "not in the paper: a LayerNorm per modality on its projected features "
                                        "before the common-space sum (the authors' released code has one)")
+    projection_norms: bool = option(False, "not in the paper: the authors' released code's LayerNorms inside each "
+                                           "FeatureProjection (around its token embedding, and on the reorganised "
+                                           "features before the d_m -> D map)")
+    label_smoothing: float = option(0.0, "not in the paper: label smoothing of the supervised cross-entropy (the true "
+                                         "class keeps 1 - eps, the others share eps; the released code: 0.1)",
+                                    minimum=0)
 
     def check(self) -> None:
         check_head_dim(self.heads, "dim", self.dim, self.head_dim)
+        if self.label_smoothing >= 1:
+            raise InvalidArgument("label_smoothing", f"expected a number in [0, 1), got {self.label_smoothing}")
         if self.num_tokens % self.branches:
             raise InvalidArgument(
                 "branches",
@@ -779,6 +787,10 @@ class UnseenModalityModel(TaskModel):
         feature_norm: not in the paper: a ``LayerNorm(D)`` per modality on its projected
             features before the sum (the authors' released code normalises each modality's
             reorganised features this way); default off.
+        projection_norms: not in the paper: the released code's LayerNorms inside each
+            ``FeatureProjection`` (its ``norms``); default off.
+        label_smoothing: not in the paper: of the supervised cross-entropy (the released code:
+            0.1; :func:`~umilayers.losses.classification_loss`); default 0.
         ensemble_subsets: not in the paper: modality subsets (say, the training splits' modality
             sets); in eval mode a row gets the average of its fused prediction and of the model's
             predictions from each listed subset that it has a strict superset of (inputs like
@@ -835,6 +847,8 @@ class UnseenModalityModel(TaskModel):
         positions: Optional[str] = ModelConfig.positions,
         modality_tokens: Optional[Mapping[str, int]] = None,
         feature_norm: bool = ModelConfig.feature_norm,
+        projection_norms: bool = ModelConfig.projection_norms,
+        label_smoothing: float = ModelConfig.label_smoothing,
         ensemble_subsets: Optional[Sequence[Sequence[str]]] = None,
         device=None,
         dtype=None,
@@ -849,7 +863,7 @@ class UnseenModalityModel(TaskModel):
             num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
             align_reduction=align_reduction, pseudo_reduction=pseudo_reduction, retrieval_pseudo=retrieval_pseudo,
             positions=positions, modality_tokens=modality_tokens, feature_norm=feature_norm,
-            ensemble_subsets=ensemble_subsets,
+            projection_norms=projection_norms, label_smoothing=label_smoothing, ensemble_subsets=ensemble_subsets,
         )
         self.config = cfg
         self.modality_dims, self.task, self.num_outputs, self.text_dim = cfg.modality_dims, task, num_outputs, text_dim
@@ -860,7 +874,7 @@ class UnseenModalityModel(TaskModel):
                 self.projections[m] = FeatureProjection(
                     d_m, out_dim=dim, num_tokens=num_tokens, depth=projection_depth, heads=heads,
                     normalize=normalize, mlp_ratio=mlp_ratio, head_dim=head_dim, positions=positions,
-                    max_tokens=(cfg.modality_tokens or {}).get(m), **factory,
+                    max_tokens=(cfg.modality_tokens or {}).get(m), norms=projection_norms, **factory,
                 )
             else:
                 self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=num_tokens, **factory)
@@ -880,7 +894,7 @@ class UnseenModalityModel(TaskModel):
         self.text_encoder: Optional[TextEncoder] = None
         if task == "retrieval":
             self.text_encoder = TextEncoder(cfg.text_dim, num_outputs, **factory)
-        self.task_loss = TaskLoss(task, margin, pseudo_reduction=pseudo_reduction)
+        self.task_loss = TaskLoss(task, margin, pseudo_reduction=pseudo_reduction, label_smoothing=label_smoothing)
 
     @classmethod
     def from_config(cls, config: UMIConfig | Mapping[str, Any], device=None, dtype=None) -> "UnseenModalityModel":

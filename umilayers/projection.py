@@ -239,6 +239,10 @@ class FeatureProjection(_TokenProjection):
         mlp_ratio: MLP hidden width of the transformer relative to ``out_dim``.
         head_dim: width of each attention head of the transformer (default
             ``out_dim // heads``; see :class:`~umilayers.attention.GroupMaskedTransformer`).
+        norms: the authors' released code's LayerNorms around both linear maps: ``embed`` becomes
+            ``LayerNorm(d_m) -> Linear -> LayerNorm(D)``, and the reorganised features ``O^T F``
+            pass a ``LayerNorm(d_m)`` before ``proj`` (the one after ``proj`` is the model's
+            ``feature_norm``). Default off.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -276,6 +280,7 @@ class FeatureProjection(_TokenProjection):
         max_tokens: Optional[int] = None,
         mlp_ratio: float = 2.0,
         head_dim: Optional[int] = None,
+        norms: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -302,8 +307,12 @@ class FeatureProjection(_TokenProjection):
         self.norm = nn.LayerNorm(out_dim, **factory)
         self.head = nn.Linear(out_dim, num_tokens, **factory)
         self.proj = nn.Linear(in_dim, out_dim, **factory)
-        # Fast path chosen once: project d_m -> D before the reorganisation when d_m > D.
-        self.project_first = in_dim > out_dim
+        self.norms: Optional[nn.ModuleList] = None
+        if norms:  # (tokens before embed, after embed, reorganised features before proj)
+            self.norms = nn.ModuleList(nn.LayerNorm(d, **factory) for d in (in_dim, out_dim, in_dim))
+        # Fast path chosen once: project d_m -> D before the reorganisation when d_m > D (and
+        # no LayerNorm sits between the two).
+        self.project_first = in_dim > out_dim and not norms
 
     def extra_repr(self) -> str:
         return (
@@ -313,7 +322,11 @@ class FeatureProjection(_TokenProjection):
 
     def logits(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Slot logits ``(B, k_m, K)`` of already validated, padding-zeroed inputs."""
-        h = add_positions(self.embed(x), self.positions, self.pos_embed)
+        if self.norms is not None:
+            h = self.norms[1](self.embed(self.norms[0](x)))
+        else:
+            h = self.embed(x)
+        h = add_positions(h, self.positions, self.pos_embed)
         if self.encoder is not None:
             h = self.encoder(h, padding_mask=padding_mask)
         return self.head(self.norm(h))
@@ -346,7 +359,7 @@ class FeatureProjection(_TokenProjection):
             out = out + self.proj.bias.to(out.dtype)
         else:
             out = torch.einsum("b n k, b n d -> b k d", o, x)
-            out = self.proj(out)
+            out = self.proj(out if self.norms is None else self.norms[2](out))
         return out, weights
 
 

@@ -164,6 +164,19 @@ def _ast_real_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def test_ast_fine_tuned_audio_pt_grid_is_read_from_its_table():
+    """The paper's EPIC-fine-tuned ``audio.pt`` (AST at 128 mel bins x 128 frames: 12 x 12
+    patches, 146 tokens) loads without a source_grid, and its 3,806-class head is left out."""
+    torch.manual_seed(0)
+    pos = torch.randn(1, 2 + 12 * 12, 8)
+    head = {"module.mlp_head.1.weight": torch.zeros(3806, 8), "module.mlp_head.1.bias": torch.zeros(3806)}
+    converted = ckpt.convert_ast_state_dict({"model": {"module.v.pos_embed": pos, **head}}, grid=(12, 12))
+    torch.testing.assert_close(converted.state_dict["pos_embed"], pos)
+    assert converted.dropped == ("mlp_head.1.bias", "mlp_head.1.weight")
+    with pytest.raises(ValueError, match=r"does not hold a 12 x 12 patch grid \(pass source_grid=\)"):
+        ckpt.convert_ast_state_dict({"module.v.pos_embed": torch.randn(1, 2 + 12 * 12 + 5, 8)}, grid=(12, 12))
+
+
 def test_ast_audioset_keys_and_shapes_at_real_size():
     checkpoint = {"module." + k: torch.empty(s, device="meta") for k, s in _ast_real_shapes().items()}
     with torch.device("meta"):
@@ -411,3 +424,122 @@ def test_load_checkpoint_reads_local_files_only(tmp_path):
     loaded = ckpt.load_checkpoint(tmp_path / "wrapped.pth")
     assert list(ckpt.unwrap_state_dict(loaded)) == ["norm.weight"]
     assert ckpt.checkpoint_format(loaded) == "native"
+
+
+# --------------------------------------------------------------------- the paper's released model
+
+def _released_checkpoint(dim=8, inner=16, hidden=16, depth=2, classes=5, slots=4, branches=2, width=12,
+                         tokens=(("rgb", 6), ("audio", 3))):
+    """What the released train.py saves, small: ``{"model": ViT, "reorganization":
+    ViTReorganization, "alignment": AlignmentModule, "epoch": ...}``, DataParallel prefixes and
+    all. The key names and shapes are those of the released vit.py and
+    feature_reorganization.py, written out here independently of the converter's rules."""
+    g = torch.Generator().manual_seed(0)
+
+    def ln(prefix, n):
+        return {f"{prefix}.weight": torch.randn(n, generator=g), f"{prefix}.bias": torch.randn(n, generator=g)}
+
+    def linear(prefix, n_in, n_out, bias=True):
+        out = {f"{prefix}.weight": torch.randn(n_out, n_in, generator=g)}
+        return {**out, f"{prefix}.bias": torch.randn(n_out, generator=g)} if bias else out
+
+    def layer(prefix, attention, feed_forward, norms):
+        return {**ln(f"{prefix}.{norms[0]}", dim), **linear(f"{prefix}.{attention}to_qkv", dim, 3 * inner, bias=False),
+                **linear(f"{prefix}.{attention}to_out.0", inner, dim), **ln(f"{prefix}.{norms[1]}", dim),
+                **linear(f"{prefix}.{feed_forward}net.0", dim, hidden),
+                **linear(f"{prefix}.{feed_forward}net.3", hidden, dim)}
+
+    reorg, vit = {}, {}
+    for m, n in tokens:
+        for part in (reorg, vit):
+            part.update({**ln(f"{m}_embedding.0", width), **linear(f"{m}_embedding.1", width, dim),
+                         **ln(f"{m}_embedding.2", dim)})
+        reorg[f"{m}_pos_embedding"] = torch.randn(1, n, dim, generator=g)
+        for i in range(depth):  # [PreNorm(Attention), PreNorm(FeedForward)]
+            reorg.update(layer(f"{m}_transformer.layers.{i}", "0.fn.", "1.fn.", ("0.norm", "1.norm")))
+        reorg.update({**ln(f"{m}_head.0", dim), **linear(f"{m}_head.1", dim, slots)})
+    vit["pos_embedding"] = torch.randn(1, branches + slots, dim, generator=g)
+    vit["cls_token"] = torch.randn(1, branches, dim, generator=g)
+    for i in range(depth):  # [PreNorm, Attention, PreNorm, FeedForward]
+        vit.update(layer(f"transformer.layers.{i}", "1.", "3.", ("0.norm", "2.norm")))
+    vit.update({**ln("mlp_head.0", dim), **linear("mlp_head.1", dim, classes)})
+    alignment = {"base_vectors": torch.randn(1, classes, dim, generator=g)}
+    parts = {"model": vit, "reorganization": reorg, "alignment": alignment}
+    return {**{k: {"module." + n: v for n, v in part.items()} for k, part in parts.items()}, "epoch": 3}
+
+
+def test_released_checkpoint_lands_tensor_by_tensor():
+    checkpoint = _released_checkpoint()
+    vit, reorg = ({k.removeprefix("module."): v for k, v in checkpoint[p].items()} for p in ("model", "reorganization"))
+    model = ckpt.load_released_model(checkpoint, heads=2)
+    cfg = model.config
+    assert (cfg.dim, cfg.num_tokens, cfg.branches, cfg.heads, cfg.head_dim, cfg.mlp_ratio) == (8, 4, 2, 2, 8, 2.0)
+    assert (cfg.projection_depth, cfg.fusion_depth, cfg.num_outputs) == (2, 2, 5)
+    assert cfg.modality_dims == {"audio": 12, "rgb": 12} and cfg.modality_tokens == {"audio": 3, "rgb": 6}
+    assert (cfg.normalize, cfg.positions, cfg.projection_norms, cfg.feature_norm) == ("slots", "learned", True, True)
+    assert (cfg.align_reduction, cfg.pseudo_reduction, cfg.label_smoothing) == (
+        "elementwise_mean", "elementwise_mean", 0.1)
+    state = model.state_dict()
+    pairs = {  # a sample of each rule: this library's key -> the released tensor
+        "projections.rgb.norms.0.weight": reorg["rgb_embedding.0.weight"],
+        "projections.rgb.embed.weight": reorg["rgb_embedding.1.weight"],
+        "projections.audio.norms.1.bias": reorg["audio_embedding.2.bias"],
+        "projections.audio.pos_embed": reorg["audio_pos_embedding"][0],
+        "projections.rgb.encoder.blocks.1.qkv.weight": reorg["rgb_transformer.layers.1.0.fn.to_qkv.weight"],
+        "projections.rgb.encoder.blocks.0.mlp.2.bias": reorg["rgb_transformer.layers.0.1.fn.net.3.bias"],
+        "projections.audio.encoder.blocks.1.norm2.weight": reorg["audio_transformer.layers.1.1.norm.weight"],
+        "projections.rgb.norm.bias": reorg["rgb_head.0.bias"],
+        "projections.audio.head.weight": reorg["audio_head.1.weight"],
+        "projections.rgb.norms.2.weight": vit["rgb_embedding.0.weight"],
+        "projections.audio.proj.weight": vit["audio_embedding.1.weight"],
+        "feature_norms.rgb.bias": vit["rgb_embedding.2.bias"],
+        "transformer.blocks.0.norm1.weight": vit["transformer.layers.0.0.norm.weight"],
+        "transformer.blocks.1.proj.bias": vit["transformer.layers.1.1.to_out.0.bias"],
+        "transformer.blocks.1.norm2.bias": vit["transformer.layers.1.2.norm.bias"],
+        "transformer.blocks.0.mlp.0.weight": vit["transformer.layers.0.3.net.0.weight"],
+        "head.1.weight": vit["mlp_head.1.weight"],
+        "alignment.tokens": checkpoint["alignment"]["module.base_vectors"][0],
+        "readout": vit["cls_token"][0] + vit["pos_embedding"][0, :2],  # train.py adds them per call
+        "positions": vit["pos_embedding"][0, 2:],
+    }
+    for key, value in pairs.items():
+        assert torch.equal(state[key], value), key
+    assert not any(state[k].any() for k in state if k.endswith("qkv.bias"))  # the released maps have none
+    converted = ckpt.convert_released_state_dict(checkpoint)
+    assert set(converted.state_dict) == set(state) and converted.dropped == ()
+
+
+def test_released_checkpoint_without_alignment_has_no_alignment_loss():
+    checkpoint = _released_checkpoint()
+    del checkpoint["alignment"]
+    assert ckpt.load_released_model(checkpoint, heads=2).alignment is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["reorganization"].pop("module.audio_head.1.bias"),
+     r"^released checkpoint: 1 tensor\(s\) missing: \['reorganization:audio_head.1.bias'\]$"),
+    (lambda c: c["model"].update({"module.transformer.layers.1.3.net.0.weight": torch.zeros(16, 7)}),
+     r"^released checkpoint: model:transformer.layers.1.3.net.0.weight has shape \(16, 7\), expected \(16, 8\)$"),
+    (lambda c: c["reorganization"].update({"module.rgb_pos_embedding": torch.zeros(1, 6, 9)}),
+     r"^released checkpoint: reorganization:rgb_pos_embedding has shape \(1, 6, 9\), expected \(1, 6, 8\)$"),
+    (lambda c: c["model"].update({"module.pos_embedding": torch.zeros(1, 7, 8)}),
+     r"^released checkpoint: model:pos_embedding has shape \(1, 7, 8\), expected \(1, 6, 8\)$"),
+    (lambda c: c["model"].pop("module.mlp_head.1.weight"), r"^released checkpoint: model:mlp_head.1.weight is missing$"),
+    (lambda c: c["model"].update({"module.extra.weight": torch.zeros(1)}),
+     r"^released checkpoint: key\(s\) the released modules do not have: \['model:extra.weight'\]$"),
+    (lambda c: c.pop("reorganization"), r"^released checkpoint: expected the state dicts 'model' \(ViT\)"),
+])
+def test_released_checkpoint_errors_name_the_key(change, message):
+    checkpoint = _released_checkpoint()
+    change(checkpoint)
+    with pytest.raises(ValueError, match=message):
+        ckpt.load_released_model(checkpoint, heads=2)
+
+
+def test_released_checkpoint_loads_from_a_file(tmp_path):
+    torch.save(_released_checkpoint(), tmp_path / "best_multimodal.pt")
+    model = ckpt.load_released_model(tmp_path / "best_multimodal.pt", heads=2)
+    out = model.eval()({"rgb": torch.randn(2, 6, 12), "audio": torch.randn(2, 3, 12)})
+    assert out.branch_outputs.shape == (2, 2, 5)
+    with pytest.raises(ValueError, match="heads: must divide the released attention width 16, got 3"):
+        ckpt.load_released_model(tmp_path / "best_multimodal.pt", heads=3)

@@ -1,8 +1,9 @@
-"""The paper's EPIC-Kitchens backbones from their original checkpoints, read from local files.
+"""The paper's EPIC-Kitchens backbones and the authors' released model, from their checkpoints.
 
 Zhang et al. extract EPIC-Kitchens features with an Audio Spectrogram Transformer (AST,
-Gong et al. 2021) pretrained on AudioSet, and with a video Swin-T (the released code loads
-Omnivore's Swin-T). Both checkpoints are published with their own key names; the extractors
+Gong et al. 2021, AudioSet's DeiT-B/16) and Omnivore's video Swin-T, both fine-tuned on
+EPIC-Kitchens actions (the released ``train.py`` builds the two networks and loads ``audio.pt``
+and ``rgb.pt`` into them). The checkpoints are published with their own key names; the extractors
 of :mod:`umilayers.datasets.epic` run timm's ViT and torchvision's ``swin3d_t``. The functions
 here translate one into the other, tensor by tensor, and say which tensors were left out
 (classifier heads only). Nothing is downloaded: every function takes a path or a loaded dict.
@@ -23,6 +24,10 @@ here translate one into the other, tensor by tensor, and say which tensors were 
   Swin) with other names: ``layers.{i}.blocks.{j}`` -> ``features.{2i}.{j}``,
   ``layers.{i}.downsample`` -> ``features.{2i+1}``, ``mlp.fc1``/``mlp.fc2`` ->
   ``mlp.0``/``mlp.3``. :func:`convert_video_swin_state_dict` does the renaming.
+- **The released model** (``feature_reorganization.py``'s ``ViTReorganization``, ``vit.py``'s
+  ``ViT`` and ``train.py``'s ``AlignmentModule``, as ``train.py`` saves them):
+  :func:`load_released_model` builds the :class:`~umilayers.model.UnseenModalityModel` that
+  computes the same logits and losses, and :func:`convert_released_state_dict` maps the keys.
 
 Example::
 
@@ -42,24 +47,30 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from umilayers._validation import check_positive_int
+from umilayers.model import UnseenModalityModel
+
 __all__ = [
     "AST_AUDIOSET_GRID",
     "AST_STRIDE",
+    "RELEASED_MODALITIES",
     "ConvertedCheckpoint",
     "OverlappingPatchEmbed",
     "ast_audio_vit",
     "ast_patch_grid",
     "checkpoint_format",
     "convert_ast_state_dict",
+    "convert_released_state_dict",
     "convert_video_swin_state_dict",
     "load_checkpoint",
+    "load_released_model",
     "unwrap_state_dict",
 ]
 
@@ -279,7 +290,7 @@ def convert_ast_state_dict(
     checkpoint: Mapping[str, Any],
     *,
     grid: tuple[int, int],
-    source_grid: tuple[int, int] = AST_AUDIOSET_GRID,
+    source_grid: Optional[tuple[int, int]] = None,
 ) -> ConvertedCheckpoint:
     """An AST checkpoint in the key names of :func:`ast_audio_vit`'s timm ViT.
 
@@ -292,7 +303,10 @@ def convert_ast_state_dict(
     Args:
         checkpoint: the loaded file (a state dict, or ``{"state_dict"|"model": ...}``).
         grid: ``(frequency, time)`` patches of the target (``model.patch_embed.grid_size``).
-        source_grid: the checkpoint's patches; AST's AudioSet model is ``(12, 101)``.
+        source_grid: the checkpoint's patches. Default: 12 in frequency (128 mel bins, as in
+            AST's AudioSet model, ``(12, 101)``, and in the paper's EPIC-fine-tuned
+            ``audio.pt``, ``(12, 12)``) and the rest of the table, after the class and
+            distillation tokens, in time.
 
     Raises:
         ValueError: not AST key names, a key this function does not know, or a position
@@ -308,9 +322,13 @@ def convert_ast_state_dict(
     dropped = tuple(sorted(k for k in state if k.startswith(("mlp_head.", "v.head.", "v.head_dist."))))
     out = {k.removeprefix("v."): v for k, v in state.items() if k not in dropped}
     pos = out["pos_embed"]
+    inferred = source_grid is None
+    if source_grid is None:
+        frequency = AST_AUDIOSET_GRID[0]
+        source_grid = (frequency, (pos.shape[1] - 2) // frequency if pos.dim() == 3 else 0)
     f0, t0 = source_grid
     prefix = pos.shape[1] - f0 * t0
-    if prefix < 0 or pos.dim() != 3:
+    if prefix < 0 or pos.dim() != 3 or (inferred and prefix != 2):
         raise ValueError(f"AST checkpoint: pos_embed {tuple(pos.shape)} does not hold a "
                          f"{f0} x {t0} patch grid (pass source_grid=)")
     dim = pos.shape[2]
@@ -388,3 +406,211 @@ def convert_video_swin_state_dict(checkpoint: Mapping[str, Any]) -> ConvertedChe
     if unknown:
         raise ValueError(f"Video Swin checkpoint: key(s) that are not Swin trunk keys: {sorted(unknown)[:5]}")
     return ConvertedCheckpoint(out, tuple(sorted(dropped)))
+
+
+# ------------------------------------------------------------------ the paper's released model
+
+RELEASED_MODALITIES: tuple[str, ...] = ("rgb", "audio")
+"""The modalities of the authors' released EPIC-Kitchens model (its key prefixes ``rgb_`` and
+``audio_``), named as in :mod:`umilayers.datasets.epic`."""
+
+# (part of the released checkpoint, released key prefix, this library's key prefix); {m} stands for
+# a modality, {i} for a layer. feature_reorganization.py's {m}_embedding (LayerNorm, Linear,
+# LayerNorm) wraps the projection's token embedding; vit.py's {m}_embedding maps the reorganised
+# features to the common width, its last LayerNorm being the model's feature norm. Released
+# transformer layers: [PreNorm(Attention), PreNorm(FeedForward)] in the reorganisation,
+# [PreNorm, Attention, PreNorm, FeedForward] in the ViT.
+_RELEASED_RULES: tuple[tuple[str, str, str], ...] = (
+    ("reorganization", "{m}_embedding.0.", "projections.{m}.norms.0."),
+    ("reorganization", "{m}_embedding.1.", "projections.{m}.embed."),
+    ("reorganization", "{m}_embedding.2.", "projections.{m}.norms.1."),
+    ("reorganization", "{m}_pos_embedding", "projections.{m}.pos_embed"),
+    ("reorganization", "{m}_transformer.layers.{i}.0.norm.", "projections.{m}.encoder.blocks.{i}.norm1."),
+    ("reorganization", "{m}_transformer.layers.{i}.0.fn.to_qkv.", "projections.{m}.encoder.blocks.{i}.qkv."),
+    ("reorganization", "{m}_transformer.layers.{i}.0.fn.to_out.0.", "projections.{m}.encoder.blocks.{i}.proj."),
+    ("reorganization", "{m}_transformer.layers.{i}.1.norm.", "projections.{m}.encoder.blocks.{i}.norm2."),
+    ("reorganization", "{m}_transformer.layers.{i}.1.fn.net.0.", "projections.{m}.encoder.blocks.{i}.mlp.0."),
+    ("reorganization", "{m}_transformer.layers.{i}.1.fn.net.3.", "projections.{m}.encoder.blocks.{i}.mlp.2."),
+    ("reorganization", "{m}_head.0.", "projections.{m}.norm."),
+    ("reorganization", "{m}_head.1.", "projections.{m}.head."),
+    ("model", "{m}_embedding.0.", "projections.{m}.norms.2."),
+    ("model", "{m}_embedding.1.", "projections.{m}.proj."),
+    ("model", "{m}_embedding.2.", "feature_norms.{m}."),
+    ("model", "cls_token", "readout"),
+    ("model", "pos_embedding", "positions"),
+    ("model", "transformer.layers.{i}.0.norm.", "transformer.blocks.{i}.norm1."),
+    ("model", "transformer.layers.{i}.1.to_qkv.", "transformer.blocks.{i}.qkv."),
+    ("model", "transformer.layers.{i}.1.to_out.0.", "transformer.blocks.{i}.proj."),
+    ("model", "transformer.layers.{i}.2.norm.", "transformer.blocks.{i}.norm2."),
+    ("model", "transformer.layers.{i}.3.net.0.", "transformer.blocks.{i}.mlp.0."),
+    ("model", "transformer.layers.{i}.3.net.3.", "transformer.blocks.{i}.mlp.2."),
+    ("model", "mlp_head.", "head."),
+    ("alignment", "base_vectors", "alignment.tokens"),
+)
+_RELEASED_PARTS = ("model", "reorganization", "alignment")
+
+
+@lru_cache(maxsize=None)
+def _template(prefix: str) -> re.Pattern:
+    pattern = re.escape(prefix).replace(r"\{m\}", "(?P<m>rgb|audio)").replace(r"\{i\}", r"(?P<i>\d+)")
+    return re.compile(pattern + "(?P<rest>.*)$")
+
+
+def _translate(key: str, parts: Optional[str] = None) -> Optional[tuple[str, str]]:
+    """``(part, released key)`` of one of this library's keys (``parts`` None), or ``("", our
+    key)`` of one released key of part ``parts``; None if no rule matches. A zero ``qkv.bias``
+    has the released ``to_qkv.weight`` as its source (the released maps have no bias)."""
+    for part, released, ours in _RELEASED_RULES:
+        if parts is not None and part != parts:
+            continue
+        source, target = (released, ours) if parts is not None else (ours, released)
+        match = _template(source).match(key)
+        if match and (match["rest"] == "" or source.endswith(".")):
+            fields = {k: v for k, v in match.groupdict().items() if k != "rest" and v is not None}
+            rest = "weight" if parts is None and key.endswith("qkv.bias") else match["rest"]
+            return ("" if parts is not None else part), target.format(**fields) + rest
+    return None
+
+
+def _released_parts(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """The released state dicts by part (``model``, ``reorganization``, optional ``alignment``),
+    ``module.`` (DataParallel) prefixes removed."""
+    if not all(isinstance(checkpoint.get(k), Mapping) for k in ("model", "reorganization")):
+        raise ValueError(f"released checkpoint: expected the state dicts 'model' (ViT) and 'reorganization' "
+                         f"(ViTReorganization) as the released train.py saves them, got keys {sorted(checkpoint)}")
+    return {part: {k.removeprefix("module."): v for k, v in checkpoint[part].items()}
+            for part in _RELEASED_PARTS if isinstance(checkpoint.get(part), Mapping)}
+
+
+def convert_released_state_dict(checkpoint: Mapping[str, Any]) -> ConvertedCheckpoint:
+    """The authors' released EPIC-Kitchens model in :class:`~umilayers.model.UnseenModalityModel`'s names.
+
+    ``checkpoint`` is what the released ``train.py`` saves (``{"model": ViT, "reorganization":
+    ViTReorganization, "alignment": AlignmentModule, ...}``, DataParallel ``module.`` prefixes
+    allowed), or the three modules' ``state_dict()`` in such a dict; ``alignment`` may be left
+    out. The released bias-free query/key/value maps get zero biases; the ViT's ``cls_token``
+    plus the first ``G`` rows of its ``pos_embedding`` (added on every call there) become
+    ``readout``, the other rows ``positions``; the ``(1, n, D)`` tables lose their leading 1.
+    :func:`load_released_model` builds the model and checks every shape.
+
+    Raises:
+        ValueError: not the released layout, or a key the released modules do not have.
+    """
+    parts = _released_parts(checkpoint)
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for part, state in parts.items():
+        for key, value in state.items():
+            found = _translate(key, part)
+            if found is None:
+                unknown.append(f"{part}:{key}")
+                continue
+            name = found[1]
+            if name.endswith(".qkv.weight"):
+                out[name.removesuffix("weight") + "bias"] = value.new_zeros(value.shape[:1])
+            out[name] = value[0] if value.dim() == 3 and value.shape[0] == 1 else value
+    if unknown:
+        raise ValueError(f"released checkpoint: key(s) the released modules do not have: {sorted(unknown)[:5]}")
+    if "readout" not in out or "positions" not in out:
+        raise ValueError("released checkpoint: 'model' needs both 'cls_token' and 'pos_embedding'")
+    branches = out["readout"].shape[0]
+    if out["positions"].shape[0] <= branches or out["positions"].shape[1:] != out["readout"].shape[1:]:
+        raise ValueError(f"released checkpoint: model:pos_embedding {tuple(out['positions'].shape)} does not "
+                         f"hold model:cls_token {tuple(out['readout'].shape)}'s rows and then the slots'")
+    out["readout"] = out["readout"] + out["positions"][:branches]
+    out["positions"] = out["positions"][branches:]
+    return ConvertedCheckpoint(out)
+
+
+def _released_config(parts: Mapping[str, Mapping[str, Tensor]], heads: int) -> dict[str, Any]:
+    """:class:`~umilayers.model.UnseenModalityModel` arguments of the released computation, the
+    sizes read from the released tensors (the head count is not in them: ``heads``)."""
+    def shape(part: str, key: str, dims: int) -> tuple[int, ...]:
+        value = parts[part].get(key)
+        if value is None:
+            raise ValueError(f"released checkpoint: {part}:{key} is missing")
+        if value.dim() != dims:
+            raise ValueError(f"released checkpoint: {part}:{key} has shape {tuple(value.shape)}, "
+                             f"expected {dims} dimensions")
+        return tuple(value.shape)
+
+    def depth(part: str, prefix: str) -> int:
+        return len({k.split(".")[2] for k in parts[part] if k.startswith(prefix + ".layers.")})
+
+    num_classes, dim = shape("model", "mlp_head.1.weight", 2)
+    inner = shape("model", "transformer.layers.0.1.to_qkv.weight", 2)[0] // 3
+    if inner % heads:
+        raise ValueError(f"heads: must divide the released attention width {inner}, got {heads}")
+    return dict(
+        modality_dims={m: shape("reorganization", f"{m}_embedding.0.weight", 1)[0] for m in RELEASED_MODALITIES},
+        modality_tokens={m: shape("reorganization", f"{m}_pos_embedding", 3)[1] for m in RELEASED_MODALITIES},
+        num_outputs=num_classes, dim=dim, heads=heads, head_dim=inner // heads,
+        num_tokens=shape("reorganization", "rgb_head.1.weight", 2)[0],
+        branches=shape("model", "cls_token", 3)[1],
+        projection_depth=depth("reorganization", "rgb_transformer"), fusion_depth=depth("model", "transformer"),
+        mlp_ratio=shape("model", "transformer.layers.0.3.net.0.weight", 2)[0] / dim,
+        normalize="slots", positions="learned", projection_norms=True, feature_norm=True,
+        use_alignment="alignment" in parts, align_weight=1e-3, align_reduction="elementwise_mean",
+        pseudo_weight=3000.0, pseudo_reduction="elementwise_mean", label_smoothing=0.1,
+    )
+
+
+def load_released_model(
+    checkpoint: Union[PathLike, Mapping[str, Any]], *, heads: int = 8, device: Optional[torch.device] = None
+) -> UnseenModalityModel:
+    """An :class:`~umilayers.model.UnseenModalityModel` that computes what the authors' released
+    EPIC-Kitchens model computes, with its weights.
+
+    The released ``train.py`` builds ``ViTReorganization`` (``feature_reorganization.py``) and
+    ``ViT`` (``vit.py``) with ``dim=256, depth=6, heads=8, mlp_dim=512`` and 64-wide heads,
+    learned positions for 784 RGB and 146 audio tokens of width 768, ``k* = 512`` slots, two
+    branches and 3,806 classes; the sizes are read from the tensors (only ``heads`` is not in
+    them). The model takes the released settings: the softmax over the slots
+    (``normalize="slots"``), learned positions, the LayerNorms around the projection's linear
+    maps (``projection_norms`` and ``feature_norm``), and for training the released loss: label
+    smoothing 0.1, the KL and alignment terms as means over every element
+    (``pseudo_reduction`` and ``align_reduction`` ``"elementwise_mean"``), alpha 3000, lambda
+    0.001. Without ``alignment`` in the checkpoint the model has no alignment loss
+    (``use_alignment=False``).
+
+    Args:
+        checkpoint: a path to a checkpoint the released ``train.py`` saved, or the loaded dict
+            (see :func:`convert_released_state_dict`).
+        heads: attention heads of both transformers (the released code's 8).
+        device: device of the model.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is a path that does not exist.
+        ValueError: not the released layout, a missing key, or a tensor of the wrong shape (one
+            line naming the released key, its shape and the expected one).
+
+    Example::
+
+        >>> model = load_released_model("checkpoints/best_multimodal1e-1.pt")  # doctest: +SKIP
+    """
+    check_positive_int("heads", heads)
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = load_checkpoint(checkpoint)
+    parts = _released_parts(checkpoint)
+    model = UnseenModalityModel(**_released_config(parts, heads), device=device)
+    converted = convert_released_state_dict(checkpoint).state_dict
+    expected = model.state_dict()
+
+    def source(key: str) -> str:
+        found = _translate(key)
+        return f"{found[0]}:{found[1]}" if found else key
+
+    missing = sorted({source(k) for k in expected if k not in converted})
+    if missing:
+        raise ValueError(f"released checkpoint: {len(missing)} tensor(s) missing: {missing[:3]}")
+    branches = expected["readout"].shape[0]
+    for key, value in converted.items():
+        got, want = tuple(value.shape), tuple(expected[key].shape)
+        if got != want:
+            if key in ("readout", "positions"):  # both come from the released (1, G + K, D) table
+                got, want = (1, branches + got[0], *got[1:]), (1, branches + want[0], *want[1:])
+            elif len(want) == 2 and key.endswith(("pos_embed", "tokens")):
+                got, want = (1, *got), (1, *want)
+            raise ValueError(f"released checkpoint: {source(key)} has shape {got}, expected {want}")
+    model.load_state_dict(converted)
+    return model
