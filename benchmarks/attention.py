@@ -35,7 +35,7 @@ whether the goals are met; writes ``results/attention.json`` and ``results/atten
 
 Run::
 
-    python benchmarks/attention.py            # CPU float32; with --repeats 5, 275 s quiet / 429 s loaded on 2 cores
+    python benchmarks/attention.py            # CPU float32; --repeats 5: 2111 s on 2 cores at load 6-17 (275 s quiet with 2 more methods)
     python benchmarks/attention.py --quick    # smoke test, < 20 s
     python benchmarks/attention.py --device cuda --dtype bfloat16
 """
