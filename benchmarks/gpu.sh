@@ -3,7 +3,7 @@
 # steps and nvidia-smi add up to 440 s): the machine; which xformers kernels serve the group attention; the
 # CUDA tests (xformers' BlockDiagonalMask against our mask, every backend against the float32
 # reference in bf16 and fp16, head_dim != dim / heads, the host reads of a CUDA training step);
-# the attention benchmark at k* = 512 in bf16 (xformers, fold, sdpa, dense-masked); one
+# the attention benchmark at k* = 512 in bf16 (xformers, fold, mask, dense-masked); one
 # EPIC-size training step per attention backend with its peak memory (and the released way);
 # the host reads of a training step on the GPU.
 #
@@ -38,14 +38,14 @@ if [ "$dry" = 1 ]; then
   device=cpu
   xformers_args=(--device cpu --batch 1)
   attention_args=(--device cpu --quick --tokens 66 --groups 2 --head-dim 16)
-  train_args=(--device cpu --quick --repeats 1 --warmup 0 --no-flops --no-breakdown --backends fold sdpa loop)
+  train_args=(--device cpu --quick --repeats 1 --warmup 0 --no-flops --no-breakdown --backends fold mask)
 else
   device=cuda
   xformers_args=(--device cuda --batch 4)
   attention_args=(--device cuda --dtype bfloat16 --tokens 514 --groups 2 --batch 16 --head-dim 64
                   --repeats 10 --warmup 3)
   train_args=(--device cuda --dtype bfloat16 --batch 32 --repeats 10 --warmup 2 --no-breakdown
-              --backends xformers fold sdpa loop)
+              --backends xformers fold mask)
 fi
 
 start=$(date +%s)

@@ -12,7 +12,7 @@ once, so a shared machine's load hits all alike):
 - ``ours``: ``UnseenModalityModel.forward``: each modality's projection runs on the rows that
   have it; the common-space sum scatters them; one group-masked transformer pass runs both
   branches (``auto`` attention backend). ``--backends`` adds ``ours[<backend>]`` for each
-  backend named (the GPU check times xformers, fold, sdpa and loop this way).
+  backend named (the GPU check times xformers, fold and mask this way).
 - ``ours-previous`` (CPU): ``ours`` as it computed before issue 12's three changes, for the
   speed-up they bring, in the same run: every block computes q, k, v as one product cut into
   views (:func:`previous_block_forward`), the fusion's last layer computes every token
@@ -58,7 +58,7 @@ Run::
     python benchmarks/train_step.py                  # EPIC size, B=8, CPU float32, ~6 min on 2 cores
     python benchmarks/train_step.py --released-code ~/Unseen-Modality-Interaction
     python benchmarks/train_step.py --quick          # smoke test, small sizes, < 30 s
-    python benchmarks/train_step.py --device cuda --batch 32 --dtype bfloat16 --backends auto xformers fold sdpa
+    python benchmarks/train_step.py --device cuda --batch 32 --dtype bfloat16 --backends xformers fold mask
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from torch import Tensor, nn  # noqa: E402
 import _common  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
-from umilayers.attention import BACKENDS, _Block, attention_backend, resolve_kernel  # noqa: E402
+from umilayers.attention import _KERNELS, BACKENDS, GroupMaskedTransformer, _Block  # noqa: E402
 from umilayers.model import UMIOutput, UnseenModalityModel, combine_branches  # noqa: E402
 
 GOAL_SPEEDUP, STRETCH_SPEEDUP, GOAL_PEAK = 3.0, 4.0, 0.5
@@ -187,6 +187,21 @@ def previous_path(model: UnseenModalityModel) -> Iterator[None]:
         fusion.backend, fusion.first_queries_only = saved
         for block in blocks:
             del block.forward
+
+
+@contextlib.contextmanager
+def forced_backend(model: nn.Module, backend: str) -> Iterator[None]:
+    """Every attention of ``model`` (projections and fusion) with ``backend`` instead of the one
+    each chose at construction (restored on exit)."""
+    transformers = [m for m in model.modules() if isinstance(m, GroupMaskedTransformer)]
+    saved = [t.backend for t in transformers]
+    for t in transformers:
+        t.backend = backend
+    try:
+        yield
+    finally:
+        for t, chosen in zip(transformers, saved):
+            t.backend = chosen
 
 
 @contextlib.contextmanager
@@ -413,7 +428,7 @@ def make_step(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
             return model.loss(out, data["labels"], pseudo_targets=data["pseudo"]).total
 
     def step() -> float:
-        chosen = attention_backend(backend) if backend else contextlib.nullcontext()
+        chosen = forced_backend(model, backend) if backend else contextlib.nullcontext()
         if method == "ours-previous":
             chosen = previous_path(model)
         with chosen, torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
@@ -552,10 +567,12 @@ class _Regions:
 
 
 def _timed_kernel(backend: Any, name: str) -> Callable[..., Tensor]:
-    """An attention kernel that resolves ``backend`` as the module would and marks the call."""
+    """An attention kernel that runs a module's ``backend`` (its name or kernel) and marks the call."""
+    run = backend if callable(backend) else _KERNELS[backend]
+
     def kernel(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int], key_padding_mask: Optional[Tensor]):
         with torch.profiler.record_function(PART + name):
-            return resolve_kernel(backend, q, group_sizes, key_padding_mask)(q, k, v, group_sizes, key_padding_mask)
+            return run(q, k, v, group_sizes, key_padding_mask)
 
     return kernel
 

@@ -283,7 +283,7 @@ def test_the_previous_path_computes_what_ours_computes():
         model.loss(out, data["labels"], pseudo_targets=data["pseudo"]).total.backward()
         grads[method] = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-    assert model.transformer.first_queries_only and model.transformer.backend == "auto"  # restored
+    assert model.transformer.first_queries_only and model.transformer.backend == "fold"  # restored
     blocks = [m for m in model.modules() if isinstance(m, train_step._Block)]
     with train_step.previous_path(model):
         assert all(b.forward.__func__ is train_step.previous_block_forward for b in blocks)

@@ -13,7 +13,7 @@ and so are the model, the baselines and the FeatureStore. Training lives in
 from typing import Any
 
 from umilayers._version import __version__
-from umilayers.attention import GroupMaskedTransformer, attention_backend, group_attention
+from umilayers.attention import GroupMaskedTransformer, group_attention
 from umilayers.baselines import LateFusion, UnimodalModel, VanillaTransformer, build_model
 from umilayers.data import Batch, FeatureStore, StoreError, collate, make_synthetic_store
 from umilayers.data import ModalityBatch, collate_modalities
@@ -50,7 +50,6 @@ __all__ = [
     "fuse_rows",
     "modality_counts",
     "group_attention",
-    "attention_backend",
     "alignment_loss",
     "TaskLoss",
     "classification_loss",

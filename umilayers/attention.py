@@ -6,28 +6,19 @@ contiguous groups of sizes ``n_1 + ... + n_G = N`` and attention is block-diagon
 
 Backends (see ``docs/attention.rst``):
 
+- ``"fold"``: equal groups moved into the batch dimension, plain
+  ``F.scaled_dot_product_attention`` without a mask (exact; ``1/G`` of the dense work; a view of
+  the input, no copies). Every caller in this package has equal groups.
+- ``"mask"``: ``F.scaled_dot_product_attention`` with one ``(N, N)`` boolean block mask (any
+  group sizes; the dense ``N**2`` work; with key padding one ``(B, 1, N, N)`` mask).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` with a ``BlockDiagonalMask`` in
-  the packed layout ``(1, B * N, H, h)``; CUDA only, no key padding.
-- ``"fold"``: equal groups moved into the batch dimension (next to the heads or into the batch,
-  whichever is a view of the input's layout), plain ``F.scaled_dot_product_attention`` without
-  a mask (exact; ~1/G of the dense work; no copies).
-- ``"padded_fold"``: unequal groups each padded to the largest, then folded like ``"fold"``
-  with the padding masked (exact; ``G * max(n_g)**2`` work instead of ``N**2``).
-- ``"loop"``: a Python loop over the groups, one plain ``F.scaled_dot_product_attention`` per
-  group without a mask (key padding: a ``(B, 1, 1, n_g)`` key mask per group), outputs
-  concatenated (exact; ``sum(n_g**2)`` work, ``G`` kernel calls).
-- ``"sdpa"``: ``F.scaled_dot_product_attention`` with one ``(N, N)`` boolean block mask,
-  broadcast over batch and heads (with key padding: one ``(B, 1, N, N)`` boolean mask).
-- ``"reference"``: explicit float32 ``softmax(Q K^T / sqrt(h) + mask) V``, the test oracle.
-- ``"auto"``: the first of xformers, fold, loop, padded_fold, sdpa that supports the input
-  (loop only for at most ``_LOOP_MAX_GROUPS`` groups; padded_fold only when its padded work is
-  at most half the dense ``N**2``).
+  the packed layout ``(1, B * N, H, h)`` (any group sizes, ``sum(n_g**2)`` work); CUDA only, no
+  key padding, imported on first use.
+- ``"auto"``: ``fold`` for equal groups, ``mask`` otherwise. It never picks ``xformers``: no
+  measurement shows it faster (see ``docs/attention.rst``).
 
-Selection: a backend other than ``"auto"`` given to the function or the module wins; otherwise
-the innermost :func:`attention_backend` context; otherwise the environment variable
-``UMILAYERS_ATTN_BACKEND``; otherwise automatic selection. :func:`group_attention` validates and
-selects on every call; :class:`GroupMaskedTransformer` does both once per forward call, and its
-layers call the chosen kernel (:func:`resolve_kernel`) directly.
+The backend is a constructor argument of :class:`GroupMaskedTransformer`, chosen once there;
+:func:`group_attention` is the same computation as a function of ``q, k, v``.
 
 A query whose group holds no unpadded key attends to nothing: its output is exactly zero, and
 no NaN reaches the gradients, in every backend.
@@ -37,10 +28,8 @@ Shape letters: ``B`` batch, ``N`` tokens, ``D`` width, ``H`` heads, ``G`` groups
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
+import functools
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,42 +48,26 @@ from umilayers._validation import (
 
 __all__ = [
     "BACKENDS",
-    "ENV_VAR",
     "AttentionBackendError",
     "AttentionKernel",
-    "attention_backend",
-    "backend_support",
-    "select_backend",
-    "resolve_kernel",
     "group_attention",
     "block_mask",
     "check_group_sizes",
-    "split_groups",
-    "pack_groups",
     "GroupMaskedTransformer",
 ]
 
 #: Names accepted wherever a backend is chosen.
-BACKENDS = ("auto", "xformers", "fold", "loop", "padded_fold", "sdpa", "reference")
-#: Environment variable read (at call time) when neither the caller nor a context chose.
-ENV_VAR = "UMILAYERS_ATTN_BACKEND"
-#: Order in which ``"auto"`` tries the backends.
-_AUTO_ORDER = ("xformers", "fold", "loop", "padded_fold", "sdpa")
-#: ``auto`` takes loop only for at most this many groups (one kernel call per group; see
-#: docs/attention.rst for the measurements behind the number).
-_LOOP_MAX_GROUPS = 8
-#: ``auto`` takes padded_fold only when ``G * max(n_g)**2 <= _PADDED_FOLD_MAX_WORK * N**2``.
-_PADDED_FOLD_MAX_WORK = 0.5
+BACKENDS = ("auto", "fold", "mask", "xformers")
 #: Floating dtypes xformers' kernels accept.
 _XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_override: Optional[str] = None  # set by attention_backend(); a plain global like torch.backends
-_xformers_cache: dict[str, Any] = {}  # "module" -> xformers.ops or None, "error" -> str
-_xformers_support_cache: dict[tuple, tuple[str, ...]] = {}
+#: A backend as a function: ``kernel(q, k, v, group_sizes, key_padding_mask)`` on validated
+#: ``(B, H, N, h)`` inputs (the shapes of :func:`group_attention`); it checks nothing.
+AttentionKernel = Callable[[Tensor, Tensor, Tensor, Sequence[int], Optional[Tensor]], Tensor]
 
 
 class AttentionBackendError(ValueError):
-    """An explicitly requested attention backend cannot serve the input.
+    """A requested attention backend cannot serve the input.
 
     ``reasons`` lists why, one string per reason (like xformers' ``not_supported_reasons``).
 
@@ -145,11 +118,6 @@ def check_group_sizes(group_sizes: Any, n: Optional[int] = None, name: str = "gr
     return sizes
 
 
-def _group_ids(group_sizes: Sequence[int], device: Optional[torch.device]) -> Tensor:
-    counts = torch.tensor(list(group_sizes), device=device)
-    return torch.repeat_interleave(torch.arange(len(group_sizes), device=device), counts)
-
-
 def block_mask(group_sizes: Sequence[int], device: Optional[torch.device] = None) -> Tensor:
     """Boolean ``(N, N)`` mask, True where token i may attend to token j (same group).
 
@@ -162,80 +130,26 @@ def block_mask(group_sizes: Sequence[int], device: Optional[torch.device] = None
                 [0, 1, 1],
                 [0, 1, 1]], dtype=torch.int32)
     """
-    ids = _group_ids(check_group_sizes(group_sizes), device)
+    sizes = check_group_sizes(group_sizes)
+    ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
     return ids[:, None] == ids[None, :]
-
-
-def split_groups(x: Tensor, group_sizes: Sequence[int], dim: int = -2) -> list[Tensor]:
-    """Cut ``x`` along ``dim`` into its contiguous groups (views, no copy).
-
-    Example::
-
-        >>> [t.shape[0] for t in split_groups(torch.zeros(5, 3), [2, 3], dim=0)]
-        [2, 3]
-    """
-    check_tensor("x", x)
-    sizes = check_group_sizes(group_sizes, x.shape[dim])
-    return list(torch.split(x, sizes, dim=dim))
-
-
-def pack_groups(groups: Sequence[Tensor], dim: int = -2) -> tuple[Tensor, list[int]]:
-    """Concatenate groups along ``dim``; the inverse of :func:`split_groups`.
-
-    Returns:
-        ``(packed, group_sizes)``.
-
-    Example::
-
-        >>> x, sizes = pack_groups([torch.zeros(2, 3), torch.ones(1, 3)], dim=0)
-        >>> x.shape, sizes
-        (torch.Size([3, 3]), [2, 1])
-    """
-    if not groups:
-        raise ValueError("groups: expected at least one tensor, got none")
-    for i, g in enumerate(groups):
-        check_tensor(f"groups[{i}]", g)
-    return torch.cat(list(groups), dim=dim), [int(g.shape[dim]) for g in groups]
-
-
-def _allowed(group_sizes: Sequence[int], key_padding_mask: Optional[Tensor], device) -> Tensor:
-    """Allowed-entry mask: ``(N, N)`` without padding, ``(B, 1, N, N)`` with it."""
-    allowed = block_mask(group_sizes, device)
-    if key_padding_mask is not None:
-        allowed = allowed[None, None] & ~key_padding_mask[:, None, None, :]
-    return allowed
-
-
-def _guard_empty_rows(allowed: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows with no allowed key: let them attend everywhere, and report them to zero later.
-
-    A softmax over an all ``-inf`` row is NaN, and NaN poisons the backward pass even when the
-    output is zeroed afterwards; attending to every key then multiplying by zero is exact.
-    """
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    return allowed | empty, empty
 
 
 # --------------------------------------------------------------------------- the backends
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    allowed, empty = _guard_empty_rows(_allowed(group_sizes, key_padding_mask, q.device))
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    out = (weights @ v.float()).masked_fill(empty, 0.0)
-    return out.to(q.dtype)
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    allowed = _allowed(group_sizes, key_padding_mask, q.device)
+def _mask(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int], key_padding_mask: Optional[Tensor]) -> Tensor:
+    allowed = block_mask(group_sizes, q.device)
     if key_padding_mask is None:  # groups are non-empty: no empty row, the (N, N) mask suffices
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    allowed, empty = _guard_empty_rows(allowed)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).masked_fill(empty, 0.0)
+    allowed = allowed[None, None] & ~key_padding_mask[:, None, None, :]  # (B, 1, N, N)
+    # A softmax over a row with no allowed key is NaN, and NaN poisons the backward pass even when
+    # the output is zeroed afterwards: such rows attend everywhere, then are multiplied by zero.
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty).masked_fill(empty, 0.0)
 
 
-def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
+def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int], key_padding_mask: Optional[Tensor]) -> Tensor:
     # Each group becomes a batch entry of its own, folded where that is a view of the input (no
     # copy of q, k, v, forward or backward): next to the heads, (B, H G, n, h), for a (B, H, N, h)
     # layout (contiguous inputs); into the batch, (B G, H, n, h), for a (B, N, H, h) layout (the
@@ -258,7 +172,7 @@ def _fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Ten
     return out.unflatten(0, (batch, groups)).transpose(1, 2).reshape(batch, heads, n, out.shape[-1])
 
 
-def _fold_heads(q: Tensor, k: Tensor, v: Tensor, groups: int, key_padding_mask) -> Tensor:
+def _fold_heads(q: Tensor, k: Tensor, v: Tensor, groups: int, key_padding_mask: Optional[Tensor]) -> Tensor:
     """:func:`_fold` for a ``(B, H, N, h)`` layout: ``(B, H, G n, h) -> (B, H G, n, h)``."""
     batch, heads, n, _ = q.shape
     size = n // groups
@@ -274,254 +188,71 @@ def _fold_heads(q: Tensor, k: Tensor, v: Tensor, groups: int, key_padding_mask) 
     return out.reshape(batch, heads, n, out.shape[-1])
 
 
-def _loop(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    # torch.split, not one slice per group: split's backward is one concatenation, while each
-    # slice's backward would write its gradient into a fresh zero tensor of the full size.
-    sizes = list(group_sizes)
-    parts = zip(*(torch.split(t, sizes, dim=2) for t in (q, k, v)))
-    if key_padding_mask is None:
-        outs = [F.scaled_dot_product_attention(qg, kg, vg) for qg, kg, vg in parts]
-    else:
-        outs = []
-        for (qg, kg, vg), pad in zip(parts, torch.split(key_padding_mask, sizes, dim=1)):
-            keep = ~pad[:, None, None, :]  # (B, 1, 1, n_g)
-            empty = ~keep.any(dim=-1, keepdim=True)  # (B, 1, 1, 1): this group is only padding
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=keep | empty)
-            outs.append(out.masked_fill(empty, 0.0))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+@functools.lru_cache(maxsize=None)
+def _load_xformers() -> tuple[Any, str]:
+    """``(xformers.ops, "")``, or ``(None, why)`` when it cannot be imported.
+
+    Imported on first use only: xformers has no CPU kernels, and importing it prints warnings
+    where its binary extension does not match torch.
+    """
+    try:
+        import xformers.ops as xops  # noqa: PLC0415 (lazy on purpose)
+    except Exception as err:  # ImportError, or a broken binary extension
+        return None, f"{type(err).__name__}: {err}"
+    return xops, ""
 
 
-def _padded_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    longest = max(group_sizes)
-
-    def pad(t: Tensor, value: Any = 0.0) -> Tensor:  # (..., N, *) -> (..., G * longest, *)
-        dim = 2 if t.dim() == 4 else 1
-        tail = (0, 0) if t.dim() == 4 else ()
-        parts = torch.split(t, list(group_sizes), dim=dim)
-        return torch.cat([F.pad(p, (*tail, 0, longest - p.shape[dim]), value=value) for p in parts], dim=dim)
-
-    if key_padding_mask is None:
-        key_padding_mask = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-    out = _fold(pad(q), pad(k), pad(v), [longest] * len(group_sizes), pad(key_padding_mask, True))
-    parts = torch.split(out, longest, dim=2)
-    return torch.cat([p[:, :, :n] for p, n in zip(parts, group_sizes)], dim=2)
-
-
-def _load_xformers() -> Any:
-    """``xformers.ops`` or None; imported on first use only, and only for a CUDA input."""
-    if "module" not in _xformers_cache:
-        try:
-            import xformers.ops as xops  # noqa: PLC0415 (lazy on purpose: no CPU kernels)
-
-            _xformers_cache["module"] = xops
-        except Exception as err:  # ImportError, or a broken binary extension
-            _xformers_cache["module"] = None
-            _xformers_cache["error"] = f"{type(err).__name__}: {err}"
-    return _xformers_cache["module"]
-
-
-def _xformers_bias(xops: Any, group_sizes: Sequence[int], batch: int, device: torch.device) -> Any:
-    return xops.fmha.BlockDiagonalMask.from_seqlens(list(group_sizes) * batch, device=device)
-
-
-def _xformers(q: Tensor, k: Tensor, v: Tensor, group_sizes, key_padding_mask) -> Tensor:
-    batch, heads = q.shape[:2]
-    if batch == 0:
-        return v * 0.0
-    xops = _load_xformers()
-    bias = _xformers_bias(xops, group_sizes, batch, q.device)
+def _xformers(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int], key_padding_mask: Optional[Tensor]) -> Tensor:
+    # One block per (row, group) of the packed (1, B N, H, h) sequence: a view for the module's
+    # q, k, v, whose memory is (B, N, H, h), and the output goes back to (B, H, N, h) as a view.
+    batch = q.shape[0]
+    if batch == 0:  # no sequence to pack (BlockDiagonalMask needs one): nothing to compute
+        return F.scaled_dot_product_attention(q, k, v)
+    xops, _ = _load_xformers()
+    bias = xops.fmha.BlockDiagonalMask.from_seqlens(list(group_sizes) * batch, device=q.device)
     q, k, v = (rearrange(t, "b h n d -> 1 (b n) h d") for t in (q, k, v))
     out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
     return rearrange(out, "1 (b n) h d -> b h n d", b=batch)
 
 
-#: What a backend name resolves to: ``kernel(q, k, v, group_sizes, key_padding_mask)``, with
-#: validated inputs of the shapes of :func:`group_attention`; it checks nothing.
-AttentionKernel = Callable[[Tensor, Tensor, Tensor, Sequence[int], Optional[Tensor]], Tensor]
-
-_IMPLEMENTATIONS: dict[str, AttentionKernel] = {
-    "reference": _reference,
-    "sdpa": _sdpa,
-    "fold": _fold,
-    "loop": _loop,
-    "padded_fold": _padded_fold,
-    "xformers": _xformers,
-}
+_KERNELS: dict[str, AttentionKernel] = {"fold": _fold, "mask": _mask, "xformers": _xformers}
 
 
-# --------------------------------------------------------------------------- selection
+# --------------------------------------------------------------------------- choosing
 
 
-@contextlib.contextmanager
-def attention_backend(backend: str) -> Iterator[None]:
-    """Force a backend for every group attention that was not given one explicitly.
+def _choose(backend: str, group_sizes: Sequence[int]) -> str:
+    """The concrete backend for ``backend`` at these group sizes (``"auto"``: fold or mask)."""
+    equal = len(set(group_sizes)) == 1
+    if backend == "auto":
+        return "fold" if equal else "mask"
+    if backend == "fold" and not equal:
+        raise AttentionBackendError("fold", [f"fold needs equal group sizes, got {list(group_sizes)}"])
+    return backend
 
-    Contexts nest; the previous choice is restored on exit. ``attention_backend("auto")``
-    restores automatic selection inside the block (ignoring the environment variable). The
-    choice is process-global (like ``torch.backends`` flags), not per thread.
 
-    Example::
+def _check_xformers(device: torch.device, dtype: torch.dtype, key_padding_mask: Optional[Tensor]) -> None:
+    """Raise :class:`AttentionBackendError` with every reason xformers cannot serve this input.
 
-        >>> import torch
-        >>> layer = GroupMaskedTransformer(dim=16, depth=1, heads=2, groups=2)
-        >>> with attention_backend("reference"):
-        ...     y = layer(torch.randn(2, 6, 16))
-        >>> y.shape
-        torch.Size([2, 6, 16])
+    On a CPU input nothing of xformers is imported.
     """
-    global _override
-    check_choice("backend", backend, BACKENDS)
-    previous = _override
-    _override = backend
-    try:
-        yield
-    finally:
-        _override = previous
-
-
-def _requested(backend: str) -> str:
-    """Apply the precedence: explicit > context manager > environment variable > auto."""
-    check_choice("backend", backend, BACKENDS)
-    if backend != "auto":
-        return backend
-    if _override is not None:
-        return _override
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}: expected one of {list(BACKENDS)}, got {env!r}")
-        return env
-    return "auto"
-
-
-def _xformers_reasons(q: Tensor, group_sizes: Sequence[int], key_padding_mask) -> list[str]:
     reasons = []
-    if q.device.type != "cuda":
-        # Checked first: on a CPU-only machine xformers is never imported.
-        reasons.append(f"xformers needs a CUDA tensor, got device {q.device.type}")
+    if device.type != "cuda":
+        reasons.append(f"xformers needs a CUDA tensor, got device {device.type} (it has no CPU kernels)")
     if key_padding_mask is not None:
         reasons.append(
             "key_padding_mask is not supported with xformers: BlockDiagonalPaddedKeysMask only "
-            "expresses padding at the end of each group and has no backward kernel; use fold or sdpa"
+            "expresses padding at the end of each group and has no backward kernel; use fold or mask"
         )
-    if q.dtype not in _XFORMERS_DTYPES:
-        reasons.append(f"dtype={q.dtype} (xformers supports {list(_XFORMERS_DTYPES)})")
+    if dtype not in _XFORMERS_DTYPES:
+        reasons.append(f"dtype={dtype} (xformers supports {list(_XFORMERS_DTYPES)})")
+    if not reasons and _load_xformers()[0] is None:
+        reasons.append(f"xformers cannot be imported ({_load_xformers()[1]})")
     if reasons:
-        return reasons
-    if _load_xformers() is None:
-        return [f"xformers cannot be imported ({_xformers_cache['error']})"]
-    return list(_xformers_kernel_reasons(q, group_sizes))
+        raise AttentionBackendError("xformers", reasons)
 
 
-def _xformers_kernel_reasons(q: Tensor, group_sizes: Sequence[int]) -> tuple[str, ...]:
-    """Ask xformers' own dispatcher whether a kernel exists (cached per input signature)."""
-    key = (q.device, q.dtype, q.shape[1], q.shape[-1], max(group_sizes), q.requires_grad)
-    if key in _xformers_support_cache:
-        return _xformers_support_cache[key]
-    xops = _load_xformers()
-    reasons: tuple[str, ...] = ()
-    try:
-        from xformers.ops.fmha.common import Inputs  # noqa: PLC0415
-        from xformers.ops.fmha.dispatch import _dispatch_fw  # noqa: PLC0415
-    except Exception:  # private API moved: let the kernel call itself report problems
-        Inputs = None
-    if Inputs is not None:
-        sample = torch.empty(1, sum(group_sizes), q.shape[1], q.shape[-1], device=q.device, dtype=q.dtype)
-        inputs = Inputs(sample, sample, sample, attn_bias=_xformers_bias(xops, group_sizes, 1, q.device))
-        try:
-            _dispatch_fw(inputs, q.requires_grad)
-        except NotImplementedError as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reasons = ("no xformers kernel for this input: " + "; ".join(lines[-6:]),)
-    _xformers_support_cache[key] = reasons
-    return reasons
-
-
-def backend_support(
-    backend: str,
-    q: Tensor,
-    group_sizes: Sequence[int],
-    key_padding_mask: Optional[Tensor] = None,
-) -> list[str]:
-    """Reasons why ``backend`` cannot serve this input; an empty list means it can.
-
-    ``backend`` is a concrete name (not ``"auto"``). ``q`` only lends its device, dtype and
-    shape ``(B, H, N, h)``. For ``"xformers"`` on CPU nothing of xformers is imported.
-
-    Example::
-
-        >>> q = torch.randn(2, 4, 6, 8)
-        >>> backend_support("fold", q, [3, 3])
-        []
-        >>> backend_support("xformers", q, [3, 3])
-        ['xformers needs a CUDA tensor, got device cpu']
-    """
-    check_choice("backend", backend, BACKENDS[1:])
-    if backend == "xformers":
-        return _xformers_reasons(q, group_sizes, key_padding_mask)
-    if backend == "fold" and len(set(group_sizes)) != 1:
-        return [f"fold needs equal group sizes, got {list(group_sizes)}"]
-    return []
-
-
-def select_backend(
-    backend: str,
-    q: Tensor,
-    group_sizes: Sequence[int],
-    key_padding_mask: Optional[Tensor] = None,
-) -> str:
-    """Resolve ``backend`` (with context manager and environment variable) to a concrete one.
-
-    Raises:
-        AttentionBackendError: the requested backend cannot serve the input (with the reasons).
-
-    Example::
-
-        >>> q = torch.randn(2, 4, 6, 8)
-        >>> select_backend("auto", q, [3, 3]), select_backend("auto", q, [2, 4])
-        ('fold', 'loop')
-        >>> select_backend("auto", torch.randn(2, 4, 514, 8), [58] * 8 + [50])  # more than 8 groups
-        'padded_fold'
-    """
-    requested = _requested(backend)
-    if requested == "auto":
-        for candidate in _AUTO_ORDER:
-            if candidate == "loop" and len(group_sizes) > _LOOP_MAX_GROUPS:
-                continue  # one kernel call per group: the Python overhead grows with G
-            if candidate == "padded_fold" and (
-                len(group_sizes) * max(group_sizes) ** 2 > _PADDED_FOLD_MAX_WORK * sum(group_sizes) ** 2
-            ):
-                continue  # the padding would cost more than masking the full square saves
-            if not backend_support(candidate, q, group_sizes, key_padding_mask):
-                return candidate
-        return "sdpa"  # unreachable: sdpa serves every valid input
-    reasons = backend_support(requested, q, group_sizes, key_padding_mask)
-    if reasons:
-        raise AttentionBackendError(requested, reasons)
-    return requested
-
-
-def resolve_kernel(
-    backend: Union[str, AttentionKernel],
-    q: Tensor,
-    group_sizes: Sequence[int],
-    key_padding_mask: Optional[Tensor] = None,
-) -> AttentionKernel:
-    """The kernel that computes group attention for this input: ``backend`` itself when it is a
-    callable, else the implementation :func:`select_backend` picks.
-
-    Example::
-
-        >>> q = torch.randn(2, 4, 6, 8)
-        >>> resolve_kernel("auto", q, [3, 3])(q, q, q, [3, 3], None).shape
-        torch.Size([2, 4, 6, 8])
-    """
-    if callable(backend):
-        return backend
-    return _IMPLEMENTATIONS[select_backend(backend, q, group_sizes, key_padding_mask)]
-
-
-def _check_inputs(q, k, v, group_sizes, key_padding_mask) -> list[int]:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, group_sizes: Any, key_padding_mask: Optional[Tensor]) -> list[int]:
     sizes: dict[str, int] = {}
     check_tensor("q", q, ("B", "H", "N", "h"), sizes, floating=True)
     check_tensor("k", k, ("B", "H", "N", "h"), sizes, floating=True)
@@ -548,8 +279,7 @@ def group_attention(
         k: keys ``(B, H, N, h)``.
         v: values ``(B, H, N, h_v)``.
         group_sizes: sizes of the contiguous groups; positive, summing to N.
-        backend: one of :data:`BACKENDS`; ``"auto"`` defers to the context manager, the
-            environment variable, then automatic selection.
+        backend: one of :data:`BACKENDS` (``"auto"``: ``fold`` for equal groups, else ``mask``).
         key_padding_mask: ``(B, N)`` bool, True marks padding keys (never attended to). A query
             whose group has no unpadded key gets a zero output.
 
@@ -557,7 +287,7 @@ def group_attention(
         ``(B, H, N, h_v)`` in the dtype of ``q``.
 
     Raises:
-        AttentionBackendError: an explicitly chosen backend cannot serve the input.
+        AttentionBackendError: the chosen backend cannot serve the input (with every reason).
 
     Example::
 
@@ -566,7 +296,11 @@ def group_attention(
         torch.Size([2, 4, 6, 8])
     """
     group_sizes = _check_inputs(q, k, v, group_sizes, key_padding_mask)
-    return resolve_kernel(backend, q, group_sizes, key_padding_mask)(q, k, v, group_sizes, key_padding_mask)
+    check_choice("backend", backend, BACKENDS)
+    backend = _choose(backend, group_sizes)
+    if backend == "xformers":
+        _check_xformers(q.device, q.dtype, key_padding_mask)
+    return _KERNELS[backend](q, k, v, group_sizes, key_padding_mask)
 
 
 # --------------------------------------------------------------------------- the module
@@ -651,14 +385,6 @@ def _first_query_attention(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequenc
     return torch.cat(outs, dim=2)
 
 
-class _Queries(NamedTuple):
-    """What backend selection reads of the queries (device, dtype, shape, grad), before they exist."""
-
-    device: torch.device
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    requires_grad: bool
-
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the blocks' linear layers give for ``x``: autocast's when it is on."""
@@ -668,15 +394,17 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+
+
 class GroupMaskedTransformer(nn.Module):
     """Pre-norm transformer whose attention is block-diagonal over contiguous token groups.
 
-    The attention backend is resolved as far as possible at construction: the requested name is
-    validated and stored in the plain attribute ``backend``, which a test may flip (for
-    instance to ``"reference"``) to compare paths; with fixed ``group_sizes`` a backend that can
-    never serve them (``fold`` with unequal groups) is refused at once. What depends on the input
-    (device, dtype, padding) is decided once per call, by :func:`select_backend`, and every
-    layer then calls the chosen kernel directly (xformers' validate, dispatch, apply).
+    The attention backend is chosen once, here: ``"auto"`` becomes ``"fold"`` for equal groups
+    (``groups``, or equal ``group_sizes``) and ``"mask"`` otherwise; a backend that can never
+    serve the groups (``fold`` with unequal ``group_sizes``, ``xformers`` on a CPU ``device``) is
+    refused at once. The choice is the plain attribute ``backend`` (shown in the repr), and every
+    layer calls its kernel directly. ``xformers`` is checked per call only for what depends on
+    the input (a CUDA tensor, no key padding, its dtype), without importing xformers on a CPU.
 
     ``backend`` may also be an :data:`AttentionKernel`, a callable
     ``kernel(q, k, v, group_sizes, key_padding_mask)`` used as is by every layer (timm's
@@ -706,6 +434,9 @@ class GroupMaskedTransformer(nn.Module):
         device: device of the parameters.
         dtype: dtype of the parameters.
 
+    Raises:
+        AttentionBackendError: ``backend`` can never serve these groups or this ``device``.
+
     Shape:
         - x: ``(B, N, D)``
         - padding_mask: ``(B, N)`` bool, True = padding (padded keys are never attended to)
@@ -715,13 +446,14 @@ class GroupMaskedTransformer(nn.Module):
 
         >>> import torch
         >>> layer = GroupMaskedTransformer(dim=32, depth=2, heads=4, groups=2)
+        >>> layer.backend  # "auto", chosen for two equal groups
+        'fold'
         >>> layer(torch.randn(3, 10, 32)).shape
         torch.Size([3, 10, 32])
         >>> layer(torch.randn(3, 10, 32), first_of_group=True).shape  # tokens 0 and 5
         torch.Size([3, 2, 32])
-        >>> layer.backend = "reference"  # flip to the oracle
-        >>> layer(torch.randn(3, 10, 32)).shape
-        torch.Size([3, 10, 32])
+        >>> GroupMaskedTransformer(dim=32, depth=1, heads=4, group_sizes=[3, 7]).backend
+        'mask'
         >>> wide = GroupMaskedTransformer(dim=32, depth=1, heads=3, head_dim=16, groups=2)
         >>> wide.blocks[0].qkv.weight.shape  # 3 x (3 heads x 16) queries, keys and values
         torch.Size([144, 32])
@@ -749,15 +481,14 @@ class GroupMaskedTransformer(nn.Module):
             raise ValueError("give either groups or group_sizes, not both")
         if groups is not None:
             check_positive_int("groups", groups)
-        if not callable(backend):
-            check_choice("backend", backend, BACKENDS)
         self.group_sizes = check_group_sizes(group_sizes) if group_sizes is not None else None
         self.groups = None if self.group_sizes is not None else (groups or 1)
-        if backend == "fold" and self.group_sizes is not None and len(set(self.group_sizes)) > 1:
-            raise AttentionBackendError("fold", [f"fold needs equal group sizes, got {self.group_sizes}"])
-        if backend == "xformers" and device is not None and torch.device(device).type != "cuda":
-            raise AttentionBackendError("xformers", [f"xformers needs a CUDA device, got {device}"])
-        self.backend = backend
+        if not callable(backend):
+            check_choice("backend", backend, BACKENDS)
+            backend = _choose(backend, self.group_sizes or [1])  # `groups` are equal by definition
+            if backend == "xformers" and device is not None and torch.device(device).type != "cuda":
+                raise AttentionBackendError("xformers", [f"xformers needs a CUDA device, got {device}"])
+        self.backend: Union[str, AttentionKernel] = backend
         self.dim = dim
         self.heads = heads
         self.head_dim = head_dim
@@ -780,26 +511,18 @@ class GroupMaskedTransformer(nn.Module):
             raise ValueError(f"x: N={n} tokens cannot be split into groups={self.groups} equal groups")
         return [n // self.groups] * self.groups
 
-    def kernel(self, x: Tensor, group_sizes: Sequence[int], padding_mask: Optional[Tensor] = None) -> AttentionKernel:
-        """The attention kernel every layer uses for ``x`` (see :func:`resolve_kernel`).
-
-        Selection reads only the queries' device, dtype, shape ``(B, H, N, h)`` and whether they
-        need a gradient, all known from ``x`` before the first layer computes them.
-        """
-        if callable(self.backend):
-            return self.backend
-        batch, n, _ = x.shape
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.blocks[0].qkv.weight.requires_grad)
-        queries = _Queries(x.device, _compute_dtype(x), (batch, self.heads, n, self.head_dim), grad)
-        return resolve_kernel(self.backend, queries, group_sizes, padding_mask)  # type: ignore[arg-type]
-
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, *, first_of_group: bool = False) -> Tensor:
         sizes: dict[str, int] = {}
         check_tensor("x", x, ("B", "N", self.dim), sizes, floating=True)
         if padding_mask is not None:
             check_bool_mask("padding_mask", padding_mask, ("B", "N"), sizes)
         group_sizes = self.resolve_group_sizes(x.shape[1])
-        kernel = self.kernel(x, group_sizes, padding_mask)
+        if callable(self.backend):
+            kernel = self.backend
+        else:
+            if self.backend == "xformers":
+                _check_xformers(x.device, _compute_dtype(x), padding_mask)
+            kernel = _KERNELS[self.backend]
         fast = first_of_group and self.first_queries_only
         for block in self.blocks[:-1] if fast else self.blocks:
             x = block(x, kernel, group_sizes, padding_mask)
