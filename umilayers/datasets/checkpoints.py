@@ -49,6 +49,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from umilayers._validation import MissingExtra
+
 __all__ = [
     "AST_AUDIOSET_GRID",
     "AST_STRIDE",
@@ -251,13 +253,12 @@ def ast_audio_vit(
     (``embed_dim``, ``depth``, ``num_heads`` make a small model for tests).
 
     Raises:
-        ImportError: timm is not installed.
+        MissingExtra: timm is not installed (an ImportError).
     """
     try:
         import timm
     except ImportError as err:
-        raise ImportError('timm is needed for the audio extractor; install it with '
-                          'pip install "umilayers[vision]"') from err
+        raise MissingExtra("timm", "vision", "the audio extractor") from err
     return timm.create_model(arch, pretrained=False, in_chans=1, img_size=(mel_bins, frames),
                              num_classes=0, embed_layer=partial(OverlappingPatchEmbed, stride=stride),
                              **kwargs)

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from umilayers._io import atomic_write, atomic_write_text
 from umilayers._progress import progress as progress_bar
-from umilayers._validation import OutputExistsError
-from umilayers.data.store import FeatureStore
+from umilayers._validation import MissingExtra, OutputExistsError
+from umilayers.data.store import FeatureStore, StoreError
 from umilayers.datasets.checkpoints import (
     ast_audio_vit,
     checkpoint_format,
@@ -60,6 +60,7 @@ __all__ = [
     "SETTINGS",
     "ACTIONS_FILE",
     "EpicClip",
+    "EpicDataError",
     "MissingInputError",
     "parse_timestamp",
     "read_annotations",
@@ -159,7 +160,18 @@ def parse_timestamp(text: str) -> float:
     return round(int(hours) * 3600 + int(minutes) * 60 + float(seconds), 6)
 
 
-class MissingInputError(FileNotFoundError):
+class EpicDataError(StoreError):
+    """An annotation, split, wav or weights file, or an extraction option, does not fit what the
+    EPIC-Kitchens adapter reads (a :class:`~umilayers.data.StoreError`: the command line shows it
+    as one line). The message starts with the file or the flag.
+    """
+
+
+class _MissingFile(EpicDataError, FileNotFoundError):
+    """:class:`EpicDataError` for a file that does not exist (also a ``FileNotFoundError``)."""
+
+
+class MissingInputError(StoreError, FileNotFoundError):
     """An input file (frame, wav) of a clip does not exist; names the file(s) tried and the clip.
 
     ``path`` is one file, or the candidates tried in order (the audio layouts): ``path`` is
@@ -188,6 +200,9 @@ class MissingInputError(FileNotFoundError):
             f"missing {kind}input for clip {narration_id}: {where} "
             "(--skip-missing drops such clips)"
         )
+
+    def __reduce__(self):
+        return type(self), (list(self.tried), self.narration_id, self.modality)
 
 
 @dataclass(frozen=True)
@@ -223,9 +238,9 @@ def _parse_list(text: str, path: Path, line: int, column: str) -> list:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"{path}, line {line}: column {column} is not a list: {text!r}") from None
+        raise EpicDataError(f"{path}, line {line}: column {column} is not a list: {text!r}") from None
     if not isinstance(value, list):
-        raise ValueError(f"{path}, line {line}: column {column} is not a list: {text!r}")
+        raise EpicDataError(f"{path}, line {line}: column {column} is not a list: {text!r}")
     return value
 
 
@@ -241,14 +256,14 @@ def read_annotations(path: PathLike) -> list[EpicClip]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        raise _MissingFile(f"annotation file {path} does not exist")
     clips = []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise ValueError(
+            raise EpicDataError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected the EPIC-Kitchens-100 "
                 f"columns {', '.join(REQUIRED_COLUMNS)}; found {', '.join(header) or 'no header'}"
             )
@@ -275,7 +290,7 @@ def read_annotations(path: PathLike) -> list[EpicClip]:
             except (TypeError, ValueError) as err:
                 if str(err).startswith(str(path)):
                     raise
-                raise ValueError(f"{path}, line {line} ({row.get('narration_id')}): {err}") from None
+                raise EpicDataError(f"{path}, line {line} ({row.get('narration_id')}): {err}") from None
     return clips
 
 
@@ -285,7 +300,7 @@ def load_annotations(directory: PathLike) -> list[EpicClip]:
     directory = Path(directory)
     train = directory / "EPIC_100_train.csv"
     if not train.is_file():
-        raise FileNotFoundError(
+        raise _MissingFile(
             f"{train} does not exist; --annotations must be a clone of "
             "epic-kitchens/epic-kitchens-100-annotations (or a folder holding its CSVs)"
         )
@@ -296,7 +311,7 @@ def load_annotations(directory: PathLike) -> list[EpicClip]:
     seen: set[str] = set()
     for clip in clips:
         if clip.narration_id in seen:
-            raise ValueError(f"{directory}: narration_id {clip.narration_id} appears twice")
+            raise EpicDataError(f"{directory}: narration_id {clip.narration_id} appears twice")
         seen.add(clip.narration_id)
     return clips
 
@@ -556,7 +571,7 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
     split_dir = Path(split_dir)
     missing = [f"{name}.txt" for name, _, _ in layout if not (split_dir / f"{name}.txt").is_file()]
     if missing:
-        raise FileNotFoundError(f"{split_dir}: missing split file(s) {', '.join(missing)}; setting "
+        raise _MissingFile(f"{split_dir}: missing split file(s) {', '.join(missing)}; setting "
                                 f"{setting} needs {', '.join(n + '.txt' for n, _, _ in layout)}")
     by_id = {c.narration_id: c for c in clips}
     owner: dict[str, str] = {}
@@ -569,10 +584,10 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
             if not narration_id:
                 continue
             if narration_id not in by_id:
-                raise ValueError(f"{path}, line {line}: narration_id {narration_id} is not in the "
+                raise EpicDataError(f"{path}, line {line}: narration_id {narration_id} is not in the "
                                  "annotations")
             if narration_id in owner:
-                raise ValueError(f"{path}, line {line}: narration_id {narration_id} is already in "
+                raise EpicDataError(f"{path}, line {line}: narration_id {narration_id} is already in "
                                  f"split {owner[narration_id]}")
             owner[narration_id] = name
             chosen.append(by_id[narration_id])
@@ -612,14 +627,14 @@ def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: Pat
     modalities = SETTINGS[setting]
     split_dir = Path(split_dir)
     if len(modalities) != 2:
-        raise ValueError(f"--split-dir {split_dir}: the released split has two training halves "
+        raise EpicDataError(f"--split-dir {split_dir}: the released split has two training halves "
                          f"({RELEASED_SPLIT_FILES['half1']}, {RELEASED_SPLIT_FILES['half2']}); "
                          f"setting {setting} needs {len(modalities)}: use train_<modality>.txt "
                          "files or the participant split")
     needed = list(RELEASED_SPLIT_FILES.values()) + ([SOUND_FILE] if "audio" in modalities else [])
     missing = [name for name in needed if not (split_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{split_dir}: missing released split file(s) {', '.join(missing)}")
+        raise _MissingFile(f"{split_dir}: missing released split file(s) {', '.join(missing)}")
     sources = dict(zip([name for name, _, _ in layout], RELEASED_SPLIT_FILES.values()))
     sound = set(_read_ids(split_dir / SOUND_FILE)) if "audio" in modalities else set()
     by_id = {c.narration_id: c for c in clips}
@@ -630,12 +645,12 @@ def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: Pat
         ids = _read_ids(path)
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            raise ValueError(f"{path}: {len(unknown)} narration id(s) are not in the annotations, "
+            raise EpicDataError(f"{path}: {len(unknown)} narration id(s) are not in the annotations, "
                              f"first {unknown[:3]}; --annotations needs EPIC_100_train.csv and "
                              "EPIC_100_validation.csv (the released halves use both)")
         for narration_id in ids:
             if narration_id in owner:
-                raise ValueError(f"{path}: narration_id {narration_id} is already in split "
+                raise EpicDataError(f"{path}: narration_id {narration_id} is already in split "
                                  f"{owner[narration_id]}")
             owner[narration_id] = name
         chosen = [by_id[i] for i in ids]
@@ -654,7 +669,7 @@ def read_class_keys(path: PathLike) -> dict[str, int]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not {"id", "key"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: expected the columns id,key (,instances,category); found "
+            raise EpicDataError(f"{path}: expected the columns id,key (,instances,category); found "
                              f"{', '.join(reader.fieldnames or []) or 'no header'}")
         return {row["key"]: int(row["id"]) for row in reader}
 
@@ -673,17 +688,17 @@ def read_action_classes(path: PathLike, verb_classes: PathLike, noun_classes: Pa
     with open(path, newline="", encoding="utf-8-sig") as handle:
         for line, row in enumerate(csv.reader(handle), start=1):
             if len(row) != 2:
-                raise ValueError(f"{path}, line {line}: expected verb_key,noun_key, got {row}")
+                raise EpicDataError(f"{path}, line {line}: expected verb_key,noun_key, got {row}")
             verb, noun = row[0].strip(), row[1].strip()
             for kind, key, table, source in (("verb", verb, verbs, verb_classes),
                                              ("noun", noun, nouns, noun_classes)):
                 if key not in table:
-                    raise ValueError(f"{path}, line {line}: {kind} {key!r} is not a key of {source}")
+                    raise EpicDataError(f"{path}, line {line}: {kind} {key!r} is not a key of {source}")
             pairs.append((verbs[verb], nouns[noun]))
     try:
         return ActionVocabulary(pairs, sort=False)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise EpicDataError(f"{path}: {err}") from None
 
 
 def action_vocabulary(clips: Sequence[EpicClip], split_dir: Optional[PathLike] = None,
@@ -698,7 +713,7 @@ def action_vocabulary(clips: Sequence[EpicClip], split_dir: Optional[PathLike] =
     for kind, name in CLASS_FILES.items():
         found = next((f / name for f in folders if (f / name).is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"{name} is needed to read {ACTION_CLASSES_FILE}; looked in "
+            raise _MissingFile(f"{name} is needed to read {ACTION_CLASSES_FILE}; looked in "
                                     + ", ".join(str(f) for f in folders))
         tables[kind] = found
     return read_action_classes(Path(split_dir) / ACTION_CLASSES_FILE, tables["verb"], tables["noun"])
@@ -830,8 +845,7 @@ def _require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{module} is needed to extract EPIC-Kitchens features; install it with "
-                          f'pip install "umilayers[{extra}]"') from err
+        raise MissingExtra(module, extra, "extracting EPIC-Kitchens features") from err
 
 
 def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
@@ -858,7 +872,7 @@ def _read_wav(path: Path, start: Optional[float], stop: Optional[float]) -> tupl
         raw = handle.readframes(last - first)
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
     if dtype is None:
-        raise ValueError(f"{path}: {8 * width}-bit wav is not supported (use 8/16/32-bit PCM)")
+        raise EpicDataError(f"{path}: {8 * width}-bit wav is not supported (use 8/16/32-bit PCM)")
     samples = np.frombuffer(raw, dtype=dtype).astype(np.float32)
     if width == 1:
         samples = (samples - 128.0) / 128.0
@@ -950,7 +964,7 @@ def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[st
         elif "=" in value:
             modality, path = value.split("=", 1)
             if modality not in MODALITIES:
-                raise ValueError(f"--weights {value}: modality must be one of "
+                raise EpicDataError(f"--weights {value}: modality must be one of "
                                  f"{', '.join(MODALITIES)}, got {modality!r}")
             weights[modality] = path
         elif Path(value).is_dir():
@@ -958,11 +972,11 @@ def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[st
                 if (Path(value) / f"{m}.pth").is_file():
                     weights[m] = str(Path(value) / f"{m}.pth")
         else:
-            raise ValueError(f"--weights {value}: expected 'random', a folder with <modality>.pth "
+            raise EpicDataError(f"--weights {value}: expected 'random', a folder with <modality>.pth "
                              "files, or MODALITY=PATH")
     missing = [m for m in modalities if m not in weights]
     if missing:
-        raise ValueError(f"no weights for {', '.join(missing)}: pass --weights {missing[0]}=PATH "
+        raise EpicDataError(f"no weights for {', '.join(missing)}: pass --weights {missing[0]}=PATH "
                          "(or a folder holding <modality>.pth, or 'random' for a smoke test); "
                          "nothing is downloaded")
     return {m: weights[m] for m in modalities}
@@ -978,7 +992,7 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], path: str, head: Sequ
     missing = [k for k in result.missing_keys
                if not k.startswith(tuple(head)) and not k.endswith("relative_position_index")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not match the {type(model).__name__} backbone: missing "
+        raise EpicDataError(f"{path} does not match the {type(model).__name__} backbone: missing "
                          f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
@@ -1363,11 +1377,11 @@ def extract_epic(
         raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     missing_roots = [m for m in modalities if roots.get(m) is None]
     if missing_roots:
-        raise ValueError(f"setting {setting} needs a data root for {', '.join(missing_roots)} "
+        raise EpicDataError(f"setting {setting} needs a data root for {', '.join(missing_roots)} "
                          f"(--{' --'.join(missing_roots)})")
     for m in modalities:
         if config.weights.get(m) is None:
-            raise ValueError(f"no weights for {m}: give a state-dict path or 'random'")
+            raise EpicDataError(f"no weights for {m}: give a state-dict path or 'random'")
 
     clips = load_annotations(annotations)
     splits = build_splits(clips, setting, seed=seed, fractions=fractions, split_dir=split_dir)
@@ -1375,7 +1389,7 @@ def extract_epic(
     unlabelled = vocab.missing(c for split in splits.splits.values() for c in split.clips)
     if unlabelled:
         first = unlabelled[0]
-        raise ValueError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
+        raise EpicDataError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
                          f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
                          f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
     log(splits.summary())
@@ -1393,7 +1407,7 @@ def extract_epic(
                 raise MissingInputError(paths, clip.narration_id, modality)
         dropped[split.name] = len(split.clips) - len(kept)
         if not kept:
-            raise ValueError(f"split {split.name} has no clip left"
+            raise EpicDataError(f"split {split.name} has no clip left"
                              + (" after dropping clips with missing inputs" if dropped[split.name] else ""))
         split.clips = kept
     if skip_missing:
