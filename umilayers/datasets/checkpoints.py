@@ -50,10 +50,12 @@ import torch
 from torch import Tensor, nn
 
 from umilayers._validation import MissingExtra
+from umilayers.data.store import StoreError
 
 __all__ = [
     "AST_AUDIOSET_GRID",
     "AST_STRIDE",
+    "CheckpointError",
     "ConvertedCheckpoint",
     "OverlappingPatchEmbed",
     "ast_audio_vit",
@@ -66,6 +68,15 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(StoreError):
+    """A weights file does not exist or does not hold what its converter reads (a
+    :class:`~umilayers.data.StoreError`: the command line shows it as one line)."""
+
+
+class _MissingWeights(CheckpointError, FileNotFoundError):
+    """:class:`CheckpointError` for a weights file that does not exist (also a ``FileNotFoundError``)."""
 
 AST_AUDIOSET_GRID: tuple[int, int] = (12, 101)
 """(frequency, time) patches of AST's AudioSet checkpoint: 128 mel bins x 1024 frames, stride 10."""
@@ -98,15 +109,15 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     the converters and :func:`checkpoint_format` accept either.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file does not hold a dict of tensors.
+        CheckpointError: ``path`` does not exist (also a ``FileNotFoundError``), or does not
+            hold a dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise _MissingWeights(f"weights file {path} does not exist")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict), found {type(loaded).__name__}")
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), found {type(loaded).__name__}")
     return dict(loaded)
 
 
@@ -301,19 +312,19 @@ def convert_ast_state_dict(
     """
     state = unwrap_state_dict(checkpoint)
     if "v.pos_embed" not in state:
-        raise ValueError("not an AST checkpoint: no key 'v.pos_embed' (expected AST's "
-                         "'module.v.*' names)")
+        raise CheckpointError("not an AST checkpoint: no key 'v.pos_embed' (expected AST's "
+                              "'module.v.*' names)")
     unknown = sorted(k for k in state if not k.startswith(("v.", "mlp_head.")))
     if unknown:
-        raise ValueError(f"AST checkpoint: unexpected key(s) {unknown[:5]}")
+        raise CheckpointError(f"AST checkpoint: unexpected key(s) {unknown[:5]}")
     dropped = tuple(sorted(k for k in state if k.startswith(("mlp_head.", "v.head.", "v.head_dist."))))
     out = {k.removeprefix("v."): v for k, v in state.items() if k not in dropped}
     pos = out["pos_embed"]
     f0, t0 = source_grid
     prefix = pos.shape[1] - f0 * t0
     if prefix < 0 or pos.dim() != 3:
-        raise ValueError(f"AST checkpoint: pos_embed {tuple(pos.shape)} does not hold a "
-                         f"{f0} x {t0} patch grid (pass source_grid=)")
+        raise CheckpointError(f"AST checkpoint: pos_embed {tuple(pos.shape)} does not hold a "
+                              f"{f0} x {t0} patch grid (pass source_grid=)")
     dim = pos.shape[2]
     patches = pos[:, prefix:].transpose(1, 2).reshape(1, dim, f0, t0)
     patches = _resize_grid(patches, grid[1], axis=3)
@@ -387,5 +398,5 @@ def convert_video_swin_state_dict(checkpoint: Mapping[str, Any]) -> ConvertedChe
         else:
             out[target] = value
     if unknown:
-        raise ValueError(f"Video Swin checkpoint: key(s) that are not Swin trunk keys: {sorted(unknown)[:5]}")
+        raise CheckpointError(f"Video Swin checkpoint: key(s) that are not Swin trunk keys: {sorted(unknown)[:5]}")
     return ConvertedCheckpoint(out, tuple(sorted(dropped)))
