@@ -87,8 +87,8 @@ def check_epic_store(store: Path) -> epic.ActionVocabulary:
     path = opened.path / epic.ACTIONS_FILE
     if not path.is_file():
         raise StoreError(f"{path}: missing; epic_train.py trains on stores written by "
-                                f"examples/epic_extract.py (it scores verbs and nouns with this action table); "
-                                f"train any other store with umilayers fit")
+                         f"examples/epic_extract.py (it scores verbs and nouns with this action table); "
+                         f"train any other store with umilayers fit")
     vocab = epic.ActionVocabulary.load(path)
     if vocab.num_actions != opened.num_outputs:
         raise StoreError(f"{path}: {vocab.num_actions} actions, but the store has {opened.num_outputs} classes")

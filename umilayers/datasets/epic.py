@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from umilayers._io import atomic_write, atomic_write_text
 from umilayers._progress import progress as progress_bar
-from umilayers._validation import MissingExtra, OutputExistsError
+from umilayers._validation import InvalidArgument, MissingExtra, OutputExistsError
 from umilayers.data.store import FeatureStore, StoreError
 from umilayers.datasets.checkpoints import (
     ast_audio_vit,
@@ -346,7 +346,7 @@ class ActionVocabulary:
             listed = sorted(set(listed))
         elif len(set(listed)) != len(listed):
             twice = next(p for i, p in enumerate(listed) if p in listed[:i])
-            raise ValueError(f"action pairs must be unique; (verb_class, noun_class) {twice} appears twice")
+            raise EpicDataError(f"action pairs must be unique; (verb_class, noun_class) {twice} appears twice")
         self.pairs: np.ndarray = np.array(listed, dtype=np.int64).reshape(-1, 2)
         self._ids = {pair: i for i, pair in enumerate(listed)}
 
@@ -521,7 +521,7 @@ def build_splits(
         return read_split_files(clips, setting, split_dir)
     fractions = [float(f) for f in fractions]
     if len(fractions) != 3 or min(fractions) <= 0:
-        raise ValueError(f"fractions must be 3 positive weights (train, val, test), got {fractions}")
+        raise InvalidArgument("fractions", f"expected 3 positive weights (train, val, test), got {fractions}")
     by_participant: dict[str, list[EpicClip]] = {}
     for clip in clips:
         by_participant.setdefault(clip.participant_id, []).append(clip)
@@ -529,9 +529,9 @@ def build_splits(
     num_train_splits = len(SETTINGS[setting])
     needed = num_train_splits + 2
     if len(participants) < needed:
-        raise ValueError(f"setting {setting} needs at least {needed} participants (one per "
-                         f"training split, one for val, one for test), the annotations have "
-                         f"{len(participants)}")
+        raise EpicDataError(f"setting {setting} needs at least {needed} participants (one per "
+                            f"training split, one for val, one for test), the annotations have "
+                            f"{len(participants)}")
     order = [participants[i] for i in np.random.default_rng(seed).permutation(len(participants))]
     total = sum(fractions)
     num_val = max(1, round(len(order) * fractions[1] / total))
@@ -572,7 +572,7 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
     missing = [f"{name}.txt" for name, _, _ in layout if not (split_dir / f"{name}.txt").is_file()]
     if missing:
         raise _MissingFile(f"{split_dir}: missing split file(s) {', '.join(missing)}; setting "
-                                f"{setting} needs {', '.join(n + '.txt' for n, _, _ in layout)}")
+                           f"{setting} needs {', '.join(n + '.txt' for n, _, _ in layout)}")
     by_id = {c.narration_id: c for c in clips}
     owner: dict[str, str] = {}
     result = EpicSplits(setting)
@@ -585,10 +585,10 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
                 continue
             if narration_id not in by_id:
                 raise EpicDataError(f"{path}, line {line}: narration_id {narration_id} is not in the "
-                                 "annotations")
+                                    "annotations")
             if narration_id in owner:
                 raise EpicDataError(f"{path}, line {line}: narration_id {narration_id} is already in "
-                                 f"split {owner[narration_id]}")
+                                    f"split {owner[narration_id]}")
             owner[narration_id] = name
             chosen.append(by_id[narration_id])
         result.splits[name] = EpicSplit(name, role, modalities, chosen)
@@ -628,9 +628,9 @@ def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: Pat
     split_dir = Path(split_dir)
     if len(modalities) != 2:
         raise EpicDataError(f"--split-dir {split_dir}: the released split has two training halves "
-                         f"({RELEASED_SPLIT_FILES['half1']}, {RELEASED_SPLIT_FILES['half2']}); "
-                         f"setting {setting} needs {len(modalities)}: use train_<modality>.txt "
-                         "files or the participant split")
+                            f"({RELEASED_SPLIT_FILES['half1']}, {RELEASED_SPLIT_FILES['half2']}); "
+                            f"setting {setting} needs {len(modalities)}: use train_<modality>.txt "
+                            "files or the participant split")
     needed = list(RELEASED_SPLIT_FILES.values()) + ([SOUND_FILE] if "audio" in modalities else [])
     missing = [name for name in needed if not (split_dir / name).is_file()]
     if missing:
@@ -646,12 +646,12 @@ def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: Pat
         unknown = [i for i in ids if i not in by_id]
         if unknown:
             raise EpicDataError(f"{path}: {len(unknown)} narration id(s) are not in the annotations, "
-                             f"first {unknown[:3]}; --annotations needs EPIC_100_train.csv and "
-                             "EPIC_100_validation.csv (the released halves use both)")
+                                f"first {unknown[:3]}; --annotations needs EPIC_100_train.csv and "
+                                "EPIC_100_validation.csv (the released halves use both)")
         for narration_id in ids:
             if narration_id in owner:
                 raise EpicDataError(f"{path}: narration_id {narration_id} is already in split "
-                                 f"{owner[narration_id]}")
+                                    f"{owner[narration_id]}")
             owner[narration_id] = name
         chosen = [by_id[i] for i in ids]
         if "audio" in split_modalities:
@@ -670,7 +670,7 @@ def read_class_keys(path: PathLike) -> dict[str, int]:
         reader = csv.DictReader(handle)
         if not {"id", "key"} <= set(reader.fieldnames or []):
             raise EpicDataError(f"{path}: expected the columns id,key (,instances,category); found "
-                             f"{', '.join(reader.fieldnames or []) or 'no header'}")
+                                f"{', '.join(reader.fieldnames or []) or 'no header'}")
         return {row["key"]: int(row["id"]) for row in reader}
 
 
@@ -714,7 +714,7 @@ def action_vocabulary(clips: Sequence[EpicClip], split_dir: Optional[PathLike] =
         found = next((f / name for f in folders if (f / name).is_file()), None)
         if found is None:
             raise _MissingFile(f"{name} is needed to read {ACTION_CLASSES_FILE}; looked in "
-                                    + ", ".join(str(f) for f in folders))
+                               + ", ".join(str(f) for f in folders))
         tables[kind] = found
     return read_action_classes(Path(split_dir) / ACTION_CLASSES_FILE, tables["verb"], tables["noun"])
 
@@ -965,7 +965,7 @@ def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[st
             modality, path = value.split("=", 1)
             if modality not in MODALITIES:
                 raise EpicDataError(f"--weights {value}: modality must be one of "
-                                 f"{', '.join(MODALITIES)}, got {modality!r}")
+                                    f"{', '.join(MODALITIES)}, got {modality!r}")
             weights[modality] = path
         elif Path(value).is_dir():
             for m in modalities:
@@ -973,12 +973,12 @@ def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[st
                     weights[m] = str(Path(value) / f"{m}.pth")
         else:
             raise EpicDataError(f"--weights {value}: expected 'random', a folder with <modality>.pth "
-                             "files, or MODALITY=PATH")
+                                "files, or MODALITY=PATH")
     missing = [m for m in modalities if m not in weights]
     if missing:
         raise EpicDataError(f"no weights for {', '.join(missing)}: pass --weights {missing[0]}=PATH "
-                         "(or a folder holding <modality>.pth, or 'random' for a smoke test); "
-                         "nothing is downloaded")
+                            "(or a folder holding <modality>.pth, or 'random' for a smoke test); "
+                            "nothing is downloaded")
     return {m: weights[m] for m in modalities}
 
 
@@ -993,7 +993,7 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], path: str, head: Sequ
                if not k.startswith(tuple(head)) and not k.endswith("relative_position_index")]
     if missing or result.unexpected_keys:
         raise EpicDataError(f"{path} does not match the {type(model).__name__} backbone: missing "
-                         f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+                            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 class _Extractor:
@@ -1268,7 +1268,7 @@ def extract_shards(
         The shard paths, in clip order.
     """
     if shard_size <= 0:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size}")
+        raise InvalidArgument("shard_size", f"expected a positive int, got {shard_size}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -1378,7 +1378,7 @@ def extract_epic(
     missing_roots = [m for m in modalities if roots.get(m) is None]
     if missing_roots:
         raise EpicDataError(f"setting {setting} needs a data root for {', '.join(missing_roots)} "
-                         f"(--{' --'.join(missing_roots)})")
+                            f"(--{' --'.join(missing_roots)})")
     for m in modalities:
         if config.weights.get(m) is None:
             raise EpicDataError(f"no weights for {m}: give a state-dict path or 'random'")
@@ -1390,8 +1390,8 @@ def extract_epic(
     if unlabelled:
         first = unlabelled[0]
         raise EpicDataError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
-                         f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
-                         f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
+                            f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
+                            f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
     log(splits.summary())
 
     dropped: dict[str, int] = {}
@@ -1408,7 +1408,7 @@ def extract_epic(
         dropped[split.name] = len(split.clips) - len(kept)
         if not kept:
             raise EpicDataError(f"split {split.name} has no clip left"
-                             + (" after dropping clips with missing inputs" if dropped[split.name] else ""))
+                                + (" after dropping clips with missing inputs" if dropped[split.name] else ""))
         split.clips = kept
     if skip_missing:
         log("dropped clips with missing inputs: "

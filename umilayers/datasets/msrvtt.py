@@ -576,7 +576,7 @@ def _paper_splits(data: MSRVTTData, eval_requires: Sequence[str]) -> tuple[dict[
     ``eval_requires``."""
     if "val" not in data.lists:
         raise MSRVTTDataError("protocol 'paper' uses the full split (train_list_full.txt, val_list_full.txt, "
-                         "test_list_full.txt): load the release with split='full' (--split full)")
+                              "test_list_full.txt): load the release with split='full' (--split full)")
     a_name, b_name = TRAIN_GROUPS
     b_modalities = set(TRAIN_GROUPS[b_name]) & set(data.features)
     videos: dict[str, list[str]] = {a_name: [], b_name: []}
@@ -799,7 +799,7 @@ def build_msrvtt_store(
     split = split or ("full" if protocol == "paper" else "jsfusion")
     if protocol == "paper" and split != "full":
         raise MSRVTTDataError(f"protocol 'paper' uses the full split (6,513 / 497 / 2,990 videos), got "
-                         f"split {split!r}: use --split full or --protocol balanced")
+                              f"split {split!r}: use --split full or --protocol balanced")
     store_path = Path(store_path)
     data = load_msrvtt(
         data_dir, split=split, release=release, layout=layout, text_feat=text_feat,
