@@ -36,7 +36,7 @@ from umilayers._io import atomic_write_json
 from umilayers._threads import apply_thread_policy
 from umilayers.cli import (USER_ERRORS, ArgumentParser, HelpFormatter, add_fit_arguments, add_preset_argument,
                            describe_run, parse_fit_args, preset_defaults, report_error)
-from umilayers.data.store import FeatureStore
+from umilayers.data.store import FeatureStore, StoreError
 from umilayers.datasets import epic
 from umilayers.train import fit
 
@@ -71,7 +71,7 @@ def add_verb_noun_metrics(store: Path, run: Path) -> Optional[dict[str, float]]:
     targets = np.concatenate([opened.targets(name) for name in splits])
     predictions = np.load(predictions_path)
     if predictions.shape != (len(targets), opened.num_outputs):
-        raise ValueError(f"{predictions_path}: expected shape ({len(targets)}, {opened.num_outputs}) "
+        raise StoreError(f"{predictions_path}: expected shape ({len(targets)}, {opened.num_outputs}) "
                          f"for test splits {splits}, found {predictions.shape}")
     vocab = epic.ActionVocabulary.load(store / epic.ACTIONS_FILE)
     scores = epic.verb_noun_accuracy(predictions.argmax(axis=1), targets, vocab)
@@ -84,19 +84,18 @@ def check_epic_store(store: Path) -> epic.ActionVocabulary:
     """Open ``store`` (shallow) and its action table, before any training.
 
     Raises:
-        StoreError: not a FeatureStore.
-        FileNotFoundError: no ``epic_actions.json``: not written by ``epic_extract.py``.
-        ValueError: the action table does not fit the store.
+        StoreError: not a FeatureStore; no ``epic_actions.json`` (not written by
+            ``epic_extract.py``), or one that does not fit the store.
     """
     opened = FeatureStore(store)
     path = opened.path / epic.ACTIONS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; epic_train.py trains on stores written by "
-                                f"examples/epic_extract.py (it scores verbs and nouns with this action table); "
-                                f"train any other store with umilayers fit")
+        raise StoreError(f"{path}: missing; epic_train.py trains on stores written by "
+                         f"examples/epic_extract.py (it scores verbs and nouns with this action table); "
+                         f"train any other store with umilayers fit")
     vocab = epic.ActionVocabulary.load(path)
     if vocab.num_actions != opened.num_outputs:
-        raise ValueError(f"{path}: {vocab.num_actions} actions, but the store has {opened.num_outputs} classes")
+        raise StoreError(f"{path}: {vocab.num_actions} actions, but the store has {opened.num_outputs} classes")
     return vocab
 
 

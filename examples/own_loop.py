@@ -1,6 +1,6 @@
 """The five layers inside your own model and your own training loop, from raw inputs.
 
-    python examples/own_loop.py                 # 8-10 s of CPU time, one thread
+    python examples/own_loop.py                 # about 10 s of CPU time, one thread
     python examples/own_loop.py --out RUN       # also save the layers' state and reload it
 
 Plain PyTorch, no umilayers trainer: copy this file and swap in your encoders and your data.
@@ -10,7 +10,9 @@ Each step is walked through, with the shape of every tensor, on the docs page
 The data (made here, no download): every sample has a class ``y = 3 * a + b`` out of 9, where
 ``a`` is the orientation of a noisy grating in a 16x16 image and ``b`` the pitch of a noisy tone
 of 96 to 160 samples. An image alone tells ``a`` but not ``b``, a tone alone ``b`` but not
-``a``: with one modality no model can beat 1/3 top-1; with both it can reach 100%. Training
+``a``: with one modality a model can expect 1/3 top-1 at most (on a finite test set it lands a
+few points either side: 28.7% to 36.5% over seeds 0-9 at the defaults); with both it can reach
+100%. Training
 has no sample with both (one half images only, the other half tones only, as the paper's
 Table 1); the test set has both, so it asks for an interaction never seen in training.
 
@@ -326,21 +328,21 @@ def evaluate(model: TwoBranchModel, unimodal: dict[str, Unimodal], test: Incompl
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the sample order")
     p.add_argument("--train-size", type=int, default=1200, help="training samples, half per modality")
     p.add_argument("--test-size", type=int, default=600, help="test samples, all with both modalities")
     p.add_argument("--unimodal-epochs", type=int, default=6, help="stage 1 epochs per modality")
     p.add_argument("--window", type=int, default=3, help="last stage-1 epochs averaged into pseudo-labels (e)")
     p.add_argument("--epochs", type=int, default=6, help="stage 2 epochs")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of both stages")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of both stages")
     p.add_argument("--align-weight", type=float, default=1e-3, help="lambda of Eq. 3 (the paper's 0.001)")
     p.add_argument("--pseudo-weight", type=float, default=1.0, help="alpha of Eq. 3")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the model is tiny, and on a busy 2-core machine a "
-                        "second thread made the run several times slower)")
-    p.add_argument("--device", default="cpu", help="where to train, e.g. cuda (default cpu)")
+                   help="torch threads (the model is tiny, and on a busy 2-core machine a second thread made "
+                        "the run several times slower)")
+    p.add_argument("--device", default="cpu", help="where to train, e.g. cuda")
     p.add_argument("--out", type=Path, default=None, help="save the model and the bank here, then reload them")
     args = p.parse_args(argv)
     for name in ("train_size", "test_size", "unimodal_epochs", "window", "epochs", "batch_size"):
@@ -388,7 +390,7 @@ def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train, test = make_data(args.train_size, args.test_size, args.seed)
 
     # Stage 1: one unimodal model per modality; the bank keeps the mean of its softmax outputs
@@ -407,7 +409,8 @@ def main(argv=None) -> dict[str, float]:
           f"the best one modality alone can expect: {1 / PITCHES:.1%}):")
     for name, value in accuracy.items():
         print(f"  {name:<12} {value:6.1%}")
-    print(f"seed {args.seed}, {time.perf_counter() - start:.1f} s, {torch.get_num_threads()} thread(s)")
+    print(f"seed {args.seed}: {time.perf_counter() - start:.1f} s wall time, {time.process_time() - cpu_start:.1f} s "
+          f"CPU time, {torch.get_num_threads()} thread(s)")
     if args.out is not None:
         save_and_reload(model, bank, train, test, args.out)
     return accuracy

@@ -226,7 +226,7 @@ def test_refusals_are_one_line_naming_the_flag_and_write_nothing(finished, refus
                        "rgb.npy: not a numeric .npy array: it holds Python objects (dtype object), not numbers"),
         "fit-on-text-npy": (["fit", str(finished / "bad"), "--out", new, *TINY], "not a numeric .npy array"),
         "synth-exists": (["synth", "classification", store, "--size", "8"],
-                         f"umilayers synth: error: {store}: exists and is not empty; pass --overwrite"),
+                         f"umilayers synth: error: STORE: {store} exists and is not empty; pass --overwrite"),
     }[case]
     line = refused(main, argv, finished, expected)
     assert "allow_pickle" not in line and "=True" not in line
@@ -252,7 +252,7 @@ def test_fit_says_where_the_run_is_and_what_it_holds(finished, tmp_path, capsys)
     metrics = json.loads(captured.out)  # stdout stays the metrics, for scripts
     assert captured.err == describe_run(run, metrics) + "\n"
     lines = captured.err.splitlines()
-    assert lines[0] == f"run folder: {run} (best epoch: {metrics['best_epoch'] + 1}, chosen on val)"
+    assert lines[0] == f"run folder: {run} (best epoch: {metrics['best_epoch']}, chosen on val)"
     listed = [line.split()[0].rstrip("/") for line in lines[1:-1]]
     assert listed == [name for name in RUN_FILES if (run / name).exists()]  # every file there, nothing else
     assert {"metrics.json", "model.pt", "config.json", "checkpoint.pt", "log.jsonl"} <= set(listed)
@@ -388,3 +388,99 @@ def test_parser_errors_are_one_line(argv, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err and "usage:" not in err
+
+
+# ------------------------------------------------------------------ only the user's mistakes are one line
+
+def test_a_bug_of_the_library_shows_its_traceback(finished, monkeypatch):
+    import umilayers.cli as cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cli, "check_store", broken)
+    with pytest.raises(ValueError, match="an internal bug"):  # not turned into "error: an internal bug"
+        main(["check", str(finished / "store")])
+
+
+def test_a_missing_extra_is_one_line(finished, monkeypatch, refused):
+    import umilayers.cli as cli
+    from umilayers._validation import MissingExtra
+
+    def missing(*args, **kwargs):
+        raise MissingExtra("h5py", "datasets", "reading the robot dataset")
+
+    monkeypatch.setattr(cli, "check_store", missing)
+    refused(main, ["check", str(finished / "store")], finished,
+            'umilayers check: error: reading the robot dataset needs h5py: pip install "umilayers[datasets]"')
+
+
+@pytest.mark.parametrize("where", ["store", "inside"])
+def test_out_in_the_store_is_refused(finished, refused, where):
+    store = finished / "store"
+    out = store if where == "store" else store / "runs" / "a"
+    refused(main, ["fit", str(store), "--out", str(out), *TINY], finished,
+            f"umilayers fit: error: --out: the run would be written into the store {store.resolve()}; write it "
+            f"to a folder outside the store")
+
+
+def test_a_store_elsewhere_in_out_is_left_alone(finished, tmp_path):
+    """A project folder holding the store may be the run folder: the run writes only its own files."""
+    import shutil
+
+    shutil.copytree(finished / "store", tmp_path / "data")
+    assert main(["fit", str(tmp_path / "data"), "--out", str(tmp_path), "--method", "late-fusion", *TINY]) == 0
+    assert main(["check", str(tmp_path / "data")]) == 0
+
+
+def test_resume_without_a_run_is_refused(finished, refused, tmp_path):
+    refused(main, ["fit", str(finished / "store"), "--out", str(tmp_path / "none"), "--resume", *TINY], tmp_path,
+            f"umilayers fit: error: --resume: {tmp_path / 'none'} holds no run to continue (no config.json); "
+            f"leave out --resume to start one")
+
+
+def test_fewer_unimodal_epochs_bring_a_smaller_default_window(refused, tmp_path, finished):
+    def config(*argv):
+        return fit_config(build_parser().parse_args(["fit", "s", "--out", "o", *argv]))
+
+    assert config("--unimodal-epochs", "3").train.window() == 3
+    assert config().train.window() == 10 and config("--pseudo-window", "4").train.window() == 4
+    # A run written with the window spelled out resumes with the default, and the other way round.
+    assert FitConfig.from_options(pseudo_window=10).result_options() == FitConfig().result_options()
+    # A refusal names the flags the user typed, not a default.
+    refused(main, ["fit", str(finished / "store"), "--out", str(tmp_path / "x"), "--unimodal-epochs", "0"],
+            tmp_path, "umilayers fit: error: --unimodal-epochs: pseudo-labels need at least one unimodal epoch")
+
+
+def test_epochs_are_numbered_from_1_everywhere_and_one_line_each(finished, tmp_path, capsys):
+    """The best epoch reads the same on stderr, in metrics.json, model.pt and log.jsonl; without
+    --quiet every epoch leaves one line on stderr (not a terminal here: a log file)."""
+    run = tmp_path / "run"
+    tiny = [a for a in TINY if a != "--quiet"]
+    argv = ["fit", str(finished / "store"), "--out", str(run), *tiny, "--epochs", "3", "--unimodal-epochs", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    metrics = json.loads((run / "metrics.json").read_text())
+    best = metrics["best_epoch"]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    multimodal = [r for r in log if r.get("stage") == "multimodal"]
+    assert [r["epoch"] for r in multimodal] == [1, 2, 3]
+    assert [r["epoch"] for r in log if r.get("stage") == "unimodal" and "epoch" in r] == [1, 2, 1, 2]
+    assert multimodal[-1]["best_epoch"] == best and log[-1]["best_epoch"] == best
+    assert torch.load(run / "model.pt", weights_only=False)["epoch"] == best
+    assert max(multimodal, key=lambda r: r["score"])["epoch"] == best  # the first of equal scores
+    assert f"run folder: {run} (best epoch: {best}, chosen on val)" in err
+    progress = [line for line in err if line.startswith("[")]
+    assert len(progress) == 7, err  # 2 modalities x 2 unimodal epochs + 3 epochs
+    assert progress[0].startswith("[1/7] unimodal audio epoch 1/2: loss ")
+    assert progress[4].startswith("[5/7] umi epoch 1/3: loss ") and ", val top1 " in progress[4]
+    assert all(" elapsed" in line for line in progress) and progress[-1].endswith(", done")
+    assert ("(best)" in progress[3 + best]) and sum("(best)" in line for line in progress) >= 1
+    assert err[0].startswith("fit umi on ") and "one line per epoch" in err[0]
+
+
+def test_synth_where_no_folder_can_be_made_names_the_argument(tmp_path, refused):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    refused(main, ["synth", "classification", str(blocker / "store"), "--size", "8"], tmp_path,
+            f"umilayers synth: error: STORE: cannot create {blocker / 'store'}: ")

@@ -1,8 +1,14 @@
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from umilayers import demo
+from umilayers._progress import Heartbeat
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_format_table_layout_and_spread():
@@ -106,13 +112,28 @@ def test_refuses_to_overwrite_a_finished_demo(tmp_path, refused, quick):
 
 def test_heartbeat_estimates_each_task_from_its_own_runs():
     clock = iter(range(0, 1000, 10))
-    beat = demo.Heartbeat(demo.grid_plan(["classification", "retrieval"], {"a": {}, "b": {}}, [0]),
+    beat = Heartbeat(demo.grid_plan(["classification", "retrieval"], {"a": {}, "b": {}}, [0]),
                           clock=lambda: float(next(clock)))
     assert beat.plan == ["classification", "classification", "retrieval", "retrieval"]
     assert beat.tick("classification", 2.0) == "[1/4] 10s elapsed, about 6s left"  # 3 runs x 2 s
     assert beat.tick("classification", 4.0) == "[2/4] 20s elapsed, about 6s left"  # 2 x mean 3 s
     assert beat.tick("retrieval", 90.0) == "[3/4] 30s elapsed, about 1m30s left"   # retrieval's own
     assert beat.tick("retrieval", 10.0) == "[4/4] 40s elapsed, done"
+
+
+def test_heartbeat_of_a_resumed_run_counts_on():
+    clock = iter(range(0, 1000, 10))
+    beat = Heartbeat(["unimodal"] * 2 + ["multimodal"] * 2, clock=lambda: float(next(clock)), start=2)
+    assert beat.tick("multimodal", 5.0, "umi epoch 1/2: loss 1.0") == \
+        "[3/4] umi epoch 1/2: loss 1.0; 10s elapsed, about 5s left"
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_what_demo_and_the_quickstart_write_in_the_current_folder_is_ignored_by_git():
+    paths = [str(demo.default_out(quick) / "demo.json") for quick in (False, True)] + ["data/cls/store.json"]
+    for path in paths:
+        result = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, capture_output=True)
+        assert result.returncode == 0, f"{path} is not ignored by .gitignore"
 
 
 def test_fit_options_are_what_every_run_shares():

@@ -26,8 +26,8 @@ def test_the_page_has_the_backbone_and_save_load_blocks():
 
 
 def test_backbone_and_save_load_blocks_run():
-    pytest.importorskip("timm")
-    pytest.importorskip("torchvision")
+    pytest.importorskip("timm", reason="the page's backbone examples need timm (umilayers[vision])")
+    pytest.importorskip("torchvision", reason="the page's backbone examples need torchvision (umilayers[vision])")
     namespace = {"__name__": "__own_model_page__"}
     for block in runnable_blocks():
         exec(compile(block, str(PAGE), "exec"), namespace)

@@ -40,6 +40,20 @@ def test_own_loop_combines_modalities_it_never_saw_together(tmp_path):
     assert accuracy["audio+image"] >= 0.60, run.stdout
     assert max(accuracy["audio"], accuracy["image"]) < 0.45, run.stdout
     assert "reloaded model predicts identically: True, bank identical: True" in run.stdout
+    # The time is said for what it is: wall time and CPU time apart.
+    assert re.search(r"^seed 0: [\d.]+ s wall time, [\d.]+ s CPU time, 1 thread\(s\)$", run.stdout, flags=re.M), \
+        run.stdout
+
+
+def test_own_loop_help_shows_every_default():
+    parser_help = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
+                                 timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert parser_help.returncode == 0, parser_help.stderr
+    text = " ".join(parser_help.stdout.split())
+    for option, default in [("--seed", "0"), ("--train-size", "1200"), ("--window", "3"), ("--batch-size", "32"),
+                            ("--lr", "0.003"), ("--threads", "1"), ("--device", "cpu")]:
+        after = text.split(f"{option} {option[2:].upper().replace('-', '_')}", 2)[-1]
+        assert after.split(" --")[0].rstrip().endswith(f"(default: {default})"), (option, after[:200])
 
 
 def test_gradients_reach_the_encoders_and_padding_stays_out():

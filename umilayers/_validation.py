@@ -48,6 +48,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidArgumentType",
     "OutputExistsError",
+    "MissingExtra",
     "check_tensor",
     "check_bool_mask",
     "check_finite",
@@ -113,6 +114,25 @@ class OutputExistsError(InvalidArgument, FileExistsError):
         >>> err.message(lambda name: "--" + name)
         '--out: runs/a already exists; pass --overwrite to replace it'
     """
+
+
+class MissingExtra(ImportError):
+    """An optional package that a feature needs is not installed; the message names the
+    ``umilayers[extra]`` to install. The one refusal besides :class:`InvalidArgument` that the
+    command line shows as a line rather than a traceback.
+
+    Example::
+
+        >>> str(MissingExtra("h5py", "datasets", "reading the robot dataset"))
+        'reading the robot dataset needs h5py: pip install "umilayers[datasets]"'
+    """
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        self.package, self.extra, self.purpose = package, extra, purpose
+        super().__init__(f'{purpose} needs {package}: pip install "umilayers[{extra}]"')
+
+    def __reduce__(self):  # picklable across processes, like InvalidArgument
+        return type(self), (self.package, self.extra, self.purpose)
 
 
 class Sizes(dict):

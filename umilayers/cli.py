@@ -15,9 +15,12 @@ is the field's, and every help line shows the default. Scripts that train on the
 
 A bad value is one line naming the flag as it was typed, before any work:
 ``umilayers fit: error: --epochs: expected an int >= 1, got 0``. Python callers get the same
-check with the field's name (:class:`~umilayers._validation.InvalidArgument`). Any other refusal
-(a bad store, a run that exists, a missing file) is also one line on stderr and exit status 2,
-never a traceback, and nothing is written (:func:`report_error`, which the examples use too).
+check with the field's name (:class:`~umilayers._validation.InvalidArgument`). The library's
+other refusals of what a user gave (a bad store, a run that exists, a missing run file) are
+``InvalidArgument`` s too, and a missing optional package is a
+:class:`~umilayers._validation.MissingExtra`: each is one line on stderr and exit status 2, and
+nothing is written (:data:`USER_ERRORS`, :func:`report_error`, which the examples use too). Any
+other exception is a bug of the library and shows its traceback.
 
 Every command that computes takes ``--threads N`` (:mod:`umilayers._threads`: one torch thread on
 the CPU unless told otherwise), applied once when the command starts; the library never changes
@@ -43,7 +46,7 @@ from typing import Any, Mapping, NoReturn, Optional, Sequence
 
 from umilayers._config import OptionSpec
 from umilayers._threads import add_threads_argument, apply_thread_policy
-from umilayers._validation import InvalidArgument
+from umilayers._validation import InvalidArgument, MissingExtra
 from umilayers._version import __version__
 from umilayers.data import check_store
 from umilayers.data.synthetic import LAYOUTS, make_synthetic_store
@@ -61,11 +64,14 @@ __all__ = ["ArgumentParser", "HelpFormatter", "flag", "add_fit_arguments", "fit_
 GROUPS = {"method": "method", "model": "model (ModelConfig)", "train": "training (TrainConfig)",
           "runtime": "runtime (RuntimeConfig: may differ on --resume)"}
 _NONE = "none"
+#: Arguments of the library whose command-line spelling is a positional argument's metavar.
+POSITIONALS = {"path": "STORE", "store": "STORE", "run_dir": "RUN"}
 
 
 def flag(name: str) -> str:
-    """The command-line spelling of an option: ``num_tokens`` -> ``--num-tokens``."""
-    return "--" + name.replace("_", "-")
+    """The command-line spelling of an option: ``num_tokens`` -> ``--num-tokens``; an argument
+    that is positional on the command line is its metavar (``store`` -> ``STORE``)."""
+    return POSITIONALS.get(name) or "--" + name.replace("_", "-")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -274,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "are the demo's sizes.")
     synth.add_argument("task", choices=list(LAYOUTS), help="classification (rgb | audio), regression (image+force "
                                                            "| depth+proprio) or retrieval (4 + 4 of 7 modalities)")
-    synth.add_argument("store", help="FeatureStore folder to create")
+    synth.add_argument("store", metavar="STORE", help="FeatureStore folder to create")
     _int_option(synth, "size", demo_size.num_train, "samples in each training split", 1)
     _int_option(synth, "eval_size", demo_size.num_eval, "samples in val and in test", 1)
     _int_option(synth, "seed", 0, "seed of every random choice (a seed always gives the same store)", 0)
@@ -282,19 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a FeatureStore and print its summary",
                            formatter_class=HelpFormatter)
-    check.add_argument("path", help="FeatureStore directory (or its store.json)")
+    check.add_argument("path", metavar="STORE", help="FeatureStore directory (or its store.json)")
     check.add_argument("--shallow", action="store_true", help="skip the NaN/inf scan of every feature")
 
     fit_parser = sub.add_parser("fit", help="train a method on a FeatureStore (two stages)",
                                 description="Train a method on a FeatureStore; writes the run folder --out "
                                             "(metrics.json, model.pt, ...).",
                                 formatter_class=HelpFormatter)
-    fit_parser.add_argument("store", help="FeatureStore directory")
+    fit_parser.add_argument("store", metavar="STORE", help="FeatureStore directory")
     add_fit_arguments(fit_parser)
 
     ev = sub.add_parser("evaluate", help="score a run's best model on a split", formatter_class=HelpFormatter,
                         description="Score the best model of a finished run, with all or some modalities.")
-    ev.add_argument("run", help="run directory written by umilayers fit")
+    ev.add_argument("run", metavar="RUN", help="run directory written by umilayers fit")
     ev.add_argument("--store", default=None, help="store (default: the run's)")
     ev.add_argument("--split", default="test", help="a split of the store, or a role: train, val, test")
     ev.add_argument("--modalities", default=None, help="comma-separated subset, e.g. rgb,audio (default: all)")
@@ -316,10 +322,11 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-#: What a command refuses with one line on stderr and exit status 2 instead of a traceback: bad
-#: options (:class:`~umilayers._validation.InvalidArgument`), stores (``StoreError``), runs that
-#: exist (``RunExistsError``), missing or unreadable files, a missing optional extra.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ImportError)
+#: What a command refuses with one line on stderr and exit status 2 instead of a traceback: what
+#: the user gave is wrong (:class:`~umilayers._validation.InvalidArgument`: bad options, stores
+#: (``StoreError``), runs that exist (``RunExistsError``), ...) or an optional package is
+#: missing (:class:`~umilayers._validation.MissingExtra`). Anything else is a bug: a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (InvalidArgument, MissingExtra)
 
 
 def error_message(err: BaseException) -> str:
@@ -329,15 +336,10 @@ def error_message(err: BaseException) -> str:
 
         >>> error_message(InvalidArgument("num_tokens", "must be even, got 3"))
         '--num-tokens: must be even, got 3'
-        >>> error_message(KeyError("split 'x' not in store"))
-        "split 'x' not in store"
+        >>> error_message(MissingExtra("h5py", "datasets", "reading the robot dataset"))
+        'reading the robot dataset needs h5py: pip install "umilayers[datasets]"'
     """
-    if isinstance(err, InvalidArgument):
-        text = err.message(flag)
-    elif isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])  # str(KeyError) would quote it
-    else:
-        text = str(err)
+    text = err.message(flag) if isinstance(err, InvalidArgument) else str(err)
     return " ".join(text.split("\n"))
 
 
@@ -361,7 +363,7 @@ def describe_run(out: Any, metrics: Optional[Mapping[str, Any]] = None) -> str:
     out = Path(out)
     present = [name for name in RUN_FILES if (out / name).exists()]
     width = max((len(name) + 1 for name in present), default=0)
-    best = f" (best epoch: {metrics['best_epoch'] + 1}, chosen on val)" if metrics and "best_epoch" in metrics else ""
+    best = f" (best epoch: {metrics['best_epoch']}, chosen on val)" if metrics and "best_epoch" in metrics else ""
     lines = [f"run folder: {out}{best}"]
     lines += [f"  {(name + ('/' if (out / name).is_dir() else '')).ljust(width)}  {RUN_FILES[name]}"
               for name in present]
@@ -392,9 +394,6 @@ def synth_next_steps(store: Any, task: str) -> str:
 
 def _synth(args: argparse.Namespace) -> int:
     store = Path(args.store)
-    if store.exists() and any(store.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{store}: exists and is not empty; pass --overwrite to replace a FeatureStore "
-                              f"there, or choose another folder")
     made = make_synthetic_store(args.task, store, num_train=args.size, num_eval=args.eval_size, seed=args.seed,
                                 overwrite=args.overwrite)
     print(made.summary())

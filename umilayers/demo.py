@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from umilayers._io import atomic_write, atomic_write_json, read_json
+from umilayers._progress import Heartbeat, format_duration
 from umilayers._threads import add_threads_argument, apply_thread_policy, choose_threads
 from umilayers.data.synthetic import make_synthetic_store
 from umilayers.train import fit
@@ -47,7 +48,6 @@ __all__ = [
     "METHOD_ROWS",
     "ABLATION_ROWS",
     "DemoSize",
-    "Heartbeat",
     "SMOKE_TEST",
     "default_out",
     "grid_plan",
@@ -140,59 +140,6 @@ def default_out(quick: bool) -> Path:
 def grid_plan(tasks: Sequence[str], rows: Mapping[str, dict], seeds: Sequence[int]) -> list[str]:
     """The task of every run :func:`run_grid` makes, in its order."""
     return [task for task in tasks for _ in seeds for _ in rows]
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class Heartbeat:
-    """One line per finished run: its number, the time elapsed and an estimate of what remains.
-
-    The estimate of a run still to come is the mean time of the finished runs of its task (of
-    all finished runs while its task has none).
-
-    Args:
-        plan: the task of every run to come, in order (:func:`grid_plan`).
-        clock: seconds, monotonic (``time.perf_counter``).
-
-    Example::
-
-        >>> times = iter([0.0, 10.0, 40.0])
-        >>> beat = Heartbeat(["classification", "classification", "retrieval"], clock=lambda: next(times))
-        >>> beat.tick("classification", 10.0)
-        '[1/3] 10s elapsed, about 20s left'
-        >>> beat.tick("classification", 30.0)
-        '[2/3] 40s elapsed, about 20s left'
-    """
-
-    def __init__(self, plan: Sequence[str], clock: Callable[[], float] = time.perf_counter) -> None:
-        self.plan = list(plan)
-        self.clock = clock
-        self.start = clock()
-        self.seconds: dict[str, list[float]] = {}
-
-    @property
-    def done(self) -> int:
-        return sum(len(v) for v in self.seconds.values())
-
-    def remaining_seconds(self) -> float:
-        """The estimate of the runs still to come."""
-        finished = [t for times in self.seconds.values() for t in times]
-        if not finished:
-            return float("nan")
-        overall = statistics.fmean(finished)
-        return sum(statistics.fmean(self.seconds[task]) if task in self.seconds else overall
-                   for task in self.plan[self.done:])
-
-    def tick(self, task: str, seconds: float) -> str:
-        """Record a finished run of ``task`` that took ``seconds``; return the heartbeat line."""
-        self.seconds.setdefault(task, []).append(seconds)
-        width = len(str(len(self.plan)))
-        line = f"[{self.done:>{width}}/{len(self.plan)}] {_duration(self.clock() - self.start)} elapsed"
-        left = self.remaining_seconds()
-        return line + (f", about {_duration(left)} left" if self.done < len(self.plan) else ", done")
 
 
 def headline_metric(task: str, metrics: Mapping) -> float:
@@ -378,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record["note"] = SMOKE_TEST
     atomic_write_json(record_path, record)
     png = _plot(main_results, tasks, out / "demo.png", args.quick)
-    _say(f"\nwrote {record_path}" + (f" and {png}" if png else "") + f" in {_duration(elapsed)} "
+    _say(f"\nwrote {record_path}" + (f" and {png}" if png else "") + f" in {format_duration(elapsed)} "
           f"({time.process_time() - cpu_start:.0f} s of CPU time, {threads} thread(s))")
     if args.quick:
         _say("(a smoke test: its numbers are not results)")

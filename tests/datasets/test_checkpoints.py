@@ -20,8 +20,9 @@ from torch import nn
 from tests.tolerances import tol
 from umilayers.datasets import checkpoints as ckpt
 
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm", reason="the checkpoint converters need timm (umilayers[vision])")
+torchvision = pytest.importorskip("torchvision",
+                                  reason="the checkpoint converters need torchvision (umilayers[vision])")
 
 
 # ------------------------------------------------------------------------------ AST reference

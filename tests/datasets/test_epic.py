@@ -80,7 +80,7 @@ def _write_wav(path: Path, seconds: float, rate: int = 8000):
 
 @pytest.fixture(scope="module")
 def epic_data(tmp_path_factory):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="the frames are written with pillow (umilayers[datasets])")
 
     base = tmp_path_factory.mktemp("epic")
     annotations = base / "annotations"
@@ -109,6 +109,16 @@ def epic_data(tmp_path_factory):
         _write_wav(audio / f"{video}.wav", last_frame / FPS + 0.5)
     _write_wav(audio / "P01_01_0.wav", 0.3)  # a per-clip wav takes precedence over the video's
     return {"annotations": annotations, "frames": frames, "audio": audio, "rows": rows}
+
+
+def _needs(*modalities: str) -> None:
+    """Skip, saying why, when a package an extractor of ``modalities`` needs is not installed
+    (the ``[test]`` extra leaves out the large ``vision`` and ``audio`` extras)."""
+    packages = {"rgb": [("torchvision", "vision")], "flow": [("torchvision", "vision")],
+                "audio": [("timm", "vision"), ("torchaudio", "audio")]}
+    for modality in modalities:
+        for module, extra in packages[modality]:
+            pytest.importorskip(module, reason=f"the {modality} extractor needs {module} (umilayers[{extra}])")
 
 
 def _config(**kwargs):
@@ -304,6 +314,7 @@ def test_resolve_weights(tmp_path):
 # ------------------------------------------------------------------------------ extractors
 
 def test_flow_resnet_loads_rgb_weights_with_cross_modality_stem(epic_data, tmp_path):
+    _needs("flow")
     import torchvision
 
     rgb_resnet = torchvision.models.resnet18(weights=None)
@@ -325,6 +336,7 @@ def test_flow_resnet_loads_rgb_weights_with_cross_modality_stem(epic_data, tmp_p
 
 
 def test_audio_tokens_time_major_with_lengths(epic_data):
+    _needs("audio")
     clips = {c.narration_id: c for c in epic.load_annotations(epic_data["annotations"])}
     extractor = epic.build_extractor("audio", epic_data["audio"], _config(audio_frames=64))
     assert (extractor.tokens, extractor.dim) == (8 * 4, 192)
@@ -337,6 +349,7 @@ def test_audio_tokens_time_major_with_lengths(epic_data):
 
 def test_audio_ast_overlapping_patches_by_default(epic_data):
     """The default extractor is AST's: 16 x 16 patches every 10 frames / bins, 128 mel bins."""
+    _needs("audio")
     assert (epic.ExtractionConfig().audio_stride, epic.ExtractionConfig().audio_frames) == (10, 128)
     clips = {c.narration_id: c for c in epic.load_annotations(epic_data["annotations"])}
     extractor = epic.build_extractor("audio", epic_data["audio"], _config(audio_frames=64, audio_stride=10))
@@ -350,6 +363,7 @@ def test_audio_ast_overlapping_patches_by_default(epic_data):
 def test_audio_extractor_loads_an_ast_checkpoint_as_published(epic_data, tmp_path):
     """An AST checkpoint (``module.v.*`` keys, 12 x 101 position grid, AudioSet head) passed as
     it is: converted on load, position embeddings cut to the 12 x 12 grid of 128 frames."""
+    _needs("audio")
     from umilayers.datasets import checkpoints as ckpt
 
     source = ckpt.ast_audio_vit("deit_tiny_distilled_patch16_224", mel_bins=128, frames=1024)
@@ -493,6 +507,7 @@ def _write_layout(root: Path, relative: str, whole: bool) -> Path:
 
 @pytest.mark.parametrize("layout", list(AUDIO_LAYOUTS))
 def test_audio_layouts(layout, tmp_path):
+    _needs("audio")
     relative, whole = AUDIO_LAYOUTS[layout]
     path = _write_layout(tmp_path, relative, whole)
     config = _config(audio_frames=64)
@@ -632,6 +647,7 @@ def test_released_split_errors(epic_data, tmp_path):
 
 
 def test_extract_with_the_released_split(epic_data, tmp_path, capsys):
+    _needs("rgb", "audio")
     from umilayers.data.store import FeatureStore
 
     released = _write_released(tmp_path / "epic-annotations", epic_data["rows"])
@@ -692,6 +708,7 @@ def _run_extract(epic_data, out, *extra):
 
 @pytest.fixture(scope="module")
 def epic_store(epic_data, tmp_path_factory):
+    _needs("rgb", "flow", "audio")
     out = tmp_path_factory.mktemp("stores") / "epic_rgb_flow_audio"
     assert _run_extract(epic_data, out, "--setting", "rgb+flow+audio", "--keep-shards") == 0
     return out
@@ -803,6 +820,7 @@ def test_epic_train_preset_notes_a_store_without_the_released_preprocessing(epic
 def test_random_rgb_backbone_is_torchvisions_own_init(epic_data):
     """Building the RGB extractor leaves torch's initialisers alone: its random weights are
     exactly torchvision's swin3d_t init under the modality's seed."""
+    _needs("rgb")
     import torchvision
 
     original = torch.nn.init.trunc_normal_
@@ -833,6 +851,7 @@ def test_shards_are_written_through_the_one_atomic_writer(tmp_path, monkeypatch)
 
 
 def test_random_weights_are_reproducible(epic_data):
+    _needs("flow")
     one = epic.build_extractor("flow", epic_data["frames"], _config())
     two = epic.build_extractor("flow", epic_data["frames"], _config())
     for (name, a), b in zip(one.model.state_dict().items(), two.model.state_dict().values()):
@@ -840,6 +859,7 @@ def test_random_weights_are_reproducible(epic_data):
 
 
 def test_skip_missing_drops_and_reports(epic_data, tmp_path, capsys):
+    _needs("audio", "flow")
     clips = epic.load_annotations(epic_data["annotations"])
     splits = epic.build_splits(clips, "audio+flow", seed=0)
     dropped_participant = splits.splits["train_audio"].participants[-1]

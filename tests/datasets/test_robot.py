@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import h5py  # noqa: E402  (the [test] extra installs it)
+h5py = pytest.importorskip("h5py", reason="the robot adapter reads HDF5 with h5py (umilayers[datasets])")
 
 from umilayers.datasets import robot  # noqa: E402
 
@@ -229,7 +229,8 @@ def test_example_end_to_end(h5_dir, tmp_path):
     assert "test" in metrics
     subsets = json.loads((run / "subsets.json").read_text())
     assert len(subsets["rows"]) == 15
-    assert (run / "subsets.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs umilayers[train]
+        assert (run / "subsets.png").stat().st_size > 0
 
 
 def test_example_preset_paper(h5_dir, tmp_path):

@@ -160,7 +160,7 @@ def test_kill_9_mid_epoch_then_resume(stores, tmp_path):
     # the next is half done (4 steps an epoch).
     for line in proc.stdout:
         stage, _, epoch, step = line.split()
-        if (stage, epoch, step) == ("unimodal", "1", "1"):
+        if (stage, epoch, step) == ("unimodal", "2", "1"):  # epochs count from 1
             break
     else:
         raise AssertionError(f"the run ended before the chosen step: {proc.stderr.read()}")

@@ -31,13 +31,13 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from torch.utils.data import ConcatDataset
 
 from umilayers._io import atomic_write_text
-from umilayers._validation import format_indices, is_int
+from umilayers._validation import InvalidArgument, format_indices, is_int
 from umilayers.data.dataset import FeatureDataset, SplitInfo
 from umilayers.losses import TASKS
 
@@ -54,8 +54,11 @@ _CHUNK_BYTES = 64 * 2**20  # deep validation scans features in chunks of about t
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class StoreError(ValueError):
+class StoreError(InvalidArgument):
     """A FeatureStore violates the ``umilayers-store/1`` format (the message names the file).
+
+    An :class:`~umilayers._validation.InvalidArgument` (a ``ValueError``) of the store whose
+    message is the problem alone, with no argument name in front: it starts with the file.
 
     Example::
 
@@ -65,6 +68,15 @@ class StoreError(ValueError):
         ...     print(err)
         /nonexistent/store/store.json: missing file (not a FeatureStore directory?)
     """
+
+    def __init__(self, text: str) -> None:
+        super().__init__("store", text)
+
+    def message(self, spell: Callable[[str], str] = str) -> str:
+        return self.reason
+
+    def __reduce__(self):
+        return type(self), (self.reason,)
 
 
 def _is_pos_int(value: Any) -> bool:

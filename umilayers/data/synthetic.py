@@ -69,13 +69,15 @@ Example::
 from __future__ import annotations
 
 import math
+import shutil
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from umilayers._validation import check_positive_int
+from umilayers._validation import InvalidArgument, OutputExistsError, check_positive_int
 from umilayers.data.store import FeatureStore
 
 __all__ = ["SyntheticConfig", "make_synthetic_store", "LAYOUTS", "WEAK_MODALITY"]
@@ -232,9 +234,54 @@ def make_synthetic_store(
         config: a :class:`SyntheticConfig`; default ``SyntheticConfig()``.
         overwrite: replace an existing store at ``path``.
         **overrides: any other :class:`SyntheticConfig` field.
+
+    The store is written in a hidden folder next to ``path`` and renamed into place when
+    complete: a failure leaves no half-made store.
+
+    Raises:
+        InvalidArgument: a bad ``task``, or a ``path`` that cannot be written: a non-empty
+            folder without ``overwrite`` (:class:`~umilayers._validation.OutputExistsError`), a
+            folder that is not a FeatureStore, a place where no folder can be made.
     """
     if task not in LAYOUTS:
-        raise ValueError(f"task: expected one of {list(LAYOUTS)}, got {task!r}")
+        raise InvalidArgument("task", f"expected one of {list(LAYOUTS)}, got {task!r}")
+    path = Path(path)
+    staging = _staging_folder(path, overwrite)
+    try:
+        _write_synthetic_store(task, staging, num_train, num_eval, seed, config, overrides)
+        if path.exists():  # checked by _staging_folder: empty, or a store to overwrite
+            shutil.rmtree(path)
+        staging.rename(path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return FeatureStore(path)
+
+
+def _staging_folder(path: Path, overwrite: bool) -> Path:
+    """Refuse an output the store cannot go to (before any work); return an empty hidden folder
+    next to it to write the store in."""
+    if path.exists() and not path.is_dir():
+        raise InvalidArgument("path", f"{path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputExistsError("path", f"{path} exists and is not empty; pass {{overwrite}} to replace a "
+                                            f"FeatureStore there, or choose another folder", refs=("overwrite",))
+        if not (path / "store.json").is_file():
+            raise InvalidArgument("path", f"{path} holds no store.json (not a FeatureStore): refusing to replace "
+                                          f"it; choose another folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        staging.mkdir()  # with the user's umask (tempfile.mkdtemp would make it private)
+        return staging
+    except OSError as err:
+        raise InvalidArgument("path", f"cannot create {path}: {err.strerror or err}") from None
+
+
+def _write_synthetic_store(task: str, path: Path, num_train: Optional[int], num_eval: Optional[int],
+                           seed: Optional[int], config: Optional[SyntheticConfig],
+                           overrides: dict[str, Any]) -> None:
     cfg = config or SyntheticConfig()
     given = {"num_train": num_train, "num_eval": num_eval, "seed": seed, **overrides}
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
@@ -246,7 +293,7 @@ def make_synthetic_store(
     num_outputs = {"classification": cfg.num_classes, "regression": cfg.num_outputs,
                    "retrieval": cfg.embed_dim}[task]
     text = (cfg.text_tokens, cfg.text_dim) if task == "retrieval" else None
-    store = FeatureStore.create(path, task, num_outputs, shapes, text=text, overwrite=overwrite)
+    store = FeatureStore.create(path, task, num_outputs, shapes, text=text)
     sampler = {"classification": _ClassificationTask, "regression": _RegressionTask,
                "retrieval": _RetrievalTask}[task](rng, cfg, geometry)
     splits = [(name, "train", mods, cfg.num_train) for name, mods in layout.items()]
@@ -260,7 +307,6 @@ def make_synthetic_store(
             if m in _PADDED[task]:
                 lengths[m] = lens
         store.write_split(name, role, features, targets, lengths or None, **extra)
-    return FeatureStore(path)
 
 
 def _geometry(task: str, cfg: SyntheticConfig, rng: np.random.Generator) -> dict[str, _Modality]:

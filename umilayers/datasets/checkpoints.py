@@ -54,12 +54,14 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from umilayers._validation import check_positive_int
+from umilayers._validation import InvalidArgument, MissingExtra, check_positive_int
+from umilayers.data.store import StoreError
 from umilayers.model import UnseenModalityModel
 
 __all__ = [
     "AST_AUDIOSET_GRID",
     "AST_STRIDE",
+    "CheckpointError",
     "RELEASED_MODALITIES",
     "ConvertedCheckpoint",
     "OverlappingPatchEmbed",
@@ -75,6 +77,15 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(StoreError):
+    """A weights file does not exist or does not hold what its converter reads (a
+    :class:`~umilayers.data.StoreError`: the command line shows it as one line)."""
+
+
+class _MissingWeights(CheckpointError, FileNotFoundError):
+    """:class:`CheckpointError` for a weights file that does not exist (also a ``FileNotFoundError``)."""
 
 AST_AUDIOSET_GRID: tuple[int, int] = (12, 101)
 """(frequency, time) patches of AST's AudioSet checkpoint: 128 mel bins x 1024 frames, stride 10."""
@@ -107,15 +118,15 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     the converters and :func:`checkpoint_format` accept either.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file does not hold a dict of tensors.
+        CheckpointError: ``path`` does not exist (also a ``FileNotFoundError``), or does not
+            hold a dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise _MissingWeights(f"weights file {path} does not exist")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict), found {type(loaded).__name__}")
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), found {type(loaded).__name__}")
     return dict(loaded)
 
 
@@ -262,13 +273,12 @@ def ast_audio_vit(
     (``embed_dim``, ``depth``, ``num_heads`` make a small model for tests).
 
     Raises:
-        ImportError: timm is not installed.
+        MissingExtra: timm is not installed (an ImportError).
     """
     try:
         import timm
     except ImportError as err:
-        raise ImportError('timm is needed for the audio extractor; install it with '
-                          'pip install "umilayers[vision]"') from err
+        raise MissingExtra("timm", "vision", "the audio extractor") from err
     return timm.create_model(arch, pretrained=False, in_chans=1, img_size=(mel_bins, frames),
                              num_classes=0, embed_layer=partial(OverlappingPatchEmbed, stride=stride),
                              **kwargs)
@@ -314,11 +324,11 @@ def convert_ast_state_dict(
     """
     state = unwrap_state_dict(checkpoint)
     if "v.pos_embed" not in state:
-        raise ValueError("not an AST checkpoint: no key 'v.pos_embed' (expected AST's "
-                         "'module.v.*' names)")
+        raise CheckpointError("not an AST checkpoint: no key 'v.pos_embed' (expected AST's "
+                              "'module.v.*' names)")
     unknown = sorted(k for k in state if not k.startswith(("v.", "mlp_head.")))
     if unknown:
-        raise ValueError(f"AST checkpoint: unexpected key(s) {unknown[:5]}")
+        raise CheckpointError(f"AST checkpoint: unexpected key(s) {unknown[:5]}")
     dropped = tuple(sorted(k for k in state if k.startswith(("mlp_head.", "v.head.", "v.head_dist."))))
     out = {k.removeprefix("v."): v for k, v in state.items() if k not in dropped}
     pos = out["pos_embed"]
@@ -329,8 +339,8 @@ def convert_ast_state_dict(
     f0, t0 = source_grid
     prefix = pos.shape[1] - f0 * t0
     if prefix < 0 or pos.dim() != 3 or (inferred and prefix != 2):
-        raise ValueError(f"AST checkpoint: pos_embed {tuple(pos.shape)} does not hold a "
-                         f"{f0} x {t0} patch grid (pass source_grid=)")
+        raise CheckpointError(f"AST checkpoint: pos_embed {tuple(pos.shape)} does not hold a "
+                              f"{f0} x {t0} patch grid (pass source_grid=)")
     dim = pos.shape[2]
     patches = pos[:, prefix:].transpose(1, 2).reshape(1, dim, f0, t0)
     patches = _resize_grid(patches, grid[1], axis=3)
@@ -404,7 +414,7 @@ def convert_video_swin_state_dict(checkpoint: Mapping[str, Any]) -> ConvertedChe
         else:
             out[target] = value
     if unknown:
-        raise ValueError(f"Video Swin checkpoint: key(s) that are not Swin trunk keys: {sorted(unknown)[:5]}")
+        raise CheckpointError(f"Video Swin checkpoint: key(s) that are not Swin trunk keys: {sorted(unknown)[:5]}")
     return ConvertedCheckpoint(out, tuple(sorted(dropped)))
 
 
@@ -476,8 +486,8 @@ def _released_parts(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor
     """The released state dicts by part (``model``, ``reorganization``, optional ``alignment``),
     ``module.`` (DataParallel) prefixes removed."""
     if not all(isinstance(checkpoint.get(k), Mapping) for k in ("model", "reorganization")):
-        raise ValueError(f"released checkpoint: expected the state dicts 'model' (ViT) and 'reorganization' "
-                         f"(ViTReorganization) as the released train.py saves them, got keys {sorted(checkpoint)}")
+        raise CheckpointError(f"released checkpoint: expected the state dicts 'model' (ViT) and 'reorganization' "
+                              f"(ViTReorganization) as the released train.py saves them, got keys {sorted(checkpoint)}")
     return {part: {k.removeprefix("module."): v for k, v in checkpoint[part].items()}
             for part in _RELEASED_PARTS if isinstance(checkpoint.get(part), Mapping)}
 
@@ -510,13 +520,13 @@ def convert_released_state_dict(checkpoint: Mapping[str, Any]) -> ConvertedCheck
                 out[name.removesuffix("weight") + "bias"] = value.new_zeros(value.shape[:1])
             out[name] = value[0] if value.dim() == 3 and value.shape[0] == 1 else value
     if unknown:
-        raise ValueError(f"released checkpoint: key(s) the released modules do not have: {sorted(unknown)[:5]}")
+        raise CheckpointError(f"released checkpoint: key(s) the released modules do not have: {sorted(unknown)[:5]}")
     if "readout" not in out or "positions" not in out:
-        raise ValueError("released checkpoint: 'model' needs both 'cls_token' and 'pos_embedding'")
+        raise CheckpointError("released checkpoint: 'model' needs both 'cls_token' and 'pos_embedding'")
     branches = out["readout"].shape[0]
     if out["positions"].shape[0] <= branches or out["positions"].shape[1:] != out["readout"].shape[1:]:
-        raise ValueError(f"released checkpoint: model:pos_embedding {tuple(out['positions'].shape)} does not "
-                         f"hold model:cls_token {tuple(out['readout'].shape)}'s rows and then the slots'")
+        raise CheckpointError(f"released checkpoint: model:pos_embedding {tuple(out['positions'].shape)} does not "
+                              f"hold model:cls_token {tuple(out['readout'].shape)}'s rows and then the slots'")
     out["readout"] = out["readout"] + out["positions"][:branches]
     out["positions"] = out["positions"][branches:]
     return ConvertedCheckpoint(out)
@@ -528,10 +538,10 @@ def _released_config(parts: Mapping[str, Mapping[str, Tensor]], heads: int) -> d
     def shape(part: str, key: str, dims: int) -> tuple[int, ...]:
         value = parts[part].get(key)
         if value is None:
-            raise ValueError(f"released checkpoint: {part}:{key} is missing")
+            raise CheckpointError(f"released checkpoint: {part}:{key} is missing")
         if value.dim() != dims:
-            raise ValueError(f"released checkpoint: {part}:{key} has shape {tuple(value.shape)}, "
-                             f"expected {dims} dimensions")
+            raise CheckpointError(f"released checkpoint: {part}:{key} has shape {tuple(value.shape)}, "
+                                  f"expected {dims} dimensions")
         return tuple(value.shape)
 
     def depth(part: str, prefix: str) -> int:
@@ -540,7 +550,7 @@ def _released_config(parts: Mapping[str, Mapping[str, Tensor]], heads: int) -> d
     num_classes, dim = shape("model", "mlp_head.1.weight", 2)
     inner = shape("model", "transformer.layers.0.1.to_qkv.weight", 2)[0] // 3
     if inner % heads:
-        raise ValueError(f"heads: must divide the released attention width {inner}, got {heads}")
+        raise InvalidArgument("heads", f"must divide the released attention width {inner}, got {heads}")
     return dict(
         modality_dims={m: shape("reorganization", f"{m}_embedding.0.weight", 1)[0] for m in RELEASED_MODALITIES},
         modality_tokens={m: shape("reorganization", f"{m}_pos_embedding", 3)[1] for m in RELEASED_MODALITIES},
@@ -602,7 +612,7 @@ def load_released_model(
 
     missing = sorted({source(k) for k in expected if k not in converted})
     if missing:
-        raise ValueError(f"released checkpoint: {len(missing)} tensor(s) missing: {missing[:3]}")
+        raise CheckpointError(f"released checkpoint: {len(missing)} tensor(s) missing: {missing[:3]}")
     branches = expected["readout"].shape[0]
     for key, value in converted.items():
         got, want = tuple(value.shape), tuple(expected[key].shape)
@@ -611,6 +621,6 @@ def load_released_model(
                 got, want = (1, branches + got[0], *got[1:]), (1, branches + want[0], *want[1:])
             elif len(want) == 2 and key.endswith(("pos_embed", "tokens")):
                 got, want = (1, *got), (1, *want)
-            raise ValueError(f"released checkpoint: {source(key)} has shape {got}, expected {want}")
+            raise CheckpointError(f"released checkpoint: {source(key)} has shape {got}, expected {want}")
     model.load_state_dict(converted)
     return model

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from umilayers._io import atomic_write, atomic_write_text
 from umilayers._progress import progress as progress_bar
-from umilayers._validation import OutputExistsError
-from umilayers.data.store import FeatureStore
+from umilayers._validation import InvalidArgument, MissingExtra, OutputExistsError
+from umilayers.data.store import FeatureStore, StoreError
 from umilayers.datasets.checkpoints import (
     ast_audio_vit,
     checkpoint_format,
@@ -61,6 +61,7 @@ __all__ = [
     "SETTINGS",
     "ACTIONS_FILE",
     "EpicClip",
+    "EpicDataError",
     "MissingInputError",
     "parse_timestamp",
     "read_annotations",
@@ -165,7 +166,18 @@ def parse_timestamp(text: str) -> float:
     return round(int(hours) * 3600 + int(minutes) * 60 + float(seconds), 6)
 
 
-class MissingInputError(FileNotFoundError):
+class EpicDataError(StoreError):
+    """An annotation, split, wav or weights file, or an extraction option, does not fit what the
+    EPIC-Kitchens adapter reads (a :class:`~umilayers.data.StoreError`: the command line shows it
+    as one line). The message starts with the file or the flag.
+    """
+
+
+class _MissingFile(EpicDataError, FileNotFoundError):
+    """:class:`EpicDataError` for a file that does not exist (also a ``FileNotFoundError``)."""
+
+
+class MissingInputError(StoreError, FileNotFoundError):
     """An input file (frame, wav) of a clip does not exist; names the file(s) tried and the clip.
 
     ``path`` is one file, or the candidates tried in order (the audio layouts): ``path`` is
@@ -194,6 +206,9 @@ class MissingInputError(FileNotFoundError):
             f"missing {kind}input for clip {narration_id}: {where} "
             "(--skip-missing drops such clips)"
         )
+
+    def __reduce__(self):
+        return type(self), (list(self.tried), self.narration_id, self.modality)
 
 
 @dataclass(frozen=True)
@@ -229,9 +244,9 @@ def _parse_list(text: str, path: Path, line: int, column: str) -> list:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"{path}, line {line}: column {column} is not a list: {text!r}") from None
+        raise EpicDataError(f"{path}, line {line}: column {column} is not a list: {text!r}") from None
     if not isinstance(value, list):
-        raise ValueError(f"{path}, line {line}: column {column} is not a list: {text!r}")
+        raise EpicDataError(f"{path}, line {line}: column {column} is not a list: {text!r}")
     return value
 
 
@@ -247,14 +262,14 @@ def read_annotations(path: PathLike) -> list[EpicClip]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        raise _MissingFile(f"annotation file {path} does not exist")
     clips = []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise ValueError(
+            raise EpicDataError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected the EPIC-Kitchens-100 "
                 f"columns {', '.join(REQUIRED_COLUMNS)}; found {', '.join(header) or 'no header'}"
             )
@@ -281,7 +296,7 @@ def read_annotations(path: PathLike) -> list[EpicClip]:
             except (TypeError, ValueError) as err:
                 if str(err).startswith(str(path)):
                     raise
-                raise ValueError(f"{path}, line {line} ({row.get('narration_id')}): {err}") from None
+                raise EpicDataError(f"{path}, line {line} ({row.get('narration_id')}): {err}") from None
     return clips
 
 
@@ -291,7 +306,7 @@ def load_annotations(directory: PathLike) -> list[EpicClip]:
     directory = Path(directory)
     train = directory / "EPIC_100_train.csv"
     if not train.is_file():
-        raise FileNotFoundError(
+        raise _MissingFile(
             f"{train} does not exist; --annotations must be a clone of "
             "epic-kitchens/epic-kitchens-100-annotations (or a folder holding its CSVs)"
         )
@@ -302,7 +317,7 @@ def load_annotations(directory: PathLike) -> list[EpicClip]:
     seen: set[str] = set()
     for clip in clips:
         if clip.narration_id in seen:
-            raise ValueError(f"{directory}: narration_id {clip.narration_id} appears twice")
+            raise EpicDataError(f"{directory}: narration_id {clip.narration_id} appears twice")
         seen.add(clip.narration_id)
     return clips
 
@@ -337,7 +352,7 @@ class ActionVocabulary:
             listed = sorted(set(listed))
         elif len(set(listed)) != len(listed):
             twice = next(p for i, p in enumerate(listed) if p in listed[:i])
-            raise ValueError(f"action pairs must be unique; (verb_class, noun_class) {twice} appears twice")
+            raise EpicDataError(f"action pairs must be unique; (verb_class, noun_class) {twice} appears twice")
         self.pairs: np.ndarray = np.array(listed, dtype=np.int64).reshape(-1, 2)
         self._ids = {pair: i for i, pair in enumerate(listed)}
 
@@ -512,7 +527,7 @@ def build_splits(
         return read_split_files(clips, setting, split_dir)
     fractions = [float(f) for f in fractions]
     if len(fractions) != 3 or min(fractions) <= 0:
-        raise ValueError(f"fractions must be 3 positive weights (train, val, test), got {fractions}")
+        raise InvalidArgument("fractions", f"expected 3 positive weights (train, val, test), got {fractions}")
     by_participant: dict[str, list[EpicClip]] = {}
     for clip in clips:
         by_participant.setdefault(clip.participant_id, []).append(clip)
@@ -520,9 +535,9 @@ def build_splits(
     num_train_splits = len(SETTINGS[setting])
     needed = num_train_splits + 2
     if len(participants) < needed:
-        raise ValueError(f"setting {setting} needs at least {needed} participants (one per "
-                         f"training split, one for val, one for test), the annotations have "
-                         f"{len(participants)}")
+        raise EpicDataError(f"setting {setting} needs at least {needed} participants (one per "
+                            f"training split, one for val, one for test), the annotations have "
+                            f"{len(participants)}")
     order = [participants[i] for i in np.random.default_rng(seed).permutation(len(participants))]
     total = sum(fractions)
     num_val = max(1, round(len(order) * fractions[1] / total))
@@ -562,8 +577,8 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
     split_dir = Path(split_dir)
     missing = [f"{name}.txt" for name, _, _ in layout if not (split_dir / f"{name}.txt").is_file()]
     if missing:
-        raise FileNotFoundError(f"{split_dir}: missing split file(s) {', '.join(missing)}; setting "
-                                f"{setting} needs {', '.join(n + '.txt' for n, _, _ in layout)}")
+        raise _MissingFile(f"{split_dir}: missing split file(s) {', '.join(missing)}; setting "
+                           f"{setting} needs {', '.join(n + '.txt' for n, _, _ in layout)}")
     by_id = {c.narration_id: c for c in clips}
     owner: dict[str, str] = {}
     result = EpicSplits(setting)
@@ -575,11 +590,11 @@ def read_split_files(clips: Sequence[EpicClip], setting: str, split_dir: PathLik
             if not narration_id:
                 continue
             if narration_id not in by_id:
-                raise ValueError(f"{path}, line {line}: narration_id {narration_id} is not in the "
-                                 "annotations")
+                raise EpicDataError(f"{path}, line {line}: narration_id {narration_id} is not in the "
+                                    "annotations")
             if narration_id in owner:
-                raise ValueError(f"{path}, line {line}: narration_id {narration_id} is already in "
-                                 f"split {owner[narration_id]}")
+                raise EpicDataError(f"{path}, line {line}: narration_id {narration_id} is already in "
+                                    f"split {owner[narration_id]}")
             owner[narration_id] = name
             chosen.append(by_id[narration_id])
         result.splits[name] = EpicSplit(name, role, modalities, chosen)
@@ -618,14 +633,14 @@ def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: Pat
     modalities = SETTINGS[setting]
     split_dir = Path(split_dir)
     if len(modalities) != 2:
-        raise ValueError(f"--split-dir {split_dir}: the released split has two training halves "
-                         f"({RELEASED_SPLIT_FILES['half1']}, {RELEASED_SPLIT_FILES['half2']}); "
-                         f"setting {setting} needs {len(modalities)}: use train_<modality>.txt "
-                         "files or the participant split")
+        raise EpicDataError(f"--split-dir {split_dir}: the released split has two training halves "
+                            f"({RELEASED_SPLIT_FILES['half1']}, {RELEASED_SPLIT_FILES['half2']}); "
+                            f"setting {setting} needs {len(modalities)}: use train_<modality>.txt "
+                            "files or the participant split")
     needed = list(RELEASED_SPLIT_FILES.values()) + ([SOUND_FILE] if "audio" in modalities else [])
     missing = [name for name in needed if not (split_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{split_dir}: missing released split file(s) {', '.join(missing)}")
+        raise _MissingFile(f"{split_dir}: missing released split file(s) {', '.join(missing)}")
     sources = dict(zip([name for name, _, _ in layout], RELEASED_SPLIT_FILES.values()))
     sound = set(_read_ids(split_dir / SOUND_FILE)) if "audio" in modalities else set()
     by_id = {c.narration_id: c for c in clips}
@@ -636,13 +651,13 @@ def read_released_splits(clips: Sequence[EpicClip], setting: str, split_dir: Pat
         ids = _read_ids(path)
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            raise ValueError(f"{path}: {len(unknown)} narration id(s) are not in the annotations, "
-                             f"first {unknown[:3]}; --annotations needs EPIC_100_train.csv and "
-                             "EPIC_100_validation.csv (the released halves use both)")
+            raise EpicDataError(f"{path}: {len(unknown)} narration id(s) are not in the annotations, "
+                                f"first {unknown[:3]}; --annotations needs EPIC_100_train.csv and "
+                                "EPIC_100_validation.csv (the released halves use both)")
         for narration_id in ids:
             if narration_id in owner:
-                raise ValueError(f"{path}: narration_id {narration_id} is already in split "
-                                 f"{owner[narration_id]}")
+                raise EpicDataError(f"{path}: narration_id {narration_id} is already in split "
+                                    f"{owner[narration_id]}")
             owner[narration_id] = name
         chosen = [by_id[i] for i in ids]
         if "audio" in split_modalities:
@@ -660,8 +675,8 @@ def read_class_keys(path: PathLike) -> dict[str, int]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not {"id", "key"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: expected the columns id,key (,instances,category); found "
-                             f"{', '.join(reader.fieldnames or []) or 'no header'}")
+            raise EpicDataError(f"{path}: expected the columns id,key (,instances,category); found "
+                                f"{', '.join(reader.fieldnames or []) or 'no header'}")
         return {row["key"]: int(row["id"]) for row in reader}
 
 
@@ -679,17 +694,17 @@ def read_action_classes(path: PathLike, verb_classes: PathLike, noun_classes: Pa
     with open(path, newline="", encoding="utf-8-sig") as handle:
         for line, row in enumerate(csv.reader(handle), start=1):
             if len(row) != 2:
-                raise ValueError(f"{path}, line {line}: expected verb_key,noun_key, got {row}")
+                raise EpicDataError(f"{path}, line {line}: expected verb_key,noun_key, got {row}")
             verb, noun = row[0].strip(), row[1].strip()
             for kind, key, table, source in (("verb", verb, verbs, verb_classes),
                                              ("noun", noun, nouns, noun_classes)):
                 if key not in table:
-                    raise ValueError(f"{path}, line {line}: {kind} {key!r} is not a key of {source}")
+                    raise EpicDataError(f"{path}, line {line}: {kind} {key!r} is not a key of {source}")
             pairs.append((verbs[verb], nouns[noun]))
     try:
         return ActionVocabulary(pairs, sort=False)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise EpicDataError(f"{path}: {err}") from None
 
 
 def action_vocabulary(clips: Sequence[EpicClip], split_dir: Optional[PathLike] = None,
@@ -704,8 +719,8 @@ def action_vocabulary(clips: Sequence[EpicClip], split_dir: Optional[PathLike] =
     for kind, name in CLASS_FILES.items():
         found = next((f / name for f in folders if (f / name).is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"{name} is needed to read {ACTION_CLASSES_FILE}; looked in "
-                                    + ", ".join(str(f) for f in folders))
+            raise _MissingFile(f"{name} is needed to read {ACTION_CLASSES_FILE}; looked in "
+                               + ", ".join(str(f) for f in folders))
         tables[kind] = found
     return read_action_classes(Path(split_dir) / ACTION_CLASSES_FILE, tables["verb"], tables["noun"])
 
@@ -836,8 +851,7 @@ def _require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{module} is needed to extract EPIC-Kitchens features; install it with "
-                          f'pip install "umilayers[{extra}]"') from err
+        raise MissingExtra(module, extra, "extracting EPIC-Kitchens features") from err
 
 
 def _load_image(path: Path, size: int, mode: str, short_side: Optional[int] = None) -> np.ndarray:
@@ -866,7 +880,7 @@ def _read_wav(path: Path, start: Optional[float], stop: Optional[float]) -> tupl
         raw = handle.readframes(last - first)
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
     if dtype is None:
-        raise ValueError(f"{path}: {8 * width}-bit wav is not supported (use 8/16/32-bit PCM)")
+        raise EpicDataError(f"{path}: {8 * width}-bit wav is not supported (use 8/16/32-bit PCM)")
     samples = np.frombuffer(raw, dtype=dtype).astype(np.float32)
     if width == 1:
         samples = (samples - 128.0) / 128.0
@@ -1039,21 +1053,21 @@ def resolve_weights(values: Sequence[str], modalities: Sequence[str]) -> dict[st
         elif "=" in value:
             modality, path = value.split("=", 1)
             if modality not in MODALITIES:
-                raise ValueError(f"--weights {value}: modality must be one of "
-                                 f"{', '.join(MODALITIES)}, got {modality!r}")
+                raise EpicDataError(f"--weights {value}: modality must be one of "
+                                    f"{', '.join(MODALITIES)}, got {modality!r}")
             weights[modality] = path
         elif Path(value).is_dir():
             for m in modalities:
                 if (Path(value) / f"{m}.pth").is_file():
                     weights[m] = str(Path(value) / f"{m}.pth")
         else:
-            raise ValueError(f"--weights {value}: expected 'random', a folder with <modality>.pth "
-                             "files, or MODALITY=PATH")
+            raise EpicDataError(f"--weights {value}: expected 'random', a folder with <modality>.pth "
+                                "files, or MODALITY=PATH")
     missing = [m for m in modalities if m not in weights]
     if missing:
-        raise ValueError(f"no weights for {', '.join(missing)}: pass --weights {missing[0]}=PATH "
-                         "(or a folder holding <modality>.pth, or 'random' for a smoke test); "
-                         "nothing is downloaded")
+        raise EpicDataError(f"no weights for {', '.join(missing)}: pass --weights {missing[0]}=PATH "
+                            "(or a folder holding <modality>.pth, or 'random' for a smoke test); "
+                            "nothing is downloaded")
     return {m: weights[m] for m in modalities}
 
 
@@ -1067,8 +1081,8 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], path: str, head: Sequ
     missing = [k for k in result.missing_keys
                if not k.startswith(tuple(head)) and not k.endswith("relative_position_index")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not match the {type(model).__name__} backbone: missing "
-                         f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise EpicDataError(f"{path} does not match the {type(model).__name__} backbone: missing "
+                            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 class _Extractor:
@@ -1357,7 +1371,7 @@ def extract_shards(
         The shard paths, in clip order.
     """
     if shard_size <= 0:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size}")
+        raise InvalidArgument("shard_size", f"expected a positive int, got {shard_size}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -1466,11 +1480,11 @@ def extract_epic(
         raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     missing_roots = [m for m in modalities if roots.get(m) is None]
     if missing_roots:
-        raise ValueError(f"setting {setting} needs a data root for {', '.join(missing_roots)} "
-                         f"(--{' --'.join(missing_roots)})")
+        raise EpicDataError(f"setting {setting} needs a data root for {', '.join(missing_roots)} "
+                            f"(--{' --'.join(missing_roots)})")
     for m in modalities:
         if config.weights.get(m) is None:
-            raise ValueError(f"no weights for {m}: give a state-dict path or 'random'")
+            raise EpicDataError(f"no weights for {m}: give a state-dict path or 'random'")
 
     clips = load_annotations(annotations)
     splits = build_splits(clips, setting, seed=seed, fractions=fractions, split_dir=split_dir)
@@ -1478,9 +1492,9 @@ def extract_epic(
     unlabelled = vocab.missing(c for split in splits.splits.values() for c in split.clips)
     if unlabelled:
         first = unlabelled[0]
-        raise ValueError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
-                         f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
-                         f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
+        raise EpicDataError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
+                            f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
+                            f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
     log(splits.summary())
 
     dropped: dict[str, int] = {}
@@ -1496,8 +1510,8 @@ def extract_epic(
                 raise MissingInputError(paths, clip.narration_id, modality)
         dropped[split.name] = len(split.clips) - len(kept)
         if not kept:
-            raise ValueError(f"split {split.name} has no clip left"
-                             + (" after dropping clips with missing inputs" if dropped[split.name] else ""))
+            raise EpicDataError(f"split {split.name} has no clip left"
+                                + (" after dropping clips with missing inputs" if dropped[split.name] else ""))
         split.clips = kept
     if skip_missing:
         log("dropped clips with missing inputs: "

@@ -52,7 +52,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from umilayers._io import atomic_write_text
-from umilayers.data.store import FeatureStore
+from umilayers._validation import InvalidArgument
+from umilayers.data.store import FeatureStore, StoreError
 
 __all__ = [
     "MSRVTT_MODALITIES",
@@ -145,8 +146,9 @@ _SPLIT_FILES = {
 }
 
 
-class MSRVTTDataError(ValueError):
-    """A feature, caption or split file is missing, inconsistent or lacks a video.
+class MSRVTTDataError(StoreError):
+    """A feature, caption or split file is missing, inconsistent or lacks a video (a
+    :class:`~umilayers.data.StoreError`: the command line shows it as one line).
 
     Example::
 
@@ -578,8 +580,8 @@ def _paper_splits(data: MSRVTTData, eval_requires: Sequence[str]) -> tuple[dict[
     rest (minus videos with none of B's modalities); val/test keep the videos having
     ``eval_requires``."""
     if "val" not in data.lists:
-        raise ValueError("protocol 'paper' uses the full split (train_list_full.txt, val_list_full.txt, "
-                         "test_list_full.txt): load the release with split='full' (--split full)")
+        raise MSRVTTDataError("protocol 'paper' uses the full split (train_list_full.txt, val_list_full.txt, "
+                              "test_list_full.txt): load the release with split='full' (--split full)")
     a_name, b_name = TRAIN_GROUPS
     b_modalities = set(TRAIN_GROUPS[b_name]) & set(data.features)
     videos: dict[str, list[str]] = {a_name: [], b_name: []}
@@ -632,9 +634,10 @@ def split_msrvtt(
     caption of ``jsfusion_val_caption_idx.pkl`` (as CE evaluates 1k-A).
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
+        raise InvalidArgument("protocol", f"expected one of {list(PROTOCOLS)}, got {protocol!r}")
     if max_train_captions is not None and max_train_captions < 1:
-        raise ValueError(f"max_train_captions: expected at least 1 (or None for all), got {max_train_captions}")
+        raise InvalidArgument("max_train_captions",
+                              f"expected at least 1 (or None for all), got {max_train_captions}")
     all_mods = tuple(m for m in MSRVTT_MODALITIES if m in data.features)
     groups = {n: tuple(m for m in mods if m in data.features) for n, mods in TRAIN_GROUPS.items()}
     left_out: dict[str, list[str]] = {}
@@ -647,7 +650,7 @@ def split_msrvtt(
             val = list(data.lists["val"])
         else:
             if not 0 < val_size < len(train):
-                raise ValueError(f"val_size: expected 1 .. {len(train) - 1} videos, got {val_size}")
+                raise InvalidArgument("val_size", f"expected 1 .. {len(train) - 1} videos, got {val_size}")
             pick = set(np.random.default_rng(seed).choice(len(train), val_size, replace=False).tolist())
             val = [v for i, v in enumerate(train) if i in pick]
             train = [v for i, v in enumerate(train) if i not in pick]
@@ -802,18 +805,20 @@ def build_msrvtt_store(
         for comparison), captions, missing modalities and what was left out.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
+        raise InvalidArgument("protocol", f"expected one of {list(PROTOCOLS)}, got {protocol!r}")
     if missing not in ("lengths0", "complete"):
-        raise ValueError(f"missing: expected 'lengths0' or 'complete', got {missing!r}")
+        raise InvalidArgument("missing", f"expected 'lengths0' or 'complete', got {missing!r}")
     unknown = sorted(set(eval_requires or ()) - set(MSRVTT_MODALITIES))
     if unknown:
-        raise ValueError(f"eval_requires: unknown modality {unknown}, expected some of {list(MSRVTT_MODALITIES)}")
+        raise InvalidArgument("eval_requires",
+                              f"unknown modality {unknown}, expected some of {list(MSRVTT_MODALITIES)}")
     if max_train_captions is not None and max_train_captions < 1:
-        raise ValueError(f"max_train_captions: expected at least 1 (or None for all), got {max_train_captions}")
+        raise InvalidArgument("max_train_captions",
+                              f"expected at least 1 (or None for all), got {max_train_captions}")
     split = split or ("full" if protocol == "paper" else "jsfusion")
     if protocol == "paper" and split != "full":
-        raise ValueError(f"protocol 'paper' uses the full split (6,513 / 497 / 2,990 videos), got "
-                         f"split {split!r}: use --split full or --protocol balanced")
+        raise MSRVTTDataError(f"protocol 'paper' uses the full split (6,513 / 497 / 2,990 videos), got "
+                              f"split {split!r}: use --split full or --protocol balanced")
     store_path = Path(store_path)
     data = load_msrvtt(
         data_dir, split=split, release=release, layout=layout, text_feat=text_feat,

@@ -48,8 +48,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from umilayers._io import atomic_torch_save, atomic_write_text
-from umilayers._validation import check_positive_int, check_tensor
-from umilayers.data.store import FeatureStore
+from umilayers._validation import InvalidArgument, MissingExtra, check_positive_int, check_tensor
+from umilayers.data.store import FeatureStore, StoreError
 
 __all__ = [
     "ROBOT_MODALITIES",
@@ -106,8 +106,9 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-class RobotDataError(ValueError):
-    """An episode file lacks a key or holds an array of an unexpected shape.
+class RobotDataError(StoreError):
+    """An episode file lacks a key or holds an array of an unexpected shape, or the data folder
+    holds none (a :class:`~umilayers.data.StoreError`: the command line shows it as one line).
 
     Example::
 
@@ -122,9 +123,7 @@ def _h5py():
     try:
         import h5py
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'reading the robot dataset needs h5py: pip install "umilayers[datasets]"'
-        ) from err
+        raise MissingExtra("h5py", "datasets", "reading the robot dataset") from err
     return h5py
 
 
@@ -137,15 +136,14 @@ def list_episodes(data_dir: str | os.PathLike) -> list[Path]:
     """All ``*.h5`` files directly in ``data_dir``, sorted by name.
 
     Raises:
-        FileNotFoundError: ``data_dir`` does not exist or holds no ``.h5`` file.
+        RobotDataError: ``data_dir`` does not exist or holds no ``.h5`` file.
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory (--data: the folder of the dataset's .h5 episode files)")
+        raise RobotDataError(f"{root}: not a directory (--data: the folder of the dataset's .h5 episode files)")
     files = sorted(p for p in root.iterdir() if p.suffix == ".h5" and p.is_file())
     if not files:
-        raise FileNotFoundError(f"{root}: no .h5 episode files (--data: the folder of the dataset's .h5 episode "
-                                f"files)")
+        raise RobotDataError(f"{root}: no .h5 episode files (--data: the folder of the dataset's .h5 episode files)")
     return files
 
 
@@ -415,16 +413,16 @@ def split_robot_episodes(
     paths = sorted(Path(p) for p in paths)
     n = len(paths)
     if n < 4:
-        raise ValueError(f"episodes: need at least 4 episodes for train/train/val/test, got {n}")
+        raise RobotDataError(f"episodes: need at least 4 episodes for train/train/val/test, got {n}")
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < frac < 1.0:
-            raise ValueError(f"{name}: expected a fraction in (0, 1), got {frac}")
+            raise InvalidArgument(name, f"expected a fraction in (0, 1), got {frac}")
     order = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(test_fraction * n)))
     n_val = max(1, int(round(val_fraction * n)))
     n_train = n - n_test - n_val
     if n_train < 2:
-        raise ValueError(
+        raise RobotDataError(
             f"episodes: {n} episodes leave {n_train} for training with val_fraction="
             f"{val_fraction}, test_fraction={test_fraction}; need at least 2"
         )

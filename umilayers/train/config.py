@@ -108,8 +108,9 @@ class TrainConfig(Config):
     epochs: int = option(30, "epochs of the multimodal stage", minimum=1)
     unimodal_epochs: int = option(20, "epochs of each unimodal model (stage 1, which makes the pseudo-labels)",
                                   minimum=0)
-    pseudo_window: int = option(10, "last unimodal epochs whose predictions are averaged into pseudo-labels "
-                                     "(the paper's e)", minimum=0)
+    pseudo_window: Optional[int] = option(None, "last unimodal epochs whose predictions are averaged into "
+                                                "pseudo-labels (the paper's e); None: min(10, unimodal_epochs)",
+                                          minimum=0)
     batch_size: int = option(64, "global batch size (split over the processes under torchrun)", minimum=1)
     lr: Optional[float] = option(None, f"peak learning rate; None: {BASE_LR:g} * sqrt(batch_size / {BASE_BATCH}) "
                                        f"for optimizer adamw (the square-root rule; sgd needs a value)", minimum=0,
@@ -121,8 +122,8 @@ class TrainConfig(Config):
                                        "with 5e-4)", minimum=0)
     schedule: str = option("cosine", "learning rate after the warm-up: cosine decay to 0, step (times "
                                      "lr_drop_factor at each of lr_drop_epochs) or constant", choices=SCHEDULES)
-    lr_drop_epochs: str = option("", "schedule step: comma-separated epochs (from 0) at which the learning rate "
-                                     "drops, e.g. 70 (the paper's EPIC: 1e-4 for 70 epochs, 1e-5 for the last 50)")
+    lr_drop_epochs: str = option("", "schedule step: comma-separated epochs after which the learning rate "
+                                     "drops, e.g. 70 (the paper's EPIC: 1e-4 for epochs 1-70, 1e-5 for the last 50)")
     lr_drop_factor: float = option(0.1, "schedule step: factor applied at each drop epoch", minimum=0, strict=True)
     warmup_epochs: int = option(1, "epochs of linear warm-up before the schedule", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
@@ -149,6 +150,16 @@ class TrainConfig(Config):
         if self.pair_same_label > 1:
             raise InvalidArgument("pair_same_label", f"expected a probability in [0, 1], got {self.pair_same_label}")
 
+    def window(self) -> int:
+        """The pseudo-label window in epochs: ``pseudo_window``, or ``min(10, unimodal_epochs)``.
+
+        Example::
+
+            >>> TrainConfig().window(), TrainConfig(unimodal_epochs=3).window()
+            (10, 3)
+        """
+        return min(10, self.unimodal_epochs) if self.pseudo_window is None else self.pseudo_window
+
     def peak_lr(self) -> float:
         """The peak learning rate: ``lr``, or ``BASE_LR * sqrt(batch_size / BASE_BATCH)``."""
         if self.lr is not None:
@@ -169,7 +180,7 @@ class RuntimeConfig(Config):
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ... (auto: a GPU when there is one; under torchrun "
                                  "each process takes its local rank's)")
     num_workers: int = option(0, "DataLoader worker processes", minimum=0)
-    quiet: bool = option(False, "no progress bars")
+    quiet: bool = option(False, "no progress lines (one per epoch on stderr otherwise)")
 
 
 #: The concerns of a :class:`FitConfig`: field name -> config class.
@@ -219,7 +230,7 @@ class FitConfig(Config):
             if train.unimodal_epochs < 1:
                 raise InvalidArgument("unimodal_epochs", "pseudo-labels need at least one unimodal epoch "
                                                          "(or turn {use_pseudo} off)", refs=("use_pseudo",))
-            if not 1 <= train.pseudo_window <= train.unimodal_epochs:
+            if train.pseudo_window is not None and not 1 <= train.pseudo_window <= train.unimodal_epochs:
                 raise InvalidArgument(
                     "pseudo_window",
                     f"expected 1 <= {{pseudo_window}} <= {{unimodal_epochs}}={train.unimodal_epochs}, "
@@ -264,6 +275,8 @@ class FitConfig(Config):
         return flat
 
     def result_options(self) -> dict[str, Any]:
-        """The options that determine a run's result: all but :class:`RuntimeConfig`'s."""
+        """The options that determine a run's result: all but :class:`RuntimeConfig`'s (the
+        pseudo-label window as in effect: :meth:`TrainConfig.window`)."""
         runtime = {spec.name for spec in option_specs(RuntimeConfig)}
-        return {k: v for k, v in self.options().items() if k not in runtime}
+        options = {k: v for k, v in self.options().items() if k not in runtime}
+        return {**options, "pseudo_window": self.train.window()}  # the window in effect, given or not

@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from umilayers import metrics
-from umilayers._progress import progress
 from umilayers._validation import InvalidArgument
 from umilayers.data import Batch, FeatureStore, collate, pair_same_label
 from umilayers.data.dataset import set_epoch
@@ -71,7 +70,7 @@ class FitEvent:
         kind: ``"step"`` (after each optimisation step), ``"epoch"`` (after an epoch's line in
             ``log.jsonl``) or ``"checkpoint"`` (after ``checkpoint.pt`` was written).
         stage: ``"unimodal"`` (stage 1) or ``"multimodal"``.
-        epoch: the epoch, from 0.
+        epoch: the epoch, from 1 (as in ``log.jsonl``, ``metrics.json`` and the progress lines).
         modality: the modality of a stage-1 model, else None.
         step: the step within the epoch (``"step"`` events).
         batch: the step's batch, on the device (``"step"``).
@@ -369,7 +368,6 @@ def train_epoch(
     ctx: DistContext,
     tag: Any,
     epoch: int,
-    desc: str,
     on_step: Optional[Callable[[int, Batch, Optional[Tensor]], None]] = None,
 ) -> dict[str, float]:
     """One epoch over ``dataset``; returns the sample-weighted mean of each loss term.
@@ -386,7 +384,6 @@ def train_epoch(
     phase.step.train()
     # total, align, supervised, pseudo (each * rows), rows: summed on the device, read once.
     sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)
-    bar = progress(len(sampler), desc, enabled=ctx.is_main and not cfg.runtime.quiet, leave=False)
     for step, (batch, scale) in enumerate(zip(loader, scales)):
         pseudo_targets = pseudo(batch).to(ctx.device, non_blocking=True) if pseudo is not None else None
         batch = batch.to(ctx.device, non_blocking=True)
@@ -398,11 +395,6 @@ def train_epoch(
         sums[4] += rows
         if on_step is not None:
             on_step(step, batch, pseudo_targets)
-        if bar is not None:  # a terminal is watching: one host read per step is the point
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(terms[0]):.4f}")
-    if bar is not None:
-        bar.close()
     total = all_reduce_sum(sums.tolist(), ctx)
     count = max(total[4], 1.0)
     return {name: total[i] / count for i, name in enumerate(("loss", "align", "supervised", "pseudo"))}

@@ -7,19 +7,19 @@ thin wrappers with the same options.
 
 Stages
 ------
-1. **Unimodal** (``umi`` and ``pooled`` with pseudo-labels on): for each modality, a unimodal
-   model (mean-pooled tokens, linear head) is trained on the training samples that have it (the
-   rows of the splits with the modality, less the rows that lack it) for ``unimodal_epochs``
-   epochs; after each of the last ``pseudo_window`` epochs it predicts on all of them and the
-   predictions go into a :class:`~umilayers.pseudo_labels.PseudoLabelBank`, saved to
-   ``DIR/pseudo_labels/`` at the end of the stage; a sample's pseudo-labels then come from the
-   modalities it has. For retrieval each unimodal model also embeds every caption of every
+1. **Unimodal** (``umi`` and ``pooled`` with pseudo-labels on): for each modality, a unimodal model
+   (mean-pooled tokens, linear head) is trained on the training samples that have it (the rows of
+   the splits with the modality, less the rows that lack it) for ``unimodal_epochs`` epochs; after
+   each of the last ``pseudo_window`` epochs (by default ``min(10, unimodal_epochs)``) it predicts
+   on all of them and the predictions go into a :class:`~umilayers.pseudo_labels.PseudoLabelBank`,
+   saved to ``DIR/pseudo_labels/`` at the end of the stage; a sample's pseudo-labels then come from
+   the modalities it has. For retrieval each unimodal model also embeds every caption of every
    training row with its own text encoder (``text_embeddings.pt``, ``(N, K, E)`` float16 per
-   modality), and the pseudo-labels of stage 2 are either ``(B, B)`` video-to-caption
-   similarities averaged over the sample's modalities, each measured in one unimodal space
-   (``retrieval_pseudo="relational"``, :func:`retrieval_pseudo_targets`), or the paper's
-   ``(B, E)`` averaged video embedding of the modality closest to the caption
-   (``"paper"``, :func:`retrieval_paper_targets`).
+   modality), and the pseudo-labels of stage 2 are either ``(B, B)`` video-to-caption similarities
+   averaged over the sample's modalities, each measured in one unimodal space
+   (``retrieval_pseudo="relational"``, :func:`retrieval_pseudo_targets`), or the paper's ``(B, E)``
+   averaged video embedding of the modality closest to the caption (``"paper"``,
+   :func:`retrieval_paper_targets`).
 2. **Multimodal**: the method is trained for ``epochs`` epochs on batches mixed from all
    training splits (a retrieval row with several captions carries one, drawn per epoch); after
    each epoch it is scored on the val splits (every caption of a row) (top-1, ``-mae`` or
@@ -32,6 +32,13 @@ Run directory
 ``log.jsonl`` (one JSON object per epoch and stage), ``model.pt`` (the best model),
 ``metrics.json`` and ``test_predictions.npy`` (rows of the test splits in store order: class
 probabilities, values or video embeddings).
+
+Epochs are numbered from 1 in everything written to be read: ``log.jsonl`` (``epoch``,
+``best_epoch``), ``metrics.json`` (``best_epoch``), ``model.pt`` (``epoch``), the
+:class:`~umilayers.train.loop.FitEvent` s and the progress lines (``quiet`` off: one line per
+epoch on stderr, with the stage, the epoch, its loss, the val metric, the time elapsed and an
+estimate of what remains, the same on a terminal and in a log file). ``checkpoint.pt`` keeps
+its own counters.
 
 Determinism and resume
 ----------------------
@@ -49,6 +56,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -61,10 +69,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from umilayers._io import append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write_json, read_json
+from umilayers._progress import Heartbeat
 from umilayers._validation import InvalidArgument, OutputExistsError
 from umilayers._version import __version__
 from umilayers.baselines import build_model, model_from_spec, model_spec
-from umilayers.data import Batch, FeatureStore
+from umilayers.data import Batch, FeatureStore, StoreError
 from umilayers.model import TaskModel
 from umilayers.pseudo_labels import PseudoLabelBank
 from umilayers.train.checkpoint import capture_rng_state, derive_seed, restore_rng_state
@@ -125,10 +134,10 @@ def _open_store(store: Union[PathLike, FeatureStore]) -> FeatureStore:
 def _check_compatible(cfg: FitConfig, store: FeatureStore) -> None:
     """Method/task/store checks that do not need any data."""
     if not store.splits_with_role("train"):
-        raise ValueError(f"{store.path}: the store has no split with role 'train'")
+        raise StoreError(f"{store.path}: the store has no split with role 'train'")
     for role in ("val", "test"):
         if not store.splits_with_role(role):
-            raise ValueError(f"{store.path}: the store has no split with role {role!r} "
+            raise StoreError(f"{store.path}: the store has no split with role {role!r} "
                              f"(fit selects the best epoch on val and reports test)")
     if cfg.method == "unimodal":
         if cfg.modality not in store.modalities:
@@ -195,6 +204,9 @@ def _prepare_run_dir(out: Path, cfg: FitConfig, store: FeatureStore, resume: boo
         what = "a finished run (metrics.json)" if finished else "an unfinished run (checkpoint.pt)"
         raise RunExistsError("out", f"{out} already holds {what}; pass {{resume}} to continue it or "
                                     f"{{overwrite}} to start again", refs=("resume", "overwrite"))
+    elif resume and not (out / "config.json").is_file():
+        raise InvalidArgument("resume", f"{out} holds no run to continue (no config.json); leave out {{resume}} to "
+                                        f"start one", refs=("resume",))
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = None
     if resume and (out / "config.json").is_file():
@@ -208,13 +220,30 @@ def _prepare_run_dir(out: Path, cfg: FitConfig, store: FeatureStore, resume: boo
         if (out / "checkpoint.pt").is_file():
             checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
             if checkpoint.get("version") != CHECKPOINT_VERSION:
-                raise ValueError(f"{out / 'checkpoint.pt'}: unknown checkpoint version {checkpoint.get('version')!r}")
+                raise InvalidArgument("resume", f"{out / 'checkpoint.pt'}: checkpoint version "
+                                                f"{checkpoint.get('version')!r}, this umilayers resumes version "
+                                                f"{CHECKPOINT_VERSION}; pass {{overwrite}} to start again",
+                                      refs=("overwrite",))
     if not (out / "config.json").is_file():
         atomic_write_json(out / "config.json", {
             "config": cfg.to_dict(), "store": str(Path(store.path).resolve()), "task": store.task,
             "umilayers": __version__,
         })
     return checkpoint
+
+
+def _check_out(out: Path, store: Path) -> None:
+    """Refuse a run folder that is the store or inside it, and a store inside a folder that
+    ``overwrite`` deletes. A store elsewhere inside the run folder is left alone: only the run's
+    own files (:data:`RUN_FILES`) are ever written or deleted there."""
+    out, store = out.resolve(), store.resolve()
+    if out == store or store in out.parents:
+        raise InvalidArgument("out", f"the run would be written into the store {store}; write it to a folder "
+                                     f"outside the store (e.g. runs/NAME)")
+    for name in RUN_FILES:
+        if (out / name) == store or (out / name) in store.parents:
+            raise InvalidArgument("out", f"the store {store} is inside {out / name}, which the run writes; choose "
+                                         f"another run folder")
 
 
 def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
@@ -267,14 +296,15 @@ def fit(store: Union[PathLike, FeatureStore], method: Optional[str] = None, out:
     Raises:
         StoreError: the store is invalid (checked, deeply, before any training).
         RunExistsError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
-        InvalidArgument: a bad option, or one that does not fit the store (naming it).
-        ValueError: other problems with the store or the run directory.
+        InvalidArgument: a bad option, or one that does not fit the store (naming it); ``out``
+            inside the store; ``resume`` without a run in ``out``.
     """
     if out is None:
         raise TypeError("fit: missing the run directory `out`")
     if method is not None:
         options["method"] = method
     cfg = FitConfig.from_options(config, **options)
+    _check_out(Path(out), Path(store.path if isinstance(store, FeatureStore) else store))
     ctx = setup(cfg.runtime.device)
     try:
         # The deep check (every feature scanned for NaN/inf) runs once, on rank 0.
@@ -380,11 +410,50 @@ class _Run:
         self.bank: Optional[PseudoLabelBank] = None
         self.text_embeddings: dict[str, Tensor] = {}
         self.done: list[str] = []
+        self.heartbeat: Optional[Heartbeat] = None
+        self.last_tick = 0.0
 
     # ------------------------------------------------------------------ bookkeeping
     def tell(self, kind: str, stage: str, epoch: int, **details: Any) -> None:
+        """Call the callback; ``epoch`` counts from 0 here, from 1 in the event (as in the files)."""
         if self.callback is not None:
-            self.callback(FitEvent(kind, stage, epoch, **details))
+            self.callback(FitEvent(kind, stage, epoch + 1, **details))
+
+    def say(self, line: str) -> None:
+        """A progress line on stderr (rank 0, unless ``quiet``)."""
+        if self.ctx.is_main and not self.cfg.runtime.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    def epochs_done(self, stage1: int) -> int:
+        """Epochs of both stages done before this process (``stage1``: how many stage 1 has)."""
+        ck, per_model = self.checkpoint, self.cfg.train.unimodal_epochs
+        if ck.get("stage") == 2:
+            return stage1 + ck["epoch"] + 1
+        if ck.get("stage1_done"):
+            return stage1
+        if ck.get("stage") == 1:
+            return len(ck["modalities_done"]) * per_model + (ck["current"]["epoch"] + 1 if ck.get("current") else 0)
+        return 0
+
+    def start_progress(self) -> None:
+        """The run's first line, and the :class:`~umilayers._progress.Heartbeat` of its epochs."""
+        cfg = self.cfg
+        models = len(self.train_modalities()) * cfg.train.pseudo_folds if cfg.uses_pseudo_labels else 0
+        stage1 = models * cfg.train.unimodal_epochs
+        done = self.epochs_done(stage1)
+        self.heartbeat = Heartbeat(["unimodal"] * stage1 + ["multimodal"] * cfg.train.epochs, start=done)
+        self.last_tick = time.perf_counter()
+        plan = (f"stage 1: {models} unimodal model(s) x {cfg.train.unimodal_epochs} epochs, then "
+                if models else "") + f"{cfg.train.epochs} epochs of {cfg.method}"
+        resumed = f", resuming after epoch {done} of {len(self.heartbeat.plan)}" if self.checkpoint else ""
+        self.say(f"fit {cfg.method} on {self.store.path} -> {self.out}: {plan}; one line per epoch{resumed}")
+
+    def epoch_line(self, kind: str, what: str) -> None:
+        """One progress line for an epoch just finished (logged and checkpointed)."""
+        now = time.perf_counter()
+        line = self.heartbeat.tick(kind, now - self.last_tick, what)
+        self.last_tick = now
+        self.say(line)
 
     def log(self, record: dict) -> None:
         if self.ctx.is_main:
@@ -427,7 +496,8 @@ class _Run:
         if self.checkpoint:
             restore_rng_state(self.checkpoint["rng"])  # then re-seeded per epoch anyway
             self.log({"event": "resume", "stage": self.checkpoint.get("stage"),
-                      "epoch": self.checkpoint.get("epoch")})
+                      "epoch": self.checkpoint.get("epoch", -1) + 1})  # the last epoch done (0: none)
+        self.start_progress()
         if self.cfg.uses_pseudo_labels:
             self.stage_unimodal()
         return self.stage_multimodal()
@@ -444,7 +514,7 @@ class _Run:
             return
         modalities = self.train_modalities()
         self.bank = PseudoLabelBank(store.num_train, int(store.num_outputs), modalities,
-                                    window=cfg.train.pseudo_window, total_epochs=cfg.train.unimodal_epochs,
+                                    window=cfg.train.window(), total_epochs=cfg.train.unimodal_epochs,
                                     dtype=torch.float32)
         current = None
         if ck.get("stage") == 1:
@@ -483,7 +553,7 @@ class _Run:
         (out-of-fold pseudo-labels: never a model's prediction on a row it trained on).
         """
         cfg, store, ctx = self.cfg, self.store, self.ctx
-        epochs, window = cfg.train.unimodal_epochs, cfg.train.pseudo_window
+        epochs, window = cfg.train.unimodal_epochs, cfg.train.window()
         assert self.bank is not None
         names = splits(store, "train", [modality])
         keep = (modality,)
@@ -506,9 +576,8 @@ class _Run:
         for epoch in range(start, epochs):
             self.seed_epoch("unimodal", *tag, epoch)
             losses = train_epoch(phase, dataset, keep, None, cfg, ctx, ("unimodal", *tag), epoch,
-                                 f"unimodal {'/'.join(map(str, tag))} {epoch + 1}/{epochs}",
                                  self.on_step("unimodal", epoch, modality))
-            record = {"stage": "unimodal", "modality": modality, "epoch": epoch, **losses}
+            record = {"stage": "unimodal", "modality": modality, "epoch": epoch + 1, **losses}
             if cfg.train.pseudo_folds > 1:
                 record["fold"] = fold
             if epoch >= epochs - window:
@@ -532,6 +601,8 @@ class _Run:
                 "text_embeddings": self.text_embeddings,
                 "current": {"modality": modality, "fold": fold, "epoch": epoch, "phase": phase.state()},
             }, modality)
+            self.epoch_line("unimodal", f"unimodal {'/'.join(map(str, tag))} epoch {epoch + 1}/{epochs}: "
+                                        f"loss {losses['loss']:.4f}")
 
     def pseudo_targets(self, batch: Batch) -> Tensor:
         """The batch's pseudo-labels, from the batch on the CPU (where the bank is).
@@ -567,17 +638,20 @@ class _Run:
         for epoch in range(start, epochs):
             self.seed_epoch("multimodal", epoch)
             losses = train_epoch(phase, dataset, self.keep, pseudo, cfg, ctx, "multimodal", epoch,
-                                 f"{cfg.method} {epoch + 1}/{epochs}", self.on_step("multimodal", epoch))
+                                 self.on_step("multimodal", epoch))
             val = compute_metrics(store.task, predict(phase.model, phase.forward, store, val_names, self.keep,
                                                       cfg, ctx))
             score = metric_score(store.task, val)
             if score > best["score"]:
                 best = {"epoch": epoch, "score": score, "val": val,
                         "model": copy.deepcopy({k: v.detach().cpu() for k, v in phase.model.state_dict().items()})}
-            record = {"stage": "multimodal", "epoch": epoch, **losses, "val": val, "score": score,
-                      "best_epoch": best["epoch"], "lr": phase.scheduler.get_last_lr()[0]}
+            record = {"stage": "multimodal", "epoch": epoch + 1, **losses, "val": val, "score": score,
+                      "best_epoch": best["epoch"] + 1, "lr": phase.scheduler.get_last_lr()[0]}
             self.end_epoch("multimodal", epoch, record, {"stage": 2, "epoch": epoch, "phase": phase.state(),
                                                          "best": best})
+            metric = next(k for k in ("top1", "mae", "mean_rank") if k in val)
+            self.epoch_line("multimodal", f"{cfg.method} epoch {epoch + 1}/{epochs}: loss {losses['loss']:.4f}, val "
+                                          f"{metric} {val[metric]:.4f}" + (" (best)" if best["epoch"] == epoch else ""))
         return self.finish(phase, best)
 
     def finish(self, phase: Phase, best: dict) -> dict[str, Any]:
@@ -587,16 +661,16 @@ class _Run:
         predicted = predict(phase.model, phase.forward, store, test_names, self.keep, cfg, ctx)
         test = compute_metrics(store.task, predicted)
         result = {"method": cfg.method, "task": store.task, "seed": cfg.train.seed,
-                  "val": best["val"], "test": test, "best_epoch": best["epoch"],
+                  "val": best["val"], "test": test, "best_epoch": best["epoch"] + 1,
                   "test_splits": test_names, "world_size": ctx.world_size}
         if cfg.modality:
             result["modality"] = cfg.modality
         if ctx.is_main:
             atomic_torch_save(self.out / "model.pt", {"spec": model_spec(phase.model), "state_dict": best["model"],
-                                                      "epoch": best["epoch"], "config": cfg.to_dict()})
+                                                      "epoch": best["epoch"] + 1, "config": cfg.to_dict()})
             atomic_numpy_save(self.out / "test_predictions.npy", predicted["prediction"].numpy())
             atomic_write_json(self.out / "metrics.json", result)
-        self.log({"stage": "test", "best_epoch": best["epoch"], "test": test})
+        self.log({"stage": "test", "best_epoch": best["epoch"] + 1, "test": test})
         ctx.barrier()
         return result
 
@@ -623,8 +697,9 @@ def evaluate(run_dir: PathLike, store: Union[PathLike, FeatureStore, None] = Non
         The metrics (as in ``metrics.json``'s ``"test"``) plus ``"split"`` and ``"modalities"``.
     """
     run = Path(run_dir)
-    if not (run / "model.pt").is_file():
-        raise FileNotFoundError(f"{run / 'model.pt'}: missing; is {run} a finished umilayers run?")
+    if not (run / "model.pt").is_file() or not (run / "config.json").is_file():
+        missing = "model.pt" if not (run / "model.pt").is_file() else "config.json"
+        raise InvalidArgument("run_dir", f"{run / missing}: missing; is {run} a finished umilayers run?")
     saved = read_json(run / "config.json")
     cfg = FitConfig.from_dict(saved["config"])
     cfg = cfg.replace(runtime=RuntimeConfig(device=device, num_workers=num_workers, quiet=True))
