@@ -12,9 +12,9 @@ noise for a missing modality and multiplying the result by zero).
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -355,15 +355,8 @@ class UMIConfig(ModelConfig):
                 f"got {self.num_align_tokens}",
             )
         _check_text_dim(self.task, self.text_dim)
-        if self.modality_tokens is not None:
-            if not isinstance(self.modality_tokens, Mapping) or set(self.modality_tokens) != set(self.modality_dims):
-                raise ValueError(f"modality_tokens: expected the most tokens of every modality "
-                                 f"{sorted(self.modality_dims)}, got {self.modality_tokens!r}")
-            for m, k in self.modality_tokens.items():
-                check_positive_int(f"modality_tokens[{m!r}]", k)
-            tokens = {m: int(self.modality_tokens[m]) for m in sorted(self.modality_tokens)}
-            object.__setattr__(self, "modality_tokens", tokens)
-        elif self.positions == "learned" and self.projection == "feature":
+        object.__setattr__(self, "modality_tokens", _check_modality_tokens(self.modality_tokens, self.modality_dims))
+        if self.modality_tokens is None and self.positions == "learned" and self.projection == "feature":
             raise ValueError("modality_tokens: learned positions need each modality's most tokens, got None")
         if self.ensemble_subsets is not None:
             subsets = set()
@@ -383,7 +376,7 @@ class UMIConfig(ModelConfig):
     @property
     def hyperparameters(self) -> ModelConfig:
         """The :class:`ModelConfig` part (what ``umilayers fit`` takes as options)."""
-        return ModelConfig(**{f: getattr(self, f) for f in ModelConfig.__dataclass_fields__})
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""
@@ -401,6 +394,22 @@ def _check_modality_dims(modality_dims: Any) -> dict[str, int]:
             raise ValueError(f"modality_dims: modality names must be non-empty strings, got {m!r}")
         check_positive_int(f"modality_dims[{m!r}]", d)
     return {m: int(modality_dims[m]) for m in sorted(modality_dims)}
+
+
+def _check_modality_tokens(tokens: Any, modality_dims: Mapping[str, int],
+                           name: str = "modality_tokens") -> Optional[dict[str, int]]:
+    """None, or the most tokens of every modality of ``modality_dims`` (sorted; others dropped)."""
+    if tokens is None:
+        return None
+    if not isinstance(tokens, Mapping):
+        raise ValueError(f"{name}: expected a mapping modality -> its most tokens, got {tokens!r}")
+    absent = sorted(set(modality_dims) - set(tokens))
+    if absent:
+        raise ValueError(f"{name}: no length for modalities {absent} (expected one for each of "
+                         f"{sorted(modality_dims)})")
+    for m in sorted(modality_dims):
+        check_positive_int(f"{name}[{m!r}]", tokens[m])
+    return {m: int(tokens[m]) for m in sorted(modality_dims)}
 
 
 def _check_text_dim(task: str, text_dim: Optional[int], required: bool = True) -> None:
@@ -579,24 +588,22 @@ class TaskModel(nn.Module):
         """:meth:`forward` on checked inputs (``present`` holds a mask per modality of ``inputs``)."""
         raise NotImplementedError
 
-    #: The constructor arguments (JSON-serialisable), for :meth:`config_dict`.
-    hparams: dict[str, Any]
+    #: The model's constructor arguments, checked once when the model is built: a frozen
+    #: :class:`~umilayers._config.Config` whose fields are the arguments.
+    config: Config
+    #: The class of :attr:`config`.
+    config_class: ClassVar[type[Config]]
 
-    def record_hparams(self, cls: type, args: Mapping[str, Any]) -> None:
-        """Keep ``cls.__init__``'s arguments, read from ``args``, for :meth:`config_dict`.
-
-        Called first in a constructor with its ``locals()``, so every argument is recorded as
-        given, and a new argument cannot be forgotten. ``device`` and ``dtype`` are left out;
-        mappings are copied in sorted key order.
-        """
-        names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "device", "dtype")]
-        self.hparams = {
-            n: {k: args[n][k] for k in sorted(args[n])} if isinstance(args[n], Mapping) else args[n] for n in names
-        }
+    @classmethod
+    def from_config(cls, config: Config | Mapping[str, Any], device=None, dtype=None) -> "TaskModel":
+        """Build from a :attr:`config_class` instance or its ``to_dict()`` (unknown keys refused)."""
+        if not isinstance(config, cls.config_class):
+            config = cls.config_class.from_dict(config)
+        return cls(**config.to_dict(), device=device, dtype=dtype)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-serialisable dict (``type(model)(**model.config_dict())``)."""
-        return dict(self.hparams)
+        return self.config.to_dict()
 
     @property
     def needs_pseudo_labels(self) -> bool:
@@ -807,91 +814,53 @@ class UnseenModalityModel(TaskModel):
         >>> losses.total.backward()
     """
 
+    config_class = UMIConfig
+
     def __init__(
         self,
         modality_dims: Mapping[str, int],
         num_outputs: int,
         task: str = "classification",
-        dim: int = ModelConfig.dim,
-        num_tokens: int = ModelConfig.num_tokens,
-        projection_depth: int = ModelConfig.projection_depth,
-        fusion_depth: int = ModelConfig.fusion_depth,
-        heads: int = ModelConfig.heads,
-        head_dim: Optional[int] = ModelConfig.head_dim,
-        branches: int = ModelConfig.branches,
-        normalize: str = ModelConfig.normalize,
-        projection: str = "feature",
-        align_weight: float = ModelConfig.align_weight,
-        pseudo_weight: float = ModelConfig.pseudo_weight,
-        use_alignment: bool = ModelConfig.use_alignment,
-        use_pseudo: bool = ModelConfig.use_pseudo,
-        num_align_tokens: Optional[int] = ModelConfig.num_align_tokens,
-        text_dim: Optional[int] = None,
-        mlp_ratio: float = ModelConfig.mlp_ratio,
-        margin: float = ModelConfig.margin,
-        align_reduction: str = ModelConfig.align_reduction,
-        pseudo_reduction: str = ModelConfig.pseudo_reduction,
-        retrieval_pseudo: str = ModelConfig.retrieval_pseudo,
-        positions: Optional[str] = ModelConfig.positions,
-        modality_tokens: Optional[Mapping[str, int]] = None,
-        feature_norm: bool = ModelConfig.feature_norm,
-        ensemble_subsets: Optional[Sequence[Sequence[str]]] = None,
+        *,
         device=None,
         dtype=None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        cfg = UMIConfig(
-            modality_dims=modality_dims, num_outputs=num_outputs, task=task, dim=dim,
-            num_tokens=num_tokens, projection_depth=projection_depth, fusion_depth=fusion_depth,
-            heads=heads, head_dim=head_dim, mlp_ratio=mlp_ratio, normalize=normalize, branches=branches,
-            projection=projection, use_alignment=use_alignment, use_pseudo=use_pseudo,
-            align_weight=align_weight, pseudo_weight=pseudo_weight,
-            num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
-            align_reduction=align_reduction, pseudo_reduction=pseudo_reduction, retrieval_pseudo=retrieval_pseudo,
-            positions=positions, modality_tokens=modality_tokens, feature_norm=feature_norm,
-            ensemble_subsets=ensemble_subsets,
-        )
+        # The fields of UMIConfig are the arguments: one spelling, one default, one check each.
+        cfg = UMIConfig(modality_dims=modality_dims, num_outputs=num_outputs, task=task, **options)
         self.config = cfg
-        self.modality_dims, self.task, self.num_outputs, self.text_dim = cfg.modality_dims, task, num_outputs, text_dim
+        self.modality_dims, self.task, self.num_outputs, self.text_dim = (
+            cfg.modality_dims, cfg.task, cfg.num_outputs, cfg.text_dim)
         factory = {"device": device, "dtype": dtype}
+        dim, tokens = cfg.dim, cfg.num_tokens
         self.projections = nn.ModuleDict()
         for m, d_m in cfg.modality_dims.items():
             if cfg.projection == "feature":
                 self.projections[m] = FeatureProjection(
-                    d_m, out_dim=dim, num_tokens=num_tokens, depth=projection_depth, heads=heads,
-                    normalize=normalize, mlp_ratio=mlp_ratio, head_dim=head_dim, positions=positions,
-                    max_tokens=(cfg.modality_tokens or {}).get(m), **factory,
+                    d_m, out_dim=dim, num_tokens=tokens, depth=cfg.projection_depth, heads=cfg.heads,
+                    normalize=cfg.normalize, mlp_ratio=cfg.mlp_ratio, head_dim=cfg.head_dim,
+                    positions=cfg.positions, max_tokens=(cfg.modality_tokens or {}).get(m), **factory,
                 )
             else:
-                self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=num_tokens, **factory)
+                self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=tokens, **factory)
         self.feature_norms: Optional[nn.ModuleDict] = None
-        if feature_norm:
+        if cfg.feature_norm:
             self.feature_norms = nn.ModuleDict({m: nn.LayerNorm(dim, **factory) for m in cfg.modality_dims})
-        self.positions = nn.Parameter(torch.zeros(num_tokens, dim, **factory))
-        self.readout = nn.Parameter(torch.zeros(branches, dim, **factory))
+        self.positions = nn.Parameter(torch.zeros(tokens, dim, **factory))
+        self.readout = nn.Parameter(torch.zeros(cfg.branches, dim, **factory))
         nn.init.trunc_normal_(self.positions, std=0.02)
         nn.init.trunc_normal_(self.readout, std=0.02)
-        self.transformer = GroupMaskedTransformer(dim, fusion_depth, heads, mlp_ratio, groups=branches,
-                                                  head_dim=head_dim, **factory)
-        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
+        self.transformer = GroupMaskedTransformer(dim, cfg.fusion_depth, cfg.heads, cfg.mlp_ratio,
+                                                  groups=cfg.branches, head_dim=cfg.head_dim, **factory)
+        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, cfg.num_outputs, **factory))
         self.alignment: Optional[AlignmentLoss] = None
-        if use_alignment:
+        if cfg.use_alignment:
             self.alignment = AlignmentLoss(cfg.num_align_tokens, dim, assign=cfg.align_assign, **factory)
         self.text_encoder: Optional[TextEncoder] = None
-        if task == "retrieval":
-            self.text_encoder = TextEncoder(cfg.text_dim, num_outputs, **factory)
-        self.task_loss = TaskLoss(task, margin, pseudo_reduction=pseudo_reduction)
-
-    @classmethod
-    def from_config(cls, config: UMIConfig | Mapping[str, Any], device=None, dtype=None) -> "UnseenModalityModel":
-        """Build from a :class:`UMIConfig` or its :meth:`~UMIConfig.to_dict`."""
-        if not isinstance(config, UMIConfig):
-            config = UMIConfig.from_dict(config)
-        return cls(**config.to_dict(), device=device, dtype=dtype)
-
-    def config_dict(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-serialisable dict (``cls(**model.config_dict())``)."""
-        return self.config.to_dict()
+        if cfg.task == "retrieval":
+            self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory)
+        self.task_loss = TaskLoss(cfg.task, cfg.margin, pseudo_reduction=cfg.pseudo_reduction)
 
     @property
     def modalities(self) -> list[str]:
