@@ -545,7 +545,7 @@ def test_the_batch_is_checked_once(monkeypatch):
 # ---------------------------------------------------------------- options beyond the paper
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", ["learned"])
 def test_positions_reach_the_projections_and_survive_the_config(positions):
     model = make_model(positions=positions, modality_tokens={"audio": 3, "rgb": 5})
     assert all(p.positions == positions for p in model.projections.values())

@@ -248,7 +248,7 @@ class UnimodalModel(_SupervisedOnly):
         max_tokens: the most tokens an input may have (the MLP's input is ``max_tokens * d_m``
             wide; the learned position table's length).
         positions: not in the paper: token positions of the transformer predictor, None
-            (default), ``"learned"`` (needs ``max_tokens``) or ``"sinusoidal"``
+            (default) or ``"learned"`` (needs ``max_tokens``)
             (:func:`~umilayers.projection.add_positions`); the other predictors ignore it.
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -495,7 +495,7 @@ class VanillaTransformer(_SupervisedOnly):
         positions: not in the paper: token positions within each modality's sequence, None
             (default: only the modality embedding tells tokens apart), ``"learned"`` (one table
             per modality, as long as its ``missing_tokens``, which must then be a mapping: the
-            store's token counts) or ``"sinusoidal"``.
+            store's token counts).
         device: device of the parameters.
         dtype: dtype of the parameters.
 

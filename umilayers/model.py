@@ -300,7 +300,7 @@ class ModelConfig(Config):
     positions: Optional[str] = option(None, "not in the paper: token positions in every model that reads tokens "
                                             "with attention (umi's feature projections, transformer unimodal "
                                             "models, the vanilla transformer): learned (one table per modality, "
-                                            "the authors' released code) or sinusoidal",
+                                            "the authors' released code)",
                                       choices=POSITIONS[1:])
     feature_norm: bool = option(False, "not in the paper: a LayerNorm per modality on its projected features "
                                        "before the common-space sum (the authors' released code has one)")
@@ -780,7 +780,7 @@ class UnseenModalityModel(TaskModel):
         retrieval_pseudo: retrieval pseudo-labels and loss, ``"relational"`` or ``"paper"``.
         positions: not in the paper: token positions inside each ``FeatureProjection``: None
             (default, any ``k_m``), ``"learned"`` (a table per modality, as the authors' released
-            code; needs ``modality_tokens``) or ``"sinusoidal"``. The pooled projection mean-pools
+            code; needs ``modality_tokens``). The pooled projection mean-pools
             the tokens and has none.
         modality_tokens: modality -> the most tokens it has (the learned tables' length).
         feature_norm: not in the paper: a ``LayerNorm(D)`` per modality on its projected

@@ -53,7 +53,6 @@ __all__ = [
     "make_optimizer",
     "lr_schedule",
     "train_step",
-    "fold_of_rows",
     "train_epoch",
     "predict",
     "caption_embeddings",
@@ -411,14 +410,6 @@ def train_epoch(
 # ============================================================================ prediction and metrics
 
 
-def fold_of_rows(count: int, folds: int, seed: int) -> np.ndarray:
-    """``(count,)`` fold of each row: a seeded permutation cut into ``folds`` near-equal parts."""
-    order = np.random.default_rng(seed % (2**63)).permutation(count)
-    fold = np.empty(count, dtype=np.int64)
-    fold[order] = np.arange(count) % folds
-    return fold
-
-
 def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:
     """``model.encode_text`` of every caption of a batch, ``(B, K, E)`` (zeros in the empty slots),
     and the captions of each row ``(B,)``.
@@ -442,18 +433,15 @@ def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureStore, names: Sequence[str],
             keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext, *,
-            texts: bool = True, only: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
+            texts: bool = True) -> dict[str, Tensor]:
     """Predictions on the rows of ``names`` that have a modality of ``keep`` (all rows when
-    ``keep`` is None), or only the rows ``only`` of those (positions in that order), in split
-    order then row order, with their ``indices`` and ``targets``; each rank predicts a
+    ``keep`` is None), in split order then row order, with their ``indices`` and ``targets``; each rank predicts a
     contiguous shard, then all are gathered.
 
     Retrieval (with ``texts``): ``text`` ``(N, K, E)`` the embedding of every caption of each
     row (zeros past its count) and ``caption_counts`` ``(N,)``.
     """
     dataset = eval_set(store, names, keep, captions=texts)
-    if only is not None:
-        dataset = Subset(dataset, list(only))
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
