@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umilayers._config import Config, option
-from umilayers._validation import check_bool_mask, check_choice, check_head_dim, check_positive_int
+from umilayers._validation import check_bool_mask, check_choice, check_positive_int
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import sub_batch_rows
 from umilayers.losses import TASKS, TaskLoss
@@ -74,28 +74,13 @@ def _mlp(in_width: int, hidden: int, depth: int, out_width: int, factory: Mappin
     return nn.Sequential(*layers, nn.Linear(hidden, out_width, **factory))
 
 
-def _check_token_count(name: str, x: Any, max_tokens: Optional[int]) -> None:
-    """A model sized for at most ``max_tokens`` tokens refuses longer inputs (one clear line)."""
-    if max_tokens is not None and isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] > max_tokens:
-        raise ValueError(f"{name}: expected at most max_tokens={max_tokens} tokens, got k_m={x.shape[1]}")
-
-
-def _check_token_counts(inputs: Any, limits: Mapping[str, Optional[int]]) -> None:
-    """:func:`_check_token_count` of every modality of ``inputs`` that has a limit."""
-    if isinstance(inputs, Mapping):
-        for m, limit in limits.items():
-            _check_token_count(f"inputs[{m!r}]", inputs.get(m), limit)
-
-
 # --------------------------------------------------------------------------------------------
 # Configs: each baseline's constructor arguments, one field each (checked once, when built)
 
 
-def _check_predictor(predictor: str, depth: int, heads: int, dim: int, head_dim: Optional[int],
-                     positions: Optional[str], max_tokens: Mapping[str, Optional[int]]) -> None:
-    """What a unimodal predictor needs: an MLP its input length, learned positions their tables'."""
-    if predictor == "transformer":
-        check_head_dim(heads, "dim", dim, head_dim)
+def _check_predictor(predictor: str, positions: Optional[str], max_tokens: Mapping[str, Optional[int]]) -> None:
+    """What a unimodal predictor needs: an MLP its input length, learned positions their tables'
+    (the head width is the transformer's own check)."""
     for m, tokens in max_tokens.items():
         if tokens is not None:
             check_positive_int(m, tokens)
@@ -137,8 +122,7 @@ class UnimodalConfig(Config):
         check_positive_int("in_dim", self.in_dim)
         check_positive_int("num_outputs", self.num_outputs)
         _check_text_dim(self.task, self.text_dim, required=False)
-        _check_predictor(self.predictor, self.depth, self.heads, self.dim, self.head_dim, self.positions,
-                         {"max_tokens": self.max_tokens})
+        _check_predictor(self.predictor, self.positions, {"max_tokens": self.max_tokens})
 
 
 @dataclass(frozen=True)
@@ -164,7 +148,7 @@ class LateFusionConfig(Config):
         _check_text_dim(self.task, self.text_dim)
         tokens = _check_modality_tokens(self.modality_tokens, self.modality_dims)
         object.__setattr__(self, "modality_tokens", tokens)
-        _check_predictor(self.predictor, self.depth, self.heads, self.dim, self.head_dim, self.positions,
+        _check_predictor(self.predictor, self.positions,
                          {f"modality_tokens[{m!r}]": (tokens or {}).get(m) for m in self.modality_dims})
 
 
@@ -189,7 +173,6 @@ class VanillaConfig(Config):
         object.__setattr__(self, "modality_dims", _check_modality_dims(self.modality_dims))
         check_positive_int("num_outputs", self.num_outputs)
         _check_text_dim(self.task, self.text_dim)
-        check_head_dim(self.heads, "dim", self.dim, self.head_dim)
         if isinstance(self.missing_tokens, Mapping):
             missing = _check_modality_tokens(self.missing_tokens, self.modality_dims, name="missing_tokens")
             object.__setattr__(self, "missing_tokens", missing)
@@ -342,9 +325,13 @@ class UnimodalModel(_SupervisedOnly):
         own_masks = None
         if padding_masks is not None and padding_masks.get(m) is not None:
             own_masks = {m: padding_masks[m]}
-        if self.predictor == "mlp" or self.positions == "learned":
-            _check_token_count(f"inputs[{m!r}]", inputs[m], self.max_tokens)
-        return check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, check_values=check_values)
+        return check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, max_tokens=self.token_limits(),
+                           check_values=check_values)
+
+    def token_limits(self) -> dict[str, int]:
+        """The MLP's input length or the learned position table's, where the predictor has one."""
+        sized = self.predictor == "mlp" or self.positions == "learned"
+        return {self.modality: self.max_tokens} if sized and self.max_tokens is not None else {}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -422,13 +409,9 @@ class LateFusion(TaskModel):
         self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory) if cfg.task == "retrieval" else None
         self.task_loss = TaskLoss(cfg.task, cfg.margin)
 
-    def check_inputs(
-        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
-    ) -> tuple[int, dict[str, Tensor]]:
-        """:func:`~umilayers.model.check_batch`, and no more tokens than an MLP member is sized for."""
-        _check_token_counts(inputs, {m: member.max_tokens for m, member in self.members.items()
-                                     if member.predictor == "mlp" or member.positions == "learned"})
-        return super().check_inputs(inputs, padding_masks, present, check_values)
+    def token_limits(self) -> dict[str, int]:
+        """The members' limits (an MLP's input length, a learned position table's)."""
+        return {m: limit for member in self.members.values() for m, limit in member.token_limits().items()}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -567,12 +550,9 @@ class VanillaTransformer(_SupervisedOnly):
             padding = padding.index_copy(0, rows_miss, fill.expand(rows_miss.numel(), -1))
         return tokens + self.modality_embed[m], padding
 
-    def check_inputs(
-        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
-    ) -> tuple[int, dict[str, Tensor]]:
-        """:func:`~umilayers.model.check_batch`, and no more tokens than a learned position table has."""
-        _check_token_counts(inputs, self.max_tokens or {})
-        return super().check_inputs(inputs, padding_masks, present, check_values)
+    def token_limits(self) -> dict[str, int]:
+        """The learned position tables' lengths (``positions="learned"``)."""
+        return dict(self.max_tokens or {})
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:

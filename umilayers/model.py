@@ -28,12 +28,14 @@ from umilayers._validation import (
     check_choice,
     check_finite,
     check_head_dim,
+    format_indices,
+    check_labels,
     check_positive_int,
     check_tensor,
 )
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import check_present, fuse_rows, sub_batch_rows
-from umilayers.losses import PSEUDO_REDUCTIONS, TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
+from umilayers.losses import PSEUDO_REDUCTIONS, TASKS, AlignmentLoss, TaskLoss, distillation_checked
 from umilayers.projection import NORMALIZE, POSITIONS, FeatureProjection, PooledProjection
 
 __all__ = [
@@ -132,19 +134,22 @@ def check_batch(
     present: Any,
     modality_dims: Mapping[str, int],
     *,
+    max_tokens: Optional[Mapping[str, int]] = None,
     check_values: bool = False,
 ) -> tuple[int, dict[str, Tensor]]:
     """Validate a batch in the sub-batch layout; return ``B`` and the present masks.
 
     Checks, before any work: ``inputs`` is a non-empty mapping of known modalities; each
-    ``inputs[m]`` is ``(B_m, k_m, d_m)`` floating point with the model's ``d_m``; each padding
-    mask is ``(B_m, k_m)`` bool; each ``present[m]`` is ``(B,)`` bool. Without ``present`` every
-    modality covers the whole batch.
+    ``inputs[m]`` is ``(B_m, k_m, d_m)`` floating point with the model's ``d_m``, at least one
+    token and at most ``max_tokens[m]`` (where the model has a limit); each padding mask is
+    ``(B_m, k_m)`` bool on its input's device; each ``present[m]`` is ``(B,)`` bool. Without
+    ``present`` every modality covers the whole batch.
 
     With ``check_values=True`` also what needs the masks' values (read back to the host, a
-    pipeline stall on a GPU): ``present[m].sum() == B_m``; a ``present`` entry for a modality
-    not in ``inputs`` is all False; every row has at least one modality. The training recipe's
-    batches hold these by construction (the FeatureStore checks its data once).
+    pipeline stall on a GPU): no row's tokens are all padding; ``present[m].sum() == B_m``; a
+    ``present`` entry for a modality not in ``inputs`` is all False; every row has at least one
+    modality. The training recipe's batches hold these by construction (the FeatureStore checks
+    its data once).
 
     Returns:
         ``(B, masks)`` where ``masks[m]`` is the ``(B,)`` bool mask (on the input's device) of
@@ -173,7 +178,13 @@ def check_batch(
         raise ValueError(f"inputs: unknown modality {unknown}; this model knows {known}")
     names = sorted(inputs)
     for m in names:
-        check_tensor(f"inputs[{m!r}]", inputs[m], ("B_m", "k_m", modality_dims[m]), {}, floating=True)
+        x, limit = inputs[m], (max_tokens or {}).get(m)
+        check_tensor(f"inputs[{m!r}]", x, ("B_m", "k_m", modality_dims[m]), {}, floating=True)
+        if x.shape[0] and x.shape[1] == 0:
+            raise ValueError(f"inputs[{m!r}]: expected at least one token per sample, got k_m=0 "
+                             f"(shape {tuple(x.shape)})")
+        if limit is not None and x.shape[1] > limit:
+            raise ValueError(f"inputs[{m!r}]: expected at most max_tokens={limit} tokens, got k_m={x.shape[1]}")
     if padding_masks is not None:
         if not isinstance(padding_masks, Mapping):
             raise TypeError(f"padding_masks: expected a mapping or None, got {type(padding_masks).__name__}")
@@ -181,9 +192,19 @@ def check_batch(
         if extra:
             raise ValueError(f"padding_masks: masks for modalities {extra} that are not in inputs {names}")
         for m in sorted(padding_masks):
-            if padding_masks[m] is not None:
+            mask = padding_masks[m]
+            if mask is not None:
                 sizes = {"B_m": inputs[m].shape[0], "k_m": inputs[m].shape[1]}
-                check_bool_mask(f"padding_masks[{m!r}]", padding_masks[m], ("B_m", "k_m"), sizes)
+                check_bool_mask(f"padding_masks[{m!r}]", mask, ("B_m", "k_m"), sizes)
+                if mask.device != inputs[m].device:
+                    raise ValueError(f"padding_masks[{m!r}]: expected a mask on the device of inputs[{m!r}], "
+                                     f"{inputs[m].device}, got {mask.device}")
+                empty = mask.all(dim=1) if check_values else None
+                if empty is not None and bool(empty.any()):
+                    rows = empty.nonzero().flatten()
+                    raise ValueError(f"padding_masks[{m!r}]: every token is padding in {len(rows)} row(s) "
+                                     f"{format_indices(rows)}; each sample needs at least one valid token "
+                                     "(drop those rows instead)")
     device = inputs[names[0]].device
     if present is None:
         batch = inputs[names[0]].shape[0]
@@ -474,6 +495,10 @@ class TextEncoder(nn.Module):
         check_tensor("text", text, ("B", "t", self.text_dim), sizes, floating=True)
         if text_padding_mask is not None:
             check_bool_mask("text_padding_mask", text_padding_mask, ("B", "t"), sizes)
+        return self.forward_checked(text, text_padding_mask)
+
+    def forward_checked(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """:meth:`forward` without any check, for callers that checked the captions already."""
         y = self.fc(masked_mean(text, text_padding_mask))
         y = y * torch.sigmoid(self.gate(y))
         return F.normalize(y, dim=-1)
@@ -488,14 +513,7 @@ def _check_targets(
     task: str, targets: Any, batch: int, num_outputs: int, text_dim: Optional[int], check_values: bool
 ) -> None:
     if task == "classification":
-        check_tensor("targets", targets, (batch,))
-        if targets.dtype != torch.int64:
-            raise TypeError(f"targets: expected int64 class labels, got dtype {targets.dtype}")
-        if check_values and batch and (int(targets.min()) < 0 or int(targets.max()) >= num_outputs):
-            raise ValueError(
-                f"targets: class labels must lie in [0, {num_outputs}), got range "
-                f"[{int(targets.min())}, {int(targets.max())}]"
-            )
+        check_labels("targets", targets, batch, num_outputs, "class labels", check_values=check_values)
     elif task == "regression":
         check_tensor("targets", targets, (batch, num_outputs), floating=True)
         if check_values:
@@ -528,11 +546,14 @@ class TaskModel(nn.Module):
     """What every model of the package shares: a task, an optional text side, and :meth:`loss`.
 
     :class:`UnseenModalityModel` and the baselines (:mod:`umilayers.baselines`) derive from it:
-    one training recipe serves them all. A subclass sets ``modality_dims``, ``task``,
-    ``num_outputs``, ``text_dim``, ``text_encoder`` (a :class:`TextEncoder` or None) and
-    ``task_loss`` (the :class:`~umilayers.losses.TaskLoss`, built once) in its constructor and
-    implements :meth:`forward_checked` and :meth:`loss_terms`; :meth:`forward` and :meth:`loss`
-    check their arguments first, once (:func:`check_batch`), and the rest trusts them.
+    one training recipe serves them all. A subclass names its :attr:`config_class` (a frozen
+    :class:`~umilayers._config.Config` whose fields are its constructor's arguments); its
+    constructor builds :attr:`config` from the arguments (checked there, once) and sets
+    ``modality_dims``, ``task``, ``num_outputs``, ``text_dim``, ``text_encoder`` (a
+    :class:`TextEncoder` or None) and ``task_loss`` (the :class:`~umilayers.losses.TaskLoss`,
+    built once); it implements :meth:`forward_checked` and :meth:`loss_terms`. :meth:`forward`
+    and :meth:`loss` check their arguments first, once (:func:`check_batch`), and then call the
+    layers' unchecked paths.
 
     Example::
 
@@ -581,7 +602,13 @@ class TaskModel(nn.Module):
         self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
     ) -> tuple[int, dict[str, Tensor]]:
         """:func:`check_batch` against this model's modalities: ``(B, present masks)``."""
-        return check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
+        return check_batch(inputs, padding_masks, present, self.modality_dims, max_tokens=self.token_limits(),
+                           check_values=check_values)
+
+    def token_limits(self) -> dict[str, int]:
+        """The most tokens each modality's input may have, where the model has a limit (a learned
+        position table, an MLP over the flattened tokens); none by default."""
+        return {}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -628,13 +655,16 @@ class TaskModel(nn.Module):
         return self.text_encoder(text, text_padding_mask)
 
     def text_embeddings(self, targets: Tensor, text_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-        """The captions' embeddings for retrieval (the targets the video side ranks), else None."""
-        return self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        """The checked captions' embeddings for retrieval (the targets the video side ranks), else None."""
+        if self.task != "retrieval":
+            return None
+        assert self.text_encoder is not None, "a retrieval model has a text side"
+        return self.text_encoder.forward_checked(targets, text_padding_mask)
 
     def supervised_loss(self, outputs: Tensor, targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:
         """Ground-truth loss of one branch's ``(B, C)`` outputs (:meth:`TaskLoss.supervised
         <umilayers.losses.TaskLoss.supervised>`); for retrieval ranked against ``text_emb``."""
-        return self.task_loss.supervised(outputs, text_emb if self.task == "retrieval" else targets)
+        return self.task_loss.supervised_checked(outputs, text_emb if self.task == "retrieval" else targets)
 
     def loss(
         self,
@@ -664,6 +694,9 @@ class TaskModel(nn.Module):
             :class:`LossOutput` with the total and the unweighted terms.
         """
         batch = output.branch_outputs.shape[0]
+        if self.task == "retrieval" and self.text_encoder is None:
+            raise RuntimeError(f"loss: this model has no text side to rank captions with (text_dim="
+                               f"{self.text_dim}); build it with the captions' text_dim")
         _check_targets(self.task, targets, batch, self.num_outputs, self.text_dim, check_values)
         if text_padding_mask is not None:
             if self.task != "retrieval":
@@ -874,6 +907,10 @@ class UnseenModalityModel(TaskModel):
     def _pseudo_refusal(self) -> str:
         return "this model has use_pseudo=False"
 
+    def token_limits(self) -> dict[str, int]:
+        """The learned position tables' lengths (``positions="learned"``)."""
+        return {m: p.max_tokens for m, p in self.projections.items() if p.max_tokens is not None}
+
     def pseudo_target_shape(self, batch: int) -> tuple[int, int]:
         """``(B, C)``; for retrieval ``(B, B)`` teacher similarities (``"relational"``) or
         ``(B, E)`` pseudo-label embeddings (``"paper"``)."""
@@ -899,7 +936,7 @@ class UnseenModalityModel(TaskModel):
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
         """Projections of the rows that have each modality, their sum, the branches, the head."""
         features = {
-            m: self.projections[m](inputs[m], padding_mask=padding_masks.get(m), check_values=check_values)
+            m: self.projections[m].forward_checked(inputs[m], padding_masks.get(m))
             for m in present
             if inputs[m].shape[0] > 0
         }
@@ -961,8 +998,8 @@ class UnseenModalityModel(TaskModel):
         """
         if self.task == "retrieval" and self.config.retrieval_pseudo == "relational":
             assert text_emb is not None, "retrieval needs the caption embeddings"
-            return similarity_distillation_loss(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
-        return self.task_loss.pseudo(outputs, pseudo_targets)
+            return distillation_checked(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
+        return self.task_loss.pseudo_checked(outputs, pseudo_targets)
 
     def loss_terms(
         self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
@@ -1004,7 +1041,7 @@ class UnseenModalityModel(TaskModel):
             labels = None
             if self.config.task == "classification":
                 labels = targets[sub_batch_rows(output.present[m], feats.shape[0])[0]]
-            terms.append(self.alignment(feats, labels, reduction=per_pair))
+            terms.append(self.alignment.forward_checked(feats, labels, per_pair))
             pairs += feats.shape[0]
         total = torch.stack(terms)
         if reduction == "elementwise_mean":  # the released code: a mean over pairs and features

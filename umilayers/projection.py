@@ -158,6 +158,13 @@ class _TokenProjection(nn.Module):
             raise ValueError(
                 f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
             )
+        return self.forward_checked(x, padding_mask, return_weights)
+
+    def forward_checked(
+        self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
+    ) -> ProjectionOutput:
+        """:meth:`forward` without any check, for callers that checked ``x`` and ``padding_mask``
+        already (:class:`~umilayers.model.UnseenModalityModel` checks its whole batch once)."""
         if padding_mask is not None:
             # Padding values are never read: NaN there must not reach attention or the sums.
             x = x.masked_fill(padding_mask[..., None], 0.0)
