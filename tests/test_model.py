@@ -413,6 +413,14 @@ def test_bad_inputs_raise_clear_errors():
         model(x, padding_masks={"rgb": torch.zeros(2, 4, dtype=torch.bool)})
     with pytest.raises(TypeError, match="bool"):
         model(x, present={"audio": torch.ones(2), "rgb": torch.ones(2)})
+    # what the projections checked is now checked once, here, in the model's own names
+    empty = torch.zeros(2, 5, dtype=torch.bool)
+    empty[1] = True
+    with pytest.raises(ValueError, match=r"padding_masks\['rgb'\]: every token is padding in 1 row\(s\) \[1\]"):
+        model(x, padding_masks={"rgb": empty})
+    make_model()(x, padding_masks={"rgb": empty})  # without check_values nothing reads the mask
+    with pytest.raises(ValueError, match=r"inputs\['rgb'\]: expected at least one token per sample"):
+        model({"audio": x["audio"], "rgb": torch.randn(2, 0, 6)})
 
 
 def test_bad_loss_arguments():
