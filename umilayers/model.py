@@ -28,10 +28,10 @@ from umilayers._validation import (
     check_choice,
     check_finite,
     check_head_dim,
-    format_indices,
     check_labels,
     check_positive_int,
     check_tensor,
+    format_indices,
 )
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import check_present, fuse_rows, sub_batch_rows

@@ -433,15 +433,18 @@ def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureStore, names: Sequence[str],
             keep: Optional[Iterable[str]], cfg: FitConfig, ctx: DistContext, *,
-            texts: bool = True) -> dict[str, Tensor]:
+            texts: bool = True, only: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
     """Predictions on the rows of ``names`` that have a modality of ``keep`` (all rows when
-    ``keep`` is None), in split order then row order, with their ``indices`` and ``targets``; each rank predicts a
+    ``keep`` is None), or only the rows ``only`` of those (positions in that order), in split
+    order then row order, with their ``indices`` and ``targets``; each rank predicts a
     contiguous shard, then all are gathered.
 
     Retrieval (with ``texts``): ``text`` ``(N, K, E)`` the embedding of every caption of each
     row (zeros past its count) and ``caption_counts`` ``(N,)``.
     """
     dataset = eval_set(store, names, keep, captions=texts)
+    if only is not None:
+        dataset = Subset(dataset, list(only))
     rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
