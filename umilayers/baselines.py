@@ -127,7 +127,15 @@ class UnimodalConfig(Config):
 
 @dataclass(frozen=True)
 class LateFusionConfig(Config):
-    """The arguments of :class:`LateFusion` (see there)."""
+    """The arguments of :class:`LateFusion` (see there).
+
+    Example::
+
+        >>> LateFusionConfig({"rgb": 12, "audio": 6}, 5, predictor="mlp", modality_tokens={"rgb": 7})
+        Traceback (most recent call last):
+        ...
+        ValueError: modality_tokens: no length for modalities ['audio'] (expected one for each of ['audio', 'rgb'])
+    """
 
     modality_dims: Mapping[str, int]
     num_outputs: int
@@ -154,7 +162,13 @@ class LateFusionConfig(Config):
 
 @dataclass(frozen=True)
 class VanillaConfig(Config):
-    """The arguments of :class:`VanillaTransformer` (see there)."""
+    """The arguments of :class:`VanillaTransformer` (see there).
+
+    Example::
+
+        >>> VanillaConfig({"rgb": 12, "audio": 6}, 5, missing_tokens=3).lengths()
+        {'audio': 3, 'rgb': 3}
+    """
 
     modality_dims: Mapping[str, int]
     num_outputs: int
