@@ -70,7 +70,8 @@ def test_released_loss_and_gradients_match_model():
 def test_released_forward_ignores_the_stand_ins_but_runs_projections_on_every_row():
     model, data = _setup()
     seen = {}
-    hooks = [proj.register_forward_hook(lambda mod, inp, out, m=m: seen.__setitem__(m, inp[0].shape[0]))
+    # the rows each projection's token embedding sees (the model calls the unchecked forward_checked)
+    hooks = [proj.embed.register_forward_hook(lambda mod, inp, out, m=m: seen.__setitem__(m, inp[0].shape[0]))
              for m, proj in model.projections.items()]
     first = train_step.released_forward(model, data["full_inputs"], data["present"])
     assert seen == {"audio": 6, "rgb": 6}  # the released way: every modality on every sample

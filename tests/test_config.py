@@ -71,3 +71,14 @@ def test_round_trip_nested_and_unknown_keys():
     with pytest.raises(InvalidArgument, match="inner: expected a Inner"):
         Outer(inner={"width": 3})
     assert outer.replace(name="z").inner is outer.inner
+
+
+def test_a_saved_config_with_a_removed_option_at_its_neutral_value_still_loads():
+    from umilayers.train.config import FitConfig
+
+    saved = FitConfig().to_dict()
+    saved["train"]["pseudo_folds"] = 1  # what a run folder written before the removal holds
+    assert FitConfig.from_dict(saved) == FitConfig()
+    saved["train"]["pseudo_folds"] = 2
+    with pytest.raises(InvalidArgument, match=r"pseudo_folds: this option was removed .* got 2"):
+        FitConfig.from_dict(saved)

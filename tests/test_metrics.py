@@ -69,7 +69,7 @@ def test_top1_hand_computed():
 
 
 def test_top1_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"labels: expected values in \[0, 3\)"):
         top1(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="expected scores"):
         top1(torch.zeros(2, 3), torch.tensor([0, 1, 2]))

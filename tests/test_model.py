@@ -136,7 +136,8 @@ def test_absent_modality_projection_never_runs():
     model = make_model()
     calls = {m: [] for m in DIMS}
     for m, proj in model.projections.items():
-        proj.register_forward_hook(lambda mod, args, kwargs_out, m=m: calls[m].append(args[0].shape[0]))
+        # the model calls the projection's unchecked path: count the rows its token embedding sees
+        proj.embed.register_forward_hook(lambda mod, args, out, m=m: calls[m].append(args[0].shape[0]))
     present = {"audio": torch.tensor([True, True, True]), "rgb": torch.tensor([False, False, False])}
     inputs, masks = make_batch(present)
     model(inputs, masks, present)
@@ -377,7 +378,7 @@ def test_no_present_means_every_modality_on_every_row():
         ({"fusion_depth": 0}, ValueError, "fusion_depth"),
         ({"positions": "rotary"}, ValueError, "positions"),
         ({"positions": "learned"}, ValueError, "modality_tokens: learned positions need"),
-        ({"modality_tokens": {"rgb": 5}}, ValueError, "modality_tokens: expected the most tokens of every"),
+        ({"modality_tokens": {"rgb": 5}}, ValueError, r"modality_tokens: no length for modalities \['audio'\]"),
         ({"feature_norm": 1}, TypeError, "feature_norm"),
         ({"ensemble_subsets": [["rgb", "smell"]]}, ValueError, "ensemble_subsets: expected non-empty sets"),
         ({"ensemble_subsets": [[]]}, ValueError, "ensemble_subsets"),
@@ -412,6 +413,14 @@ def test_bad_inputs_raise_clear_errors():
         model(x, padding_masks={"rgb": torch.zeros(2, 4, dtype=torch.bool)})
     with pytest.raises(TypeError, match="bool"):
         model(x, present={"audio": torch.ones(2), "rgb": torch.ones(2)})
+    # what the projections checked is now checked once, here, in the model's own names
+    empty = torch.zeros(2, 5, dtype=torch.bool)
+    empty[1] = True
+    with pytest.raises(ValueError, match=r"padding_masks\['rgb'\]: every token is padding in 1 row\(s\) \[1\]"):
+        model(x, padding_masks={"rgb": empty})
+    make_model()(x, padding_masks={"rgb": empty})  # without check_values nothing reads the mask
+    with pytest.raises(ValueError, match=r"inputs\['rgb'\]: expected at least one token per sample"):
+        model({"audio": x["audio"], "rgb": torch.randn(2, 0, 6)})
 
 
 def test_bad_loss_arguments():
@@ -422,7 +431,7 @@ def test_bad_loss_arguments():
     pseudo = pseudo_for("classification", 2)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         model.loss(out, torch.tensor([0, 5]), pseudo, check_values=True)
-    with pytest.raises(TypeError, match="int64"):
+    with pytest.raises(TypeError, match="targets: expected an integer tensor"):
         model.loss(out, torch.tensor([0.0, 1.0]), pseudo)
     with pytest.raises(ValueError, match="pseudo_targets: expected shape"):
         model.loss(out, torch.tensor([0, 1]), torch.rand(2, 4))
@@ -462,22 +471,19 @@ def test_accepts_a_collated_batch():
 
 
 def test_model_config_fields_are_the_constructor_arguments():
-    # One spelling and one default per hyper-parameter: ModelConfig's fields are arguments of the
-    # model (and, where the baselines have them, of theirs) with the same defaults.
-    import inspect
-
+    # One spelling and one default per hyper-parameter: every model's arguments are the fields of
+    # its config_class (ModelConfig's are UMIConfig's); the baselines have ModelConfig's defaults.
     from umilayers.baselines import LateFusion, UnimodalModel, VanillaTransformer
     from umilayers.model import ModelConfig
 
-    model = inspect.signature(UnseenModalityModel).parameters
-    names = [field.name for field in dataclasses.fields(ModelConfig)]
-    for field in dataclasses.fields(ModelConfig):
-        assert model[field.name].default == field.default, field.name
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
+    assert set(defaults) <= {field.name for field in dataclasses.fields(UMIConfig)}
     for cls in (UnimodalModel, LateFusion, VanillaTransformer):
-        shared = [name for name in inspect.signature(cls).parameters if name in names]
+        shared = {f.name: f.default for f in dataclasses.fields(cls.config_class) if f.name in defaults}
         assert {"dim", "heads", "head_dim", "margin"} <= set(shared)
-        for name in shared:
-            assert inspect.signature(cls).parameters[name].default == getattr(ModelConfig, name), (cls.__name__, name)
+        assert shared == {name: defaults[name] for name in shared}, cls.__name__
+    with pytest.raises(TypeError, match="bogus"):
+        make_model(bogus=1)
     config = make_model().config
     assert UMIConfig.from_dict(config.to_dict()) == config
     resolved = ModelConfig(dim=16, num_tokens=4, projection_depth=1, fusion_depth=1, heads=2, num_align_tokens=C)
@@ -548,7 +554,7 @@ def test_the_batch_is_checked_once(monkeypatch):
 # ---------------------------------------------------------------- options beyond the paper
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", ["learned"])
 def test_positions_reach_the_projections_and_survive_the_config(positions):
     model = make_model(positions=positions, modality_tokens={"audio": 3, "rgb": 5})
     assert all(p.positions == positions for p in model.projections.values())

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.tolerances import tol
-from umilayers.projection import FeatureProjection, PooledProjection, sinusoidal_positions
+from umilayers.projection import FeatureProjection, PooledProjection
 
 IN_DIM, OUT_DIM, HEADS = 6, 8, 2
 
@@ -105,10 +105,9 @@ def test_adding_padding_anywhere_leaves_output_unchanged(data, extra, normalize,
     assert bool((weights[mask_pad] == 0).all())
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
 @pytest.mark.parametrize("normalize", ["inputs", "slots"])
-def test_padding_appended_at_end_leaves_output_unchanged_with_positions(positions, normalize):
-    proj = make_projection(3, normalize, positions=positions, max_tokens=10)
+def test_padding_appended_at_end_leaves_output_unchanged_with_positions(normalize):
+    proj = make_projection(3, normalize, positions="learned", max_tokens=10)
     x = torch.randn(2, 5, IN_DIM)
     expected = proj(x)
     x_pad = torch.cat([x, torch.randn(2, 4, IN_DIM)], dim=1)
@@ -117,9 +116,8 @@ def test_padding_appended_at_end_leaves_output_unchanged_with_positions(position
     torch.testing.assert_close(proj(x_pad, padding_mask=mask), expected, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
-def test_positions_make_the_output_order_dependent(positions):
-    proj = make_projection(3, positions=positions, max_tokens=8)
+def test_positions_make_the_output_order_dependent():
+    proj = make_projection(3, positions="learned", max_tokens=8)
     x = torch.randn(1, 6, IN_DIM)
     assert not torch.allclose(proj(x), proj(x.flip(1)), atol=1e-4)
 
@@ -176,19 +174,11 @@ def test_head_dim_widens_the_attention_and_lets_heads_not_divide_out_dim():
         FeatureProjection(IN_DIM, OUT_DIM, 3, heads=2, head_dim=0)
 
 
-def test_sinusoidal_positions_table():
-    table = sinusoidal_positions(5, 7)
-    assert table.shape == (5, 7)
-    torch.testing.assert_close(table[0, 0::2], torch.zeros(4))
-    torch.testing.assert_close(table[0, 1::2], torch.ones(3))
-    torch.testing.assert_close(table[3, 0], torch.sin(torch.tensor(3.0)))
-
-
 # --- gradients, device and dtype ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("normalize", ["inputs", "slots"])
-@pytest.mark.parametrize("positions", [None, "learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", [None, "learned"])
 def test_gradients_reach_input_and_every_parameter(normalize, positions):
     proj = make_projection(3, normalize, positions=positions, max_tokens=6)
     x = torch.randn(2, 5, IN_DIM, requires_grad=True)

@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, TypeVar, Union
 
 from umilayers._validation import InvalidArgument, check_bool, check_choice, check_int, check_number
 
@@ -93,7 +93,7 @@ class OptionSpec:
 
 def option(
     default: Any,
-    help: str,
+    help: str = "",
     *,
     minimum: Optional[float] = None,
     strict: bool = False,
@@ -102,7 +102,8 @@ def option(
     """A config field that is an option: its default, its help line and what makes it valid.
 
     The field's type annotation gives the kind (``bool``, ``int``, ``float``, ``str``, or
-    ``Optional`` of one of them).
+    ``Optional`` of one of them). ``help`` is the ``--help`` line of an option the command line
+    offers; the models' own configs document their fields in the model's docstring instead.
     """
     meta = {"help": help, "minimum": minimum, "strict": strict,
             "choices": None if choices is None else tuple(choices)}
@@ -153,6 +154,11 @@ class Config:
         (True, 8)
     """
 
+    #: Options that were removed: name -> the value that reproduces what the library does now.
+    #: :meth:`from_dict` drops such a key holding that value (a saved config from before the
+    #: removal still loads) and refuses any other value.
+    retired: ClassVar[Mapping[str, Any]] = {}
+
     def __post_init__(self) -> None:
         for spec in option_specs(type(self)):
             spec.check(getattr(self, spec.name))
@@ -171,7 +177,13 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error (:attr:`retired` ones at their value
+        are dropped)."""
+        for key, value in cls.retired.items():
+            if key in data and data[key] != value:
+                raise InvalidArgument(key, f"this option was removed (only {value!r}, what the library does now, "
+                                           f"can still be read), got {data[key]!r}")
+        data = {k: v for k, v in data.items() if k not in cls.retired}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

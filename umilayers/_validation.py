@@ -61,6 +61,7 @@ __all__ = [
     "check_divides",
     "check_head_dim",
     "check_ids",
+    "check_labels",
     "format_spec",
     "format_indices",
 ]
@@ -361,6 +362,30 @@ def check_ids(name: str, ids: Tensor, upper: int, what: str) -> Tensor:
         raise ValueError(f"{name}: expected {what} in [0, {upper}), got {int(bad.sum())} out of range, "
                          f"e.g. {format_indices(ids[bad], limit=5)}")
     return ids
+
+
+def check_labels(name: str, labels: Any, size: int, upper: int, what: str, *, check_values: bool = True) -> None:
+    """``(size,)`` integer labels (any integer dtype); with ``check_values`` also each in
+    ``[0, upper)``, which reads them back to the host. The one check of class labels, wherever
+    they enter (a model's ``loss``, the loss functions, the metrics).
+
+    Example::
+
+        >>> check_labels("targets", torch.tensor([0, 3]), 2, 3, "class labels")
+        Traceback (most recent call last):
+        ...
+        ValueError: targets: expected values in [0, 3) (class labels), got min 0, max 3 (1 of 2 out of range)
+    """
+    check_tensor(name, labels, ("B",), {"B": size})
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name}: expected an integer tensor ({what}), got dtype {labels.dtype}")
+    if not check_values or labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= upper:
+        bad = int(((labels < 0) | (labels >= upper)).sum())
+        raise ValueError(f"{name}: expected values in [0, {upper}) ({what}), got min {lo}, max {hi} "
+                         f"({bad} of {labels.numel()} out of range)")
 
 
 def format_indices(indices: Iterable[Any], limit: int = 10) -> str:

@@ -15,17 +15,19 @@ feature size, ``D`` width, ``C`` outputs, ``t`` caption tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from umilayers._config import Config, option
 from umilayers._validation import check_bool_mask, check_choice, check_positive_int
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import sub_batch_rows
 from umilayers.losses import TASKS, TaskLoss
-from umilayers.projection import add_positions, check_positions, position_table
+from umilayers.projection import POSITIONS, add_positions, position_table
 from umilayers.model import (
     LossOutput,
     ModelConfig,
@@ -34,6 +36,7 @@ from umilayers.model import (
     UMIOutput,
     UnseenModalityModel,
     _check_modality_dims,
+    _check_modality_tokens,
     _check_text_dim,
     check_batch,
     combine_branches,
@@ -44,6 +47,9 @@ from umilayers.model import (
 __all__ = [
     "METHODS",
     "PREDICTORS",
+    "UnimodalConfig",
+    "LateFusionConfig",
+    "VanillaConfig",
     "UnimodalModel",
     "LateFusion",
     "VanillaTransformer",
@@ -62,24 +68,139 @@ PREDICTORS = ("linear", "transformer", "mlp")
 
 def _mlp(in_width: int, hidden: int, depth: int, out_width: int, factory: Mapping[str, Any]) -> nn.Sequential:
     """``depth`` hidden layers of width ``hidden`` (GELU), then a linear output."""
-    check_positive_int("depth", depth)
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.Linear(in_width if i == 0 else hidden, hidden, **factory), nn.GELU()]
     return nn.Sequential(*layers, nn.Linear(hidden, out_width, **factory))
 
 
-def _check_token_count(name: str, x: Any, max_tokens: Optional[int]) -> None:
-    """A model sized for at most ``max_tokens`` tokens refuses longer inputs (one clear line)."""
-    if max_tokens is not None and isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] > max_tokens:
-        raise ValueError(f"{name}: expected at most max_tokens={max_tokens} tokens, got k_m={x.shape[1]}")
+# --------------------------------------------------------------------------------------------
+# Configs: each baseline's constructor arguments, one field each (checked once, when built)
 
 
-def _check_token_counts(inputs: Any, limits: Mapping[str, Optional[int]]) -> None:
-    """:func:`_check_token_count` of every modality of ``inputs`` that has a limit."""
-    if isinstance(inputs, Mapping):
-        for m, limit in limits.items():
-            _check_token_count(f"inputs[{m!r}]", inputs.get(m), limit)
+def _check_predictor(predictor: str, positions: Optional[str], max_tokens: Mapping[str, Optional[int]]) -> None:
+    """What a unimodal predictor needs: an MLP its input length, learned positions their tables'
+    (the head width is the transformer's own check)."""
+    for m, tokens in max_tokens.items():
+        if tokens is not None:
+            check_positive_int(m, tokens)
+        elif predictor == "mlp":
+            raise ValueError(f"{m}: required with predictor='mlp' (the MLP's input is that many tokens wide)")
+        elif predictor == "transformer" and positions == "learned":
+            raise ValueError(f"{m}: required with positions='learned' (the position table's length)")
+
+
+@dataclass(frozen=True)
+class UnimodalConfig(Config):
+    """The arguments of :class:`UnimodalModel` (see there).
+
+    Example::
+
+        >>> UnimodalConfig("rgb", 12, 5, predictor="mlp")
+        Traceback (most recent call last):
+        ...
+        ValueError: max_tokens: required with predictor='mlp' (the MLP's input is that many tokens wide)
+    """
+
+    modality: str
+    in_dim: int
+    num_outputs: int
+    task: str = option("classification", choices=TASKS)
+    predictor: str = option(PREDICTORS[0], choices=PREDICTORS)
+    dim: int = option(ModelConfig.dim, minimum=1)
+    depth: int = option(2, minimum=1)
+    heads: int = option(ModelConfig.heads, minimum=1)
+    text_dim: Optional[int] = option(None, minimum=1)
+    margin: float = option(ModelConfig.margin, minimum=0)
+    head_dim: Optional[int] = option(ModelConfig.head_dim, minimum=1)
+    max_tokens: Optional[int] = option(None, minimum=1)
+    positions: Optional[str] = option(None, choices=POSITIONS[1:])
+
+    def check(self) -> None:
+        if not isinstance(self.modality, str) or not self.modality:
+            raise ValueError(f"modality: expected a non-empty name, got {self.modality!r}")
+        check_positive_int("in_dim", self.in_dim)
+        check_positive_int("num_outputs", self.num_outputs)
+        _check_text_dim(self.task, self.text_dim, required=False)
+        _check_predictor(self.predictor, self.positions, {"max_tokens": self.max_tokens})
+
+
+@dataclass(frozen=True)
+class LateFusionConfig(Config):
+    """The arguments of :class:`LateFusion` (see there).
+
+    Example::
+
+        >>> LateFusionConfig({"rgb": 12, "audio": 6}, 5, predictor="mlp", modality_tokens={"rgb": 7})
+        Traceback (most recent call last):
+        ...
+        ValueError: modality_tokens: no length for modalities ['audio'] (expected one for each of ['audio', 'rgb'])
+    """
+
+    modality_dims: Mapping[str, int]
+    num_outputs: int
+    task: str = option("classification", choices=TASKS)
+    predictor: str = option(PREDICTORS[0], choices=PREDICTORS)
+    dim: int = option(ModelConfig.dim, minimum=1)
+    depth: int = option(2, minimum=1)
+    heads: int = option(ModelConfig.heads, minimum=1)
+    text_dim: Optional[int] = option(None, minimum=1)
+    margin: float = option(ModelConfig.margin, minimum=0)
+    head_dim: Optional[int] = option(ModelConfig.head_dim, minimum=1)
+    modality_tokens: Optional[Mapping[str, int]] = None
+    positions: Optional[str] = option(None, choices=POSITIONS[1:])
+
+    def check(self) -> None:
+        object.__setattr__(self, "modality_dims", _check_modality_dims(self.modality_dims))
+        check_positive_int("num_outputs", self.num_outputs)
+        _check_text_dim(self.task, self.text_dim)
+        tokens = _check_modality_tokens(self.modality_tokens, self.modality_dims)
+        object.__setattr__(self, "modality_tokens", tokens)
+        _check_predictor(self.predictor, self.positions,
+                         {f"modality_tokens[{m!r}]": (tokens or {}).get(m) for m in self.modality_dims})
+
+
+@dataclass(frozen=True)
+class VanillaConfig(Config):
+    """The arguments of :class:`VanillaTransformer` (see there).
+
+    Example::
+
+        >>> VanillaConfig({"rgb": 12, "audio": 6}, 5, missing_tokens=3).lengths()
+        {'audio': 3, 'rgb': 3}
+    """
+
+    modality_dims: Mapping[str, int]
+    num_outputs: int
+    task: str = option("classification", choices=TASKS)
+    dim: int = option(ModelConfig.dim, minimum=1)
+    depth: int = option(ModelConfig.fusion_depth, minimum=1)
+    heads: int = option(ModelConfig.heads, minimum=1)
+    missing_tokens: Union[int, Mapping[str, int]] = 1
+    mlp_ratio: float = option(ModelConfig.mlp_ratio, minimum=0, strict=True)
+    text_dim: Optional[int] = option(None, minimum=1)
+    margin: float = option(ModelConfig.margin, minimum=0)
+    head_dim: Optional[int] = option(ModelConfig.head_dim, minimum=1)
+    positions: Optional[str] = option(None, choices=POSITIONS[1:])
+
+    def check(self) -> None:
+        object.__setattr__(self, "modality_dims", _check_modality_dims(self.modality_dims))
+        check_positive_int("num_outputs", self.num_outputs)
+        _check_text_dim(self.task, self.text_dim)
+        if isinstance(self.missing_tokens, Mapping):
+            missing = _check_modality_tokens(self.missing_tokens, self.modality_dims, name="missing_tokens")
+            object.__setattr__(self, "missing_tokens", missing)
+        else:
+            check_positive_int("missing_tokens", self.missing_tokens)
+            if self.positions == "learned":
+                raise ValueError("missing_tokens: learned positions need each modality's most tokens (a mapping), "
+                                 f"got {self.missing_tokens!r}")
+
+    def lengths(self) -> dict[str, int]:
+        """The learned sequence's length standing in for each missing modality."""
+        if isinstance(self.missing_tokens, Mapping):
+            return dict(self.missing_tokens)
+        return {m: self.missing_tokens for m in self.modality_dims}
 
 
 class _SupervisedOnly(TaskModel):
@@ -124,7 +245,7 @@ class UnimodalModel(_SupervisedOnly):
         max_tokens: the most tokens an input may have (the MLP's input is ``max_tokens * d_m``
             wide; the learned position table's length).
         positions: not in the paper: token positions of the transformer predictor, None
-            (default), ``"learned"`` (needs ``max_tokens``) or ``"sinusoidal"``
+            (default) or ``"learned"`` (needs ``max_tokens``)
             (:func:`~umilayers.projection.add_positions`); the other predictors ignore it.
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -144,57 +265,32 @@ class UnimodalModel(_SupervisedOnly):
         >>> model.loss(out, torch.tensor([0, 1, 4])).total.backward()
     """
 
-    def __init__(
-        self,
-        modality: str,
-        in_dim: int,
-        num_outputs: int,
-        task: str = "classification",
-        predictor: str = PREDICTORS[0],
-        dim: int = ModelConfig.dim,
-        depth: int = 2,
-        heads: int = ModelConfig.heads,
-        text_dim: Optional[int] = None,
-        margin: float = ModelConfig.margin,
-        head_dim: Optional[int] = ModelConfig.head_dim,
-        max_tokens: Optional[int] = None,
-        positions: Optional[str] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+    config_class = UnimodalConfig
+
+    def __init__(self, *args: Any, device=None, dtype=None, **kwargs: Any) -> None:
         super().__init__()
-        self.record_hparams(UnimodalModel, locals())
-        if not isinstance(modality, str) or not modality:
-            raise ValueError(f"modality: expected a non-empty name, got {modality!r}")
-        check_positive_int("in_dim", in_dim)
-        check_positive_int("num_outputs", num_outputs)
-        check_choice("predictor", predictor, PREDICTORS)
-        check_choice("task", task, TASKS)
-        _check_text_dim(task, text_dim, required=False)
+        cfg = self.config = UnimodalConfig(*args, **kwargs)
         factory = {"device": device, "dtype": dtype}
-        self.modality, self.in_dim, self.num_outputs = modality, in_dim, num_outputs
-        self.modality_dims = {modality: in_dim}
-        self.task, self.predictor, self.text_dim, self.margin = task, predictor, text_dim, margin
-        positions = positions if predictor == "transformer" else None  # pooled / flattened tokens: no positions
-        check_positions(positions, max_tokens)
-        self.max_tokens, self.positions = max_tokens, positions
-        if predictor == "linear":
-            self.head = nn.Linear(in_dim, num_outputs, **factory)
-        elif predictor == "mlp":
-            if max_tokens is None:
-                raise ValueError("max_tokens: required with predictor='mlp' (its input is max_tokens * in_dim wide)")
-            self.head = _mlp(max_tokens * in_dim, 2 * dim, depth, num_outputs, factory)
+        self.modality, self.in_dim, self.num_outputs = cfg.modality, cfg.in_dim, cfg.num_outputs
+        self.modality_dims = {cfg.modality: cfg.in_dim}
+        self.task, self.predictor, self.text_dim = cfg.task, cfg.predictor, cfg.text_dim
+        # pooled / flattened tokens: no positions
+        self.max_tokens, self.positions = cfg.max_tokens, cfg.positions if cfg.predictor == "transformer" else None
+        if cfg.predictor == "linear":
+            self.head = nn.Linear(cfg.in_dim, cfg.num_outputs, **factory)
+        elif cfg.predictor == "mlp":
+            assert cfg.max_tokens is not None, "UnimodalConfig checks it"
+            self.head = _mlp(cfg.max_tokens * cfg.in_dim, 2 * cfg.dim, cfg.depth, cfg.num_outputs, factory)
         else:
-            for name, value in (("dim", dim), ("depth", depth), ("heads", heads)):
-                check_positive_int(name, value)
-            self.embed = nn.Linear(in_dim, dim, **factory)
-            self.pos_embed = position_table(positions, max_tokens, dim, **factory)
-            self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
+            self.embed = nn.Linear(cfg.in_dim, cfg.dim, **factory)
+            self.pos_embed = position_table(self.positions, cfg.max_tokens, cfg.dim, **factory)
+            self.readout = nn.Parameter(torch.zeros(1, 1, cfg.dim, **factory))
             nn.init.trunc_normal_(self.readout, std=0.02)
-            self.transformer = GroupMaskedTransformer(dim, depth, heads, groups=1, head_dim=head_dim, **factory)
-            self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
-        self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if text_dim is not None else None
-        self.task_loss = TaskLoss(task, margin)
+            self.transformer = GroupMaskedTransformer(cfg.dim, cfg.depth, cfg.heads, groups=1, head_dim=cfg.head_dim,
+                                                      **factory)
+            self.head = nn.Sequential(nn.LayerNorm(cfg.dim, **factory), nn.Linear(cfg.dim, cfg.num_outputs, **factory))
+        self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory) if cfg.text_dim is not None else None
+        self.task_loss = TaskLoss(cfg.task, cfg.margin)
 
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}, task={self.task!r}, predictor={self.predictor!r}"
@@ -243,9 +339,13 @@ class UnimodalModel(_SupervisedOnly):
         own_masks = None
         if padding_masks is not None and padding_masks.get(m) is not None:
             own_masks = {m: padding_masks[m]}
-        if self.predictor == "mlp" or self.positions == "learned":
-            _check_token_count(f"inputs[{m!r}]", inputs[m], self.max_tokens)
-        return check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, check_values=check_values)
+        return check_batch({m: inputs[m]}, own_masks, own_present, {m: self.in_dim}, max_tokens=self.token_limits(),
+                           check_values=check_values)
+
+    def token_limits(self) -> dict[str, int]:
+        """The MLP's input length or the learned position table's, where the predictor has one."""
+        sized = self.predictor == "mlp" or self.positions == "learned"
+        return {self.modality: self.max_tokens} if sized and self.max_tokens is not None else {}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -305,48 +405,27 @@ class LateFusion(TaskModel):
         (torch.Size([3, 5]), True)
     """
 
-    def __init__(
-        self,
-        modality_dims: Mapping[str, int],
-        num_outputs: int,
-        task: str = "classification",
-        predictor: str = PREDICTORS[0],
-        dim: int = ModelConfig.dim,
-        depth: int = 2,
-        heads: int = ModelConfig.heads,
-        text_dim: Optional[int] = None,
-        margin: float = ModelConfig.margin,
-        head_dim: Optional[int] = ModelConfig.head_dim,
-        modality_tokens: Optional[Mapping[str, int]] = None,
-        positions: Optional[str] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        self.record_hparams(LateFusion, locals())
-        self.modality_dims = _check_modality_dims(modality_dims)
-        check_choice("task", task, TASKS)
-        _check_text_dim(task, text_dim)
-        tokens = dict(modality_tokens or {})
-        self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
-        factory = {"device": device, "dtype": dtype}
-        self.members = nn.ModuleDict(
-            {
-                m: UnimodalModel(m, d, num_outputs, task, predictor, dim, depth, heads, None, margin, head_dim,
-                                 max_tokens=tokens.get(m), positions=positions, **factory)
-                for m, d in self.modality_dims.items()
-            }
-        )
-        self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
-        self.task_loss = TaskLoss(task, margin)
+    config_class = LateFusionConfig
 
-    def check_inputs(
-        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
-    ) -> tuple[int, dict[str, Tensor]]:
-        """:func:`~umilayers.model.check_batch`, and no more tokens than an MLP member is sized for."""
-        _check_token_counts(inputs, {m: member.max_tokens for m, member in self.members.items()
-                                     if member.predictor == "mlp" or member.positions == "learned"})
-        return super().check_inputs(inputs, padding_masks, present, check_values)
+    def __init__(self, *args: Any, device=None, dtype=None, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = self.config = LateFusionConfig(*args, **kwargs)
+        factory = {"device": device, "dtype": dtype}
+        self.modality_dims, self.num_outputs, self.task, self.text_dim = (
+            cfg.modality_dims, cfg.num_outputs, cfg.task, cfg.text_dim)
+        tokens = cfg.modality_tokens or {}
+        self.members = nn.ModuleDict({
+            m: UnimodalModel(m, d, cfg.num_outputs, cfg.task, predictor=cfg.predictor, dim=cfg.dim, depth=cfg.depth,
+                             heads=cfg.heads, margin=cfg.margin, head_dim=cfg.head_dim, max_tokens=tokens.get(m),
+                             positions=cfg.positions, **factory)
+            for m, d in cfg.modality_dims.items()
+        })
+        self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory) if cfg.task == "retrieval" else None
+        self.task_loss = TaskLoss(cfg.task, cfg.margin)
+
+    def token_limits(self) -> dict[str, int]:
+        """The members' limits (an MLP's input length, a learned position table's)."""
+        return {m: limit for member in self.members.values() for m, limit in member.token_limits().items()}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
@@ -413,7 +492,7 @@ class VanillaTransformer(_SupervisedOnly):
         positions: not in the paper: token positions within each modality's sequence, None
             (default: only the modality embedding tells tokens apart), ``"learned"`` (one table
             per modality, as long as its ``missing_tokens``, which must then be a mapping: the
-            store's token counts) or ``"sinusoidal"``.
+            store's token counts).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -432,64 +511,32 @@ class VanillaTransformer(_SupervisedOnly):
         torch.Size([2, 5])
     """
 
-    def __init__(
-        self,
-        modality_dims: Mapping[str, int],
-        num_outputs: int,
-        task: str = "classification",
-        dim: int = ModelConfig.dim,
-        depth: int = ModelConfig.fusion_depth,
-        heads: int = ModelConfig.heads,
-        missing_tokens: Union[int, Mapping[str, int]] = 1,
-        mlp_ratio: float = ModelConfig.mlp_ratio,
-        text_dim: Optional[int] = None,
-        margin: float = ModelConfig.margin,
-        head_dim: Optional[int] = ModelConfig.head_dim,
-        positions: Optional[str] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+    config_class = VanillaConfig
+
+    def __init__(self, *args: Any, device=None, dtype=None, **kwargs: Any) -> None:
         super().__init__()
-        self.record_hparams(VanillaTransformer, locals())
-        dims = _check_modality_dims(modality_dims)
-        check_choice("task", task, TASKS)
-        _check_text_dim(task, text_dim)
-        if positions == "learned" and not isinstance(missing_tokens, Mapping):
-            raise ValueError("missing_tokens: learned positions need each modality's most tokens (a mapping), "
-                             f"got {missing_tokens!r}")
-        for name, value in (("num_outputs", num_outputs), ("dim", dim), ("depth", depth), ("heads", heads)):
-            check_positive_int(name, value)
-        names = list(dims)
-        if isinstance(missing_tokens, Mapping):
-            absent = [m for m in names if m not in missing_tokens]
-            if absent:
-                raise ValueError(f"missing_tokens: no length for modalities {absent}")
-            lengths = {m: missing_tokens[m] for m in names}
-        else:
-            lengths = {m: missing_tokens for m in names}
-        for m in names:
-            check_positive_int(f"missing_tokens[{m!r}]", lengths[m])
-            check_positions(positions, lengths[m])
+        cfg = self.config = VanillaConfig(*args, **kwargs)
         factory = {"device": device, "dtype": dtype}
-        self.modality_dims = dims
-        self.num_outputs, self.task, self.text_dim, self.margin = num_outputs, task, text_dim, margin
-        self.positions = positions
-        self.max_tokens = dict(lengths) if positions == "learned" else None
+        dim, names, lengths = cfg.dim, list(cfg.modality_dims), cfg.lengths()
+        self.modality_dims, self.num_outputs, self.task, self.text_dim = (
+            cfg.modality_dims, cfg.num_outputs, cfg.task, cfg.text_dim)
+        self.positions = cfg.positions
+        self.max_tokens = lengths if cfg.positions == "learned" else None
         self.embed = nn.ModuleDict({m: nn.Linear(d, dim, **factory) for m, d in self.modality_dims.items()})
         self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim, **factory)) for m in names})
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(lengths[m], dim, **factory)) for m in names})
         self.pos_embed: Optional[nn.ParameterDict] = None
-        if positions == "learned":
-            self.pos_embed = nn.ParameterDict({m: position_table(positions, lengths[m], dim, **factory)
+        if cfg.positions == "learned":
+            self.pos_embed = nn.ParameterDict({m: position_table(cfg.positions, lengths[m], dim, **factory)
                                                for m in names})
         self.readout = nn.Parameter(torch.zeros(1, 1, dim, **factory))
         for p in [*self.modality_embed.values(), *self.missing.values(), self.readout]:
             nn.init.trunc_normal_(p, std=0.02)
-        self.transformer = GroupMaskedTransformer(dim, depth, heads, mlp_ratio, groups=1, head_dim=head_dim,
-                                                  **factory)
-        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
-        self.text_encoder = TextEncoder(text_dim, num_outputs, **factory) if task == "retrieval" else None
-        self.task_loss = TaskLoss(task, margin)
+        self.transformer = GroupMaskedTransformer(dim, cfg.depth, cfg.heads, cfg.mlp_ratio, groups=1,
+                                                  head_dim=cfg.head_dim, **factory)
+        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, cfg.num_outputs, **factory))
+        self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory) if cfg.task == "retrieval" else None
+        self.task_loss = TaskLoss(cfg.task, cfg.margin)
 
     def _modality_sequence(
         self, m: str, batch: int, x: Optional[Tensor], mask: Optional[Tensor], have: Tensor
@@ -517,12 +564,9 @@ class VanillaTransformer(_SupervisedOnly):
             padding = padding.index_copy(0, rows_miss, fill.expand(rows_miss.numel(), -1))
         return tokens + self.modality_embed[m], padding
 
-    def check_inputs(
-        self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
-    ) -> tuple[int, dict[str, Tensor]]:
-        """:func:`~umilayers.model.check_batch`, and no more tokens than a learned position table has."""
-        _check_token_counts(inputs, self.max_tokens or {})
-        return super().check_inputs(inputs, padding_masks, present, check_values)
+    def token_limits(self) -> dict[str, int]:
+        """The learned position tables' lengths (``positions="learned"``)."""
+        return dict(self.max_tokens or {})
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:

@@ -21,7 +21,9 @@ Every function checks its inputs at the boundary (types, shapes) and raises a
 ``ValueError``/``TypeError`` naming the argument; with ``check_values=True`` it also checks what
 needs the values (label ranges, NaN/inf, negative probabilities), which reads them back to the
 host (a pipeline stall on a GPU, so off by default: the training recipe checks its data once,
-in the FeatureStore). An empty batch (``B = 0``) gives a zero that is still connected to the
+in the FeatureStore). The models check their batch once, in their own ``loss``, and then call
+the unchecked paths (:meth:`TaskLoss.supervised_checked`, :meth:`TaskLoss.pseudo_checked`,
+:meth:`AlignmentLoss.forward_checked`). An empty batch (``B = 0``) gives a zero that is still connected to the
 inputs' graph, so ``backward()`` works and adds zero gradients.
 
 Shape letters: ``B`` batch, ``K`` tokens, ``D`` width, ``C`` classes or outputs, ``E`` embedding
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from umilayers._validation import (
     check_choice,
     check_finite,
+    check_labels,
     check_number,
     check_positive_int,
     check_tensor,
@@ -59,6 +62,7 @@ __all__ = [
     "triplet_loss",
     "cosine_similarity_matrix",
     "similarity_distillation_loss",
+    "distillation_checked",
     "TaskLoss",
 ]
 
@@ -86,29 +90,14 @@ def _zero_like_graph(*tensors: Tensor) -> Tensor:
     return sum(_acc(t.sum() * 0.0) for t in tensors)  # type: ignore[return-value]
 
 
-def _check_labels(name: str, labels, size: int, num: int, what: str, check_values: bool) -> None:
-    check_tensor(name, labels, ("B",), {"B": size})
-    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {labels.dtype}")
-    if not check_values or labels.numel() == 0:
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num:
-        bad = int(((labels < 0) | (labels >= num)).sum())
-        raise ValueError(
-            f"{name}: expected values in [0, {num}) ({what}), got min {lo}, max {hi} "
-            f"({bad} of {labels.numel()} out of range)"
-        )
-
-
 def _check_finite(check_values: bool, **tensors: Tensor) -> None:
     if check_values:
         for name, t in tensors.items():
             check_finite(name, t)
 
 
-def _mean_feature(features: Tensor, tokens: Tensor, check_values: bool) -> Tensor:
-    """Check ``features`` against ``tokens``; return the per-sample mean ``(B, D)`` (see _acc)."""
+def _check_features(features: Tensor, tokens: Tensor, check_values: bool) -> None:
+    """Check ``features`` ``(B, K, D)`` or ``(B, D)`` against ``tokens`` ``(n_u, D)``."""
     check_tensor("tokens", tokens, ("n_u", "D"), floating=True)
     sizes = {"D": int(tokens.shape[1])}
     check_tensor("features", features, None, floating=True)
@@ -117,6 +106,10 @@ def _mean_feature(features: Tensor, tokens: Tensor, check_values: bool) -> Tenso
     else:
         check_tensor("features", features, ("B", "D"), sizes)
     _check_finite(check_values, features=features, tokens=tokens)
+
+
+def _mean_feature(features: Tensor) -> Tensor:
+    """The per-sample mean ``(B, D)`` of ``(B, K, D)`` features (a ``(B, D)`` input is that), see _acc."""
     return _acc(features).mean(1) if features.dim() == 3 else _acc(features)
 
 
@@ -136,9 +129,9 @@ def assign_tokens(features: Tensor, tokens: Tensor, *, check_values: bool = Fals
         - tokens: ``(n_u, D)``
         - output: ``(B,)``
     """
-    mean = _mean_feature(features, tokens, check_values)
+    _check_features(features, tokens, check_values)
     with torch.no_grad():
-        return _nearest(mean, _acc(tokens))
+        return _nearest(_mean_feature(features), _acc(tokens))
 
 
 def _nearest(mean: Tensor, tokens: Tensor) -> Tensor:
@@ -191,12 +184,19 @@ def alignment_loss(
     """
     check_choice("assign", assign, ASSIGNMENTS)
     check_choice("reduction", reduction, ALIGN_REDUCTIONS)
-    mean = _mean_feature(features, tokens, check_values)
-    num_tokens = int(tokens.shape[0])
+    _check_features(features, tokens, check_values)
     if assign == "label":
         if labels is None:
             raise ValueError('labels: required when assign="label", got None')
-        _check_labels("labels", labels, int(mean.shape[0]), num_tokens, "one token per class", check_values)
+        check_labels("labels", labels, int(features.shape[0]), int(tokens.shape[0]), "one token per class",
+                     check_values=check_values)
+    return _alignment(features, tokens, labels if assign == "label" else None, reduction)
+
+
+def _alignment(features: Tensor, tokens: Tensor, labels: Optional[Tensor], reduction: str) -> Tensor:
+    """:func:`alignment_loss` of checked arguments (``labels`` None: the nearest token)."""
+    mean = _mean_feature(features)
+    if labels is not None:
         index = labels.to(device=tokens.device, dtype=torch.long)
     else:
         with torch.no_grad():
@@ -287,6 +287,11 @@ class AlignmentLoss(nn.Module):
         return alignment_loss(features, self.tokens, labels, assign=self.assignment, reduction=reduction,
                               check_values=check_values)
 
+    def forward_checked(self, features: Tensor, labels: Optional[Tensor], reduction: str) -> Tensor:
+        """:meth:`forward` without any check, for callers that checked the arguments already
+        (``labels``: ``(B,)`` in ``[0, n_u)`` for ``assign="label"``)."""
+        return _alignment(features, self.tokens, labels if self.assignment == "label" else None, reduction)
+
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, dim={self.dim}, assign={self.assignment!r}"
 
@@ -315,8 +320,12 @@ def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: floa
     """
     sizes: dict = {}
     _check_logits("logits", logits, sizes, check_values)
-    _check_labels("labels", labels, sizes["B"], sizes["C"], "class indices", check_values)
-    if sizes["B"] == 0:
+    check_labels("labels", labels, sizes["B"], sizes["C"], "class indices", check_values=check_values)
+    return _cross_entropy(logits, labels)
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.shape[0] == 0:
         return _zero_like_graph(logits)
     smoothing = label_smoothing * sizes["C"] / max(sizes["C"] - 1, 1)
     return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long), label_smoothing=smoothing)
@@ -355,11 +364,15 @@ def classification_pseudo_loss(logits: Tensor, pseudo_probs: Tensor, *, reductio
         raise ValueError(
             f"pseudo_probs: expected probabilities >= 0, got min {float(pseudo_probs.min()):.4g}"
         )
-    if sizes["B"] == 0:
+    return _kl(logits, pseudo_probs, reduction)
+
+
+def _kl(logits: Tensor, pseudo_probs: Tensor, reduction: str) -> Tensor:
+    if logits.shape[0] == 0:
         return _zero_like_graph(logits, pseudo_probs)
     log_q = F.log_softmax(_acc(logits), dim=-1)
     kl = F.kl_div(log_q, pseudo_probs.to(logits.device, log_q.dtype), reduction="batchmean")
-    return kl / sizes["C"] if reduction == "elementwise_mean" else kl
+    return kl / logits.shape[1] if reduction == "elementwise_mean" else kl
 
 
 def _mse(pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> Tensor:
@@ -367,7 +380,11 @@ def _mse(pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> 
     check_tensor("pred", pred, ("B", "C"), sizes, floating=True)
     check_tensor(target_name, target, ("B", "C"), sizes, floating=True)
     _check_finite(check_values, pred=pred, **{target_name: target})
-    if sizes["B"] == 0:
+    return _squared_error(pred, target)
+
+
+def _squared_error(pred: Tensor, target: Tensor) -> Tensor:
+    if pred.shape[0] == 0:
         return _zero_like_graph(pred, target)
     pred = _acc(pred)
     return F.mse_loss(pred, target.to(pred.device, pred.dtype))
@@ -418,6 +435,10 @@ def triplet_loss(sim: Tensor, margin: float = 0.2, *, check_values: bool = False
     check_tensor("sim", sim, ("B", "B"), floating=True)
     _check_finite(check_values, sim=sim)
     check_number("margin", margin)
+    return _triplet(sim, margin)
+
+
+def _triplet(sim: Tensor, margin: float) -> Tensor:
     n = int(sim.shape[0])
     if n <= 1:
         return _zero_like_graph(sim)
@@ -443,6 +464,10 @@ def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     sizes: dict = {}
     check_tensor("a", a, ("B", "E"), sizes, floating=True)
     check_tensor("b", b, ("B", "E"), sizes, floating=True)
+    return _cosine(a, b, eps)
+
+
+def _cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     a = F.normalize(_acc(a), dim=-1, eps=eps)
     b = F.normalize(_acc(b), dim=-1, eps=eps).to(a.dtype)
     return a @ b.t()
@@ -488,9 +513,14 @@ def similarity_distillation_loss(
     check_tensor("teacher_similarity", teacher_similarity, ("B", "B"), sizes, floating=True)
     _check_finite(check_values, pred=pred, text=text, teacher_similarity=teacher_similarity)
     check_number("temperature", temperature, strict=True)
+    return distillation_checked(pred, text, teacher_similarity, temperature)
+
+
+def distillation_checked(pred: Tensor, text: Tensor, teacher_similarity: Tensor, temperature: float) -> Tensor:
+    """:func:`similarity_distillation_loss` without any check, for callers that checked already."""
     if pred.shape[0] == 0:
         return _zero_like_graph(pred, text, teacher_similarity)
-    student = cosine_similarity_matrix(_acc(pred), _acc(text)) / temperature
+    student = _cosine(_acc(pred), _acc(text)) / temperature
     teacher = _acc(teacher_similarity).to(student.dtype) / temperature
     log_q = F.log_softmax(student, dim=-1)
     log_p = F.log_softmax(teacher, dim=-1)
@@ -568,7 +598,8 @@ class TaskLoss(nn.Module):
                                        check_values=check_values)
         if self.task == "regression":
             return regression_loss(pred, target, check_values=check_values)
-        return triplet_loss(self._similarity("pred", pred, "target", target, check_values), self.margin)
+        self._check_embeddings("pred", pred, "target", target, check_values)
+        return self.supervised_checked(pred, target)
 
     def pseudo(self, pred: Tensor, pseudo_target: Tensor, *, check_values: bool = False) -> Tensor:
         """Loss of the pseudo branch's output against pseudo-labels (see the class table)."""
@@ -577,17 +608,31 @@ class TaskLoss(nn.Module):
                                               check_values=check_values)
         if self.task == "regression":
             return regression_pseudo_loss(pred, pseudo_target, check_values=check_values)
-        return triplet_loss(
-            self._similarity("pred", pred, "pseudo_target", pseudo_target, check_values), self.margin
-        )
+        self._check_embeddings("pred", pred, "pseudo_target", pseudo_target, check_values)
+        return self.pseudo_checked(pred, pseudo_target)
+
+    def supervised_checked(self, pred: Tensor, target: Tensor) -> Tensor:
+        """:meth:`supervised` without any check, for callers that checked the arguments already."""
+        if self.task == "classification":
+            return _cross_entropy(pred, target)
+        if self.task == "regression":
+            return _squared_error(pred, target)
+        return _triplet(_cosine(target, pred), self.margin)
+
+    def pseudo_checked(self, pred: Tensor, pseudo_target: Tensor) -> Tensor:
+        """:meth:`pseudo` without any check, for callers that checked the arguments already."""
+        if self.task == "classification":
+            return _kl(pred, pseudo_target, self.pseudo_reduction)
+        if self.task == "regression":
+            return _squared_error(pred, pseudo_target)
+        return _triplet(_cosine(pseudo_target, pred), self.margin)
 
     @staticmethod
-    def _similarity(pred_name: str, pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> Tensor:
+    def _check_embeddings(pred_name: str, pred: Tensor, target_name: str, target: Tensor, check_values: bool) -> None:
         sizes: dict = {}
         check_tensor(pred_name, pred, ("B", "E"), sizes, floating=True)
         check_tensor(target_name, target, ("B", "E"), sizes, floating=True)
         _check_finite(check_values, **{pred_name: pred, target_name: target})
-        return cosine_similarity_matrix(target, pred)
 
     def forward(self, pred: Tensor, target: Tensor, *, check_values: bool = False) -> Tensor:
         """Same as :meth:`supervised`.

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from umilayers._validation import check_labels
+
 __all__ = ["TIES", "top1", "mae", "caption_owners", "retrieval_ranks", "retrieval_metrics", "rank_summary"]
 
 TIES = ("pessimistic", "average")
@@ -73,14 +75,7 @@ def top1(scores: ArrayLike, labels: ArrayLike) -> float:
         )
     if scores.shape[0] == 0:
         raise ValueError("top1: expected at least one row, got N=0")
-    if labels.is_floating_point():
-        raise TypeError(f"top1: labels must be integers, got dtype {labels.dtype}")
-    num_classes = scores.shape[1]
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"top1: labels must be in [0, {num_classes}), got range "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
+    check_labels("labels", labels, scores.shape[0], scores.shape[1], "class labels")
     return float((scores.argmax(dim=1) == labels.long()).double().mean())
 
 

@@ -12,9 +12,9 @@ noise for a missing modality and multiplying the result by zero).
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,14 @@ from umilayers._validation import (
     check_choice,
     check_finite,
     check_head_dim,
+    check_labels,
     check_positive_int,
     check_tensor,
+    format_indices,
 )
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import check_present, fuse_rows, sub_batch_rows
-from umilayers.losses import PSEUDO_REDUCTIONS, TASKS, AlignmentLoss, TaskLoss, similarity_distillation_loss
+from umilayers.losses import PSEUDO_REDUCTIONS, TASKS, AlignmentLoss, TaskLoss, distillation_checked
 from umilayers.projection import NORMALIZE, POSITIONS, FeatureProjection, PooledProjection
 
 __all__ = [
@@ -132,19 +134,22 @@ def check_batch(
     present: Any,
     modality_dims: Mapping[str, int],
     *,
+    max_tokens: Optional[Mapping[str, int]] = None,
     check_values: bool = False,
 ) -> tuple[int, dict[str, Tensor]]:
     """Validate a batch in the sub-batch layout; return ``B`` and the present masks.
 
     Checks, before any work: ``inputs`` is a non-empty mapping of known modalities; each
-    ``inputs[m]`` is ``(B_m, k_m, d_m)`` floating point with the model's ``d_m``; each padding
-    mask is ``(B_m, k_m)`` bool; each ``present[m]`` is ``(B,)`` bool. Without ``present`` every
-    modality covers the whole batch.
+    ``inputs[m]`` is ``(B_m, k_m, d_m)`` floating point with the model's ``d_m``, at least one
+    token and at most ``max_tokens[m]`` (where the model has a limit); each padding mask is
+    ``(B_m, k_m)`` bool on its input's device; each ``present[m]`` is ``(B,)`` bool. Without
+    ``present`` every modality covers the whole batch.
 
     With ``check_values=True`` also what needs the masks' values (read back to the host, a
-    pipeline stall on a GPU): ``present[m].sum() == B_m``; a ``present`` entry for a modality
-    not in ``inputs`` is all False; every row has at least one modality. The training recipe's
-    batches hold these by construction (the FeatureStore checks its data once).
+    pipeline stall on a GPU): no row's tokens are all padding; ``present[m].sum() == B_m``; a
+    ``present`` entry for a modality not in ``inputs`` is all False; every row has at least one
+    modality. The training recipe's batches hold these by construction (the FeatureStore checks
+    its data once).
 
     Returns:
         ``(B, masks)`` where ``masks[m]`` is the ``(B,)`` bool mask (on the input's device) of
@@ -173,7 +178,13 @@ def check_batch(
         raise ValueError(f"inputs: unknown modality {unknown}; this model knows {known}")
     names = sorted(inputs)
     for m in names:
-        check_tensor(f"inputs[{m!r}]", inputs[m], ("B_m", "k_m", modality_dims[m]), {}, floating=True)
+        x, limit = inputs[m], (max_tokens or {}).get(m)
+        check_tensor(f"inputs[{m!r}]", x, ("B_m", "k_m", modality_dims[m]), {}, floating=True)
+        if x.shape[0] and x.shape[1] == 0:
+            raise ValueError(f"inputs[{m!r}]: expected at least one token per sample, got k_m=0 "
+                             f"(shape {tuple(x.shape)})")
+        if limit is not None and x.shape[1] > limit:
+            raise ValueError(f"inputs[{m!r}]: expected at most max_tokens={limit} tokens, got k_m={x.shape[1]}")
     if padding_masks is not None:
         if not isinstance(padding_masks, Mapping):
             raise TypeError(f"padding_masks: expected a mapping or None, got {type(padding_masks).__name__}")
@@ -181,9 +192,19 @@ def check_batch(
         if extra:
             raise ValueError(f"padding_masks: masks for modalities {extra} that are not in inputs {names}")
         for m in sorted(padding_masks):
-            if padding_masks[m] is not None:
+            mask = padding_masks[m]
+            if mask is not None:
                 sizes = {"B_m": inputs[m].shape[0], "k_m": inputs[m].shape[1]}
-                check_bool_mask(f"padding_masks[{m!r}]", padding_masks[m], ("B_m", "k_m"), sizes)
+                check_bool_mask(f"padding_masks[{m!r}]", mask, ("B_m", "k_m"), sizes)
+                if mask.device != inputs[m].device:
+                    raise ValueError(f"padding_masks[{m!r}]: expected a mask on the device of inputs[{m!r}], "
+                                     f"{inputs[m].device}, got {mask.device}")
+                empty = mask.all(dim=1) if check_values else None
+                if empty is not None and bool(empty.any()):
+                    rows = empty.nonzero().flatten()
+                    raise ValueError(f"padding_masks[{m!r}]: every token is padding in {len(rows)} row(s) "
+                                     f"{format_indices(rows)}; each sample needs at least one valid token "
+                                     "(drop those rows instead)")
     device = inputs[names[0]].device
     if present is None:
         batch = inputs[names[0]].shape[0]
@@ -300,7 +321,7 @@ class ModelConfig(Config):
     positions: Optional[str] = option(None, "not in the paper: token positions in every model that reads tokens "
                                             "with attention (umi's feature projections, transformer unimodal "
                                             "models, the vanilla transformer): learned (one table per modality, "
-                                            "the authors' released code) or sinusoidal",
+                                            "the authors' released code)",
                                       choices=POSITIONS[1:])
     feature_norm: bool = option(False, "not in the paper: a LayerNorm per modality on its projected features "
                                        "before the common-space sum (the authors' released code has one)")
@@ -363,15 +384,8 @@ class UMIConfig(ModelConfig):
                 f"got {self.num_align_tokens}",
             )
         _check_text_dim(self.task, self.text_dim)
-        if self.modality_tokens is not None:
-            if not isinstance(self.modality_tokens, Mapping) or set(self.modality_tokens) != set(self.modality_dims):
-                raise ValueError(f"modality_tokens: expected the most tokens of every modality "
-                                 f"{sorted(self.modality_dims)}, got {self.modality_tokens!r}")
-            for m, k in self.modality_tokens.items():
-                check_positive_int(f"modality_tokens[{m!r}]", k)
-            tokens = {m: int(self.modality_tokens[m]) for m in sorted(self.modality_tokens)}
-            object.__setattr__(self, "modality_tokens", tokens)
-        elif self.positions == "learned" and self.projection == "feature":
+        object.__setattr__(self, "modality_tokens", _check_modality_tokens(self.modality_tokens, self.modality_dims))
+        if self.modality_tokens is None and self.positions == "learned" and self.projection == "feature":
             raise ValueError("modality_tokens: learned positions need each modality's most tokens, got None")
         if self.ensemble_subsets is not None:
             subsets = set()
@@ -391,7 +405,7 @@ class UMIConfig(ModelConfig):
     @property
     def hyperparameters(self) -> ModelConfig:
         """The :class:`ModelConfig` part (what ``umilayers fit`` takes as options)."""
-        return ModelConfig(**{f: getattr(self, f) for f in ModelConfig.__dataclass_fields__})
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""
@@ -409,6 +423,22 @@ def _check_modality_dims(modality_dims: Any) -> dict[str, int]:
             raise ValueError(f"modality_dims: modality names must be non-empty strings, got {m!r}")
         check_positive_int(f"modality_dims[{m!r}]", d)
     return {m: int(modality_dims[m]) for m in sorted(modality_dims)}
+
+
+def _check_modality_tokens(tokens: Any, modality_dims: Mapping[str, int],
+                           name: str = "modality_tokens") -> Optional[dict[str, int]]:
+    """None, or the most tokens of every modality of ``modality_dims`` (sorted; others dropped)."""
+    if tokens is None:
+        return None
+    if not isinstance(tokens, Mapping):
+        raise ValueError(f"{name}: expected a mapping modality -> its most tokens, got {tokens!r}")
+    absent = sorted(set(modality_dims) - set(tokens))
+    if absent:
+        raise ValueError(f"{name}: no length for modalities {absent} (expected one for each of "
+                         f"{sorted(modality_dims)})")
+    for m in sorted(modality_dims):
+        check_positive_int(f"{name}[{m!r}]", tokens[m])
+    return {m: int(tokens[m]) for m in sorted(modality_dims)}
 
 
 def _check_text_dim(task: str, text_dim: Optional[int], required: bool = True) -> None:
@@ -473,6 +503,10 @@ class TextEncoder(nn.Module):
         check_tensor("text", text, ("B", "t", self.text_dim), sizes, floating=True)
         if text_padding_mask is not None:
             check_bool_mask("text_padding_mask", text_padding_mask, ("B", "t"), sizes)
+        return self.forward_checked(text, text_padding_mask)
+
+    def forward_checked(self, text: Tensor, text_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """:meth:`forward` without any check, for callers that checked the captions already."""
         y = self.fc(masked_mean(text, text_padding_mask))
         y = y * torch.sigmoid(self.gate(y))
         return F.normalize(y, dim=-1)
@@ -487,14 +521,7 @@ def _check_targets(
     task: str, targets: Any, batch: int, num_outputs: int, text_dim: Optional[int], check_values: bool
 ) -> None:
     if task == "classification":
-        check_tensor("targets", targets, (batch,))
-        if targets.dtype != torch.int64:
-            raise TypeError(f"targets: expected int64 class labels, got dtype {targets.dtype}")
-        if check_values and batch and (int(targets.min()) < 0 or int(targets.max()) >= num_outputs):
-            raise ValueError(
-                f"targets: class labels must lie in [0, {num_outputs}), got range "
-                f"[{int(targets.min())}, {int(targets.max())}]"
-            )
+        check_labels("targets", targets, batch, num_outputs, "class labels", check_values=check_values)
     elif task == "regression":
         check_tensor("targets", targets, (batch, num_outputs), floating=True)
         if check_values:
@@ -527,11 +554,14 @@ class TaskModel(nn.Module):
     """What every model of the package shares: a task, an optional text side, and :meth:`loss`.
 
     :class:`UnseenModalityModel` and the baselines (:mod:`umilayers.baselines`) derive from it:
-    one training recipe serves them all. A subclass sets ``modality_dims``, ``task``,
-    ``num_outputs``, ``text_dim``, ``text_encoder`` (a :class:`TextEncoder` or None) and
-    ``task_loss`` (the :class:`~umilayers.losses.TaskLoss`, built once) in its constructor and
-    implements :meth:`forward_checked` and :meth:`loss_terms`; :meth:`forward` and :meth:`loss`
-    check their arguments first, once (:func:`check_batch`), and the rest trusts them.
+    one training recipe serves them all. A subclass names its :attr:`config_class` (a frozen
+    :class:`~umilayers._config.Config` whose fields are its constructor's arguments); its
+    constructor builds :attr:`config` from the arguments (checked there, once) and sets
+    ``modality_dims``, ``task``, ``num_outputs``, ``text_dim``, ``text_encoder`` (a
+    :class:`TextEncoder` or None) and ``task_loss`` (the :class:`~umilayers.losses.TaskLoss`,
+    built once); it implements :meth:`forward_checked` and :meth:`loss_terms`. :meth:`forward`
+    and :meth:`loss` check their arguments first, once (:func:`check_batch`), and then call the
+    layers' unchecked paths.
 
     Example::
 
@@ -580,31 +610,35 @@ class TaskModel(nn.Module):
         self, inputs: Any, padding_masks: Any, present: Any, check_values: bool
     ) -> tuple[int, dict[str, Tensor]]:
         """:func:`check_batch` against this model's modalities: ``(B, present masks)``."""
-        return check_batch(inputs, padding_masks, present, self.modality_dims, check_values=check_values)
+        return check_batch(inputs, padding_masks, present, self.modality_dims, max_tokens=self.token_limits(),
+                           check_values=check_values)
+
+    def token_limits(self) -> dict[str, int]:
+        """The most tokens each modality's input may have, where the model has a limit (a learned
+        position table, an MLP over the flattened tokens); none by default."""
+        return {}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
         """:meth:`forward` on checked inputs (``present`` holds a mask per modality of ``inputs``)."""
         raise NotImplementedError
 
-    #: The constructor arguments (JSON-serialisable), for :meth:`config_dict`.
-    hparams: dict[str, Any]
+    #: The model's constructor arguments, checked once when the model is built: a frozen
+    #: :class:`~umilayers._config.Config` whose fields are the arguments.
+    config: Config
+    #: The class of :attr:`config`.
+    config_class: ClassVar[type[Config]]
 
-    def record_hparams(self, cls: type, args: Mapping[str, Any]) -> None:
-        """Keep ``cls.__init__``'s arguments, read from ``args``, for :meth:`config_dict`.
-
-        Called first in a constructor with its ``locals()``, so every argument is recorded as
-        given, and a new argument cannot be forgotten. ``device`` and ``dtype`` are left out;
-        mappings are copied in sorted key order.
-        """
-        names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "device", "dtype")]
-        self.hparams = {
-            n: {k: args[n][k] for k in sorted(args[n])} if isinstance(args[n], Mapping) else args[n] for n in names
-        }
+    @classmethod
+    def from_config(cls, config: Config | Mapping[str, Any], device=None, dtype=None) -> "TaskModel":
+        """Build from a :attr:`config_class` instance or its ``to_dict()`` (unknown keys refused)."""
+        if not isinstance(config, cls.config_class):
+            config = cls.config_class.from_dict(config)
+        return cls(**config.to_dict(), device=device, dtype=dtype)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments as a JSON-serialisable dict (``type(model)(**model.config_dict())``)."""
-        return dict(self.hparams)
+        return self.config.to_dict()
 
     @property
     def needs_pseudo_labels(self) -> bool:
@@ -629,13 +663,16 @@ class TaskModel(nn.Module):
         return self.text_encoder(text, text_padding_mask)
 
     def text_embeddings(self, targets: Tensor, text_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-        """The captions' embeddings for retrieval (the targets the video side ranks), else None."""
-        return self.encode_text(targets, text_padding_mask) if self.task == "retrieval" else None
+        """The checked captions' embeddings for retrieval (the targets the video side ranks), else None."""
+        if self.task != "retrieval":
+            return None
+        assert self.text_encoder is not None, "a retrieval model has a text side"
+        return self.text_encoder.forward_checked(targets, text_padding_mask)
 
     def supervised_loss(self, outputs: Tensor, targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:
         """Ground-truth loss of one branch's ``(B, C)`` outputs (:meth:`TaskLoss.supervised
         <umilayers.losses.TaskLoss.supervised>`); for retrieval ranked against ``text_emb``."""
-        return self.task_loss.supervised(outputs, text_emb if self.task == "retrieval" else targets)
+        return self.task_loss.supervised_checked(outputs, text_emb if self.task == "retrieval" else targets)
 
     def loss(
         self,
@@ -665,6 +702,9 @@ class TaskModel(nn.Module):
             :class:`LossOutput` with the total and the unweighted terms.
         """
         batch = output.branch_outputs.shape[0]
+        if self.task == "retrieval" and self.text_encoder is None:
+            raise RuntimeError(f"loss: this model has no text side to rank captions with (text_dim="
+                               f"{self.text_dim}); build it with the captions' text_dim")
         _check_targets(self.task, targets, batch, self.num_outputs, self.text_dim, check_values)
         if text_padding_mask is not None:
             if self.task != "retrieval":
@@ -781,7 +821,7 @@ class UnseenModalityModel(TaskModel):
         retrieval_pseudo: retrieval pseudo-labels and loss, ``"relational"`` or ``"paper"``.
         positions: not in the paper: token positions inside each ``FeatureProjection``: None
             (default, any ``k_m``), ``"learned"`` (a table per modality, as the authors' released
-            code; needs ``modality_tokens``) or ``"sinusoidal"``. The pooled projection mean-pools
+            code; needs ``modality_tokens``). The pooled projection mean-pools
             the tokens and has none.
         modality_tokens: modality -> the most tokens it has (the learned tables' length).
         feature_norm: not in the paper: a ``LayerNorm(D)`` per modality on its projected
@@ -819,93 +859,55 @@ class UnseenModalityModel(TaskModel):
         >>> losses.total.backward()
     """
 
+    config_class = UMIConfig
+
     def __init__(
         self,
         modality_dims: Mapping[str, int],
         num_outputs: int,
         task: str = "classification",
-        dim: int = ModelConfig.dim,
-        num_tokens: int = ModelConfig.num_tokens,
-        projection_depth: int = ModelConfig.projection_depth,
-        fusion_depth: int = ModelConfig.fusion_depth,
-        heads: int = ModelConfig.heads,
-        head_dim: Optional[int] = ModelConfig.head_dim,
-        branches: int = ModelConfig.branches,
-        normalize: str = ModelConfig.normalize,
-        projection: str = "feature",
-        align_weight: float = ModelConfig.align_weight,
-        pseudo_weight: float = ModelConfig.pseudo_weight,
-        use_alignment: bool = ModelConfig.use_alignment,
-        use_pseudo: bool = ModelConfig.use_pseudo,
-        num_align_tokens: Optional[int] = ModelConfig.num_align_tokens,
-        text_dim: Optional[int] = None,
-        mlp_ratio: float = ModelConfig.mlp_ratio,
-        margin: float = ModelConfig.margin,
-        align_reduction: str = ModelConfig.align_reduction,
-        pseudo_reduction: str = ModelConfig.pseudo_reduction,
-        retrieval_pseudo: str = ModelConfig.retrieval_pseudo,
-        positions: Optional[str] = ModelConfig.positions,
-        modality_tokens: Optional[Mapping[str, int]] = None,
-        feature_norm: bool = ModelConfig.feature_norm,
-        projection_norms: bool = ModelConfig.projection_norms,
-        label_smoothing: float = ModelConfig.label_smoothing,
-        ensemble_subsets: Optional[Sequence[Sequence[str]]] = None,
+        *,
         device=None,
         dtype=None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        cfg = UMIConfig(
-            modality_dims=modality_dims, num_outputs=num_outputs, task=task, dim=dim,
-            num_tokens=num_tokens, projection_depth=projection_depth, fusion_depth=fusion_depth,
-            heads=heads, head_dim=head_dim, mlp_ratio=mlp_ratio, normalize=normalize, branches=branches,
-            projection=projection, use_alignment=use_alignment, use_pseudo=use_pseudo,
-            align_weight=align_weight, pseudo_weight=pseudo_weight,
-            num_align_tokens=num_align_tokens, margin=margin, text_dim=text_dim,
-            align_reduction=align_reduction, pseudo_reduction=pseudo_reduction, retrieval_pseudo=retrieval_pseudo,
-            positions=positions, modality_tokens=modality_tokens, feature_norm=feature_norm,
-            projection_norms=projection_norms, label_smoothing=label_smoothing, ensemble_subsets=ensemble_subsets,
-        )
+        # The fields of UMIConfig are the arguments: one spelling, one default, one check each.
+        cfg = UMIConfig(modality_dims=modality_dims, num_outputs=num_outputs, task=task, **options)
         self.config = cfg
-        self.modality_dims, self.task, self.num_outputs, self.text_dim = cfg.modality_dims, task, num_outputs, text_dim
+        self.modality_dims, self.task, self.num_outputs, self.text_dim = (
+            cfg.modality_dims, cfg.task, cfg.num_outputs, cfg.text_dim)
         factory = {"device": device, "dtype": dtype}
+        dim, tokens = cfg.dim, cfg.num_tokens
         self.projections = nn.ModuleDict()
         for m, d_m in cfg.modality_dims.items():
             if cfg.projection == "feature":
                 self.projections[m] = FeatureProjection(
-                    d_m, out_dim=dim, num_tokens=num_tokens, depth=projection_depth, heads=heads,
-                    normalize=normalize, mlp_ratio=mlp_ratio, head_dim=head_dim, positions=positions,
-                    max_tokens=(cfg.modality_tokens or {}).get(m), norms=projection_norms, **factory,
+                    d_m, out_dim=dim, num_tokens=tokens, depth=cfg.projection_depth, heads=cfg.heads,
+                    normalize=cfg.normalize, mlp_ratio=cfg.mlp_ratio, head_dim=cfg.head_dim,
+                    positions=cfg.positions, max_tokens=(cfg.modality_tokens or {}).get(m), norms=cfg.projection_norms,
+                    **factory,
                 )
             else:
-                self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=num_tokens, **factory)
+                self.projections[m] = PooledProjection(d_m, out_dim=dim, num_tokens=tokens, **factory)
         self.feature_norms: Optional[nn.ModuleDict] = None
-        if feature_norm:
+        if cfg.feature_norm:
             self.feature_norms = nn.ModuleDict({m: nn.LayerNorm(dim, **factory) for m in cfg.modality_dims})
-        self.positions = nn.Parameter(torch.zeros(num_tokens, dim, **factory))
-        self.readout = nn.Parameter(torch.zeros(branches, dim, **factory))
+        self.positions = nn.Parameter(torch.zeros(tokens, dim, **factory))
+        self.readout = nn.Parameter(torch.zeros(cfg.branches, dim, **factory))
         nn.init.trunc_normal_(self.positions, std=0.02)
         nn.init.trunc_normal_(self.readout, std=0.02)
-        self.transformer = GroupMaskedTransformer(dim, fusion_depth, heads, mlp_ratio, groups=branches,
-                                                  head_dim=head_dim, **factory)
-        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, num_outputs, **factory))
+        self.transformer = GroupMaskedTransformer(dim, cfg.fusion_depth, cfg.heads, cfg.mlp_ratio,
+                                                  groups=cfg.branches, head_dim=cfg.head_dim, **factory)
+        self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, cfg.num_outputs, **factory))
         self.alignment: Optional[AlignmentLoss] = None
-        if use_alignment:
+        if cfg.use_alignment:
             self.alignment = AlignmentLoss(cfg.num_align_tokens, dim, assign=cfg.align_assign, **factory)
         self.text_encoder: Optional[TextEncoder] = None
-        if task == "retrieval":
-            self.text_encoder = TextEncoder(cfg.text_dim, num_outputs, **factory)
-        self.task_loss = TaskLoss(task, margin, pseudo_reduction=pseudo_reduction, label_smoothing=label_smoothing)
-
-    @classmethod
-    def from_config(cls, config: UMIConfig | Mapping[str, Any], device=None, dtype=None) -> "UnseenModalityModel":
-        """Build from a :class:`UMIConfig` or its :meth:`~UMIConfig.to_dict`."""
-        if not isinstance(config, UMIConfig):
-            config = UMIConfig.from_dict(config)
-        return cls(**config.to_dict(), device=device, dtype=dtype)
-
-    def config_dict(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-serialisable dict (``cls(**model.config_dict())``)."""
-        return self.config.to_dict()
+        if cfg.task == "retrieval":
+            self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory)
+        self.task_loss = TaskLoss(cfg.task, cfg.margin, pseudo_reduction=cfg.pseudo_reduction,
+                                  label_smoothing=cfg.label_smoothing)
 
     @property
     def modalities(self) -> list[str]:
@@ -918,6 +920,10 @@ class UnseenModalityModel(TaskModel):
 
     def _pseudo_refusal(self) -> str:
         return "this model has use_pseudo=False"
+
+    def token_limits(self) -> dict[str, int]:
+        """The learned position tables' lengths (``positions="learned"``)."""
+        return {m: p.max_tokens for m, p in self.projections.items() if p.max_tokens is not None}
 
     def pseudo_target_shape(self, batch: int) -> tuple[int, int]:
         """``(B, C)``; for retrieval ``(B, B)`` teacher similarities (``"relational"``) or
@@ -944,7 +950,7 @@ class UnseenModalityModel(TaskModel):
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
         """Projections of the rows that have each modality, their sum, the branches, the head."""
         features = {
-            m: self.projections[m](inputs[m], padding_mask=padding_masks.get(m), check_values=check_values)
+            m: self.projections[m].forward_checked(inputs[m], padding_masks.get(m))
             for m in present
             if inputs[m].shape[0] > 0
         }
@@ -1006,8 +1012,8 @@ class UnseenModalityModel(TaskModel):
         """
         if self.task == "retrieval" and self.config.retrieval_pseudo == "relational":
             assert text_emb is not None, "retrieval needs the caption embeddings"
-            return similarity_distillation_loss(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
-        return self.task_loss.pseudo(outputs, pseudo_targets)
+            return distillation_checked(outputs, text_emb, pseudo_targets, RETRIEVAL_PSEUDO_TEMPERATURE)
+        return self.task_loss.pseudo_checked(outputs, pseudo_targets)
 
     def loss_terms(
         self, output: UMIOutput, targets: Tensor, pseudo_targets: Optional[Tensor], text_padding_mask: Optional[Tensor]
@@ -1049,7 +1055,7 @@ class UnseenModalityModel(TaskModel):
             labels = None
             if self.config.task == "classification":
                 labels = targets[sub_batch_rows(output.present[m], feats.shape[0])[0]]
-            terms.append(self.alignment(feats, labels, reduction=per_pair))
+            terms.append(self.alignment.forward_checked(feats, labels, per_pair))
             pairs += feats.shape[0]
         total = torch.stack(terms)
         if reduction == "elementwise_mean":  # the released code: a mean over pairs and features

@@ -20,7 +20,6 @@ pool over the tokens, then a linear layer, repeated or reshaped to ``(B, K, D)``
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
@@ -34,7 +33,6 @@ from umilayers.attention import GroupMaskedTransformer
 __all__ = [
     "FeatureProjection",
     "PooledProjection",
-    "sinusoidal_positions",
     "check_positions",
     "position_table",
     "add_positions",
@@ -45,32 +43,9 @@ __all__ = [
 #: Accepted values of ``FeatureProjection(normalize=...)``.
 NORMALIZE = ("inputs", "slots")
 #: Accepted values of ``FeatureProjection(positions=...)``.
-POSITIONS = (None, "learned", "sinusoidal")
+POSITIONS = (None, "learned")
 
 ProjectionOutput = Union[Tensor, tuple[Tensor, Tensor]]
-
-
-def sinusoidal_positions(
-    num_tokens: int, dim: int, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
-) -> Tensor:
-    """Fixed sine/cosine position table ``(num_tokens, dim)`` (Vaswani et al. 2017).
-
-    Even channels hold ``sin(p / 10000^(2i/dim))``, odd channels the cosine; an odd ``dim`` drops
-    the last cosine channel. Computed in float32, then cast to ``dtype``.
-
-    Example::
-
-        >>> sinusoidal_positions(4, 6).shape
-        torch.Size([4, 6])
-    """
-    position = torch.arange(num_tokens, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(
-        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
-    )
-    table = torch.zeros(num_tokens, dim, device=device, dtype=torch.float32)
-    table[:, 0::2] = torch.sin(position * freq)
-    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
-    return table.to(dtype or torch.float32)
 
 
 def check_positions(positions: Optional[str], max_tokens: Optional[int]) -> None:
@@ -94,22 +69,19 @@ def position_table(positions: Optional[str], max_tokens: Optional[int], dim: int
 
 
 def add_positions(h: Tensor, positions: Optional[str], table: Optional[Tensor] = None) -> Tensor:
-    """``h + positions`` for token embeddings ``(B, n, D)``: none, a learned table's first ``n``
-    rows (``table`` ``(max_tokens, D)``; ``n <= max_tokens`` is the caller's check) or
-    :func:`sinusoidal_positions`.
+    """``h + positions`` for token embeddings ``(B, n, D)``: none, or a learned table's first
+    ``n`` rows (``table`` ``(max_tokens, D)``; ``n <= max_tokens`` is the caller's check).
 
     Example::
 
         >>> h = torch.zeros(2, 3, 4)
-        >>> bool((add_positions(h, None) == h).all()), add_positions(h, "sinusoidal")[0, 1, 0].item() != 0
-        (True, True)
+        >>> bool((add_positions(h, None) == h).all()), add_positions(h, "learned", torch.ones(5, 4))[0, 2, 0].item()
+        (True, 1.0)
     """
     if positions is None:
         return h
-    if positions == "learned":
-        assert table is not None, "learned positions need their table (position_table)"
-        return h + table[: h.shape[1]].to(h.dtype)
-    return h + sinusoidal_positions(h.shape[1], h.shape[-1], device=h.device, dtype=h.dtype)
+    assert table is not None, "learned positions need their table (position_table)"
+    return h + table[: h.shape[1]].to(h.dtype)
 
 
 def _check_inputs(
@@ -186,6 +158,13 @@ class _TokenProjection(nn.Module):
             raise ValueError(
                 f"x: expected at most max_tokens={self.max_tokens} tokens, got k_m={x.shape[1]}"
             )
+        return self.forward_checked(x, padding_mask, return_weights)
+
+    def forward_checked(
+        self, x: Tensor, padding_mask: Optional[Tensor] = None, return_weights: bool = False
+    ) -> ProjectionOutput:
+        """:meth:`forward` without any check, for callers that checked ``x`` and ``padding_mask``
+        already (:class:`~umilayers.model.UnseenModalityModel` checks its whole batch once)."""
         if padding_mask is not None:
             # Padding values are never read: NaN there must not reach attention or the sums.
             x = x.masked_fill(padding_mask[..., None], 0.0)
@@ -233,8 +212,8 @@ class FeatureProjection(_TokenProjection):
         depth: transformer layers that compute the logits (0: logits straight from the embedding).
         heads: attention heads (must divide ``out_dim`` unless ``head_dim`` is given).
         normalize: ``"inputs"`` (softmax over tokens) or ``"slots"`` (softmax over slots).
-        positions: ``None`` (default, any ``k_m``), ``"learned"`` (needs ``max_tokens``) or
-            ``"sinusoidal"``.
+        positions: ``None`` (default, any ``k_m``) or ``"learned"`` (a table of ``max_tokens``
+            rows, as the authors' released code has).
         max_tokens: the most input tokens accepted; required for learned positions.
         mlp_ratio: MLP hidden width of the transformer relative to ``out_dim``.
         head_dim: width of each attention head of the transformer (default

@@ -275,9 +275,7 @@ def test_default_learning_rate_follows_the_square_root_batch_rule():
 
 @pytest.mark.parametrize("task,options,message", [
     ("regression", dict(pair_same_label=0.5), "pair_same_label: pairs rows of the same class"),
-    ("retrieval", dict(pseudo_folds=2), "pseudo_folds: out-of-fold pseudo-labels"),
     ("classification", dict(pair_same_label=1.5), r"pair_same_label: expected a probability in \[0, 1\]"),
-    ("classification", dict(pseudo_folds=0), "pseudo_folds"),
     ("classification", dict(positions="rotary"), "positions"),
 ])
 def test_options_that_do_not_fit(stores, tmp_path, task, options, message):
@@ -286,44 +284,11 @@ def test_options_that_do_not_fit(stores, tmp_path, task, options, message):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_folds_of_rows_partition_them_evenly():
-    from umilayers.train.loop import fold_of_rows
-
-    folds = fold_of_rows(103, 4, seed=7)
-    assert sorted(np.bincount(folds).tolist()) == [25, 26, 26, 26]
-    assert np.array_equal(folds, fold_of_rows(103, 4, seed=7))
-    assert not np.array_equal(folds, fold_of_rows(103, 4, seed=8))
-
-
-def test_out_of_fold_pseudo_labels_train_k_models_and_resume(stores, tmp_path):
-    from umilayers.pseudo_labels import PseudoLabelBank
-
-    options = dict(TINY, epochs=2, unimodal_epochs=2, pseudo_window=2, pseudo_folds=2)
-    straight = fit(stores["regression"], "umi", tmp_path / "straight", **options)
-    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
-    folds = {(r["modality"], r["fold"]) for r in log if r.get("stage") == "unimodal" and "fold" in r}
-    assert folds == {(m, f) for m in ("depth", "force", "image", "proprio") for f in (0, 1)}
-    # each fold's model labels the other half of the rows: every row recorded once per window epoch
-    recorded = [r["pseudo_labels"] for r in log if r.get("modality") == "depth" and "pseudo_labels" in r]
-    from umilayers.data import FeatureStore
-
-    store = FeatureStore(stores["regression"])
-    rows = sum(store.splits[s].size for s in store.splits_with_role("train") if "depth" in store.splits[s].modalities)
-    assert len(recorded) == 4 and sum(recorded) == 2 * rows
-    assert PseudoLabelBank.load(tmp_path / "straight" / "pseudo_labels") is not None
-    one = fit(stores["regression"], "umi", tmp_path / "one", **dict(options, pseudo_folds=1))
-    assert one["test"] != straight["test"]
-    with pytest.raises(_Crash):  # inside the second fold of the first modality
-        fit(stores["regression"], "umi", tmp_path / "resumed", callback=_crash_after(3), **options)
-    assert fit(stores["regression"], "umi", tmp_path / "resumed", resume=True, **options) == straight
-
-
 @pytest.mark.parametrize("method,options,expected", [
     ("umi", dict(positions="learned", normalize="slots", feature_norm=True, subset_ensemble=True,
                  pair_same_label=0.5), dict(positions="learned", normalize="slots", feature_norm=True,
                                             ensemble_subsets=[["audio"], ["rgb"]])),
     ("late-fusion", dict(predictor="mlp"), dict(predictor="mlp", modality_tokens={"audio": 4, "rgb": 4})),
-    ("late-fusion", dict(positions="sinusoidal"), dict(positions="sinusoidal")),
     ("vanilla", dict(positions="learned", pair_same_label=1.0), dict(positions="learned")),
 ])
 def test_options_reach_the_model(stores, tmp_path, method, options, expected):

@@ -127,14 +127,14 @@ class TrainConfig(Config):
     lr_drop_factor: float = option(0.1, "schedule step: factor applied at each drop epoch", minimum=0, strict=True)
     warmup_epochs: int = option(1, "epochs of linear warm-up before the schedule", minimum=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", minimum=0)
-    pseudo_folds: int = option(1, "not in the paper: k > 1 trains k unimodal models per modality, each on k - 1 "
-                                  "folds, and labels each row by the one that did not train on it (out-of-fold "
-                                  "pseudo-labels; classification and regression); 1: the paper", minimum=1)
     pair_same_label: float = option(0.0, "not in the paper, classification: probability that a training row is "
                                          "replaced by a same-label row joined with another row's modalities "
                                          "(umilayers.data.pair_same_label)", minimum=0)
     amp: bool = option(False, "bf16 autocast (CUDA and CPU)")
     compile: bool = option(False, "torch.compile the model")
+
+    #: Removed: out-of-fold pseudo-labels (1: the paper's, every row labelled by models that trained on it).
+    retired = {"pseudo_folds": 1}
 
     def check(self) -> None:
         drops = drop_epochs(self.lr_drop_epochs)

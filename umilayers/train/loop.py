@@ -52,7 +52,6 @@ __all__ = [
     "make_optimizer",
     "lr_schedule",
     "train_step",
-    "fold_of_rows",
     "train_epoch",
     "predict",
     "caption_embeddings",
@@ -401,14 +400,6 @@ def train_epoch(
 
 
 # ============================================================================ prediction and metrics
-
-
-def fold_of_rows(count: int, folds: int, seed: int) -> np.ndarray:
-    """``(count,)`` fold of each row: a seeded permutation cut into ``folds`` near-equal parts."""
-    order = np.random.default_rng(seed % (2**63)).permutation(count)
-    fold = np.empty(count, dtype=np.int64)
-    fold[order] = np.arange(count) % folds
-    return fold
 
 
 def caption_embeddings(model: TaskModel, batch: Batch) -> tuple[Tensor, Tensor]:

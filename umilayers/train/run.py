@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from umilayers._io import append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write_json, read_json
 from umilayers._progress import Heartbeat
@@ -85,7 +85,6 @@ from umilayers.train.loop import (
     Phase,
     compute_metrics,
     encode_captions,
-    fold_of_rows,
     metric_score,
     predict,
     splits,
@@ -149,9 +148,6 @@ def _check_compatible(cfg: FitConfig, store: FeatureStore) -> None:
     if cfg.train.pair_same_label and store.task != "classification":
         raise InvalidArgument("pair_same_label", f"pairs rows of the same class: classification only, the store's "
                                                  f"task is {store.task!r}")
-    if cfg.train.pseudo_folds > 1 and store.task == "retrieval":
-        raise InvalidArgument("pseudo_folds", "out-of-fold pseudo-labels: classification and regression only, the "
-                                              "store's task is 'retrieval'")
     num_align_tokens = cfg.model.num_align_tokens
     if store.task == "classification" and num_align_tokens not in (None, store.num_outputs):
         raise InvalidArgument("num_align_tokens", f"classification uses one token per class "
@@ -522,14 +518,10 @@ class _Run:
             self.done = list(ck["modalities_done"])
             self.text_embeddings = dict(ck["text_embeddings"])
             current = ck["current"]
-        folds = cfg.train.pseudo_folds
         for m in modalities:
-            for fold in range(folds):
-                unit = m if folds == 1 else f"{m}/{fold}"
-                if unit not in self.done:
-                    mine = current and current["modality"] == m and current.get("fold", 0) == fold
-                    self.train_unimodal(m, current if mine else None, fold)
-                    self.done.append(unit)
+            if m not in self.done:
+                self.train_unimodal(m, current if current and current["modality"] == m else None)
+                self.done.append(m)
         bank_dir = self.out / "pseudo_labels"
         if self.ctx.is_main:
             self.bank.save(bank_dir)  # every file atomic, bank.json last
@@ -545,27 +537,15 @@ class _Run:
         if self.store.task == "retrieval":
             self.text_embeddings = torch.load(bank_dir / "text_embeddings.pt", map_location="cpu")
 
-    def train_unimodal(self, modality: str, resume_state: Optional[dict], fold: int = 0) -> None:
-        """Train the unimodal model of ``modality`` and record its predictions in the bank.
-
-        With ``pseudo_folds = k > 1`` this trains fold ``fold``'s model on the other ``k - 1``
-        folds of the modality's rows and records its predictions on fold ``fold`` only
-        (out-of-fold pseudo-labels: never a model's prediction on a row it trained on).
-        """
+    def train_unimodal(self, modality: str, resume_state: Optional[dict]) -> None:
+        """Train the unimodal model of ``modality`` and record its predictions in the bank."""
         cfg, store, ctx = self.cfg, self.store, self.ctx
         epochs, window = cfg.train.unimodal_epochs, cfg.train.window()
         assert self.bank is not None
         names = splits(store, "train", [modality])
         keep = (modality,)
         dataset: Dataset = train_set(store, names, keep, cfg)  # only the rows that have the modality
-        predict_rows: Optional[list[int]] = None
         tag: tuple[Any, ...] = (modality,)
-        if cfg.train.pseudo_folds > 1:
-            # positions in train_set's row order, which predict's eval_set shares
-            folds = fold_of_rows(len(dataset), cfg.train.pseudo_folds, derive_seed(cfg.train.seed, "folds", modality))
-            predict_rows = np.flatnonzero(folds == fold).tolist()
-            dataset = Subset(dataset, np.flatnonzero(folds != fold).tolist())
-            tag = (modality, fold)
         model = self.init_model("unimodal", modality, *tag)
         steps = math.ceil(len(dataset) / cfg.train.batch_size)
         phase = Phase(model, cfg, ctx, steps, epochs)
@@ -578,13 +558,10 @@ class _Run:
             losses = train_epoch(phase, dataset, keep, None, cfg, ctx, ("unimodal", *tag), epoch,
                                  self.on_step("unimodal", epoch, modality))
             record = {"stage": "unimodal", "modality": modality, "epoch": epoch + 1, **losses}
-            if cfg.train.pseudo_folds > 1:
-                record["fold"] = fold
             if epoch >= epochs - window:
                 # Every rank predicts its shard; the gathered predictions update every rank's
                 # bank identically.
-                predicted = predict(phase.model, phase.forward, store, names, keep, cfg, ctx, texts=False,
-                                    only=predict_rows)
+                predicted = predict(phase.model, phase.forward, store, names, keep, cfg, ctx, texts=False)
                 self.bank.update(modality, predicted["indices"], predicted["prediction"], epoch)
                 record["pseudo_labels"] = int(predicted["indices"].numel())
                 if store.task == "retrieval" and epoch == epochs - 1:
@@ -599,7 +576,7 @@ class _Run:
             self.end_epoch("unimodal", epoch, record, {
                 "stage": 1, "modalities_done": list(self.done), "bank": self.bank.state_dict(),
                 "text_embeddings": self.text_embeddings,
-                "current": {"modality": modality, "fold": fold, "epoch": epoch, "phase": phase.state()},
+                "current": {"modality": modality, "epoch": epoch, "phase": phase.state()},
             }, modality)
             self.epoch_line("unimodal", f"unimodal {'/'.join(map(str, tag))} epoch {epoch + 1}/{epochs}: "
                                         f"loss {losses['loss']:.4f}")
