@@ -321,13 +321,14 @@ def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: floa
     sizes: dict = {}
     _check_logits("logits", logits, sizes, check_values)
     check_labels("labels", labels, sizes["B"], sizes["C"], "class indices", check_values=check_values)
-    return _cross_entropy(logits, labels)
+    return _cross_entropy(logits, labels, label_smoothing)
 
 
-def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+def _cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     if logits.shape[0] == 0:
         return _zero_like_graph(logits)
-    smoothing = label_smoothing * sizes["C"] / max(sizes["C"] - 1, 1)
+    classes = logits.shape[-1]
+    smoothing = label_smoothing * classes / max(classes - 1, 1)
     return F.cross_entropy(_acc(logits), labels.to(logits.device, torch.long), label_smoothing=smoothing)
 
 
@@ -614,7 +615,7 @@ class TaskLoss(nn.Module):
     def supervised_checked(self, pred: Tensor, target: Tensor) -> Tensor:
         """:meth:`supervised` without any check, for callers that checked the arguments already."""
         if self.task == "classification":
-            return _cross_entropy(pred, target)
+            return _cross_entropy(pred, target, self.label_smoothing)
         if self.task == "regression":
             return _squared_error(pred, target)
         return _triplet(_cosine(target, pred), self.margin)

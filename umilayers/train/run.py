@@ -434,7 +434,7 @@ class _Run:
     def start_progress(self) -> None:
         """The run's first line, and the :class:`~umilayers._progress.Heartbeat` of its epochs."""
         cfg = self.cfg
-        models = len(self.train_modalities()) * cfg.train.pseudo_folds if cfg.uses_pseudo_labels else 0
+        models = len(self.train_modalities()) if cfg.uses_pseudo_labels else 0
         stage1 = models * cfg.train.unimodal_epochs
         done = self.epochs_done(stage1)
         self.heartbeat = Heartbeat(["unimodal"] * stage1 + ["multimodal"] * cfg.train.epochs, start=done)
