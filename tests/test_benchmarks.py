@@ -267,6 +267,12 @@ def test_gpu_check_runs_on_cpu(tmp_path, capsys):
     assert "0 by umilayers" in out and (tmp_path / "gpu_host_reads.json").is_file()
     with pytest.raises(SystemExit):
         gpu_check.main(["bogus", "--device", "cpu", "--out", str(tmp_path)])
+    # On a GPU an xformers case fails unless the backend served it; on the CPU (the dry run) none can.
+    cases = {"cases": [{"dtype": "torch.float16", "head_dim": 32, "served": True},
+                       {"dtype": "torch.float32", "head_dim": 64, "served": False}]}
+    assert gpu_check.failures("xformers", cases, torch.device("cuda")) == [
+        "xformers did not serve torch.float32 head_dim 64"]
+    assert gpu_check.failures("xformers", cases, torch.device("cpu")) == []
 
 
 def test_peaks_are_measured_in_a_fresh_process_with_the_mmap_threshold_pinned(tmp_path):
