@@ -304,44 +304,6 @@ def describe_machine(info: Mapping[str, Any]) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------- xformers
-
-
-def xformers_kernels(q: Any, group_sizes: Sequence[int], needs_gradient: bool = True) -> dict[str, Any]:
-    """Which xformers operators serve group attention of ``q`` as ``umilayers``' xformers backend
-    calls it (packed ``(1, B * N, H, h)`` inputs, a ``BlockDiagonalMask`` over the groups).
-
-    Asks xformers' own dispatcher (``_dispatch_fw``, then ``_dispatch_bw`` with the forward op's
-    log-sum-exp layout, as ``memory_efficient_attention`` does); the private API may move, so any
-    failure is reported, not raised.
-
-    Returns:
-        ``{"forward": name or None, "backward": name or None, "ops": (fw, bw) or None,
-        "reasons": [why not, ...]}``.
-    """
-    found: dict[str, Any] = {"forward": None, "backward": None, "ops": None, "reasons": []}
-    try:
-        import xformers.ops as xops
-        from xformers.ops.fmha.common import Inputs
-        from xformers.ops.fmha.dispatch import _dispatch_bw, _dispatch_fw
-    except Exception as err:  # not installed, a broken extension, or the private API moved
-        found["reasons"].append(f"xformers dispatch unavailable: {type(err).__name__}: {err}")
-        return found
-    batch, heads, n, head_dim = q.shape
-    packed = q.new_empty(1, batch * n, heads, head_dim)
-    bias = xops.fmha.BlockDiagonalMask.from_seqlens(list(group_sizes) * batch, device=q.device)
-    inputs = Inputs(packed, packed, packed, attn_bias=bias)
-    try:
-        forward = _dispatch_fw(inputs, needs_gradient)
-        backward = _dispatch_bw(inputs, varlen_lse_packed=forward.VARLEN_LSE_PACKED) if needs_gradient else None
-    except NotImplementedError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        found["reasons"].append(" ".join(lines[-8:]))
-        return found
-    found.update(forward=forward.NAME, backward=backward.NAME if backward else None, ops=(forward, backward))
-    return found
-
-
 # ----------------------------------------------------------------------------- output
 
 

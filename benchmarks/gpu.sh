@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12, in one command, under 8 minutes on one GPU (the time limits of the
+# The GPU check, in one command, under 8 minutes on one GPU (the time limits of the
 # steps and nvidia-smi add up to 440 s): the machine; which xformers kernels serve the group attention; the
 # CUDA tests (xformers' BlockDiagonalMask against our mask, every backend against the float32
 # reference in bf16 and fp16, head_dim != dim / heads, the host reads of a CUDA training step);

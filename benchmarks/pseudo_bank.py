@@ -27,9 +27,9 @@ files the file-backed modes read and write with system calls, which is reported 
 reclaimable; a memory cgroup counts it) but not of the process. Every variant must give the same
 targets bit for bit (a SHA-256 of all of them); the script stops if they differ.
 
-Goals: issue 12 (bank at half): ``learned`` <= 600 MB (10^6 bytes) peak at EPIC size with two
-training splits, file-backed resident size unchanged (``file`` against ``file-full``); issue 5:
-file-backed <= 300 MB resident, one epoch of updates < 10 s.
+Goals: the bank at half, ``learned`` <= 600 MB (10^6 bytes) peak at EPIC size with two
+training splits, with the file-backed resident size unchanged (``file`` against ``file-full``);
+file-backed <= 300 MB resident; one epoch of updates < 10 s.
 
 Bytes on disk are also compared with the authors' released code's approach: one ``[E, C]``
 float32 ``.npy`` per sample (``E = window`` epochs), its size computed from the ``.npy`` header

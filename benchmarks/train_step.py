@@ -13,11 +13,6 @@ once, so a shared machine's load hits all alike):
   have it; the common-space sum scatters them; one group-masked transformer pass runs both
   branches (``auto`` attention backend). ``--backends`` adds ``ours[<backend>]`` for each
   backend named (the GPU check times xformers, fold and mask this way).
-- ``ours-previous`` (CPU): ``ours`` as it computed before issue 12's three changes, for the
-  speed-up they bring, in the same run: every block computes q, k, v as one product cut into
-  views (:func:`previous_block_forward`), the fusion's last layer computes every token
-  (``first_queries_only = False``) and the fold backend folds the groups next to the heads
-  (:func:`previous_fold`, which copies q, k, v and the output).
 - ``released``: :func:`released_forward` with THE SAME model instance (the same parameters): a
   transcription of the released code (xiaobai1217/Unseen-Modality-Interaction,
   ``feature_reorganization.py`` + ``vit.py``): every modality's projection runs on every sample,
@@ -49,9 +44,8 @@ tensors leave the resident set; the timed process keeps glibc's defaults, as a t
 matrix-product FLOPs, and where the time of ``ours`` goes: one step under ``torch.profiler``,
 every forward op attributed to a part of the model (module hooks open ``record_function``
 regions; the attention kernel is wrapped) and every backward op to the part whose forward op
-made its autograd node (the profiler's sequence numbers). Goal (issue 12): at equal parameter
-count, ours at least 3x faster than the released computation (stretch 4x), peak memory at most
-0.5x. Writes ``results/<name>.json`` and ``results/<name>.png``.
+made its autograd node (the profiler's sequence numbers). Goal: at equal parameter count, ours
+at least 3x faster than the released computation (stretch 4x), peak memory at most 0.5x. Writes ``results/<name>.json`` and ``results/<name>.png``.
 
 Run::
 
@@ -84,7 +78,7 @@ from torch import Tensor, nn  # noqa: E402
 import _common  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
-from umilayers.attention import _KERNELS, BACKENDS, GroupMaskedTransformer, _Block  # noqa: E402
+from umilayers.attention import _KERNELS, BACKENDS, GroupMaskedTransformer  # noqa: E402
 from umilayers.model import UMIOutput, UnseenModalityModel, combine_branches  # noqa: E402
 
 GOAL_SPEEDUP, STRETCH_SPEEDUP, GOAL_PEAK = 3.0, 4.0, 0.5
@@ -138,55 +132,13 @@ def released_attention(q: Tensor, k: Tensor, v: Tensor, branches: int, kernel: s
     return torch.cat(readouts + slots, dim=2)
 
 
-def one_product_block(block: nn.Module, x: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-    """A layer of ours (its weights) computed as the released code computes one: a single QKV
-    product cut into three views, ``attend(q, k, v)``, output map, MLP."""
+def released_block(block: nn.Module, x: Tensor, branches: int, kernel: str) -> Tensor:
+    """One layer of our fusion transformer (its weights) computed as ``vit.py`` computes one: a
+    single QKV product cut into three views, :func:`released_attention`, output map, MLP."""
     qkv = block.qkv(block.norm1(x))
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=block.heads)
-    x = x + block.proj(rearrange(attend(q, k, v), "b h n d -> b n (h d)"))
+    x = x + block.proj(rearrange(released_attention(q, k, v, branches, kernel), "b h n d -> b n (h d)"))
     return x + block.mlp(block.norm2(x))
-
-
-def released_block(block: nn.Module, x: Tensor, branches: int, kernel: str) -> Tensor:
-    """One layer of our fusion transformer (its weights) with the released attention loop."""
-    return one_product_block(block, x, lambda q, k, v: released_attention(q, k, v, branches, kernel))
-
-
-def previous_fold(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int],
-                  key_padding_mask: Optional[Tensor] = None) -> Tensor:
-    """The fold backend before this round: groups folded next to the heads, ``(B, H G, n, h)``
-    (for the layer's strided q, k, v this reshape copies them, and the output twice)."""
-    assert key_padding_mask is None, "the benchmark's batches have no padding"
-    batch, heads, n, _ = q.shape
-    groups = len(group_sizes)
-    q, k, v = (t.reshape(batch, heads * groups, n // groups, t.shape[-1]) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.reshape(batch, heads, n, out.shape[-1])
-
-
-def previous_block_forward(block: nn.Module, x: Tensor, kernel: Callable[..., Tensor], group_sizes: Sequence[int],
-                           padding_mask: Optional[Tensor]) -> Tensor:
-    """``_Block.forward`` as before this round: :func:`one_product_block` (autograd stacks the
-    three views' gradients and copies them back into the product's layout)."""
-    return one_product_block(block, x, lambda q, k, v: kernel(q, k, v, group_sizes, padding_mask))
-
-
-@contextlib.contextmanager
-def previous_path(model: UnseenModalityModel) -> Iterator[None]:
-    """``model`` as it computed before issue 12's speed-ups: every block with one QKV product cut
-    into views (:func:`previous_block_forward`), the fusion's full last layer, :func:`previous_fold`."""
-    fusion = model.transformer
-    blocks = [m for m in model.modules() if isinstance(m, _Block)]
-    saved = fusion.backend, fusion.first_queries_only
-    fusion.backend, fusion.first_queries_only = previous_fold, False
-    for block in blocks:  # an instance attribute shadows the class's forward
-        block.forward = previous_block_forward.__get__(block)
-    try:
-        yield
-    finally:
-        fusion.backend, fusion.first_queries_only = saved
-        for block in blocks:
-            del block.forward
 
 
 @contextlib.contextmanager
@@ -406,8 +358,7 @@ def make_step(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
               used: Optional[dict] = None) -> Callable[[], float]:
     """A closure running one full training step of ``method``; returns the loss.
 
-    ``method``: ``ours``, ``ours[<backend>]``, ``ours-previous``, a key of :data:`TRANSCRIPTIONS` (with ``model``
-    ours) or ``released-code`` (with ``model`` a :class:`ReleasedModel`). ``regions`` marks
+    ``method``: ``ours``, ``ours[<backend>]``, a key of :data:`TRANSCRIPTIONS` (with ``model`` ours) or ``released-code`` (with ``model`` a :class:`ReleasedModel`). ``regions`` marks
     forward, loss, backward and optimizer for the profiler.
     """
     device_type = data["labels"].device.type
@@ -429,8 +380,6 @@ def make_step(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
 
     def step() -> float:
         chosen = forced_backend(model, backend) if backend else contextlib.nullcontext()
-        if method == "ours-previous":
-            chosen = previous_path(model)
         with chosen, torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = forward_and_loss()
         with _region("step: backward", regions):
@@ -811,8 +760,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     used: dict[str, int] = {}
     models: dict[str, nn.Module] = {}
     steps: dict[str, Callable[[], float]] = {}
-    previous = ["ours-previous"] if device.type == "cpu" else []
-    for method in ["ours", *previous, *(f"ours[{b}]" for b in args.backends), *args.baselines]:
+    for method in ["ours", *(f"ours[{b}]" for b in args.backends), *args.baselines]:
         models[method] = model
         steps[method] = make_step(method, model, optimizer, data, autocast, used=used)
     if args.code is not None:
