@@ -174,7 +174,7 @@ def test_subcommands():
     assert {"fit", "evaluate", "check", "demo"} <= set(commands)
 
 
-# ------------------------------------------------------------------ a new user's first hour (issue 11)
+# ------------------------------------------------------------------ a new user's first hour
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
