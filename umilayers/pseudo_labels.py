@@ -14,10 +14,11 @@ default; a mean, unlike a sum, cannot overflow). Per modality and sample it also
 ``int64``: the sample's row (``-1``: none) and a bit mask of the epochs of the window recorded,
 which gives the per-sample count (a sample missed in some epochs is averaged over those it
 has) and catches an epoch recorded twice. Rows live in chunks of 16 MiB (at most ``ceil(N / 8)``
-rows): growing copies nothing. So memory is ``P * C * itemsize + 16 * M * N`` bytes for ``P``
-pairs, plus at most one chunk a modality: at EPIC-Kitchens size (62,429 samples, 3,806
-classes, two splits of one modality each, float16) 505 MB, where a row for every sample and
-modality would take 952 MB and one float16 slot per epoch 9.5 GB.
+rows, and never beyond the ``N``-th row): growing copies nothing. So memory is
+``P * C * itemsize + 16 * M * N`` bytes for ``P`` pairs, plus at most one partly used chunk a
+modality: at EPIC-Kitchens size (62,429 samples, 3,806 classes, two splits of one modality
+each, float16) 505 MB; a row for every sample and modality takes 952 MB and one float16 slot
+per epoch 9.5 GB.
 
 Float16 error bound
 -------------------
@@ -243,9 +244,10 @@ class PseudoLabelBank:
         """Append ``count`` zero rows to ``modality``'s table; returns the first new row."""
         first = self._rows[modality]
         self._rows[modality] += count
-        chunks = self._chunks[modality]
-        while len(chunks) * self._chunk_rows < self._rows[modality]:
-            chunks.append(torch.zeros(self._chunk_rows, self.num_outputs, dtype=self.dtype))
+        chunks, size = self._chunks[modality], self._chunk_rows
+        while len(chunks) * size < self._rows[modality]:  # a modality has N rows at most
+            rows = min(size, self.num_samples - len(chunks) * size)
+            chunks.append(torch.zeros(rows, self.num_outputs, dtype=self.dtype))
         return first
 
     def _by_chunk(self, modality: str, rows: Tensor):
@@ -280,7 +282,7 @@ class PseudoLabelBank:
     @property
     def nbytes(self) -> int:
         """Bytes held by the bank: the chunks of rows and 16 bytes a sample and modality."""
-        rows = sum(len(c) for c in self._chunks.values()) * self._chunk_rows
+        rows = sum(len(c) for chunks in self._chunks.values() for c in chunks)
         return rows * self.num_outputs * self.dtype.itemsize + len(self.modalities) * self.num_samples * _INDEX_BYTES
 
     def stored(self, modality: str) -> Tensor:
@@ -460,8 +462,9 @@ class PseudoLabelBank:
             raise ValueError(f"present: {none.numel()} of {batch} samples have no modality, "
                              f"rows {format_indices(none)}")
         several = num_present > 1
+        choose = bool(several.any())
         gt = None if ground_truth is None else self._check_ground_truth(ground_truth, batch)
-        if bool(several.any()) and gt is None:
+        if choose and gt is None:
             raise ValueError(f"ground_truth: required to choose between modalities, {int(several.sum())} of "
                              f"{batch} samples have several, rows {format_indices(several.nonzero().flatten())}")
         for m, mask in zip(names, available):
@@ -472,13 +475,12 @@ class PseudoLabelBank:
                     f"present: modality {m!r} was never recorded (in epochs {self.first_epoch}.."
                     f"{self.total_epochs - 1}) for {int(never.sum())} of {ids.numel()} samples, "
                     f"e.g. ids {format_indices(ids[never])}")
-        candidates = torch.zeros(len(names), batch, self.num_outputs)
+        # one candidate a modality when a sample must choose, else every sample's one modality
+        out = torch.zeros(len(names) if choose else 1, batch, self.num_outputs)
         for i, (m, mask) in enumerate(zip(names, available)):
-            candidates[i, mask] = self._gather(m, self._slot[m][indices[mask]]).float()
-        if bool(several.any()):
-            out = closest_to_truth(candidates, available, gt)
-        else:  # each sample's one modality
-            out = candidates[available.long().argmax(0), torch.arange(batch)]
+            rows = mask.nonzero().flatten()
+            out[i if choose else 0].index_copy_(0, rows, self._gather(m, self._slot[m][indices[rows]]).float())
+        out = closest_to_truth(out, available, gt) if choose else out[0]
         return out if device is None else out.to(device)
 
     # ----------------------------------------------------------------- state and files
