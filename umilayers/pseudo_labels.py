@@ -252,10 +252,12 @@ class PseudoLabelBank:
 
     def _by_chunk(self, modality: str, rows: Tensor):
         """``(chunk, positions in rows, offsets in the chunk)`` for each chunk ``rows`` touch."""
+        chunks = self._chunks[modality]
         chunk, offset = rows.div(self._chunk_rows, rounding_mode="floor"), rows % self._chunk_rows
-        for k in torch.unique(chunk).tolist():
-            where = (chunk == k).nonzero().flatten()
-            yield self._chunks[modality][k], where, offset[where]
+        order = torch.argsort(chunk)  # one sort, then a slice of it per chunk
+        for c, where in zip(chunks, torch.split(order, torch.bincount(chunk, minlength=len(chunks)).tolist())):
+            if where.numel():
+                yield c, where, offset[where]
 
     def _gather(self, modality: str, rows: Tensor) -> Tensor:
         out = torch.empty(rows.numel(), self.num_outputs, dtype=self.dtype)
