@@ -253,11 +253,13 @@ class PseudoLabelBank:
     def _by_chunk(self, modality: str, rows: Tensor):
         """``(chunk, positions in rows, offsets in the chunk)`` for each chunk ``rows`` touch."""
         chunks = self._chunks[modality]
-        chunk, offset = rows.div(self._chunk_rows, rounding_mode="floor"), rows % self._chunk_rows
+        chunk = rows.div(self._chunk_rows, rounding_mode="floor")
         order = torch.argsort(chunk)  # one sort, then a slice of it per chunk
-        for c, where in zip(chunks, torch.split(order, torch.bincount(chunk, minlength=len(chunks)).tolist())):
+        counts = torch.bincount(chunk, minlength=len(chunks)).tolist()
+        offsets = rows[order] - chunk[order] * self._chunk_rows
+        for c, where, offset in zip(chunks, torch.split(order, counts), torch.split(offsets, counts)):
             if where.numel():
-                yield c, where, offset[where]
+                yield c, where, offset
 
     def _gather(self, modality: str, rows: Tensor) -> Tensor:
         out = torch.empty(rows.numel(), self.num_outputs, dtype=self.dtype)
