@@ -335,7 +335,7 @@ def test_truncated_or_padded_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"mean.rgb.npy: holds more bytes than its \d+ rows of 5 values"):
         PseudoLabelBank.load(tmp_path / "a")
     np.save(path, np.zeros((3, 4), dtype=np.float16))
-    with pytest.raises(ValueError, match=r"mean.rgb.npy: expected a float16 array of shape \(P, 5\), got float16 shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"mean.rgb.npy: expected a float16 array of shape \(P, 5\), got .* \(3, 4\)"):
         PseudoLabelBank.load(tmp_path / "a")
 
 
