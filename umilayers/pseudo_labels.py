@@ -3,32 +3,22 @@
 The paper's dual-branch prediction supervises its second branch with pseudo-labels: the average
 of a sample's unimodal predictions over the last ``window`` (``e``) of the ``total_epochs``
 epochs of unimodal training; where a sample has several modalities, the modality whose
-pseudo-label is closest (cosine similarity) to the ground truth is used.
-
-This module is that algorithm (:meth:`PseudoLabelBank.update`, :meth:`PseudoLabelBank.targets`,
-the error bound) and the bank's file format; the rows themselves live in a
-:mod:`umilayers.row_storage` table, in memory or in a file.
+pseudo-label is closest (cosine similarity) to the ground truth is used
+(:func:`closest_to_truth`, the one implementation of that rule).
 
 Memory model
 ------------
-The bank keeps one row per (sample, modality) pair that exists: the running **mean** of the
-predictions recorded so far (``C`` values in ``dtype``, float16 by default). A row is stored
-when the pair is first recorded inside the window, or up front for the pairs announced with
-``present=`` at construction. In the paper's modality-incomplete training each sample has one
-modality, so a bank with two modalities holds ``N`` rows, not ``2 N``. Per modality and sample
-it also keeps two ``int64``: the row (``-1``: none) and a bit mask of the epochs of the window
-recorded (bit ``epoch - first_epoch``), which gives the per-sample count (samples missed in some
-epochs are averaged over the epochs they had) and catches an epoch recorded twice. So memory is
-``P * C * itemsize + 16 * M * N`` bytes for ``P`` stored pairs, whatever the window: at
-EPIC-Kitchens size (62,429 samples, 3,806 classes, 2 modalities, one per sample, float16)
-477 MB, where a row for every sample and modality would take 952 MB, a float32 sum 1.9 GB and
-one float16 slot per epoch 9.5 GB. In memory rows are added in chunks of 16 MiB
-(:class:`~umilayers.row_storage.MemoryRows`): growing copies nothing, and at most one chunk a
-modality is allocated ahead; pairs announced with ``present=`` are allocated exactly, at once.
-
-Why a running mean and not a running sum: the mean stays in the range of the predictions, so a
-float16 bank cannot overflow (a sum of 20 regression outputs of size 5,000 would) and
-:meth:`PseudoLabelBank.targets` needs no division.
+:class:`PseudoLabelBank` keeps, in memory, one row per (sample, modality) pair recorded inside
+the window: the running **mean** of its predictions (``C`` values in ``dtype``, float16 by
+default; a mean, unlike a sum, cannot overflow). Per modality and sample it also keeps two
+``int64``: the sample's row (``-1``: none) and a bit mask of the epochs of the window recorded,
+which gives the per-sample count (a sample missed in some epochs is averaged over those it
+has) and catches an epoch recorded twice. Rows live in chunks of 16 MiB (at most ``ceil(N / 8)``
+rows, and never beyond the ``N``-th row): growing copies nothing. So memory is
+``P * C * itemsize + 16 * M * N`` bytes for ``P`` pairs, plus at most one partly used chunk a
+modality: at EPIC-Kitchens size (62,429 samples, 3,806 classes, two splits of one modality
+each, float16) 505 MB; a row for every sample and modality takes 952 MB and one float16 slot
+per epoch 9.5 GB.
 
 Float16 error bound
 -------------------
@@ -39,47 +29,33 @@ its smallest subnormal spacing ``s`` (``2^-24``) and ``A = max |x|``::
 
     |stored mean - exact mean| <= (n + 1) / 2 * ((u + 8 * 2^-24) * A + s / 2)
 
-(to first order; the ``8 * 2^-24`` covers the float32 arithmetic). For probabilities
-(``A <= 1``) and the paper's ``n = e = 10`` that is ``2.7e-3`` absolute in float16,
-``3.0e-6`` in float32. :meth:`PseudoLabelBank.error_bound` returns it; the tests compare
-against a float64 numpy reference with exactly this tolerance.
+(to first order; the ``8 * 2^-24`` covers the float32 arithmetic): ``2.7e-3`` in float16 and
+``3.0e-6`` in float32 for probabilities and ``n = 10``. :meth:`PseudoLabelBank.error_bound`
+returns it; the tests hold the bank to it against a float64 numpy reference.
 
 On disk
 -------
-A bank is a directory: per modality ``mean.<modality>.npy`` ``(P_m, C)`` (the rows, in the
-order they were created), ``slot.<modality>.npy`` ``(N,)`` int64 (each sample's row, ``-1``
-for none) and ``seen.<modality>.npy`` ``(N,)`` int64 (the epoch bit masks), plus ``bank.json``
-(format version 2; banks of version 1, one row for every sample and modality, are not read).
-``storage=path`` keeps the bank in such a directory instead of memory. The means are not
-mapped: each :meth:`PseudoLabelBank.update` and :meth:`PseudoLabelBank.targets` reads the rows
-of its batch with positioned reads (``os.preadv``, sorted by row, adjacent rows coalesced into
-one call) into a buffer of the batch's size and writes updated rows back with ``os.pwritev``
-(:class:`~umilayers.row_storage.FileRows`; a new row extends the file), so the process holds the
-batch and not the table: its resident set grows by a few MB at most, whatever ``N``. The file
-data itself lives in the kernel's page cache, as for any file: shared, written back in the
-background and reclaimed under memory pressure (a container's memory cgroup does count it, as
-reclaimable cache). The small per-sample arrays (16 bytes a sample and modality) are
-memory-mapped. :meth:`PseudoLabelBank.save` writes the same layout, every file to a temporary
-name in the same folder and then renamed (``os.replace``), ``bank.json`` last;
-:meth:`PseudoLabelBank.load` reads it back bit-exactly, in memory or file-backed.
+:meth:`PseudoLabelBank.save` writes a directory: per modality ``mean.<modality>.npy``
+``(P_m, C)`` (the rows in the order they were created; bfloat16 as its raw bits, ``<u2``),
+``slot.<modality>.npy`` and ``seen.<modality>.npy`` (``(N,)`` int64: each sample's row or
+``-1``, and its epoch mask), then ``bank.json`` (format version 2), each file written to a
+temporary name and renamed. :meth:`PseudoLabelBank.load` reads it back bit-exactly.
 
 Epochs are counted from 0: the window is ``total_epochs - window <= epoch < total_epochs``.
 """
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from umilayers._io import atomic_numpy_save, atomic_write
+from umilayers._io import atomic_numpy_save, atomic_write, atomic_write_json, read_json
 from umilayers._validation import (
     check_bool_mask,
     check_finite,
@@ -88,9 +64,8 @@ from umilayers._validation import (
     check_tensor,
     format_indices,
 )
-from umilayers.row_storage import DEFAULT_CHUNK_BYTES, FileRows, MemoryRows, RowStorage, map_npy, save_rows
 
-__all__ = ["PseudoLabelBank"]
+__all__ = ["PseudoLabelBank", "closest_to_truth"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,9 +75,48 @@ _MAX_WINDOW = 63  # bits of the int64 mask that stay non-negative
 _MODALITY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _NAME_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_BY_NAME.items()}
-_INDEX = np.dtype("<i8")  # the per-sample arrays: row (slot) and epoch bit mask
-_INDEX_BYTES = 2 * _INDEX.itemsize  # per sample and modality
-_CHUNK_BYTES = 32 << 20  # rows copied per step when streaming a whole table
+_FILE_DTYPE = {torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2"), torch.float32: np.dtype("<f4")}
+_INDEX_BYTES = 16  # per sample and modality: its row and its epoch mask, int64 each
+_CHUNK_BYTES = 16 << 20
+
+
+def closest_to_truth(candidates: Tensor, available: Tensor, truth: Tensor) -> Tensor:
+    """For each sample, the candidate closest (cosine) to its ground truth among those it has.
+
+    The paper's rule for a sample with several modalities: its pseudo-label is the one of the
+    modality whose pseudo-label has the highest cosine similarity with the ground truth. Ties
+    go to the first candidate. Inputs are trusted: every sample has at least one candidate.
+
+    Args:
+        candidates: ``(M, B, C)`` one candidate per modality (rows a sample lacks are ignored).
+        available: ``(M, B)`` bool, which candidates each sample has.
+        truth: ``(B,)`` integer class labels (compared as one-hot), ``(B, C)`` target vectors,
+            or ``(M, B, C)`` one target per candidate (e.g. a caption embedded in each unimodal
+            model's own space).
+
+    Shape:
+        - candidates: ``(M, B, C)``
+        - available: ``(M, B)``
+        - truth: ``(B,)``, ``(B, C)`` or ``(M, B, C)``
+        - output: ``(B, C)``
+
+    Example::
+
+        >>> import torch
+        >>> candidates = torch.tensor([[[0.7, 0.3], [0.6, 0.4]], [[0.2, 0.8], [0.1, 0.9]]])
+        >>> available = torch.tensor([[True, False], [True, True]])
+        >>> closest_to_truth(candidates, available, torch.tensor([0, 0]))  # row 1 has one candidate
+        tensor([[0.7000, 0.3000],
+                [0.1000, 0.9000]])
+    """
+    norm = candidates.norm(dim=-1).clamp_min(1e-12)
+    if truth.dim() == 1:  # one-hot ground truth: cos = candidate[label] / |candidate|
+        labels = truth.expand(candidates.shape[0], -1)[..., None]
+        score = candidates.gather(-1, labels).squeeze(-1) / norm
+    else:
+        score = (candidates * truth).sum(-1) / (norm * truth.norm(dim=-1).clamp_min(1e-12))
+    best = score.masked_fill(~available, -float("inf")).argmax(0)  # the first maximum on ties
+    return candidates[best, torch.arange(candidates.shape[1], device=candidates.device)]
 
 
 def _popcount(bits: Tensor, width: int) -> Tensor:
@@ -110,6 +124,30 @@ def _popcount(bits: Tensor, width: int) -> Tensor:
     for b in range(width):
         count += (bits >> b) & 1
     return count
+
+
+def _check_config(num_samples, num_outputs, modalities, window, total_epochs, dtype) -> dict:
+    """The constructor's arguments checked, as the JSON-serialisable config of a bank."""
+    for name, value in (("num_samples", num_samples), ("num_outputs", num_outputs),
+                        ("window", window), ("total_epochs", total_epochs)):
+        check_positive_int(name, value)
+    if window > total_epochs or window > _MAX_WINDOW:
+        raise ValueError(f"window: expected 1 <= window <= min(total_epochs={total_epochs}, "
+                         f"{_MAX_WINDOW}), got {window}")
+    if isinstance(modalities, str) or not isinstance(modalities, Sequence):
+        raise TypeError(f"modalities: expected a sequence of names, got {modalities!r}")
+    names = list(modalities)
+    if not names:
+        raise ValueError("modalities: expected at least one modality, got none")
+    if len(set(names)) != len(names):
+        raise ValueError(f"modalities: expected unique names, got {names}")
+    for name in names:
+        if not isinstance(name, str) or not _MODALITY_NAME.match(name):
+            raise ValueError(f"modalities: names may hold letters, digits, '_' and '-', got {name!r}")
+    if dtype not in _NAME_BY_DTYPE:
+        raise ValueError(f"dtype: expected one of torch.float16, torch.bfloat16, torch.float32, got {dtype}")
+    return {"num_samples": num_samples, "num_outputs": num_outputs, "modalities": sorted(names),
+            "window": window, "total_epochs": total_epochs, "dtype": _NAME_BY_DTYPE[dtype]}
 
 
 def _check_layout(where: str, slot: Tensor, seen: Tensor, rows: int, window: int) -> None:
@@ -120,14 +158,18 @@ def _check_layout(where: str, slot: Tensor, seen: Tensor, rows: int, window: int
         raise ValueError(
             f"{where}: expected slot to give each of the {rows} rows to exactly one sample and -1 "
             f"to the others, got {stored.numel()} samples with rows in "
-            f"[{int(slot.min()) if slot.numel() else 0}, {int(slot.max()) if slot.numel() else 0}]"
-        )
+            f"[{int(slot.min()) if slot.numel() else 0}, {int(slot.max()) if slot.numel() else 0}]")
     orphan = (seen != 0) & (slot < 0)
     if bool(orphan.any()):
         raise ValueError(f"{where}: {int(orphan.sum())} samples were recorded but have no row, "
                          f"e.g. {format_indices(orphan.nonzero().flatten())}")
     if bool(((seen >> window) != 0).any()):  # also catches negative masks
         raise ValueError(f"{where}: epoch masks hold bits beyond the window of {window} epochs")
+
+
+def _raw(rows: Tensor) -> np.ndarray:
+    """The bytes of CPU rows as numpy (bfloat16, which numpy lacks, as ``uint16``)."""
+    return (rows.view(torch.uint16) if rows.dtype == torch.bfloat16 else rows).numpy()
 
 
 class PseudoLabelBank:
@@ -139,7 +181,9 @@ class PseudoLabelBank:
     ``total_epochs - window`` are checked and ignored; later ones are folded into a running
     mean, one row per (sample, modality) pair recorded, so memory is ``O(P * C)`` for ``P``
     pairs (see the module notes for the memory model and the float16 error bound).
-    :meth:`targets` then gives the pseudo-labels of a batch.
+    :meth:`targets` then gives the pseudo-labels of a batch. In distributed training every rank
+    holds its own bank and updates it with the predictions gathered from all ranks, so the
+    banks stay identical.
 
     Args:
         num_samples: ``N``, the number of training samples (global ids ``0 .. N-1``).
@@ -147,27 +191,11 @@ class PseudoLabelBank:
         modalities: names of the modalities (letters, digits, ``_`` and ``-``).
         window: ``e``, the number of last epochs averaged (1 to 63, at most ``total_epochs``).
         total_epochs: epochs of unimodal training; epochs are numbered ``0 .. total_epochs-1``.
-        storage: a directory: keep the arrays in ``.npy`` files there, read and written in
-            place batch by batch (created; a directory that already holds a bank is refused
-            unless ``overwrite``). ``None`` keeps them in memory.
         dtype: storage dtype of the means: ``torch.float16`` (default), ``torch.bfloat16`` or
             ``torch.float32``.
-        overwrite: replace a bank already in ``storage``.
-        resident_budget: file-backed mode only: the largest buffer, in bytes, the bank uses
-            when it streams whole files (:meth:`save`, :meth:`load`, state dicts; default
-            64 MiB). Updates and lookups only hold their batch.
-        present: optional: modality -> ``(N,)`` bool, the pairs that will be recorded (in
-            modality-incomplete training, the samples of the splits that have the modality).
-            Their rows are allocated at once and exactly; without it (or for a pair it leaves
-            out) a row is added when the pair is first recorded. Either way the results are the
-            same.
-        chunk_bytes: in memory, rows are added in chunks of about this many bytes (default
-            16 MiB, at most ``ceil(N / 8)`` rows): the most a modality allocates ahead of its
-            rows.
 
     Raises:
-        ValueError: bad sizes, window, modality names, dtype or ``present``; see also each
-            method.
+        ValueError: bad sizes, window, modality names or dtype.
 
     Example::
 
@@ -189,95 +217,11 @@ class PseudoLabelBank:
         [False, True, False, False, False, False]
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        num_outputs: int,
-        modalities: Sequence[str],
-        window: int,
-        total_epochs: int,
-        storage: Optional[PathLike] = None,
-        dtype: torch.dtype = torch.float16,
-        *,
-        overwrite: bool = False,
-        resident_budget: int = 64 << 20,
-        present: Optional[Mapping[str, Tensor]] = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ) -> None:
-        config = self._check_config(num_samples, num_outputs, modalities, window, total_epochs, dtype)
-        check_positive_int("resident_budget", resident_budget)
-        check_positive_int("chunk_bytes", chunk_bytes)
-        slots = self._initial_slots(config, present)
-        self._init(config, storage, resident_budget, chunk_bytes)
-        if self.storage is None:
-            for m, slot in slots.items():
-                self._rows[m].grow(int(slot.max()) + 1 if slot.numel() else 0, exact=True)
-                self._slot[m] = slot
-                self._seen[m] = torch.zeros(self.num_samples, dtype=torch.int64)
-        else:
-            self._create_files(slots, overwrite)
+    def __init__(self, num_samples: int, num_outputs: int, modalities: Sequence[str], window: int,
+                 total_epochs: int, dtype: torch.dtype = torch.float16) -> None:
+        self._init(_check_config(num_samples, num_outputs, modalities, window, total_epochs, dtype))
 
-    # ----------------------------------------------------------------- construction
-
-    @staticmethod
-    def _check_config(num_samples, num_outputs, modalities, window, total_epochs, dtype) -> dict:
-        check_positive_int("num_samples", num_samples)
-        check_positive_int("num_outputs", num_outputs)
-        check_positive_int("window", window)
-        check_positive_int("total_epochs", total_epochs)
-        if window > total_epochs or window > _MAX_WINDOW:
-            raise ValueError(
-                f"window: expected 1 <= window <= min(total_epochs={total_epochs}, "
-                f"{_MAX_WINDOW}), got {window}"
-            )
-        if isinstance(modalities, str) or not isinstance(modalities, Sequence):
-            raise TypeError(f"modalities: expected a sequence of names, got {modalities!r}")
-        names = list(modalities)
-        if not names:
-            raise ValueError("modalities: expected at least one modality, got none")
-        if len(set(names)) != len(names):
-            raise ValueError(f"modalities: expected unique names, got {names}")
-        for name in names:
-            if not isinstance(name, str) or not _MODALITY_NAME.match(name):
-                raise ValueError(
-                    f"modalities: names may hold letters, digits, '_' and '-', got {name!r}"
-                )
-        if dtype not in _NAME_BY_DTYPE:
-            raise ValueError(
-                f"dtype: expected one of torch.float16, torch.bfloat16, torch.float32, got {dtype}"
-            )
-        return {
-            "num_samples": num_samples,
-            "num_outputs": num_outputs,
-            "modalities": sorted(names),
-            "window": window,
-            "total_epochs": total_epochs,
-            "dtype": _NAME_BY_DTYPE[dtype],
-        }
-
-    @staticmethod
-    def _initial_slots(config: dict, present: Optional[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-        """Per modality ``(N,)`` rows: ``0, 1, ...`` for the announced pairs in sample order, -1 else."""
-        n, modalities = config["num_samples"], config["modalities"]
-        if present is not None and not isinstance(present, Mapping):
-            raise TypeError(f"present: expected a mapping of modality -> (N,) bool, got {type(present).__name__}")
-        present = present or {}
-        for m in sorted(present):
-            if m not in modalities:
-                raise ValueError(f"present: unknown modality {m!r}, expected one of {modalities}")
-            check_bool_mask(f"present[{m!r}]", present[m], ("N",), {"N": n})
-        slots = {}
-        for m in modalities:
-            slot = torch.full((n,), -1, dtype=torch.int64)
-            if m in present:
-                mask = present[m].detach().to("cpu")
-                slot[mask] = torch.arange(int(mask.sum()))
-            slots[m] = slot
-        return slots
-
-    def _init(self, config: dict, storage: Optional[PathLike], resident_budget: int,
-              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        """Attributes of an empty bank; memory mode gets empty tables, file mode none yet."""
+    def _init(self, config: dict) -> None:
         self._config = dict(config)
         self.num_samples: int = config["num_samples"]
         self.num_outputs: int = config["num_outputs"]
@@ -285,68 +229,52 @@ class PseudoLabelBank:
         self.window: int = config["window"]
         self.total_epochs: int = config["total_epochs"]
         self.dtype: torch.dtype = _DTYPE_BY_NAME[config["dtype"]]
-        self.resident_budget = resident_budget
-        self.chunk_bytes = chunk_bytes
-        self.storage: Optional[Path] = None if storage is None else Path(storage).resolve()
-        self._maps: list[mmap.mmap] = []
-        self._rows: dict[str, RowStorage] = {}
-        self._slot: dict[str, Tensor] = {}  # (N,) int64: each sample's row, -1 for none
-        self._seen: dict[str, Tensor] = {}  # (N,) int64: epochs of the window recorded, as bits
-        if self.storage is None:
-            self._rows = {m: self._memory_rows() for m in self.modalities}
-
-    def _memory_rows(self) -> MemoryRows:
-        # A modality has at most N rows; chunks of at most N/8 rows keep a small bank that
+        # A modality has at most N rows: chunks of at most N/8 rows keep a small bank that
         # learns its rows from being as large as a row for every sample.
         row_bytes = self.num_outputs * self.dtype.itemsize
-        eighth = -(-self.num_samples // 8) * row_bytes
-        return MemoryRows(self.num_outputs, self.dtype, min(self.chunk_bytes, eighth))
+        self._chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-self.num_samples // 8)))
+        self._chunks: dict[str, list[Tensor]] = {m: [] for m in self.modalities}
+        self._rows = dict.fromkeys(self.modalities, 0)  # rows in use
+        self._slot = {m: torch.full((self.num_samples,), -1, dtype=torch.int64) for m in self.modalities}
+        self._seen = {m: torch.zeros(self.num_samples, dtype=torch.int64) for m in self.modalities}
 
-    def _create_files(self, slots: Mapping[str, Tensor], overwrite: bool) -> None:
-        root = self.storage
-        if (root / "bank.json").exists() and not overwrite:
-            raise FileExistsError(
-                f"storage: {root} already holds a PseudoLabelBank; reopen it with "
-                f"PseudoLabelBank.load(path, mmap=True) or pass overwrite=True"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        for m, slot in slots.items():
-            rows = int(slot.max()) + 1 if slot.numel() else 0
-            FileRows.create(self._path(root, "mean", m), self.num_outputs, self.dtype, rows).close()
-            atomic_numpy_save(self._path(root, "slot", m), slot.numpy())
-            atomic_numpy_save(self._path(root, "seen", m), np.zeros(self.num_samples, dtype=_INDEX))
-        self._write_meta(root)
-        self._open_files()
+    # ----------------------------------------------------------------- rows
 
-    def _open_files(self) -> None:
-        """File-backed mode: open the storage directory's tables and map its per-sample arrays."""
-        root, shape = self.storage, (self.num_samples,)
-        try:
-            for m in self.modalities:
-                self._rows[m] = FileRows(self._path(root, "mean", m), self.num_outputs, self.dtype)
-                for name, arrays in (("slot", self._slot), ("seen", self._seen)):
-                    mm, array = map_npy(self._path(root, name, m), shape, _INDEX, writable=True)
-                    self._maps.append(mm)
-                    arrays[m] = torch.from_numpy(array)
-                _check_layout(str(root / f"*.{m}.npy"), self._slot[m], self._seen[m],
-                              len(self._rows[m]), self.window)
-        except BaseException:
-            self.close()
-            raise
+    def _add_rows(self, modality: str, count: int) -> int:
+        """Append ``count`` zero rows to ``modality``'s table; returns the first new row."""
+        first = self._rows[modality]
+        self._rows[modality] += count
+        chunks, size = self._chunks[modality], self._chunk_rows
+        while len(chunks) * size < self._rows[modality]:  # a modality has N rows at most
+            rows = min(size, self.num_samples - len(chunks) * size)
+            chunks.append(torch.zeros(rows, self.num_outputs, dtype=self.dtype))
+        return first
 
-    @property
-    def _chunk_rows(self) -> int:
-        """Rows per step when streaming whole tables."""
-        budget = _CHUNK_BYTES if self.storage is None else min(_CHUNK_BYTES, self.resident_budget)
-        return max(1, budget // (self.num_outputs * self.dtype.itemsize))
+    def _by_chunk(self, modality: str, rows: Tensor):
+        """``(chunk, positions in rows, offsets in the chunk)`` for each chunk ``rows`` touch."""
+        chunks = self._chunks[modality]
+        chunk = rows.div(self._chunk_rows, rounding_mode="floor")
+        order = torch.argsort(chunk)  # one sort, then a slice of it per chunk
+        counts = torch.bincount(chunk, minlength=len(chunks)).tolist()
+        offsets = rows[order] - chunk[order] * self._chunk_rows
+        for c, where, offset in zip(chunks, torch.split(order, counts), torch.split(offsets, counts)):
+            if where.numel():
+                yield c, where, offset
 
-    @staticmethod
-    def _path(root: Path, kind: str, modality: str) -> Path:
-        return root / f"{kind}.{modality}.npy"
+    def _gather(self, modality: str, rows: Tensor) -> Tensor:
+        out = torch.empty(rows.numel(), self.num_outputs, dtype=self.dtype)
+        for chunk, where, offset in self._by_chunk(modality, rows):
+            out.index_copy_(0, where, chunk.index_select(0, offset))
+        return out
 
-    def _write_meta(self, root: Path) -> None:
-        meta = {"format": _FORMAT, "version": _VERSION, **self._config}
-        atomic_write(root / "bank.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    def _scatter(self, modality: str, rows: Tensor, values: Tensor) -> None:
+        for chunk, where, offset in self._by_chunk(modality, rows):
+            chunk.index_copy_(0, offset, values.index_select(0, where))
+
+    def _blocks(self, modality: str) -> list[Tensor]:
+        """The rows in use, in order, as views of the chunks (the last one cut to its rows)."""
+        used, size = self._rows[modality], self._chunk_rows
+        return [c[:min(size, used - k * size)] for k, c in enumerate(self._chunks[modality])]
 
     # ----------------------------------------------------------------- properties
 
@@ -357,32 +285,22 @@ class PseudoLabelBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the bank's arrays (in memory, or in its files in file-backed mode).
-
-        In memory this counts whole chunks: at most one chunk (``chunk_bytes``) a modality
-        more than :meth:`estimate_nbytes` of the pairs stored.
-        """
-        rows = sum(table.nbytes for table in self._rows.values())
-        return rows + len(self.modalities) * self.num_samples * _INDEX_BYTES
-
-    @staticmethod
-    def estimate_nbytes(
-        num_samples: int, num_outputs: int, num_modalities: int, dtype: torch.dtype = torch.float16,
-        pairs: Optional[int] = None,
-    ) -> int:
-        """Bytes a bank of this size holds: ``P * C * itemsize + 16 * M * N``.
-
-        ``pairs`` (``P``) is the number of (sample, modality) pairs stored; by default every
-        sample has every modality (``N * M``). Exact for a bank told its pairs with ``present``.
-        """
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        pairs = num_samples * num_modalities if pairs is None else pairs
-        return pairs * num_outputs * itemsize + num_modalities * num_samples * _INDEX_BYTES
+        """Bytes held by the bank: the chunks of rows and 16 bytes a sample and modality."""
+        rows = sum(len(c) for chunks in self._chunks.values() for c in chunks)
+        return rows * self.num_outputs * self.dtype.itemsize + len(self.modalities) * self.num_samples * _INDEX_BYTES
 
     def stored(self, modality: str) -> Tensor:
-        """``(N,)`` bool: which samples have a row for ``modality`` (recorded or announced)."""
+        """``(N,)`` bool: which samples have a row for ``modality``."""
         self._check_modality("modality", modality)
         return self._slot[modality] >= 0
+
+    def counts(self, modality: str, indices: Optional[Tensor] = None) -> Tensor:
+        """Epochs of the window recorded per sample, ``(B,)`` int64 (all ``N`` when no ids)."""
+        self._check_modality("modality", modality)
+        seen = self._seen[modality]
+        if indices is not None:
+            seen = seen[self._check_indices("indices", indices)]
+        return _popcount(seen, self.window)
 
     def error_bound(self, max_abs: float = 1.0, updates: Optional[int] = None) -> float:
         """First-order bound on ``|stored mean - exact mean|`` after ``updates`` (default window).
@@ -392,21 +310,16 @@ class PseudoLabelBank:
         """
         n = self.window if updates is None else updates
         info = torch.finfo(self.dtype)
-        unit_roundoff = info.eps / 2
-        half_subnormal = info.tiny * info.eps / 2
-        return (n + 1) / 2 * ((unit_roundoff + 8 * 2.0**-24) * max_abs + half_subnormal)
+        return (n + 1) / 2 * ((info.eps / 2 + 8 * 2.0**-24) * max_abs + info.tiny * info.eps / 2)
 
     def config(self) -> dict:
         """The constructor arguments (modalities sorted, dtype by name), JSON-serialisable."""
         return dict(self._config)
 
     def __repr__(self) -> str:
-        where = "memory" if self.storage is None else f"storage={str(self.storage)!r}"
-        return (
-            f"PseudoLabelBank(num_samples={self.num_samples}, num_outputs={self.num_outputs}, "
-            f"modalities={self.modalities}, window={self.window}, "
-            f"total_epochs={self.total_epochs}, dtype={self.dtype}, {where})"
-        )
+        return (f"PseudoLabelBank(num_samples={self.num_samples}, num_outputs={self.num_outputs}, "
+                f"modalities={self.modalities}, window={self.window}, "
+                f"total_epochs={self.total_epochs}, dtype={self.dtype})")
 
     # ----------------------------------------------------------------- checks
 
@@ -419,17 +332,37 @@ class PseudoLabelBank:
         if not isinstance(indices, Tensor):
             indices = torch.as_tensor(indices)
         check_tensor(name, indices, ("B",))
-        indices = check_ids(name, indices, self.num_samples, "sample ids")
-        return indices
+        return check_ids(name, indices, self.num_samples, "sample ids")
 
     def _check_epoch(self, epoch: Any) -> int:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
             raise TypeError(f"epoch: expected an int, got {type(epoch).__name__} {epoch!r}")
         if not 0 <= epoch < self.total_epochs:
-            raise ValueError(
-                f"epoch: expected 0 <= epoch < total_epochs={self.total_epochs}, got {epoch}"
-            )
+            raise ValueError(f"epoch: expected 0 <= epoch < total_epochs={self.total_epochs}, got {epoch}")
         return int(epoch)
+
+    def _check_predictions(self, predictions: Any, batch: int) -> Tensor:
+        check_tensor("predictions", predictions, ("B", "C"), {"B": batch, "C": self.num_outputs},
+                     floating=True)
+        x = predictions.detach().to("cpu", torch.float32)
+        if x.numel():
+            low, high = (float(v) for v in torch.aminmax(x))  # one pass: NaN, inf and range
+            if not (np.isfinite(low) and np.isfinite(high)):
+                check_finite("predictions", x)
+            limit = torch.finfo(self.dtype).max
+            if max(-low, high) > limit:
+                raise ValueError(f"predictions: values up to {max(-low, high):.4g} overflow the bank's "
+                                 f"dtype {self.dtype} (max {limit:.4g})")
+        return x
+
+    def _check_ground_truth(self, ground_truth: Any, batch: int) -> Tensor:
+        check_tensor("ground_truth", ground_truth)
+        if ground_truth.dim() == 1:
+            check_tensor("ground_truth", ground_truth, ("B",), {"B": batch})
+            return check_ids("ground_truth", ground_truth, self.num_outputs, "class labels")
+        check_tensor("ground_truth", ground_truth, ("B", "C"), {"B": batch, "C": self.num_outputs}, floating=True)
+        check_finite("ground_truth", ground_truth)
+        return ground_truth.detach().to("cpu", torch.float32)
 
     # ----------------------------------------------------------------- update / lookup
 
@@ -461,25 +394,11 @@ class PseudoLabelBank:
         self._check_modality("modality", modality)
         epoch = self._check_epoch(epoch)
         indices = self._check_indices("indices", indices)
-        sizes = {"B": int(indices.shape[0]), "C": self.num_outputs}
-        check_tensor("predictions", predictions, ("B", "C"), sizes, floating=True)
-        x = predictions.detach().to("cpu", torch.float32)
-        if x.numel():
-            low, high = (float(v) for v in torch.aminmax(x))  # one pass: NaN, inf and range
-            if not (np.isfinite(low) and np.isfinite(high)):
-                check_finite("predictions", x)
-            limit = torch.finfo(self.dtype).max
-            if max(-low, high) > limit:
-                raise ValueError(
-                    f"predictions: values up to {max(-low, high):.4g} overflow the bank's "
-                    f"dtype {self.dtype} (max {limit:.4g})"
-                )
+        x = self._check_predictions(predictions, int(indices.shape[0]))
         if indices.numel() != torch.unique(indices).numel():
             values, counts = torch.unique(indices, return_counts=True)
-            raise ValueError(
-                f"indices: expected no duplicates, got {int((counts > 1).sum())} ids repeated, "
-                f"e.g. {format_indices(values[counts > 1])}"
-            )
+            raise ValueError(f"indices: expected no duplicates, got {int((counts > 1).sum())} ids repeated, "
+                             f"e.g. {format_indices(values[counts > 1])}")
         if epoch < self.first_epoch or indices.numel() == 0:
             return
         bit = 1 << (epoch - self.first_epoch)
@@ -488,48 +407,29 @@ class PseudoLabelBank:
         if bool(again.any()):
             raise ValueError(
                 f"indices: {int(again.sum())} of {indices.numel()} samples were already recorded "
-                f"for modality {modality!r} at epoch {epoch}, e.g. {format_indices(indices[again])}"
-            )
-        slots = self._slots_adding_rows(modality, indices)
+                f"for modality {modality!r} at epoch {epoch}, e.g. {format_indices(indices[again])}")
+        rows = self._slot[modality].index_select(0, indices)
+        new = rows < 0
+        if bool(new.any()):  # a row (zeros) for each pair recorded for the first time
+            first = self._add_rows(modality, int(new.sum()))
+            rows[new] = torch.arange(first, self._rows[modality])
+            self._slot[modality].index_copy_(0, indices[new], rows[new])
         weight = 1.0 / (_popcount(seen, self.window).to(torch.float32) + 1.0)
-        mean = self._rows[modality].gather(slots).float()  # new rows read as zeros
+        mean = self._gather(modality, rows).float()
         mean.lerp_(x, weight[:, None])  # m + (x - m) / (count + 1), exact x on the first update
-        self._rows[modality].scatter(slots, mean.to(self.dtype))
+        self._scatter(modality, rows, mean.to(self.dtype))
         self._seen[modality].index_copy_(0, indices, seen | bit)
 
-    def _slots_adding_rows(self, modality: str, indices: Tensor) -> Tensor:
-        """The rows of ``indices``, adding one (zeros) for each sample that has none yet."""
-        slots = self._slot[modality].index_select(0, indices)
-        new = slots < 0
-        if bool(new.any()):
-            count = int(new.sum())
-            first = self._rows[modality].grow(count)
-            slots[new] = torch.arange(first, first + count)
-            self._slot[modality].index_copy_(0, indices[new], slots[new])
-        return slots
-
-    def counts(self, modality: str, indices: Optional[Tensor] = None) -> Tensor:
-        """Epochs of the window recorded per sample, ``(B,)`` int64 (all ``N`` when no ids)."""
-        self._check_modality("modality", modality)
-        seen = self._seen[modality]
-        if indices is not None:
-            seen = seen[self._check_indices("indices", indices)]
-        return _popcount(seen, self.window)
-
-    def targets(
-        self,
-        indices: Tensor,
-        present: Mapping[str, Tensor],
-        ground_truth: Optional[Tensor] = None,
-        device: Optional[torch.device] = None,
-    ) -> Tensor:
+    def targets(self, indices: Tensor, present: Mapping[str, Tensor], ground_truth: Optional[Tensor] = None,
+                device: Optional[torch.device] = None) -> Tensor:
         """Pseudo-labels of a batch: each sample's averaged prediction, as float32.
 
         A sample with one present modality gets that modality's average. A sample with several
-        gets the average closest in cosine similarity to ``ground_truth`` (ties: the first
-        modality in sorted order). Without ground truth such a sample is an error rather than
-        a silent average of modalities: the paper's rule needs the ground truth, and
-        pseudo-labels are only used in training, where it is at hand.
+        gets the average closest in cosine similarity to ``ground_truth``
+        (:func:`closest_to_truth`; ties: the first modality in sorted order). Without ground
+        truth such a sample is an error rather than a silent average of modalities: the
+        paper's rule needs the ground truth, and pseudo-labels are only used in training,
+        where it is at hand.
 
         Args:
             indices: ``(B,)`` sample ids.
@@ -555,259 +455,71 @@ class PseudoLabelBank:
         batch = int(indices.shape[0])
         if not isinstance(present, Mapping) or not present:
             raise ValueError(f"present: expected a non-empty mapping of modality -> (B,) bool, got {present!r}")
-        masks: dict[str, Tensor] = {}
-        for m in sorted(present):
+        names = sorted(present)
+        for m in names:
             self._check_modality("present", m)
             check_bool_mask(f"present[{m!r}]", present[m], ("B",), {"B": batch})
-            masks[m] = present[m].detach().to("cpu")
-        num_present = sum(mask.long() for mask in masks.values())
-        none = num_present == 0
-        if bool(none.any()):
-            raise ValueError(
-                f"present: {int(none.sum())} of {batch} samples have no modality, rows "
-                f"{format_indices(none.nonzero().flatten())}"
-            )
-        several = bool((num_present > 1).any())
-        gt = self._check_ground_truth(ground_truth, batch) if ground_truth is not None else None
-        if several and gt is None:
-            raise ValueError(
-                f"ground_truth: required to choose between modalities, "
-                f"{int((num_present > 1).sum())} of {batch} samples have several, rows "
-                f"{format_indices((num_present > 1).nonzero().flatten())}"
-            )
-        for m, mask in masks.items():
+        available = torch.stack([present[m].detach().to("cpu") for m in names])  # (M, B)
+        num_present = available.sum(0)
+        if bool((num_present == 0).any()):
+            none = (num_present == 0).nonzero().flatten()
+            raise ValueError(f"present: {none.numel()} of {batch} samples have no modality, "
+                             f"rows {format_indices(none)}")
+        several = num_present > 1
+        choose = bool(several.any())
+        gt = None if ground_truth is None else self._check_ground_truth(ground_truth, batch)
+        if choose and gt is None:
+            raise ValueError(f"ground_truth: required to choose between modalities, {int(several.sum())} of "
+                             f"{batch} samples have several, rows {format_indices(several.nonzero().flatten())}")
+        for m, mask in zip(names, available):
             ids = indices[mask]
             never = self._seen[m][ids] == 0
             if bool(never.any()):
                 raise ValueError(
-                    f"present: modality {m!r} was never recorded (in epochs "
-                    f"{self.first_epoch}..{self.total_epochs - 1}) for {int(never.sum())} of "
-                    f"{ids.numel()} samples, e.g. ids {format_indices(ids[never])}"
-                )
-        out = torch.zeros(batch, self.num_outputs, dtype=torch.float32)
-        best = torch.full((batch,), -float("inf"))
-        for m, mask in masks.items():
+                    f"present: modality {m!r} was never recorded (in epochs {self.first_epoch}.."
+                    f"{self.total_epochs - 1}) for {int(never.sum())} of {ids.numel()} samples, "
+                    f"e.g. ids {format_indices(ids[never])}")
+        # one candidate a modality when a sample must choose, else every sample's one modality
+        out = torch.zeros(len(names) if choose else 1, batch, self.num_outputs)
+        for i, (m, mask) in enumerate(zip(names, available)):
             rows = mask.nonzero().flatten()
-            values = self._rows[m].gather(self._slot[m][indices[rows]]).float()
-            score = self._cosine(values, gt, rows) if several else torch.zeros(rows.numel())
-            better = score > best[rows]
-            out[rows[better]] = values[better]
-            best[rows[better]] = score[better]
+            out[i if choose else 0].index_copy_(0, rows, self._gather(m, self._slot[m][indices[rows]]).float())
+        out = closest_to_truth(out, available, gt) if choose else out[0]
         return out if device is None else out.to(device)
 
-    def _check_ground_truth(self, ground_truth: Any, batch: int) -> Tensor:
-        check_tensor("ground_truth", ground_truth)
-        if ground_truth.dim() == 1:
-            check_tensor("ground_truth", ground_truth, ("B",), {"B": batch})
-            return check_ids("ground_truth", ground_truth, self.num_outputs, "class labels")
-        check_tensor("ground_truth", ground_truth, ("B", "C"),
-                     {"B": batch, "C": self.num_outputs}, floating=True)
-        check_finite("ground_truth", ground_truth)
-        return ground_truth.detach().to("cpu", torch.float32)
-
-    @staticmethod
-    def _cosine(values: Tensor, gt: Tensor, rows: Tensor) -> Tensor:
-        norm = values.norm(dim=1).clamp_min(1e-12)
-        if gt.dim() == 1:  # one-hot ground truth: cos = values[label] / |values|
-            return values.gather(1, gt[rows][:, None]).squeeze(1) / norm
-        target = gt[rows]
-        return (values * target).sum(1) / (norm * target.norm(dim=1).clamp_min(1e-12))
-
-    # ----------------------------------------------------------------- memory and files
-
-    def release(self) -> None:
-        """File-backed mode: drop the mapped pages of the per-sample arrays from the process.
-
-        The means are never mapped (see the module notes), so this frees at most ``16 * N``
-        bytes a modality; the data stays in the files. A no-op in memory.
-        """
-        if hasattr(mmap, "MADV_DONTNEED"):
-            for mm in self._maps:
-                mm.madvise(mmap.MADV_DONTNEED)
-
-    def flush(self) -> None:
-        """File-backed mode: write everything to the storage device (``msync``, ``fsync``).
-
-        Every update is in the files (the page cache) as soon as it returns, and other readers
-        of the files see it; ``flush`` makes it durable. A no-op in memory.
-        """
-        for mm in self._maps:
-            mm.flush()
-        for table in self._rows.values():
-            table.flush()
-
-    def close(self) -> None:
-        """Flush and close the files (file-backed mode). The bank is unusable afterwards."""
-        self.flush()
-        maps, self._maps = self._maps, []
-        tables, self._rows = self._rows, {}
-        self._slot, self._seen = {}, {}
-        for table in tables.values():
-            table.close()
-        for mm in maps:
-            try:
-                mm.close()
-            except BufferError:  # a caller still holds a view; the map closes when it is freed
-                pass
-
-    def __enter__(self) -> "PseudoLabelBank":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def save(self, path: PathLike) -> None:
-        """Write the bank to the directory ``path`` (created), every file atomically.
-
-        Layout (see the module notes): ``mean.<modality>.npy`` ``(P_m, C)`` rows,
-        ``slot.<modality>.npy`` ``(N,)`` int64 row of each sample (``-1``: none),
-        ``seen.<modality>.npy`` ``(N,)`` int64 epoch bit masks, then ``bank.json`` (written
-        last: a directory with ``bank.json`` is complete). Saving a file-backed bank to its own
-        storage just flushes it.
-        """
-        root = Path(path).resolve()
-        if self.storage is not None and root == self.storage:
-            self.flush()
-            self._write_meta(root)
-            return
-        root.mkdir(parents=True, exist_ok=True)
-        for m in self.modalities:
-            save_rows(self._path(root, "mean", m), self._rows[m], self._chunk_rows)
-            atomic_numpy_save(self._path(root, "slot", m), self._slot[m].numpy())
-            atomic_numpy_save(self._path(root, "seen", m), self._seen[m].numpy())
-        self._write_meta(root)
-
-    @classmethod
-    def load(cls, path: PathLike, mmap: bool = False, resident_budget: int = 64 << 20) -> "PseudoLabelBank":
-        """Read a bank written by :meth:`save` (or a ``storage`` directory), bit-exactly.
-
-        Args:
-            path: the directory.
-            mmap: keep working on the files in place (file-backed mode, as ``storage=path``:
-                later updates modify the files) instead of reading them into memory. The name
-                is historical: the means are read and written with positioned I/O, not mapped.
-            resident_budget: as in the constructor.
-
-        Raises:
-            FileNotFoundError: no ``bank.json`` in ``path``.
-            ValueError: another format or version (banks saved before version 2 cannot be
-                read), or files that disagree with ``bank.json`` or with each other.
-        """
-        root = Path(path)
-        config = cls._read_meta(root)
-        bank = cls.__new__(cls)
-        bank._init(config, root if mmap else None, resident_budget)
-        if mmap:
-            bank._open_files()
-        else:
-            bank._copy_from_files(root)
-        return bank
-
-    @staticmethod
-    def _read_meta(root: Path) -> dict:
-        meta_path = root / "bank.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"path: no PseudoLabelBank in {root} (bank.json missing)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-            raise ValueError(
-                f"{meta_path}: expected format {_FORMAT!r} version {_VERSION}, got "
-                f"{meta.get('format')!r} version {meta.get('version')!r} (version 1 banks, one row "
-                f"for every sample and modality, cannot be read: rerun the unimodal stage)"
-            )
-        config = {k: meta[k] for k in
-                  ("num_samples", "num_outputs", "modalities", "window", "total_epochs", "dtype")}
-        if config["dtype"] not in _DTYPE_BY_NAME:
-            raise ValueError(f"{meta_path}: unknown dtype {config['dtype']!r}")
-        PseudoLabelBank._check_config(
-            config["num_samples"], config["num_outputs"], config["modalities"], config["window"],
-            config["total_epochs"], _DTYPE_BY_NAME[config["dtype"]])
-        return config
-
-    def _replace(self, modality: str, slot: Tensor, seen: Tensor, rows: int,
-                 blocks: Iterable[Tensor]) -> None:
-        """Make ``modality``'s table the ``rows`` rows of ``blocks``, with these per-sample arrays."""
-        if self.storage is None:
-            table = self._memory_rows()
-            self._slot[modality] = slot.clone()
-            self._seen[modality] = seen.clone()
-        else:
-            table = self._rows[modality]
-            table.truncate()
-            self._slot[modality].copy_(slot)
-            self._seen[modality].copy_(seen)
-        table.grow(rows, exact=True)
-        start = 0
-        for block in blocks:
-            table.write(start, block)
-            start += block.shape[0]
-        self._rows[modality] = table
-
-    def _copy_from_files(self, root: Path) -> None:
-        """Read the bank in the directory ``root`` (its config already checked) into this one."""
-        shape = (self.num_samples,)
-        for m in self.modalities:
-            source = FileRows(self._path(root, "mean", m), self.num_outputs, self.dtype, writable=False)
-            try:
-                arrays = []
-                for name in ("slot", "seen"):
-                    mm, array = map_npy(self._path(root, name, m), shape, _INDEX, writable=False)
-                    arrays.append(torch.from_numpy(array.copy()))
-                    del array
-                    mm.close()
-                _check_layout(str(root / f"*.{m}.npy"), *arrays, len(source), self.window)
-                self._replace(m, *arrays, len(source), source.blocks(self._chunk_rows))
-            finally:
-                source.close()
+    # ----------------------------------------------------------------- state and files
 
     def state_dict(self) -> dict:
-        """The bank's state for a checkpoint.
+        """The bank's state for a checkpoint: ``{"config", "slot", "seen", "mean"}``.
 
-        In memory: ``{"config": ..., "slot": {m: (N,)}, "seen": {m: (N,)}, "mean": {m: [blocks]}}``
-        with the rows of modality ``m`` as a list of ``(r, C)`` blocks in row order (concatenate
-        them for the ``(P_m, C)`` table). The tensors are the bank's own (not copies, as
-        ``nn.Module.state_dict``; ``torch.save`` copies them), except a partly filled last chunk
-        of rows, copied so that a checkpoint holds no unused rows. In file-backed mode the
-        files are flushed and the state only references them: ``{"config": ..., "storage":
-        "<path>"}``, so a checkpoint is as small as a path, the files must be kept with it, and
-        they go on changing with later updates (save a copy with :meth:`save` for a frozen
-        snapshot).
+        ``slot[m]`` and ``seen[m]`` are ``(N,)`` int64; ``mean[m]`` holds the rows of modality
+        ``m`` as a list of ``(r, C)`` blocks in row order (concatenate them for the ``(P_m, C)``
+        table). The tensors are the bank's own (not copies, as ``nn.Module.state_dict``;
+        ``torch.save`` copies them), except the partly used last chunk, copied so that a
+        checkpoint holds no unused rows.
         """
-        state: dict = {"config": self.config()}
-        if self.storage is not None:
-            self.flush()
-            self._write_meta(self.storage)
-            state["storage"] = str(self.storage)
-            return state
-        state["slot"] = dict(self._slot)
-        state["seen"] = dict(self._seen)
-        state["mean"] = {m: self._state_blocks(m) for m in self.modalities}
-        return state
-
-    def _state_blocks(self, modality: str) -> list[Tensor]:
-        table = self._rows[modality]
         # torch.save writes the whole storage of a view: copy a block that is part of a chunk
-        blocks = [b if b.nbytes == b.untyped_storage().nbytes() else b.clone()
-                  for b in table.blocks(max(1, len(table)))]
-        return blocks or [torch.zeros(0, self.num_outputs, dtype=self.dtype)]
+        mean = {m: [b if b.nbytes == b.untyped_storage().nbytes() else b.clone() for b in self._blocks(m)]
+                or [torch.zeros(0, self.num_outputs, dtype=self.dtype)] for m in self.modalities}
+        return {"config": self.config(), "slot": dict(self._slot), "seen": dict(self._seen), "mean": mean}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (either kind) into this bank, whose config must match.
+        """Restore a :meth:`state_dict` into this bank, whose config must match.
 
         ``state["mean"][m]`` may also be one ``(P_m, C)`` tensor instead of a list of blocks.
+        Everything is checked before the bank changes.
         """
         config = state.get("config") if isinstance(state, Mapping) else None
         if config != self.config():
             raise ValueError(f"state: expected config {self.config()}, got {config}")
-        if "storage" in state:
-            root = Path(state["storage"]).resolve()
-            if self.storage is not None and root == self.storage:
-                return
-            self._copy_from_files(root)
-            return
-        checked = {m: self._check_state(state, m) for m in self.modalities}  # all before any change
+        checked = {m: self._check_state(state, m) for m in self.modalities}
+        self._init(self._config)
         for m, (slot, seen, blocks) in checked.items():
-            self._replace(m, slot, seen, sum(b.shape[0] for b in blocks), blocks)
+            self._slot[m], self._seen[m] = slot.clone(), seen.clone()
+            start = self._add_rows(m, sum(b.shape[0] for b in blocks))
+            for block in blocks:
+                self._scatter(m, torch.arange(start, start + block.shape[0]), block)
+                start += block.shape[0]
 
     def _check_state(self, state: Mapping[str, Any], m: str) -> tuple[Tensor, Tensor, list[Tensor]]:
         slot, seen, mean = state["slot"][m], state["seen"][m], state["mean"][m]
@@ -822,3 +534,81 @@ class PseudoLabelBank:
                 raise TypeError(f"state['mean'][{m!r}][{i}]: expected {self.dtype}, got {block.dtype}")
         _check_layout(f"state[...][{m!r}]", slot, seen, sum(b.shape[0] for b in blocks), self.window)
         return slot, seen, blocks
+
+    def save(self, path: PathLike) -> None:
+        """Write the bank to the directory ``path`` (created), every file atomically.
+
+        The layout is in the module notes; ``bank.json`` is written last, so a directory with
+        ``bank.json`` is complete. Saving over a saved bank replaces it.
+        """
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        for m in self.modalities:
+            header = {"descr": np.lib.format.dtype_to_descr(_FILE_DTYPE[self.dtype]), "fortran_order": False,
+                      "shape": (self._rows[m], self.num_outputs)}
+
+            def write(f: IO[bytes], m: str = m, header: dict = header) -> None:
+                np.lib.format.write_array_header_1_0(f, header)
+                for block in self._blocks(m):  # chunk by chunk: no copy of the table
+                    f.write(_raw(block).data)
+
+            atomic_write(root / f"mean.{m}.npy", write)
+            atomic_numpy_save(root / f"slot.{m}.npy", self._slot[m].numpy())
+            atomic_numpy_save(root / f"seen.{m}.npy", self._seen[m].numpy())
+        atomic_write_json(root / "bank.json", {"format": _FORMAT, "version": _VERSION, **self._config})
+
+    @classmethod
+    def load(cls, path: PathLike) -> "PseudoLabelBank":
+        """Read a bank written by :meth:`save`, bit-exactly.
+
+        Raises:
+            FileNotFoundError: no ``bank.json`` in ``path``.
+            ValueError: another format or version (banks saved before version 2 cannot be
+                read), or files that disagree with ``bank.json`` or with each other.
+        """
+        root = Path(path)
+        meta_path = root / "bank.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"path: no PseudoLabelBank in {root} (bank.json missing)")
+        meta = read_json(meta_path)
+        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+            raise ValueError(
+                f"{meta_path}: expected format {_FORMAT!r} version {_VERSION}, got "
+                f"{meta.get('format')!r} version {meta.get('version')!r} (version 1 banks, one row "
+                f"for every sample and modality, cannot be read: rerun the unimodal stage)")
+        keys = ("num_samples", "num_outputs", "modalities", "window", "total_epochs")
+        if meta.get("dtype") not in _DTYPE_BY_NAME:
+            raise ValueError(f"{meta_path}: unknown dtype {meta.get('dtype')!r}")
+        bank = cls(*(meta[k] for k in keys), dtype=_DTYPE_BY_NAME[meta["dtype"]])
+        for m in bank.modalities:
+            slot, seen = (bank._read_index(root / f"{name}.{m}.npy") for name in ("slot", "seen"))
+            bank._slot[m], bank._seen[m] = slot, seen
+            rows = bank._read_rows(m, root / f"mean.{m}.npy")
+            _check_layout(str(root / f"*.{m}.npy"), slot, seen, rows, bank.window)
+        return bank
+
+    def _read_index(self, path: Path) -> Tensor:
+        array = np.load(path, allow_pickle=False)
+        if array.dtype != np.int64 or array.shape != (self.num_samples,):
+            raise ValueError(f"{path}: expected an int64 array of shape ({self.num_samples},), "
+                             f"got {array.dtype} shape {array.shape}")
+        return torch.from_numpy(array)
+
+    def _read_rows(self, modality: str, path: Path) -> int:
+        """Read a ``mean`` file straight into new chunks (no copy of the table); returns its rows."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            if fortran or len(shape) != 2 or shape[1] != self.num_outputs or dtype != _FILE_DTYPE[self.dtype]:
+                raise ValueError(f"{path}: expected a {_FILE_DTYPE[self.dtype]} array of shape "
+                                 f"(P, {self.num_outputs}), got {dtype} shape {shape}"
+                                 f"{' in Fortran order' if fortran else ''}")
+            self._add_rows(modality, shape[0])
+            for block in self._blocks(modality):
+                data = memoryview(_raw(block)).cast("B")
+                if f.readinto(data) != len(data):
+                    raise ValueError(f"{path}: holds fewer bytes than its {shape[0]} rows of {self.num_outputs} values")
+            if f.read(1):
+                raise ValueError(f"{path}: holds more bytes than its {shape[0]} rows of {self.num_outputs} values")
+        return shape[0]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from umilayers.data.dataset import Batch
+from umilayers.pseudo_labels import closest_to_truth
 
 __all__ = ["pair_same_label"]
 
@@ -109,10 +110,7 @@ def pair_same_label(
         masks[m] = None if old_mask is None else old_mask[rank[source]]
         new_present[m] = take
     pseudo = pseudo_targets
-    if pseudo_targets is not None:
-        one_hot = torch.nn.functional.one_hot(batch.targets, pseudo_targets.shape[1]).to(pseudo_targets.dtype)
-        cosine = torch.nn.functional.cosine_similarity(pseudo_targets, one_hot, dim=1)
-        other = partner.clamp_min(0)
-        use_other = joined & (cosine[other] > cosine)
-        pseudo = torch.where(use_other[:, None], pseudo_targets[other], pseudo_targets)
+    if pseudo_targets is not None:  # the row's own pseudo-label, or its partner's if closer
+        candidates = torch.stack([pseudo_targets, pseudo_targets[partner.clamp_min(0)]])
+        pseudo = closest_to_truth(candidates, torch.stack([torch.ones_like(joined), joined]), batch.targets)
     return dataclasses.replace(batch, inputs=inputs, padding_masks=masks, present=new_present), pseudo

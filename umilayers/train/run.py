@@ -75,7 +75,7 @@ from umilayers._version import __version__
 from umilayers.baselines import build_model, model_from_spec, model_spec
 from umilayers.data import Batch, FeatureStore, StoreError
 from umilayers.model import TaskModel
-from umilayers.pseudo_labels import PseudoLabelBank
+from umilayers.pseudo_labels import PseudoLabelBank, closest_to_truth
 from umilayers.train.checkpoint import capture_rng_state, derive_seed, restore_rng_state
 from umilayers.train.config import FitConfig, RuntimeConfig
 from umilayers.train.distributed import DistContext, setup, teardown
@@ -363,8 +363,9 @@ def retrieval_paper_targets(bank: PseudoLabelBank, text_embeddings: Mapping[str,
     Sec. 3.3): ``(B, E)`` video embeddings.
 
     For each sample, among the modalities it has, the bank's averaged video embedding ``p_i^m``
-    of the modality whose cosine with the ground truth is highest. The ground truth of modality
-    ``m`` is the sample's caption embedded by unimodal model ``m``'s own text encoder
+    of the modality whose cosine with the ground truth is highest
+    (:func:`~umilayers.pseudo_labels.closest_to_truth`). The ground truth of modality ``m`` is
+    the sample's caption embedded by unimodal model ``m``'s own text encoder
     (``text_embeddings[m][i, slot]``): each unimodal model has its own embedding space, and only
     there is the comparison meaningful. Ties go to the first modality in sorted order. The
     multimodal model learns from it with the triplet loss of :meth:`TaskLoss.pseudo
@@ -375,20 +376,17 @@ def retrieval_paper_targets(bank: PseudoLabelBank, text_embeddings: Mapping[str,
         - output: ``(B, E)`` L2-normalised (on the CPU)
     """
     slots = _slots(indices, caption_slots)
+    names = sorted(present)
+    available = torch.stack([present[m] for m in names])  # (M, B)
     width = next(iter(text_embeddings.values())).shape[-1]
-    out = torch.zeros(len(indices), width)
-    best = torch.full((len(indices),), -float("inf"))
-    for m in sorted(present):
-        rows = present[m].nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        values = F.normalize(bank.targets(indices[rows], {m: torch.ones(rows.numel(), dtype=torch.bool)}), dim=-1)
-        truth = F.normalize(text_embeddings[m][indices[rows], slots[rows]].float(), dim=-1)
-        score = (values * truth).sum(-1)
-        better = score > best[rows]
-        out[rows[better]] = values[better]
-        best[rows[better]] = score[better]
-    return out
+    candidates = torch.zeros(len(names), len(indices), width)
+    truth = torch.zeros(len(names), len(indices), width)  # each modality's own caption embedding
+    for i, (m, rows) in enumerate(zip(names, available)):
+        if bool(rows.any()):
+            values = bank.targets(indices[rows], {m: torch.ones(int(rows.sum()), dtype=torch.bool)})
+            candidates[i, rows] = F.normalize(values, dim=-1)
+            truth[i, rows] = text_embeddings[m][indices[rows], slots[rows]].float()
+    return closest_to_truth(candidates, available, truth)
 
 
 class _Run:
