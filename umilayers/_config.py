@@ -119,9 +119,15 @@ def _kind(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
-@functools.lru_cache(maxsize=None)
 def option_specs(cls: type) -> tuple[OptionSpec, ...]:
     """The :class:`OptionSpec` of every option field of ``cls``, in field order."""
+    # A class is hashable, but mypy reads a frozen dataclass's instance ``__hash__`` as the
+    # class's own and refuses ``type[Config]`` for ``lru_cache``'s ``Hashable``: call through ``type``.
+    return _option_specs(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _option_specs(cls: type) -> tuple[OptionSpec, ...]:
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
@@ -135,7 +141,7 @@ def option_specs(cls: type) -> tuple[OptionSpec, ...]:
     return tuple(specs)
 
 
-def _nested(cls: type) -> dict[str, type]:
+def _nested(cls: type) -> dict[str, type[Config]]:
     """Fields of ``cls`` that hold a config of their own: name -> its class."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)

@@ -29,7 +29,7 @@ Shape letters: ``B`` batch, ``N`` tokens, ``D`` width, ``H`` heads, ``G`` groups
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -507,9 +507,11 @@ class GroupMaskedTransformer(nn.Module):
                     f"but x has N={n} tokens"
                 )
             return self.group_sizes
-        if n % self.groups:
-            raise ValueError(f"x: N={n} tokens cannot be split into groups={self.groups} equal groups")
-        return [n // self.groups] * self.groups
+        groups = self.groups
+        assert groups is not None, "the constructor sets groups exactly when group_sizes is None"
+        if n % groups:
+            raise ValueError(f"x: N={n} tokens cannot be split into groups={groups} equal groups")
+        return [n // groups] * groups
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, *, first_of_group: bool = False) -> Tensor:
         sizes: dict[str, int] = {}
@@ -527,7 +529,7 @@ class GroupMaskedTransformer(nn.Module):
         for block in self.blocks[:-1] if fast else self.blocks:
             x = block(x, kernel, group_sizes, padding_mask)
         if fast:
-            return self.blocks[-1].forward_first(x, group_sizes, padding_mask)
+            return cast(_Block, self.blocks[-1]).forward_first(x, group_sizes, padding_mask)
         if first_of_group:
             return x[:, [sum(group_sizes[:g]) for g in range(len(group_sizes))]]
         return x

@@ -16,7 +16,7 @@ feature size, ``D`` width, ``C`` outputs, ``t`` caption tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -276,6 +276,7 @@ class UnimodalModel(_SupervisedOnly):
         self.task, self.predictor, self.text_dim = cfg.task, cfg.predictor, cfg.text_dim
         # pooled / flattened tokens: no positions
         self.max_tokens, self.positions = cfg.max_tokens, cfg.positions if cfg.predictor == "transformer" else None
+        self.head: nn.Module
         if cfg.predictor == "linear":
             self.head = nn.Linear(cfg.in_dim, cfg.num_outputs, **factory)
         elif cfg.predictor == "mlp":
@@ -420,18 +421,23 @@ class LateFusion(TaskModel):
                              positions=cfg.positions, **factory)
             for m, d in cfg.modality_dims.items()
         })
-        self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory) if cfg.task == "retrieval" else None
+        self.text_encoder = None
+        if cfg.task == "retrieval":
+            assert cfg.text_dim is not None, "the config requires it for retrieval"
+            self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory)
         self.task_loss = TaskLoss(cfg.task, cfg.margin)
 
     def token_limits(self) -> dict[str, int]:
         """The members' limits (an MLP's input length, a learned position table's)."""
-        return {m: limit for member in self.members.values() for m, limit in member.token_limits().items()}
+        return {m: limit for member in self.members.values()
+                for m, limit in cast(UnimodalModel, member).token_limits().items()}
 
     def forward_checked(self, inputs: Mapping[str, Tensor], padding_masks: Mapping[str, Optional[Tensor]],
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
         """Average of the unimodal predictions over the modalities each sample has."""
         outputs = {
-            m: self.members[m].predict(inputs[m], padding_masks.get(m)) for m in present if inputs[m].shape[0] > 0
+            m: cast(UnimodalModel, self.members[m]).predict(inputs[m], padding_masks.get(m))
+            for m in present if inputs[m].shape[0] > 0
         }
         first = next(iter(outputs.values()))
         total = first.new_zeros(batch, self.num_outputs)
@@ -535,7 +541,10 @@ class VanillaTransformer(_SupervisedOnly):
         self.transformer = GroupMaskedTransformer(dim, cfg.depth, cfg.heads, cfg.mlp_ratio, groups=1,
                                                   head_dim=cfg.head_dim, **factory)
         self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, cfg.num_outputs, **factory))
-        self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory) if cfg.task == "retrieval" else None
+        self.text_encoder = None
+        if cfg.task == "retrieval":
+            assert cfg.text_dim is not None, "the config requires it for retrieval"
+            self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory)
         self.task_loss = TaskLoss(cfg.task, cfg.margin)
 
     def _modality_sequence(
@@ -550,6 +559,7 @@ class VanillaTransformer(_SupervisedOnly):
         tokens = missing.new_zeros(batch, length, missing.shape[1])
         padding = torch.ones(batch, length, dtype=torch.bool, device=missing.device)
         if k_in:
+            assert x is not None, "k_in > 0 only with rows of m"
             if mask is not None:
                 x = x.masked_fill(mask[..., None], 0.0)  # padding values are never read
             table = self.pos_embed[m] if self.pos_embed is not None else None
@@ -650,9 +660,9 @@ def build_model(
         projection = "pooled" if method == "pooled" else "feature"
         if method == "pooled":
             hp = hp.replace(positions=None)  # mean-pooled tokens: nothing to put positions on
-        sized = {"modality_tokens": tokens} if hp.positions == "learned" else {}
+        lengths = {"modality_tokens": tokens} if hp.positions == "learned" else {}
         return UnseenModalityModel(modality_dims, num_outputs, task, text_dim=text_dim, projection=projection,
-                                   ensemble_subsets=ensemble_subsets, **sized, **hp.to_dict(), **factory)
+                                   ensemble_subsets=ensemble_subsets, **lengths, **hp.to_dict(), **factory)
     if ensemble_subsets is not None:
         raise ValueError(f"ensemble_subsets: only methods 'umi' and 'pooled' take it, got method {method!r}")
     shared = {"dim": hp.dim, "heads": hp.heads, "head_dim": hp.head_dim, "margin": hp.margin, "text_dim": text_dim}
@@ -684,7 +694,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     name = type(model).__name__
     if name not in _CLASSES or not hasattr(model, "config_dict"):
         raise TypeError(f"model_spec: expected one of {sorted(_CLASSES)}, got {name}")
-    return {"class": name, "config": model.config_dict()}
+    return {"class": name, "config": cast(TaskModel, model).config_dict()}
 
 
 def model_from_spec(spec: Mapping[str, Any], device=None, dtype=None) -> nn.Module:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -633,7 +633,8 @@ class TaskModel(nn.Module):
     def from_config(cls, config: Config | Mapping[str, Any], device=None, dtype=None) -> "TaskModel":
         """Build from a :attr:`config_class` instance or its ``to_dict()`` (unknown keys refused)."""
         if not isinstance(config, cls.config_class):
-            config = cls.config_class.from_dict(config)
+            # Anything but a config_class instance is read as its to_dict() (from_dict refuses the rest).
+            config = cls.config_class.from_dict(cast(Mapping[str, Any], config))
         return cls(**config.to_dict(), device=device, dtype=dtype)
 
     def config_dict(self) -> dict[str, Any]:
@@ -672,7 +673,10 @@ class TaskModel(nn.Module):
     def supervised_loss(self, outputs: Tensor, targets: Tensor, text_emb: Optional[Tensor]) -> Tensor:
         """Ground-truth loss of one branch's ``(B, C)`` outputs (:meth:`TaskLoss.supervised
         <umilayers.losses.TaskLoss.supervised>`); for retrieval ranked against ``text_emb``."""
-        return self.task_loss.supervised_checked(outputs, text_emb if self.task == "retrieval" else targets)
+        if self.task == "retrieval":
+            assert text_emb is not None, "retrieval ranks against the caption embeddings"
+            return self.task_loss.supervised_checked(outputs, text_emb)
+        return self.task_loss.supervised_checked(outputs, targets)
 
     def loss(
         self,
@@ -859,6 +863,7 @@ class UnseenModalityModel(TaskModel):
         >>> losses.total.backward()
     """
 
+    config: UMIConfig
     config_class = UMIConfig
 
     def __init__(
@@ -902,9 +907,11 @@ class UnseenModalityModel(TaskModel):
         self.head = nn.Sequential(nn.LayerNorm(dim, **factory), nn.Linear(dim, cfg.num_outputs, **factory))
         self.alignment: Optional[AlignmentLoss] = None
         if cfg.use_alignment:
+            assert cfg.num_align_tokens is not None, "UMIConfig.check fills in its default"
             self.alignment = AlignmentLoss(cfg.num_align_tokens, dim, assign=cfg.align_assign, **factory)
         self.text_encoder: Optional[TextEncoder] = None
         if cfg.task == "retrieval":
+            assert cfg.text_dim is not None, "UMIConfig.check requires it for retrieval"
             self.text_encoder = TextEncoder(cfg.text_dim, cfg.num_outputs, **factory)
         self.task_loss = TaskLoss(cfg.task, cfg.margin, pseudo_reduction=cfg.pseudo_reduction,
                                   label_smoothing=cfg.label_smoothing)
@@ -923,7 +930,12 @@ class UnseenModalityModel(TaskModel):
 
     def token_limits(self) -> dict[str, int]:
         """The learned position tables' lengths (``positions="learned"``)."""
-        return {m: p.max_tokens for m, p in self.projections.items() if p.max_tokens is not None}
+        limits = {m: self._projection(m).max_tokens for m in self.projections}
+        return {m: n for m, n in limits.items() if n is not None}
+
+    def _projection(self, modality: str) -> FeatureProjection | PooledProjection:
+        """The projection of ``modality`` (the ``projections`` dict holds one of these)."""
+        return cast("FeatureProjection | PooledProjection", self.projections[modality])
 
     def pseudo_target_shape(self, batch: int) -> tuple[int, int]:
         """``(B, C)``; for retrieval ``(B, B)`` teacher similarities (``"relational"``) or
@@ -950,7 +962,8 @@ class UnseenModalityModel(TaskModel):
                         present: Mapping[str, Tensor], batch: int, check_values: bool) -> UMIOutput:
         """Projections of the rows that have each modality, their sum, the branches, the head."""
         features = {
-            m: self.projections[m].forward_checked(inputs[m], padding_masks.get(m))
+            # Without return_weights a projection returns its output alone.
+            m: cast(Tensor, self._projection(m).forward_checked(inputs[m], padding_masks.get(m)))
             for m in present
             if inputs[m].shape[0] > 0
         }

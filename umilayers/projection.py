@@ -20,7 +20,7 @@ pool over the tokens, then a linear layer, repeated or reshaped to ``(B, K, D)``
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from einops import rearrange, repeat
@@ -169,7 +169,10 @@ class _TokenProjection(nn.Module):
             # Padding values are never read: NaN there must not reach attention or the sums.
             x = x.masked_fill(padding_mask[..., None], 0.0)
         out, weights = self.project(x, padding_mask, return_weights)
-        return (out, weights) if return_weights else out
+        if not return_weights:
+            return out
+        assert weights is not None, "project returns the weights when asked for them"
+        return out, weights
 
     def project(
         self, x: Tensor, padding_mask: Optional[Tensor], return_weights: bool
@@ -272,7 +275,7 @@ class FeatureProjection(_TokenProjection):
         check_choice("normalize", normalize, NORMALIZE)
         check_positions(positions, max_tokens)
         check_number("mlp_ratio", mlp_ratio, strict=True)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
         self.normalize = normalize
         self.positions = positions

@@ -307,9 +307,10 @@ def collate_modalities(
                 raise TypeError(f"items[{i}]: modality names must be str, got {m!r}")
             if known is not None and m not in known:
                 raise ValueError(f"items[{i}]: unknown modality {m!r}; expected one of {known}")
-            if not isinstance(sample[m], Tensor):
-                raise TypeError(f"items[{i}][{m!r}]: expected a torch.Tensor, got {type(sample[m]).__name__}")
-            rows.setdefault(m, []).append((i, sample[m]))
+            value = sample[m]
+            if not isinstance(value, Tensor):
+                raise TypeError(f"items[{i}][{m!r}]: expected a torch.Tensor, got {type(value).__name__}")
+            rows.setdefault(m, []).append((i, value))
     inputs, masks, present = {}, {}, {}
     for m in sorted(set(rows) | set(known or ())):
         present[m] = torch.zeros(len(maps), dtype=torch.bool)

@@ -272,7 +272,7 @@ class FeatureStore:
                     raise StoreError(f"{path}: refusing to overwrite a directory that holds no "
                                      f"store.json (not a FeatureStore)")
                 shutil.rmtree(path)
-        meta = {
+        meta: dict[str, Any] = {
             "format": FORMAT,
             "task": task,
             "num_outputs": num_outputs,
@@ -460,6 +460,7 @@ class FeatureStore:
                 raise StoreError(f"{label}: expected integer class labels, found dtype {targets.dtype}")
             _check_label_range(targets, self.num_outputs, label)
             return targets.astype(np.int64)
+        expected: tuple[int, ...]
         if self.task == "regression":
             expected = (size, self.num_outputs)
         else:
@@ -558,9 +559,9 @@ class FeatureStore:
                 raise StoreError(f"{file}: expected integer class labels, found dtype {targets.dtype}")
             _check_label_range(np.asarray(targets), self.num_outputs, str(file))
         else:
-            expected = self._target_shape(info.size)
-            if targets.shape != expected:
-                raise StoreError(f"{file}: expected shape {_shape(expected)}, found {_shape(targets.shape)}")
+            target_shape = self._target_shape(info.size)
+            if targets.shape != target_shape:
+                raise StoreError(f"{file}: expected shape {_shape(target_shape)}, found {_shape(targets.shape)}")
             if targets.dtype not in FEATURE_DTYPES:
                 raise StoreError(f"{file}: expected dtype float16 or float32, found {targets.dtype}")
             if deep:

@@ -294,8 +294,9 @@ def _write_synthetic_store(task: str, path: Path, num_train: Optional[int], num_
                    "retrieval": cfg.embed_dim}[task]
     text = (cfg.text_tokens, cfg.text_dim) if task == "retrieval" else None
     store = FeatureStore.create(path, task, num_outputs, shapes, text=text)
-    sampler = {"classification": _ClassificationTask, "regression": _RegressionTask,
-               "retrieval": _RetrievalTask}[task](rng, cfg, geometry)
+    samplers: dict[str, type[_ClassificationTask | _RegressionTask | _RetrievalTask]] = {
+        "classification": _ClassificationTask, "regression": _RegressionTask, "retrieval": _RetrievalTask}
+    sampler = samplers[task](rng, cfg, geometry)
     splits = [(name, "train", mods, cfg.num_train) for name, mods in layout.items()]
     splits += [("val", "val", tuple(names), cfg.num_eval), ("test", "test", tuple(names), cfg.num_eval)]
     for name, role, mods, size in splits:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import wave
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ from umilayers.datasets.checkpoints import (
     load_checkpoint,
     unwrap_state_dict,
 )
+
+if TYPE_CHECKING:  # timm is an optional extra, imported where a model is built
+    from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -823,6 +827,7 @@ def clip_input_paths(clip: EpicClip, modality: str, root: PathLike, config: "Ext
         return [folder / _frame_name(i) for i in dict.fromkeys(rgb_frame_indices(clip, config.frames))]
     if modality == "flow":
         folder = root / clip.participant_id / "flow_frames" / clip.video_id
+        assert config.flow_frames is not None, "ExtractionConfig fills in its default"
         indices = dict.fromkeys(flow_frame_indices(clip, config.flow_frames, config.flow_stride))
         return [folder / axis / _frame_name(i) for i in indices for axis in ("u", "v")]
     if modality == "audio":
@@ -1189,6 +1194,7 @@ class _FlowExtractor(_Extractor):
         if config.flow_arch not in ("resnet18", "resnet50"):
             raise ValueError(f"flow_arch must be resnet18 or resnet50, got {config.flow_arch!r}")
         model = getattr(models, config.flow_arch)(weights=None)
+        assert config.flow_frames is not None, "ExtractionConfig fills in its default"
         channels = 2 * config.flow_frames
         model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         weights = config.weights.get("flow", "random")
@@ -1215,6 +1221,7 @@ class _FlowExtractor(_Extractor):
     def load(self, clip: EpicClip, train: bool = False) -> tuple[Tensor, int]:
         folder = self.root / clip.participant_id / "flow_frames" / clip.video_id
         planes = []
+        assert self.config.flow_frames is not None, "ExtractionConfig fills in its default"
         for i in flow_frame_indices(clip, self.config.flow_frames, self.config.flow_stride):
             for axis in ("u", "v"):
                 planes.append(_load_image(folder / axis / _frame_name(i), self.config.image_size, "L"))
@@ -1244,7 +1251,8 @@ class _AudioExtractor(_Extractor):
         super().__init__(root, config)
         _require("timm", "vision")
         _require("torchaudio", "audio")
-        model = ast_audio_vit(config.audio_arch, self.mel_bins, config.audio_frames, config.audio_stride)
+        model = cast("VisionTransformer",  # what timm builds for AST
+                     ast_audio_vit(config.audio_arch, self.mel_bins, config.audio_frames, config.audio_stride))
         weights = config.weights.get("audio", "random")
         if weights != "random":
             _load_into(model, self._audio_state(load_checkpoint(weights), model), weights,
@@ -1254,7 +1262,7 @@ class _AudioExtractor(_Extractor):
         self.tokens, self.dim = self.grid[0] * self.grid[1], model.num_features
 
     @staticmethod
-    def _audio_state(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    def _audio_state(checkpoint: Mapping[str, Any], model: VisionTransformer) -> dict[str, Tensor]:
         """An AST checkpoint converted; any other timm ViT state dict (an image ViT too: its
         RGB patch filters summed to one channel, position embeddings resampled by timm)."""
         if checkpoint_format(checkpoint) == "ast":
@@ -1492,6 +1500,7 @@ def extract_epic(
     unlabelled = vocab.missing(c for split in splits.splits.values() for c in split.clips)
     if unlabelled:
         first = unlabelled[0]
+        assert split_dir is not None, "a vocabulary made from the clips has every clip's pair"
         raise EpicDataError(f"{len(unlabelled)} clip(s) of the splits have a (verb_class, noun_class) "
                             f"pair with no action id in {Path(split_dir) / ACTION_CLASSES_FILE}, first "
                             f"{first.narration_id} ({first.verb_class}, {first.noun_class})")
@@ -1532,12 +1541,13 @@ def extract_epic(
             if m in split.modalities:
                 train = split.role == "train"
                 shards[split.name, m] = extract_shards(
-                    split.clips, lambda chunk, train=train: extract(chunk, train), work / split.name / m, shard_size,
+                    split.clips, functools.partial(extract, train=train), work / split.name / m, shard_size,
                     progress=progress, description=f"{split.name}/{m}",
                     fingerprint=_fingerprint(m, config))
-        first = next(paths[0] for (_, mod), paths in shards.items() if mod == m)
-        with np.load(first) as shard:
-            sizes[m] = tuple(int(v) for v in shard["tokens"].shape[1:])
+        first_shard = next(paths[0] for (_, mod), paths in shards.items() if mod == m)
+        with np.load(first_shard) as shard:
+            # shards hold (N, k, d) tokens: their shape's tail is (k, d)
+            sizes[m] = cast("tuple[int, int]", tuple(int(v) for v in shard["tokens"].shape[1:]))
         built.clear()
 
     store = FeatureStore.create(out, task="classification", num_outputs=vocab.num_actions,

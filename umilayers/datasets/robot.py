@@ -39,7 +39,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, cast
 
 import numpy as np
 import torch
@@ -660,7 +660,8 @@ class _WithHead(nn.Module):
 
 
 def _token_width(encoder: nn.Module) -> int:
-    return 2 * encoder.z_dim if isinstance(encoder, RobotForceEncoder) else encoder.z_dim
+    z_dim = cast(int, encoder.z_dim)  # every robot encoder keeps its int z_dim
+    return 2 * z_dim if isinstance(encoder, RobotForceEncoder) else z_dim
 
 
 def train_unimodal_encoder(

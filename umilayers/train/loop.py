@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Sized, cast
 
 import numpy as np
 import torch
@@ -237,6 +237,8 @@ class TrainStep(nn.Module):
         [torch.Size([]), torch.Size([]), torch.Size([]), torch.Size([])]
     """
 
+    _forward: Callable[..., UMIOutput]
+
     def __init__(self, model: TaskModel, forward: Optional[Callable[..., UMIOutput]] = None) -> None:
         super().__init__()
         self.model = model
@@ -374,7 +376,8 @@ def train_epoch(
     ``pseudo(batch)`` makes a batch's pseudo-labels from the batch still on the CPU (where the
     pseudo-label bank is); ``on_step(step, batch, pseudo_targets)`` runs after every step.
     """
-    sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, ctx.rank, ctx.world_size,
+    size = len(cast(Sized, dataset))  # the recipe's datasets are map-style: all sized
+    sampler = GlobalBatchSampler(size, cfg.train.batch_size, cfg.train.seed, ctx.rank, ctx.world_size,
                                  tag=tag)
     sampler.set_epoch(epoch)
     set_epoch(dataset, epoch)  # the captions drawn this epoch (before the workers copy the dataset)
@@ -437,7 +440,7 @@ def predict(model: TaskModel, forward: Callable[..., UMIOutput], store: FeatureS
     dataset = eval_set(store, names, keep, captions=texts)
     if only is not None:
         dataset = Subset(dataset, list(only))
-    rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
+    rows = shard_rows(len(cast(Sized, dataset)), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), keep, cfg, ctx)
     was_training = model.training
     model.eval()
@@ -470,7 +473,7 @@ def encode_captions(model: TaskModel, store: FeatureStore, names: Sequence[str],
     rows have): ``text`` ``(N, K, E)``, ``caption_counts`` and ``indices``; sharded over the
     ranks and gathered like :func:`predict`."""
     dataset = eval_set(store, names, None)
-    rows = shard_rows(len(dataset), ctx.rank, ctx.world_size)
+    rows = shard_rows(len(cast(Sized, dataset)), ctx.rank, ctx.world_size)
     loader = make_loader(dataset, RowSampler(rows, cfg.train.batch_size), (), cfg, ctx)
     was_training = model.training
     model.eval()
@@ -490,9 +493,8 @@ def _empty_like_rows(key: str, store: FeatureStore, ctx: DistContext) -> Tensor:
     """A part with no rows, shaped like the rows of ``key`` (a rank with no rows, or an empty
     selection, still takes part in the gather)."""
     width = int(store.num_outputs)
-    long = {"dtype": torch.long, "device": ctx.device}
     if key in ("indices", "caption_counts") or (key == "targets" and store.task == "classification"):
-        return torch.zeros(0, **long)
+        return torch.zeros(0, dtype=torch.long, device=ctx.device)
     if key == "text":  # (N, K, E): every caption slot of a row (caption="all" pads to max_captions)
         return torch.zeros(0, store.max_captions if _several_captions(store) else 1, width, device=ctx.device)
     return torch.zeros(0, width, device=ctx.device)
