@@ -600,7 +600,7 @@ class VanillaTransformer(_SupervisedOnly):
 # --------------------------------------------------------------------------------------------
 # Factory
 
-_CLASSES = {
+_CLASSES: dict[str, type[TaskModel]] = {
     "UnseenModalityModel": UnseenModalityModel,
     "UnimodalModel": UnimodalModel,
     "LateFusion": LateFusion,
@@ -697,7 +697,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return {"class": name, "config": cast(TaskModel, model).config_dict()}
 
 
-def model_from_spec(spec: Mapping[str, Any], device=None, dtype=None) -> nn.Module:
+def model_from_spec(spec: Mapping[str, Any], device=None, dtype=None) -> TaskModel:
     """Rebuild a model (fresh parameters) from :func:`model_spec`'s output."""
     name = spec.get("class") if isinstance(spec, Mapping) else None
     if name not in _CLASSES:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import IO, Any, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ _MAX_WINDOW = 63  # bits of the int64 mask that stay non-negative
 _MODALITY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _NAME_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_BY_NAME.items()}
-_FILE_DTYPE = {torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2"), torch.float32: np.dtype("<f4")}
+_FILE_DTYPE: dict[torch.dtype, np.dtype] = {torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2"), torch.float32: np.dtype("<f4")}
 _INDEX_BYTES = 16  # per sample and modality: its row and its epoch mask, int64 each
 _CHUNK_BYTES = 16 << 20
 
@@ -484,7 +484,8 @@ class PseudoLabelBank:
         for i, (m, mask) in enumerate(zip(names, available)):
             rows = mask.nonzero().flatten()
             out[i if choose else 0].index_copy_(0, rows, self._gather(m, self._slot[m][indices[rows]]).float())
-        out = closest_to_truth(out, available, gt) if choose else out[0]
+        # gt is set whenever a sample must choose (refused above otherwise)
+        out = closest_to_truth(out, available, cast(Tensor, gt)) if choose else out[0]
         return out if device is None else out.to(device)
 
     # ----------------------------------------------------------------- state and files
@@ -579,7 +580,7 @@ class PseudoLabelBank:
         keys = ("num_samples", "num_outputs", "modalities", "window", "total_epochs")
         if meta.get("dtype") not in _DTYPE_BY_NAME:
             raise ValueError(f"{meta_path}: unknown dtype {meta.get('dtype')!r}")
-        bank = cls(*(meta[k] for k in keys), dtype=_DTYPE_BY_NAME[meta["dtype"]])
+        bank = cls(**{k: meta[k] for k in keys}, dtype=_DTYPE_BY_NAME[meta["dtype"]])
         for m in bank.modalities:
             slot, seen = (bank._read_index(root / f"{name}.{m}.npy") for name in ("slot", "seen"))
             bank._slot[m], bank._seen[m] = slot, seen
@@ -606,7 +607,7 @@ class PseudoLabelBank:
                                  f"{' in Fortran order' if fortran else ''}")
             self._add_rows(modality, shape[0])
             for block in self._blocks(modality):
-                data = memoryview(_raw(block)).cast("B")
+                data = _raw(block).data.cast("B")
                 if f.readinto(data) != len(data):
                     raise ValueError(f"{path}: holds fewer bytes than its {shape[0]} rows of {self.num_outputs} values")
             if f.read(1):

@@ -59,7 +59,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Sized, Union, cast
 
 import numpy as np
 import torch
@@ -400,7 +400,7 @@ class _Run:
         self.ctx = ctx
         self.checkpoint = checkpoint or {}
         self.callback = callback
-        self.keep = (cfg.modality,) if cfg.method == "unimodal" else None
+        self.keep: Optional[tuple[str, ...]] = (cfg.modality,) if cfg.method == "unimodal" and cfg.modality else None
         self.bank: Optional[PseudoLabelBank] = None
         self.text_embeddings: dict[str, Tensor] = {}
         self.done: list[str] = []
@@ -445,6 +445,7 @@ class _Run:
     def epoch_line(self, kind: str, what: str) -> None:
         """One progress line for an epoch just finished (logged and checkpointed)."""
         now = time.perf_counter()
+        assert self.heartbeat is not None  # start_progress runs before the first epoch
         line = self.heartbeat.tick(kind, now - self.last_tick, what)
         self.last_tick = now
         self.say(line)
@@ -545,7 +546,7 @@ class _Run:
         dataset: Dataset = train_set(store, names, keep, cfg)  # only the rows that have the modality
         tag: tuple[Any, ...] = (modality,)
         model = self.init_model("unimodal", modality, *tag)
-        steps = math.ceil(len(dataset) / cfg.train.batch_size)
+        steps = math.ceil(len(cast(Sized, dataset)) / cfg.train.batch_size)
         phase = Phase(model, cfg, ctx, steps, epochs)
         start = 0
         if resume_state is not None:
@@ -600,10 +601,11 @@ class _Run:
         train_names = splits(store, "train", self.keep)
         dataset = train_set(store, train_names, self.keep, cfg)
         model = self.init_model(cfg.method, cfg.modality)
-        steps = math.ceil(len(dataset) / cfg.train.batch_size)
+        steps = math.ceil(len(cast(Sized, dataset)) / cfg.train.batch_size)
         phase = Phase(model, cfg, ctx, steps, epochs)
         val_names = splits(store, "val", self.keep)
-        start, best = 0, {"epoch": -1, "score": -float("inf"), "val": None, "model": None}
+        start = 0
+        best: dict[str, Any] = {"epoch": -1, "score": -float("inf"), "val": None, "model": None}
         ck = self.checkpoint
         if ck.get("stage") == 2:
             phase.load(ck["phase"])
