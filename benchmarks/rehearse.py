@@ -18,7 +18,8 @@ the EPIC learning-rate drop epoch (at the paper's ``70 / 120`` of the epochs). I
 Goals (checked at every size but ``--quick``, exit status 1 when one is missed, naming it):
 every unimodal model's loss falls by at least :data:`LOSS_FALL` of its first epoch's; the
 pseudo-labels reach :data:`PSEUDO_GOAL` of uninformative; the val metric is far above chance
-(:data:`VAL_GOAL`).
+(:data:`VAL_GOAL`). Where the size gives stage 2 too few steps (EPIC on the CPU) its val
+goal is reported, not checked.
 
 The stores (:func:`make_store`) reuse :mod:`umilayers.data.synthetic`'s token model (signal
 tokens with a marker, noise, a mean-visible copy of the signal), with a stronger mean-visible
@@ -96,8 +97,9 @@ MSRVTT_EMBED = 256  # build_msrvtt_store's embed_dim
 #: Goals: each unimodal model's last-epoch loss at most ``1 - LOSS_FALL`` of its first's.
 LOSS_FALL = 0.1
 #: Pseudo-labels at most this fraction of uninformative (entropy / log C, MAE / mean's MAE,
-#: mean rank / random's).
-PSEUDO_GOAL = 0.8
+#: mean rank / random's). Regression's best is sqrt(3/4) = 0.87: a modality explains a quarter
+#: of the variance (classification's is ln 2 / ln C = 0.08: two classes share a code).
+PSEUDO_GOAL = {"classification": 0.8, "regression": 0.95, "retrieval": 0.8}
 #: The val metric at least this far from chance: top-1 >= 3 x chance; MAE and mean rank
 #: <= 0.8 x and 0.5 x chance.
 VAL_GOAL = {"classification": 3.0, "regression": 0.8, "retrieval": 0.5}
@@ -433,11 +435,11 @@ def goals(row: Mapping[str, Any], check_val: bool = True) -> dict[str, dict[str,
     out["stage1_loss_falls"] = {"met": bool(falls) and all(falls.values()), "why": ", ".join(
         f"{m} {s['first']:.4g} -> {s['last']:.4g}" for m, s in row["stage1"].items())
         + f" (goal: -{LOSS_FALL:.0%} or more)"}
-    pseudo = row["pseudo"]["per_modality"]
+    pseudo, limit = row["pseudo"]["per_modality"], PSEUDO_GOAL[row["task"]]
     out["pseudo_labels_informative"] = {
-        "met": bool(pseudo) and all(v <= PSEUDO_GOAL for v in pseudo.values()),
+        "met": bool(pseudo) and all(v <= limit for v in pseudo.values()),
         "why": f"{row['pseudo']['kind']}: " + ", ".join(f"{m} {v:.3f}" for m, v in pseudo.items())
-               + f" (goal <= {PSEUDO_GOAL})"}
+               + f" (goal <= {limit})"}
     metric, base, factor = row["metric"], row["chance"][row["metric"]], VAL_GOAL[row["task"]]
     goal = f"goal {'>=' if metric == 'top1' else '<='} {factor} x chance"
     if "val" not in row:
@@ -505,6 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {
         "title": f"Rehearsal of --preset paper at the benchmarks' real shapes, size {size_name}",
         "command": " ".join(["python", "benchmarks/rehearse.py", *(argv if argv is not None else sys.argv[1:])]),
+        "goals": {"loss_fall": LOSS_FALL, "pseudo": PSEUDO_GOAL, "val_vs_chance": VAL_GOAL},
         "config": {"size": size_name, "sizes": {b: vars(SIZES[size_name][b]) for b in args.benchmarks},
                    "train_rows": args.train_rows, "seeds": args.seeds, "variants": args.variants,
                    "stage1_only": args.stage1_only, "store_seconds": stores_s, "threads": threads, "mean_signal": MEAN_SIGNAL,
