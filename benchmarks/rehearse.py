@@ -43,9 +43,11 @@ both training splits:
   tokens per video): the synthetic retrieval task's latent (a chunk per modality, every caption
   describes all of it plus its own nuisance).
 
-Sizes: ``--quick`` (CI smoke test, goals reported, not checked), the default (CPU, about 10-15
-minutes on 2 cores) and ``--size gpu`` (``benchmarks/gpu.sh``). Writes
-``results/rehearse[_quick|_gpu].json``.
+Sizes: ``--quick`` (CI smoke test, goals reported, not checked: 25 s on the 2-core machine),
+the default (CPU; measured 2026-12-07 on the loaded 2-core machine, run as two processes at
+once: EPIC 15 min, robot 22 min, MSR-VTT 13 min of wall time; EPIC's val goal is not checked
+at this size) and ``--size gpu`` (``benchmarks/gpu.sh``; its sizes are estimates, not yet timed
+on a GPU). Writes ``results/rehearse[_quick|_gpu].json``.
 
 Usage::
 
