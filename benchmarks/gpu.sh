@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check, in one command, under 8 minutes on one GPU (the time limits of the
-# steps and nvidia-smi add up to 440 s): the machine; which xformers kernels serve the group attention; the
+# The GPU check, in one command, under 13 minutes on one GPU (the time limits of the steps and
+# nvidia-smi add up to 740 s): the machine; which xformers kernels serve the group attention; the
 # CUDA tests (xformers' BlockDiagonalMask against our mask, every backend against the float32
 # reference in bf16 and fp16, head_dim != dim / heads, the host reads of a CUDA training step);
 # the attention benchmark at k* = 512 in bf16 (xformers, fold, mask, dense-masked); one
 # EPIC-size training step per attention backend with its peak memory (and the released way);
-# the host reads of a training step on the GPU.
+# the host reads of a training step on the GPU; the rehearsal of every --preset paper at the
+# benchmarks' real shapes with enough stage-2 steps for its val goal (benchmarks/rehearse.py).
 #
 # Every step has a time limit; a step that fails or times out is reported and the next one
 # runs. Everything goes to one log, <out>/gpu_<UTC time>.log (and the terminal); the benchmarks'
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
     --out) [ $# -ge 2 ] || { echo "gpu.sh: --out needs a folder" >&2; exit 2; }; out=$2; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$1' (expected --dry-run, --out DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -39,6 +40,7 @@ if [ "$dry" = 1 ]; then
   xformers_args=(--device cpu --batch 1)
   attention_args=(--device cpu --quick --tokens 66 --groups 2 --head-dim 16)
   train_args=(--device cpu --quick --repeats 1 --warmup 0 --no-flops --no-breakdown --backends fold mask)
+  rehearse_args=(--device cpu --quick)
 else
   device=cuda
   xformers_args=(--device cuda --batch 4)
@@ -46,6 +48,7 @@ else
                   --repeats 10 --warmup 3)
   train_args=(--device cuda --dtype bfloat16 --batch 32 --repeats 10 --warmup 2 --no-breakdown
               --backends xformers fold mask)
+  rehearse_args=(--device cuda --size gpu)
 fi
 
 start=$(date +%s)
@@ -103,6 +106,9 @@ main() {
 
   run_step 30 "host reads of a training step on $device" \
     python benchmarks/gpu_check.py host-reads --device "$device" --out "$out"
+
+  run_step 300 "rehearsal of each --preset paper at the real shapes (stage-1 loss, pseudo-labels, val)" \
+    python benchmarks/rehearse.py "${rehearse_args[@]}" --out "$out" --name "gpu_rehearse_${stamp}"
 
   step "done in $(( $(date +%s) - start )) s"
   if [ ${#failed[@]} -eq 0 ]; then

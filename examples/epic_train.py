@@ -7,7 +7,8 @@ Every option of ``umilayers fit`` is accepted (``--method``, ``--epochs``, ``--r
 D = 256, 6 layers, 8 heads, lambda = 0.001, alpha = 3000 on the released code's scale of the KL
 term, pseudo-labels averaged over the last 10 unimodal epochs; one alignment token per action
 class) with this library's optimisation. ``--preset paper`` adds the paper's schedule (120
-epochs, SGD at 1e-4 dropped to 1e-5 for the last 50, batch 96) and the released code's
+epochs, a ten-fold drop for the last 50, batch 96), the released code's SGD at 1e-1 (the
+paper's 1e-4 with SGD learns nothing: docs, Training) and its
 64-wide heads (``--head-dim 64``; docs: Training, "The paper's settings"). Runs under
 ``torchrun --nproc_per_node=N`` as ``umilayers fit`` does.
 
