@@ -35,7 +35,8 @@ whether the goals are met; writes ``results/attention.json`` and ``results/atten
 
 Run::
 
-    python benchmarks/attention.py            # CPU float32; --repeats 5: 2111 s on 2 cores at load 6-17 (275 s quiet with 2 more methods)
+    python benchmarks/attention.py            # CPU float32; --repeats 5: 2111 s on 2 cores at load 6-17
+                                              # (275 s quiet with 2 more methods)
     python benchmarks/attention.py --quick    # smoke test, < 20 s
     python benchmarks/attention.py --device cuda --dtype bfloat16
 """
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
+
 from umilayers.attention import GroupMaskedTransformer, block_mask, group_attention  # noqa: E402
 
 GOAL_SPEED_G2 = 0.6  # two groups halve the work: auto <= 0.6x dense-masked at N=514, G=2
@@ -356,10 +358,13 @@ def goals(rows: list[dict]) -> list[dict]:
         if row["N"] != GOAL_N:
             continue
         if row["G"] == 2:
-            found.append({"goal": f"op: auto <= {GOAL_SPEED_G2}x dense time (two groups: half the work), {tag}", "value": auto["time_vs_dense"], "limit": GOAL_SPEED_G2})
-        found.append({"goal": f"op: auto <= 1.1/G x dense time (1/G of the work, 10% margin), {tag}", "value": auto["time_vs_dense"], "limit": 1.1 / row["G"]})
+            found.append({"goal": f"op: auto <= {GOAL_SPEED_G2}x dense time (two groups: half the work), {tag}",
+                          "value": auto["time_vs_dense"], "limit": GOAL_SPEED_G2})
+        found.append({"goal": f"op: auto <= 1.1/G x dense time (1/G of the work, 10% margin), {tag}",
+                      "value": auto["time_vs_dense"], "limit": 1.1 / row["G"]})
         if auto["peak_vs_dense"] is not None:
-            found.append({"goal": f"op: auto peak memory <= {GOAL_MEMORY}x dense, {tag}", "value": auto["peak_vs_dense"], "limit": GOAL_MEMORY})
+            found.append({"goal": f"op: auto peak memory <= {GOAL_MEMORY}x dense, {tag}",
+                          "value": auto["peak_vs_dense"], "limit": GOAL_MEMORY})
     for g in found:
         g["met"] = g["value"] <= g["limit"]
     return found
@@ -413,7 +418,8 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
             key = "time_vs_dense" if what == "time" else "peak_vs_dense"
             methods = sorted({m for r in sub for m in r["levels"].get(level, {})})
             for method in methods:
-                pts = [(r["N"], r["levels"][level][method].get(key)) for r in sub if method in r["levels"].get(level, {})]
+                pts = [(r["N"], r["levels"][level][method].get(key))
+                       for r in sub if method in r["levels"].get(level, {})]
                 pts = [p for p in pts if p[1] is not None]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)

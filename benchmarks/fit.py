@@ -49,10 +49,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
+import _common  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-
-import _common  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
 from umilayers import metrics  # noqa: E402
@@ -201,7 +200,8 @@ def plot(path: Path, result: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=None, help="multimodal epochs, each one round (default 24; --quick: 3)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="multimodal epochs, each one round (default 24; --quick: 3)")
     p.add_argument("--warmup", type=int, default=1, help="first rounds not counted")
     _common.add_threads_option(p)
     p.add_argument("--quick", action="store_true", help="smoke size: a small store and model, 3 epochs")
@@ -242,7 +242,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ]))
     overhead_met = max(summary["overhead"], cpu["overhead"]) <= GOAL_OVERHEAD
     end_met = max(summary["end_of_epoch_share"], cpu["end_of_epoch_share"]) <= GOAL_VALIDATION
-    verdict = (lambda met: "quick size" if args.quick else ("met" if met else "MISSED"))
+
+    def verdict(met: bool) -> str:
+        return "quick size" if args.quick else ("met" if met else "MISSED")
+
     print(f"fit's overhead over the bare loop (median of per-round ratios - 1): {summary['overhead']:+.1%} wall, "
           f"{cpu['overhead']:+.1%} CPU [{verdict(overhead_met)}: goal <= {GOAL_OVERHEAD:.0%}]")
     print(f"end of epoch (validation + checkpoint) / training epoch (median of per-round ratios): "

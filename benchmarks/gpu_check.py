@@ -29,14 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import tempfile  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
 
-import torch  # noqa: E402
-
 import _common  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
 from umilayers.attention import AttentionBackendError, group_attention  # noqa: E402
@@ -156,12 +156,13 @@ def host_reads(args: argparse.Namespace) -> dict[str, Any]:
             batch = KeepModalities()([dataset[i] for i in range(len(dataset) - 16, len(dataset))]).to(args.device)
             pseudo = torch.softmax(torch.randn(16, store.num_outputs), -1).to(args.device) \
                 if phase.model.needs_pseudo_labels else None
-            for step in range(2):  # the first step creates AdamW's state; count the second
+            for _ in range(2):  # the first step creates AdamW's state; count the second
                 with HostReads() as counter:
                     train_step(phase, batch, pseudo, 1.0, cfg, ctx)
                 if args.device.type == "cuda":
                     torch.cuda.synchronize()
-            syncs = cuda_synchronizations(lambda: train_step(phase, batch, pseudo, 1.0, cfg, ctx), args.device)
+            step = functools.partial(train_step, phase, batch, pseudo, 1.0, cfg, ctx)
+            syncs = cuda_synchronizations(step, args.device)
             package = [r for r in counter.reads if r[2].startswith(PACKAGE)]
             others = Counter(f"{name} ({Path(line).parent.name}/{Path(line).name.split(':')[0]})"
                              for name, _, line in counter.reads if not line.startswith(PACKAGE))

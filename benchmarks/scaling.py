@@ -40,9 +40,8 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
-import torch  # noqa: E402
-
 import _common  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
 from umilayers.model import UnseenModalityModel  # noqa: E402

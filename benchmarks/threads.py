@@ -415,7 +415,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--counts", default=None,
                    help="comma-separated thread counts besides 1 (default: 2, torch's default and all cores)")
     p.add_argument("--no-passive", action="store_true", help="skip the OMP_WAIT_POLICY=passive variants")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per size and condition (default 7; --quick: 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per size and condition (default 7; --quick: 2)")
     p.add_argument("--block-seconds", type=float, default=None,
                    help="about how long one variant's block of steps lasts (default 1.0; --quick: 0.05)")
     p.add_argument("--max-steps", type=int, default=50, help="most steps in one block (default 50)")
@@ -484,7 +485,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         torch_default = info["torch_default_threads"]
         counts = sorted({1, *(args.counts or (2, torch_default, cpus))})  # 1 first: the ratios' base
         variants = make_variants(counts, cpus, not args.no_passive)
-        policy = next((v.label for v in variants if v.threads == info["policy_cpu_threads"] and v.wait == "default"), None)
+        policy = next((v.label for v in variants
+                       if v.threads == info["policy_cpu_threads"] and v.wait == "default"), None)
         default_label = next((v.label for v in variants if v.threads == torch_default and v.wait == "default"), None)
         machine = {k: v for k, v in _common.machine_info().items() if k != "torch_threads"}  # not this process's
         result["machine"] = {**machine, "torch": info["torch"],
@@ -530,7 +532,8 @@ def report(result: dict) -> None:
         header = ["threads"]
         for c in conditions:
             rec = result["conditions"][c]["sizes"][size]
-            loads = f"load {rec['load_average_start'][0]:.1f}-{rec['load_average_end'][0]:.1f}" if rec["load_average_start"] else ""
+            loads = (f"load {rec['load_average_start'][0]:.1f}-{rec['load_average_end'][0]:.1f}"
+                     if rec["load_average_start"] else "")
             header += [f"{c} ({loads}) ms", "/ 1 thread"]
         rows = [header]
         for label in result["conditions"][conditions[0]]["sizes"][size]["variants"]:

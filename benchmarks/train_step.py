@@ -37,7 +37,8 @@ prediction, loss and gradients as ``model.forward``, and run every projection on
 
 Reported: median step time over ``--repeats`` rounds after ``--warmup``, the median per-round
 ratio of each baseline to ``ours`` in wall time and in the process's CPU time (on a loaded
-machine the steadier of the two: it leaves out the time spent waiting for a core), peak memory of one step of each after a warm-up step (CUDA:
+machine the steadier of the two: it leaves out the time spent waiting for a core), peak memory of
+one step of each after a warm-up step (CUDA:
 ``max_memory_allocated``, in the timed process; CPU: resident-set growth, ``VmHWM`` reset through
 ``/proc/self/clear_refs``, in a fresh process with glibc's mmap threshold pinned so that freed
 tensors leave the resident set; the timed process keeps glibc's defaults, as a training run does),
@@ -45,7 +46,8 @@ matrix-product FLOPs, and where the time of ``ours`` goes: one step under ``torc
 every forward op attributed to a part of the model (module hooks open ``record_function``
 regions; the attention kernel is wrapped) and every backward op to the part whose forward op
 made its autograd node (the profiler's sequence numbers). Goal: at equal parameter count, ours
-at least 3x faster than the released computation (stretch 4x), peak memory at most 0.5x. Writes ``results/<name>.json`` and ``results/<name>.png``.
+at least 3x faster than the released computation (stretch 4x), peak memory at most 0.5x. Writes
+``results/<name>.json`` and ``results/<name>.png``.
 
 Run::
 
@@ -70,12 +72,11 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence  # noqa: E402
 
+import _common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange, repeat  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-
-import _common  # noqa: E402
 
 sys.path.insert(0, str(_common.ROOT))
 from umilayers.attention import _KERNELS, BACKENDS, GroupMaskedTransformer  # noqa: E402
@@ -358,8 +359,9 @@ def make_step(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, d
               used: Optional[dict] = None) -> Callable[[], float]:
     """A closure running one full training step of ``method``; returns the loss.
 
-    ``method``: ``ours``, ``ours[<backend>]``, a key of :data:`TRANSCRIPTIONS` (with ``model`` ours) or ``released-code`` (with ``model`` a :class:`ReleasedModel`). ``regions`` marks
-    forward, loss, backward and optimizer for the profiler.
+    ``method``: ``ours``, ``ours[<backend>]``, a key of :data:`TRANSCRIPTIONS` (with ``model`` ours) or
+    ``released-code`` (with ``model`` a :class:`ReleasedModel`). ``regions`` marks forward, loss,
+    backward and optimizer for the profiler.
     """
     device_type = data["labels"].device.type
     backend = method[len("ours["):-1] if method.startswith("ours[") else None

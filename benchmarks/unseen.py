@@ -46,7 +46,6 @@ from typing import Mapping, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-
 import numpy as np
 
 from umilayers.demo import (

@@ -35,8 +35,17 @@ import numpy as np
 
 from umilayers._io import atomic_write_json
 from umilayers._threads import apply_thread_policy
-from umilayers.cli import (USER_ERRORS, ArgumentParser, HelpFormatter, add_fit_arguments, add_preset_argument,
-                           describe_run, parse_fit_args, preset_defaults, report_error)
+from umilayers.cli import (
+    USER_ERRORS,
+    ArgumentParser,
+    HelpFormatter,
+    add_fit_arguments,
+    add_preset_argument,
+    describe_run,
+    parse_fit_args,
+    preset_defaults,
+    report_error,
+)
 from umilayers.data.store import FeatureStore, StoreError
 from umilayers.datasets import epic
 from umilayers.train import fit
@@ -105,7 +114,8 @@ def preprocessing_note(store: Path) -> Optional[str]:
     (:data:`~umilayers.datasets.epic.RELEASED_PREPROCESSING`); None when it was."""
     path = store / epic.EXTRACTION_FILE
     recorded = json.loads(path.read_text()) if path.is_file() else {}
-    differ = {k: recorded.get(k, "not recorded") for k, v in epic.RELEASED_PREPROCESSING.items() if recorded.get(k) != v}
+    differ = {k: recorded.get(k, "not recorded")
+              for k, v in epic.RELEASED_PREPROCESSING.items() if recorded.get(k) != v}
     if not differ:
         return None
     return (f"note: --preset paper trains as the paper does, but {store} was not extracted with the released "

@@ -32,8 +32,17 @@ from typing import Optional
 
 from umilayers._io import atomic_write_json
 from umilayers._threads import apply_thread_policy
-from umilayers.cli import (USER_ERRORS, ArgumentParser, HelpFormatter, add_fit_arguments, add_preset_argument,
-                           describe_run, parse_fit_args, preset_defaults, report_error)
+from umilayers.cli import (
+    USER_ERRORS,
+    ArgumentParser,
+    HelpFormatter,
+    add_fit_arguments,
+    add_preset_argument,
+    describe_run,
+    parse_fit_args,
+    preset_defaults,
+    report_error,
+)
 from umilayers.datasets import msrvtt
 from umilayers.train import FitConfig, fit, process_group
 

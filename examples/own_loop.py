@@ -35,12 +35,10 @@ import copy
 import itertools
 import os
 import time
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset

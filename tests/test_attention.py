@@ -94,7 +94,7 @@ def assert_matches_reference(backend, q, k, v, sizes, kpm=None):
     assert out.dtype == q.dtype
     torch.testing.assert_close(out.float(), ref, **tol(q.dtype, "fwd"))
     for name, g, rg in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(g.float(), rg, **tol(q.dtype, "bwd"), msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g.float(), rg, **tol(q.dtype, "bwd"), msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def group_slices(sizes):
@@ -379,7 +379,8 @@ def test_every_backend_matches_the_reference_with_head_dim_not_dim_over_heads(gr
 
 def _block_parameters(dim: int, inner: int, hidden: int) -> int:
     """One layer: two LayerNorms, QKV (dim -> 3 inner), output (inner -> dim), MLP (dim -> hidden -> dim)."""
-    return 2 * 2 * dim + (dim * 3 * inner + 3 * inner) + (inner * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+    return (2 * 2 * dim + (dim * 3 * inner + 3 * inner) + (inner * dim + dim)
+            + (dim * hidden + hidden) + (hidden * dim + dim))
 
 
 @pytest.mark.parametrize("dim,heads,head_dim", [(16, 2, None), (16, 2, 8), (16, 3, 12), (12, 8, 4), (20, 1, 64)])
@@ -411,7 +412,8 @@ def test_default_head_dim_is_the_layout_of_dim_over_heads():
     default = GroupMaskedTransformer(dim=16, depth=2, heads=4, groups=2)
     torch.manual_seed(0)
     explicit = GroupMaskedTransformer(dim=16, depth=2, heads=4, groups=2, head_dim=4)
-    assert [(n, p.shape) for n, p in default.named_parameters()] == [(n, p.shape) for n, p in explicit.named_parameters()]
+    assert ([(n, p.shape) for n, p in default.named_parameters()]
+            == [(n, p.shape) for n, p in explicit.named_parameters()])
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
     assert default.blocks[0].qkv.weight.shape == (48, 16) and default.blocks[0].proj.weight.shape == (16, 16)
     x = torch.randn(2, 8, 16)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.tolerances import tol
+from umilayers.attention import GroupMaskedTransformer
 from umilayers.baselines import (
     LateFusion,
     UnimodalModel,
@@ -13,7 +14,6 @@ from umilayers.baselines import (
     model_from_spec,
     model_spec,
 )
-from umilayers.attention import GroupMaskedTransformer
 from umilayers.losses import triplet_loss
 from umilayers.model import UnseenModalityModel
 from umilayers.projection import PooledProjection

@@ -11,14 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 import torch
 
 from umilayers._threads import THREAD_ENV_VARS
-from umilayers.cli import (HelpFormatter, add_fit_arguments, build_parser, describe_run, fit_config, flag, main,
-                           parse_fit_args, synth_next_steps)
+from umilayers.cli import (
+    HelpFormatter,
+    add_fit_arguments,
+    build_parser,
+    describe_run,
+    fit_config,
+    flag,
+    main,
+    parse_fit_args,
+    synth_next_steps,
+)
 from umilayers.data.synthetic import make_synthetic_store
 from umilayers.train import FitConfig, fit
 from umilayers.train.run import RUN_FILES

@@ -40,7 +40,8 @@ def test_run_grid_trains_each_row_on_each_task(tmp_path):
     assert len(logged) == 4
     for number, options in enumerate(rows.values()):  # each run where run_dir says, with its result
         saved = json.loads((demo.run_dir(tmp_path, "regression", number, options, 0) / "metrics.json").read_text())
-        assert saved["method"] == options["method"] and saved["test"]["mae"] == results[list(rows)[number]]["regression"][0]
+        assert saved["method"] == options["method"]
+        assert saved["test"]["mae"] == results[list(rows)[number]]["regression"][0]
 
 
 def test_main_rejects_bad_seeds(capsys):

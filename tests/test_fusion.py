@@ -144,7 +144,8 @@ def _mask(*values):
         ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K + 1, D)}, None, ValueError,
          r"features\['rgb'\]: .*K is 4 from features\['audio'\], got 3"),
         ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D + 1)}, None, ValueError,
-         r"features\['rgb'\]: expected shape \(\*, K=3, D=5\), got \(1, 3, 4\) \(D is 5 from features\['audio'\], got 4\)"),
+         r"features\['rgb'\]: expected shape \(\*, K=3, D=5\), got \(1, 3, 4\) "
+         r"\(D is 5 from features\['audio'\], got 4\)"),
         ({"rgb": torch.zeros(1, K)}, None, ValueError, r"features\['rgb'\]: expected a 3-d tensor"),
         ({"rgb": torch.zeros(1, K, D, dtype=torch.long)}, None, TypeError, r"features\['rgb'\]: expected a floating"),
         ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D, dtype=torch.float64)}, None, TypeError,
@@ -162,9 +163,11 @@ def _mask(*values):
          ValueError, r"^features: unknown modality \['audoi'\]: present has masks for \['audio', 'rgb'\], not for it$"),
         ({"rgb": torch.zeros(1, K, D)}, {"rgb": _mask(True), "audio": _mask(True)}, ValueError,
          r"present\['audio'\]: marks 1 row\(s\) as having 'audio', but features has no 'audio'"),
-        ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D)}, {"rgb": _mask(True), "audio": _mask(True, False)},
-         ValueError, r"present\['rgb'\]: .*B is 2 from present\['audio'\], got 1"),
-        ({"rgb": torch.zeros(1, K, D)}, {"rgb": torch.ones(1)}, TypeError, r"present\['rgb'\]: expected a torch.bool mask"),
+        ({"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D)},
+         {"rgb": _mask(True), "audio": _mask(True, False)}, ValueError,
+         r"present\['rgb'\]: .*B is 2 from present\['audio'\], got 1"),
+        ({"rgb": torch.zeros(1, K, D)}, {"rgb": torch.ones(1)}, TypeError,
+         r"present\['rgb'\]: expected a torch.bool mask"),
         ({"rgb": torch.zeros(1, K, D)}, [True], TypeError, r"present: expected a mapping"),
     ],
 )
@@ -175,7 +178,8 @@ def test_bad_input_names_the_argument(features, present, error, pattern):
 
 def test_device_mismatch_is_named():
     features = {"rgb": torch.zeros(1, K, D), "audio": torch.zeros(1, K, D, device="meta")}
-    with pytest.raises(ValueError, match=r"features\['rgb'\]: expected device meta \(as features\['audio'\]\), got cpu"):
+    with pytest.raises(ValueError,
+                       match=r"features\['rgb'\]: expected device meta \(as features\['audio'\]\), got cpu"):
         common_space_sum(features)
 
 

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from umilayers._io import (append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write, atomic_write_json,
-                           atomic_write_text, file_mode, read_json)
+from umilayers._io import (
+    append_jsonl,
+    atomic_numpy_save,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    file_mode,
+    read_json,
+)
 
 WRITERS = {
     "json": lambda path: atomic_write_json(path, {"x": 1}),

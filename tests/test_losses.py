@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.tolerances import tol
 from umilayers.losses import (
     AlignmentLoss,
     TaskLoss,
@@ -19,8 +20,6 @@ from umilayers.losses import (
     regression_pseudo_loss,
     triplet_loss,
 )
-from tests.tolerances import tol
-
 
 # ----------------------------------------------------------------------------- alignment
 

@@ -523,7 +523,8 @@ def test_readout_queries_only_equals_the_full_fusion(task):
         out = model(inputs, masks, PRESENT)
         loss = model.loss(out, targets_for(task, 4), pseudo_for(task, 4)).total
         loss.backward()
-        results[fast] = (out.branch_outputs.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        results[fast] = (out.branch_outputs.detach(), loss.detach(),
+                         {n: p.grad.clone() for n, p in model.named_parameters()})
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(results[True][0], results[False][0], **tol(torch.float32, "fwd"))
     torch.testing.assert_close(results[True][1], results[False][1], **tol(torch.float32, "fwd"))

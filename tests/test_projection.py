@@ -253,7 +253,8 @@ def test_all_padding_rows_raise_naming_the_rows():
 @pytest.mark.parametrize(
     "x, mask, error, pattern",
     [
-        (torch.randn(2, 3, IN_DIM + 1), None, ValueError, r"x: expected shape \(B=2, k_m=3, 6\), got \(2, 3, 7\) \(axis 2 should be 6\)"),
+        (torch.randn(2, 3, IN_DIM + 1), None, ValueError,
+         r"x: expected shape \(B=2, k_m=3, 6\), got \(2, 3, 7\) \(axis 2 should be 6\)"),
         (torch.randn(3, IN_DIM), None, ValueError, r"x: expected a 3-d tensor"),
         (torch.zeros(2, 3, IN_DIM, dtype=torch.long), None, TypeError, r"x: expected a floating-point"),
         ([[0.0] * IN_DIM], None, TypeError, r"x: expected a torch.Tensor, got list"),

@@ -351,7 +351,8 @@ def test_inconsistent_files_are_an_error(tmp_path):
     with pytest.raises(ValueError, match="expected slot to give each"):
         PseudoLabelBank.load(tmp_path / "a")
     np.save(tmp_path / "a" / "slot.rgb.npy", np.zeros(3, dtype=np.int64))
-    with pytest.raises(ValueError, match=r"slot.rgb.npy: expected an int64 array of shape \(17,\), got int64 shape \(3,\)"):
+    with pytest.raises(ValueError,
+                       match=r"slot.rgb.npy: expected an int64 array of shape \(17,\), got int64 shape \(3,\)"):
         PseudoLabelBank.load(tmp_path / "a")
 
 
@@ -430,21 +431,28 @@ def test_update_errors_leave_the_bank_unchanged():
     bank.update("rgb", ids, preds, 3)
     before = _snapshot(bank)
     cases = [
-        (("depth", ids, preds, 3), ValueError, r"modality: unknown modality 'depth', expected one of \['audio', 'rgb'\]"),
-        (("rgb", torch.tensor([0, 5]), preds, 3), ValueError, r"indices: expected sample ids in \[0, 5\), got 1 out of range, e.g. \[5\]"),
+        (("depth", ids, preds, 3), ValueError,
+         r"modality: unknown modality 'depth', expected one of \['audio', 'rgb'\]"),
+        (("rgb", torch.tensor([0, 5]), preds, 3), ValueError,
+         r"indices: expected sample ids in \[0, 5\), got 1 out of range, e.g. \[5\]"),
         (("rgb", torch.tensor([-1, 2]), preds, 3), ValueError, r"e.g. \[-1\]"),
         (("rgb", ids, torch.rand(2, 4), 3), ValueError, r"predictions: expected shape \(B=2, C=3\), got \(2, 4\)"),
         (("rgb", ids, torch.rand(3, 3), 3), ValueError, r"predictions: expected shape \(B=2, C=3\), got \(3, 3\)"),
         (("rgb", ids, preds, 4), ValueError, r"epoch: expected 0 <= epoch < total_epochs=4, got 4"),
         (("rgb", ids, preds, -1), ValueError, r"got -1"),
         (("rgb", ids, preds, 2.0), TypeError, r"epoch: expected an int"),
-        (("rgb", torch.tensor([2, 2]), preds, 2), ValueError, r"indices: expected no duplicates, got 1 ids repeated, e.g. \[2\]"),
-        (("rgb", torch.tensor([2, 1]), preds, 3), ValueError, r"1 of 2 samples were already recorded for modality 'rgb' at epoch 3, e.g. \[1\]"),
-        (("rgb", torch.tensor([3, 4]), torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3]), 2), ValueError, "predictions: expected finite values, found 1"),
-        (("rgb", torch.tensor([3, 4]), torch.full((2, 3), 7e4), 2), ValueError, r"overflow the bank's dtype torch.float16"),
+        (("rgb", torch.tensor([2, 2]), preds, 2), ValueError,
+         r"indices: expected no duplicates, got 1 ids repeated, e.g. \[2\]"),
+        (("rgb", torch.tensor([2, 1]), preds, 3), ValueError,
+         r"1 of 2 samples were already recorded for modality 'rgb' at epoch 3, e.g. \[1\]"),
+        (("rgb", torch.tensor([3, 4]), torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3]), 2), ValueError,
+         "predictions: expected finite values, found 1"),
+        (("rgb", torch.tensor([3, 4]), torch.full((2, 3), 7e4), 2), ValueError,
+         r"overflow the bank's dtype torch.float16"),
         (("rgb", torch.tensor([0.0, 1.0]), preds, 2), TypeError, "indices: expected an integer tensor"),
         (("rgb", torch.zeros(2, 1, dtype=torch.long), preds, 2), ValueError, "indices: expected a 1-d tensor"),
-        (("rgb", ids, torch.ones(2, 3, dtype=torch.long), 2), TypeError, "predictions: expected a floating-point tensor"),
+        (("rgb", ids, torch.ones(2, 3, dtype=torch.long), 2), TypeError,
+         "predictions: expected a floating-point tensor"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
@@ -462,7 +470,8 @@ def test_targets_errors():
     bank.update("audio", torch.tensor([1, 2]), torch.rand(2, 3), 0)
     yes, both = torch.tensor([True]), {"audio": torch.tensor([True]), "rgb": torch.tensor([True])}
     # samples 2 (recorded in audio only) and 4 (never recorded) have no rgb pseudo-label
-    with pytest.raises(ValueError, match=r"modality 'rgb' was never recorded \(in epochs 0..0\) for 2 of 3 samples, e.g. ids \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"modality 'rgb' was never recorded \(in epochs 0..0\) "
+                                         r"for 2 of 3 samples, e.g. ids \[2, 4\]"):
         bank.targets(torch.tensor([0, 2, 4]), {"rgb": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"present: unknown modality 'depth'"):
         bank.targets(torch.tensor([0]), {"depth": yes})

@@ -34,7 +34,8 @@ def test_distillation_ignores_the_teacher_space_where_the_old_triplet_does_not()
     # a rotated space (its own text encoder). The new loss sees no disagreement; the old pseudo
     # loss (triplet between the student's and the teacher's video embeddings) does.
     g = torch.Generator().manual_seed(1)
-    video, text = F.normalize(torch.randn(8, 16, generator=g), dim=-1), F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    video, text = (F.normalize(torch.randn(8, 16, generator=g), dim=-1),
+                   F.normalize(torch.randn(8, 16, generator=g), dim=-1))
     q = _orthogonal(16, 2)
     teacher_video, teacher_text = video @ q, text @ q
     new = similarity_distillation_loss(video, text, cosine_similarity_matrix(teacher_video, teacher_text))

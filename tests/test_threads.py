@@ -43,7 +43,8 @@ def test_auto_follows_cuda_availability(monkeypatch, device, cuda):
 
 
 # ids avoid the bare word "cuda": conftest skips items with that keyword on a machine without a GPU
-@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0), "mps"], ids=["gpu", "gpu1", "device", "mps"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0), "mps"],
+                         ids=["gpu", "gpu1", "device", "mps"])
 def test_accelerators_keep_torchs_choice(device):
     count, reason = choose_threads(None, device, environ={})
     assert count is None and str(device) in reason
@@ -85,7 +86,8 @@ def test_apply_sets_an_explicit_count(restore_threads):
     assert apply_thread_policy(3, "cpu") == 3 == torch.get_num_threads()
 
 
-@pytest.mark.parametrize("threads, device, env", [(0, "cpu", {}), (None, "cuda", {}), (None, "cpu", {"MKL_NUM_THREADS": "1"})])
+@pytest.mark.parametrize("threads, device, env",
+                         [(0, "cpu", {}), (None, "cuda", {}), (None, "cpu", {"MKL_NUM_THREADS": "1"})])
 def test_apply_leaves_the_count_alone(monkeypatch, clean_env, restore_threads, threads, device, env):
     for var, value in env.items():
         monkeypatch.setenv(var, value)

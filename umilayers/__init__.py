@@ -15,8 +15,15 @@ from typing import Any
 from umilayers._version import __version__
 from umilayers.attention import GroupMaskedTransformer, group_attention
 from umilayers.baselines import LateFusion, UnimodalModel, VanillaTransformer, build_model
-from umilayers.data import Batch, FeatureStore, StoreError, collate, make_synthetic_store
-from umilayers.data import ModalityBatch, collate_modalities
+from umilayers.data import (
+    Batch,
+    FeatureStore,
+    ModalityBatch,
+    StoreError,
+    collate,
+    collate_modalities,
+    make_synthetic_store,
+)
 from umilayers.fusion import CommonSpaceSum, common_space_sum, fuse_rows, modality_counts
 from umilayers.losses import (
     AlignmentLoss,

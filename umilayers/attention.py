@@ -202,7 +202,9 @@ def _load_xformers() -> tuple[Any, str]:
     return xops, ""
 
 
-def _xformers(q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int], key_padding_mask: Optional[Tensor]) -> Tensor:
+def _xformers(
+    q: Tensor, k: Tensor, v: Tensor, group_sizes: Sequence[int], key_padding_mask: Optional[Tensor]
+) -> Tensor:
     # One block per (row, group) of the packed (1, B N, H, h) sequence: a view for the module's
     # q, k, v, whose memory is (B, N, H, h), and the output goes back to (B, H, N, h) as a view.
     batch = q.shape[0]

@@ -27,7 +27,6 @@ from umilayers._validation import check_bool_mask, check_choice, check_positive_
 from umilayers.attention import GroupMaskedTransformer
 from umilayers.fusion import sub_batch_rows
 from umilayers.losses import TASKS, TaskLoss
-from umilayers.projection import POSITIONS, add_positions, position_table
 from umilayers.model import (
     LossOutput,
     ModelConfig,
@@ -43,6 +42,7 @@ from umilayers.model import (
     masked_mean,
     supervised_only,
 )
+from umilayers.projection import POSITIONS, add_positions, position_table
 
 __all__ = [
     "METHODS",

@@ -19,9 +19,10 @@ Results and what they show: ``docs/accuracy.rst``.
 
 One line per finished run says how long it took, the time elapsed and an estimate of what
 remains. Torch runs one thread on the CPU unless ``--threads`` says otherwise (the measurements
-behind that: the docs page "Benchmarks", section "Threads"). ``--quick`` is a smoke test (tiny data and model, a minute or two):
-its tables are labelled as such and go to their own folder, ``./umilayers-demo-quick``. A
-finished demo in ``--out`` is never replaced without ``--overwrite``.
+behind that: the docs page "Benchmarks", section "Threads"). ``--quick`` is a smoke test
+(tiny data and model, a minute or two): its tables are labelled as such and go to their own
+folder, ``./umilayers-demo-quick``. A finished demo in ``--out`` is never replaced without
+``--overwrite``.
 """
 
 from __future__ import annotations

@@ -646,5 +646,8 @@ class TaskLoss(nn.Module):
         return self.supervised(pred, target, check_values=check_values)
 
     def extra_repr(self) -> str:
-        extra = {"retrieval": f", margin={self.margin}", "classification": f", pseudo_reduction={self.pseudo_reduction!r}"}
+        extra = {
+            "retrieval": f", margin={self.margin}",
+            "classification": f", pseudo_reduction={self.pseudo_reduction!r}",
+        }
         return f"task={self.task!r}" + extra.get(self.task, "")

@@ -306,8 +306,8 @@ class ModelConfig(Config):
                                                    "classification, where it must be that, else 128)", minimum=1)
     margin: float = option(0.2, "triplet margin of the retrieval losses", minimum=0)
     align_reduction: str = option("modality_mean", "alignment loss over (sample, modality) pairs: 'modality_mean' "
-                                                   "(per modality the batch mean of the squared distance, averaged over "
-                                                   "the modalities), 'modality_sum' (Eq. 1 as written: summed) or "
+                                                   "(per modality the batch mean of the squared distance, averaged "
+                                                   "over the modalities), 'modality_sum' (Eq. 1 as written: summed) or "
                                                    "'elementwise_mean' (the released code: mean over the pairs and the "
                                                    "D features)", choices=ALIGN_MODALITY_REDUCTIONS)
     pseudo_reduction: str = option("batchmean", "classification pseudo loss (KL): 'batchmean' (each sample's KL, "

@@ -26,8 +26,16 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from umilayers._validation import check_bool_mask, check_choice, check_head_dim, check_int, check_number
-from umilayers._validation import check_positive_int, check_tensor, format_indices
+from umilayers._validation import (
+    check_bool_mask,
+    check_choice,
+    check_head_dim,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_tensor,
+    format_indices,
+)
 from umilayers.attention import GroupMaskedTransformer
 
 __all__ = [

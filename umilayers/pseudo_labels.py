@@ -75,7 +75,9 @@ _MAX_WINDOW = 63  # bits of the int64 mask that stay non-negative
 _MODALITY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _NAME_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_BY_NAME.items()}
-_FILE_DTYPE: dict[torch.dtype, np.dtype] = {torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2"), torch.float32: np.dtype("<f4")}
+_FILE_DTYPE: dict[torch.dtype, np.dtype] = {
+    torch.float16: np.dtype("<f2"), torch.bfloat16: np.dtype("<u2"), torch.float32: np.dtype("<f4")
+}
 _INDEX_BYTES = 16  # per sample and modality: its row and its epoch mask, int64 each
 _CHUNK_BYTES = 16 << 20
 

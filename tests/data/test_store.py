@@ -192,7 +192,8 @@ def test_wrong_shape_on_disk(tmp_path):
 def test_wrong_size_in_store_json(tmp_path):
     make(tmp_path)
     edit_meta(tmp_path / "s", lambda m: m["splits"]["train_a"].update(size=6))
-    with pytest.raises(StoreError, match=r"train_a/rgb.npy: expected shape \(size=6, tokens=4, dim=6\), found \(5, 4, 6\)"):
+    with pytest.raises(StoreError,
+                       match=r"train_a/rgb.npy: expected shape \(size=6, tokens=4, dim=6\), found \(5, 4, 6\)"):
         FeatureStore(tmp_path / "s")
 
 
@@ -214,7 +215,8 @@ def test_eval_modality_unseen_in_training(tmp_path):
     store = FeatureStore.create(tmp_path / "s", "classification", 3, MODS)
     store.write_split("train", "train", feats(2, ("rgb",)), np.array([0, 1]))
     store.write_split("val", "val", feats(2, ("rgb", "audio")), np.array([0, 1]))
-    with pytest.raises(StoreError, match=r"val split 'val' has modality \['audio'\] that no training split has \(training modalities: \['rgb'\]\)"):
+    with pytest.raises(StoreError, match=r"val split 'val' has modality \['audio'\] that no training split has "
+                                         r"\(training modalities: \['rgb'\]\)"):
         FeatureStore(tmp_path / "s")
     # writing the missing training split in any order makes the store valid
     store.write_split("train_b", "train", feats(2, ("audio",)), np.array([0, 1]))
@@ -238,7 +240,8 @@ def test_empty_split_in_store_json(tmp_path):
 def test_labels_out_of_range_on_disk(tmp_path):
     make(tmp_path)
     np.save(tmp_path / "s/val/targets.npy", np.array([0, 5, -1]))
-    with pytest.raises(StoreError, match=r"val/targets.npy: labels expected in \[0, 3\), found range \[-1, 5\] \(2 out of range\)"):
+    with pytest.raises(StoreError, match=r"val/targets.npy: labels expected in \[0, 3\), "
+                                         r"found range \[-1, 5\] \(2 out of range\)"):
         FeatureStore(tmp_path / "s")
 
 
@@ -255,7 +258,8 @@ def test_nan_features_found_by_deep_check_only(tmp_path):
     bad[2, 1, 0] = np.nan
     np.save(tmp_path / "s/val/audio.npy", bad)
     FeatureStore(tmp_path / "s")  # the cheap check does not read features
-    with pytest.raises(StoreError, match=r"val/audio.npy: expected finite values, found NaN/inf in 1 entries \(first bad row 2\)"):
+    with pytest.raises(StoreError, match=r"val/audio.npy: expected finite values, "
+                                         r"found NaN/inf in 1 entries \(first bad row 2\)"):
         FeatureStore(tmp_path / "s", deep=True)
     with pytest.raises(StoreError, match="first bad row 2"):
         check_store(tmp_path / "s")
@@ -268,7 +272,8 @@ def test_nan_features_found_by_deep_check_only(tmp_path):
         (lambda m: m.update(task="ranking"), r"'task' expected one of .*found 'ranking'"),
         (lambda m: m.pop("modalities"), r"missing key 'modalities'"),
         (lambda m: m["splits"]["val"].update(role="dev"), r"split 'val': 'role' expected one of .*found 'dev'"),
-        (lambda m: m["modalities"].update(rgb={"tokens": 4}), r"modality 'rgb': expected \{'tokens': int, 'dim': int\}"),
+        (lambda m: m["modalities"].update(rgb={"tokens": 4}),
+         r"modality 'rgb': expected \{'tokens': int, 'dim': int\}"),
     ],
 )
 def test_bad_store_json(tmp_path, edit, match):

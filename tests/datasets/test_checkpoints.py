@@ -325,7 +325,7 @@ class _RefVideoSwin(nn.Module):
             for i, depth in enumerate(depths))
         self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
         with torch.no_grad():
-            for name, p in self.named_parameters():
+            for p in self.parameters():
                 p.normal_(std=0.3)
 
     def forward(self, video):
@@ -525,7 +525,8 @@ def test_released_checkpoint_without_alignment_has_no_alignment_loss():
      r"^released checkpoint: reorganization:rgb_pos_embedding has shape \(1, 6, 9\), expected \(1, 6, 8\)$"),
     (lambda c: c["model"].update({"module.pos_embedding": torch.zeros(1, 7, 8)}),
      r"^released checkpoint: model:pos_embedding has shape \(1, 7, 8\), expected \(1, 6, 8\)$"),
-    (lambda c: c["model"].pop("module.mlp_head.1.weight"), r"^released checkpoint: model:mlp_head.1.weight is missing$"),
+    (lambda c: c["model"].pop("module.mlp_head.1.weight"),
+     r"^released checkpoint: model:mlp_head.1.weight is missing$"),
     (lambda c: c["model"].update({"module.extra.weight": torch.zeros(1)}),
      r"^released checkpoint: key\(s\) the released modules do not have: \['model:extra.weight'\]$"),
     (lambda c: c.pop("reorganization"), r"^released checkpoint: expected the state dicts 'model' \(ViT\)"),

@@ -223,8 +223,8 @@ def test_example_end_to_end(h5_dir, tmp_path):
     assert _example().main(["--data", str(h5_dir), "--out", str(run), "--z-dim", "8",
                             "--image-size", "32", "--encoder-epochs", "1", "--epochs", "1",
                             "--unimodal-epochs", "1", "--pseudo-window", "1", "--dim", "16",
-                            "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--num-tokens", "4", "--quiet",
-                            "--device", "cpu"]) == 0
+                            "--projection-depth", "1", "--fusion-depth", "1", "--heads", "2", "--num-tokens", "4",
+                            "--quiet", "--device", "cpu"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert "test" in metrics
     subsets = json.loads((run / "subsets.json").read_text())

@@ -13,13 +13,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.train.test_distributed import _free_port
 from umilayers import metrics
 from umilayers.baselines import model_from_spec
 from umilayers.data import FeatureStore
 from umilayers.data.synthetic import make_synthetic_store
 from umilayers.pseudo_labels import PseudoLabelBank
 from umilayers.train import evaluate, fit
-from tests.train.test_distributed import _free_port
 
 K = 3  # caption slots
 TINY = dict(dim=16, projection_depth=1, fusion_depth=1, heads=2, num_tokens=4, epochs=2, unimodal_epochs=2,

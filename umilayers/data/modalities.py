@@ -72,7 +72,8 @@ class ModalityBatch:
         >>> batch.select(["audio"]).present
         Traceback (most recent call last):
         ...
-        ValueError: select: 1 of 3 row(s) have none of ['audio']: rows [0] (keep batch.rows(batch.has_any(['audio'])) first)
+        ValueError: select: 1 of 3 row(s) have none of ['audio']: rows [0]
+        (keep batch.rows(batch.has_any(['audio'])) first)
     """
 
     inputs: dict[str, Tensor]

@@ -756,7 +756,8 @@ def _npy_problem(file: Path, err: Exception) -> str:
         >>> path = Path(tempfile.mkdtemp()) / "rgb.npy"
         >>> _ = path.write_text("hello")
         >>> print(_npy_problem(path, ValueError()))
-        not a numeric .npy array: the file does not start with the .npy signature (it starts with b'hello'); write arrays with numpy.save
+        not a numeric .npy array: the file does not start with the .npy signature (it starts with b'hello');
+        write arrays with numpy.save
     """
     with open(file, "rb") as handle:
         head = handle.read(len(_NPY_MAGIC))

@@ -470,7 +470,8 @@ class EpicSplits:
         ...          for p in range(1, 7) for i in range(3)]
         >>> splits = build_splits(clips, "rgb+audio", fractions=(4, 1, 1))
         >>> [(s.name, s.modalities, len(s.participants)) for s in splits.splits.values()]
-        [('train_rgb', ('rgb',), 2), ('train_audio', ('audio',), 2), ('val', ('rgb', 'audio'), 1), ('test', ('rgb', 'audio'), 1)]
+        [('train_rgb', ('rgb',), 2), ('train_audio', ('audio',), 2), ('val', ('rgb', 'audio'), 1),
+         ('test', ('rgb', 'audio'), 1)]
     """
 
     setting: str
@@ -1391,8 +1392,8 @@ def extract_shards(
             path = folder / f"shard_{index:05d}.npz"
             if not _shard_valid(path, ids, fingerprint):
                 tokens, lengths = extractor(chunk)
-                atomic_write(path, lambda handle: np.savez(
-                    handle, tokens=tokens, lengths=lengths, narration_ids=np.array(ids),
+                atomic_write(path, functools.partial(
+                    np.savez, tokens=tokens, lengths=lengths, narration_ids=np.array(ids),
                     fingerprint=np.array(fingerprint)))
             paths.append(path)
             if bar is not None:
@@ -1532,7 +1533,8 @@ def extract_epic(
     for m in modalities:
         built: list[_Extractor] = []
 
-        def extract(chunk: Sequence[EpicClip], train: bool, m: str = m) -> tuple[np.ndarray, np.ndarray]:
+        def extract(chunk: Sequence[EpicClip], train: bool, m: str = m,
+                    built: list[_Extractor] = built) -> tuple[np.ndarray, np.ndarray]:
             if not built:  # only when a shard is missing: a finished run resumes without models
                 built.append(build_extractor(m, roots[m], config))
             return built[0](chunk, train)

@@ -575,7 +575,9 @@ class MSRVTTSplits:
         return {name: len(videos) for name, videos in self.videos.items()}
 
 
-def _paper_splits(data: MSRVTTData, eval_requires: Sequence[str]) -> tuple[dict[str, list[str]], list[str], dict[str, list[str]]]:
+def _paper_splits(
+    data: MSRVTTData, eval_requires: Sequence[str]
+) -> tuple[dict[str, list[str]], list[str], dict[str, list[str]]]:
     """Zhang et al.'s rule on the full split: split A has audio, OCR and speech, split B is the
     rest (minus videos with none of B's modalities); val/test keep the videos having
     ``eval_requires``."""

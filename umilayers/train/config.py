@@ -101,7 +101,8 @@ class TrainConfig(Config):
         >>> TrainConfig(schedule="step")
         Traceback (most recent call last):
         ...
-        umilayers._validation.InvalidArgument: lr_drop_epochs: schedule 'step' needs at least one epoch to drop the learning rate at
+        umilayers._validation.InvalidArgument: lr_drop_epochs: schedule 'step' needs at least one epoch
+        to drop the learning rate at
     """
 
     seed: int = option(0, "seeds model initialisation, sample order and dropout", minimum=0)

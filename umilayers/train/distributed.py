@@ -90,7 +90,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as err:
+    except RuntimeError:
         raise InvalidArgument("device", f"expected auto, cpu, cuda, cuda:N, mps, ... (a torch device), "
                                         f"got {name!r}") from None
     if device.type == "cuda":
