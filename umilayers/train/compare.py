@@ -62,7 +62,7 @@ from umilayers.train.loop import Callback, metric_score
 from umilayers.train.run import evaluate, fit
 
 __all__ = ["compare", "DEFAULT_METHODS", "DEFAULT_LR_GRID", "METRICS", "COMPARE_FILES", "parse_methods",
-           "parse_lr_grid", "paired_interval", "verdict", "scored_subsets"]
+           "parse_lr_grid", "paired_interval", "verdict", "scored_subsets", "summarize"]
 
 #: The methods compared by default: ``METHOD[:PREDICTOR]`` (the predictor of its unimodal models).
 DEFAULT_METHODS = ("umi", "late-fusion", "late-fusion:mlp", "vanilla")
