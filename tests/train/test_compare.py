@@ -182,3 +182,11 @@ def test_a_clearly_better_method_gets_the_verdict(tmp_path):
     linear = result["summary"]["late-fusion:linear"]["test"]["a+b"]["top1"]["values"]
     assert min(umi) > 0.9 and max(linear) < 0.7, (umi, linear)
     assert result["verdicts"]["late-fusion:linear"] == "umi beats late-fusion:linear on this store"
+
+
+def test_command_line_takes_fit_options_and_its_own():
+    parser = cli.build_parser()
+    args = parser.parse_args(["compare", "store", "--out", "o", "--epochs", "4", "--dim", "16", "--seeds", "5"])
+    assert (args.epochs, args.dim, args.seeds, args.methods, args.lr_grid) == (4, 16, 5, "umi,late-fusion,"
+                                                                               "late-fusion:mlp,vanilla", "0.5,1,2")
+    assert not hasattr(args, "method") and not hasattr(args, "seed")  # set by the comparison

@@ -497,8 +497,8 @@ def plot(result: Mapping[str, Any]) -> Optional[bytes]:
 
     settings, summary, keys = result["settings"], result["summary"], result["subsets"]
     methods, metrics = settings["methods"], METRICS[settings["task"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 1.1 * len(keys) * len(methods) / 2) * len(metrics),
-                                                        3.8), squeeze=False)
+    panel = max(5.0, 0.45 * len(keys) * len(methods))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(panel * len(metrics), 4.0), squeeze=False)
     width = 0.8 / len(methods)
     for ax, (metric, label, higher) in zip(axes[0], metrics):
         scale = _scale(metric)
@@ -506,14 +506,14 @@ def plot(result: Mapping[str, Any]) -> Optional[bytes]:
             xs = [i - 0.4 + width * (j + 0.5) for i in range(len(keys))]
             stats = [summary[method]["test"][k][metric] for k in keys]
             ax.bar(xs, [s["mean"] * scale for s in stats], width, yerr=[s["std"] * scale for s in stats],
-                   label=method, capsize=2)
+                   label=method if ax is axes[0][0] else None, capsize=2)
             for x, s in zip(xs, stats):
                 ax.plot([x] * len(s["values"]), [v * scale for v in s["values"]], "k.", markersize=3)
         ax.set_xticks(range(len(keys)), [k.replace("+", "+\n") for k in keys], fontsize=7)
         ax.set_title(f"test {label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("test-time modalities", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(loc="upper center", ncol=len(methods), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
