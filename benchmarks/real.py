@@ -156,7 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "size": "quick" if args.quick else "full",
         "data": {"num_train_per_split": size.num_train, "num_val": size.num_val, "num_test": size.num_test},
         "model": size.model, "fixed": size.fixed, "seeds": size.seeds, "lr_grid": list(size.lr_grid),
-        "seconds": round(elapsed, 1), "threads": threads, "machine": machine_info(),
+        "seconds": round(elapsed, 1),  # this call's: finished runs found in --keep are reused, not re-timed
+        "run_seconds": {task: round(sum(r["seconds"] for r in results[task]["runs"]), 1) for task in tasks},
+        "threads": threads, "machine": machine_info(),
         "load_average_1min_after_each_task": loads, "results": results, "tables": tables,
     }
     name = "real-quick" if args.quick else "real"
