@@ -437,11 +437,16 @@ def _scale(metric: str) -> float:
     return 100.0 if metric.split(".")[-1] in ("top1", "r1", "r5", "r10") else 1.0
 
 
-def _cell(stats: Mapping[str, Any], metric: str) -> str:
+def _fmt(value: float, metric: str, sign: str = "") -> str:
+    """Percentages with 2 decimals, other metrics (MAE, ranks) with 3."""
     scale = _scale(metric)
+    return f"{value * scale:{sign}.{2 if scale != 1 else 3}f}"
+
+
+def _cell(stats: Mapping[str, Any], metric: str) -> str:
     if len(stats["values"]) < 2:
-        return f"{stats['mean'] * scale:.2f}"
-    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
+        return _fmt(stats["mean"], metric)
+    return f"{_fmt(stats['mean'], metric)} ± {_fmt(stats['std'], metric)}"
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -470,15 +475,14 @@ def render(result: Mapping[str, Any]) -> str:
         body.append(["learning rate chosen"] + [f"{summary[m]['lr']:.3g}" for m in methods])
         lines += [_table(header, body), ""]
     metric, label, higher = METRICS[task][0]
-    scale = _scale(metric)
-    lines += [f"umi against each method: test {label} with every modality, per seed (umi - X"
-              f"{'' if higher else ', sign flipped: lower is better'}; > 0: umi better), exact bootstrap "
+    lines += [f"umi against each method: test {label} with every modality, per seed "
+              f"({'umi - X' if higher else 'X - umi: lower is better'}; > 0: umi better), exact bootstrap "
               f"{_LEVEL:.0%} interval of the mean", ""]
     body = []
     for method, p in result["paired"].items():
-        interval = ("n/a" if p["interval"] is None else
-                    f"[{p['interval'][0] * scale:+.2f}, {p['interval'][1] * scale:+.2f}]")
-        body.append([method, ", ".join(f"{d * scale:+.2f}" for d in p["differences"]), f"{p['mean'] * scale:+.2f}",
+        low_high = p["interval"]
+        interval = "n/a" if low_high is None else f"[{_fmt(low_high[0], metric, '+')}, {_fmt(low_high[1], metric, '+')}]"
+        body.append([method, ", ".join(_fmt(d, metric, "+") for d in p["differences"]), _fmt(p["mean"], metric, "+"),
                      interval, result["verdicts"][method]])
     lines += [_table(["method X", "per seed", "mean", "95% interval", "verdict"], body), ""]
     lines += [f"- {result['verdicts'][m]}." for m in result["paired"]]
