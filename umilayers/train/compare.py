@@ -438,9 +438,10 @@ def _scale(metric: str) -> float:
 
 
 def _fmt(value: float, metric: str, sign: str = "") -> str:
-    """Percentages with 2 decimals, other metrics (MAE, ranks) with 3."""
+    """Percentages with 2 decimals, ranks with 1, other metrics (MAE) with 3."""
     scale = _scale(metric)
-    return f"{value * scale:{sign}.{2 if scale != 1 else 3}f}"
+    decimals = 2 if scale != 1 else 1 if metric.endswith("rank") else 3
+    return f"{value * scale:{sign}.{decimals}f}"
 
 
 def _cell(stats: Mapping[str, Any], metric: str) -> str:
