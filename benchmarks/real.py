@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
         print(tables[task], end="")
     record = {
-        "size": "quick" if args.quick else "full",
+        "quick": args.quick,
         "data": {"num_train_per_split": size.num_train, "num_val": size.num_val, "num_test": size.num_test},
         "model": size.model, "fixed": size.fixed, "seeds": size.seeds, "lr_grid": list(size.lr_grid),
         "seconds": round(elapsed, 1),  # this call's: finished runs found in --keep are reused, not re-timed
