@@ -1,4 +1,4 @@
-"""The ``umilayers`` command line: ``synth``, ``check``, ``fit``, ``evaluate`` and ``demo``.
+"""The ``umilayers`` command line: ``synth``, ``check``, ``fit``, ``compare``, ``evaluate`` and ``demo``.
 
 ``umilayers fit STORE --method umi --out RUN`` is :func:`umilayers.train.fit` with the same
 options; ``python -m umilayers ...`` is the same program. Multi-process training::
@@ -52,7 +52,8 @@ from umilayers.data import check_store
 from umilayers.data.synthetic import LAYOUTS, make_synthetic_store
 from umilayers.demo import DemoSize
 from umilayers.demo import main as demo_main
-from umilayers.train import FitConfig, evaluate, fit
+from umilayers.train import FitConfig, compare, evaluate, fit
+from umilayers.train.compare import DEFAULT_LR_GRID, DEFAULT_METHODS
 from umilayers.train.presets import PRESETS, preset_options
 from umilayers.train.run import RUN_FILES
 
@@ -298,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("store", metavar="STORE", help="FeatureStore directory")
     add_fit_arguments(fit_parser)
 
+    cmp = sub.add_parser("compare", help="umi against its baselines on a FeatureStore, at the same budget",
+                         formatter_class=HelpFormatter,
+                         description="Train each method of --methods with the same options, learning-rate search "
+                                     "(on val) and seeds; write --out/compare.json, compare.md (the table and "
+                                     "the verdicts) and compare.png, every run a fit run folder under --out/runs. "
+                                     "Rerunning the same command continues where it stopped (--resume is implied).")
+    cmp.add_argument("store", help="FeatureStore directory")
+    cmp.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                     help="comma-separated METHOD[:PREDICTOR] (the predictor of its unimodal models), umi included")
+    _int_option(cmp, "seeds", 3, "seeds 0 .. SEEDS-1 of every method", 1)
+    cmp.add_argument("--lr-grid", default=",".join(f"{f:g}" for f in DEFAULT_LR_GRID),
+                     help="factors of each method's default --lr tried on seed 0, the best on val kept")
+    add_fit_arguments(cmp, exclude=["method", "modality", "seed"])
+
     ev = sub.add_parser("evaluate", help="score a run's best model on a split", formatter_class=HelpFormatter,
                         description="Score the best model of a finished run, with all or some modalities.")
     ev.add_argument("run", metavar="RUN", help="run directory written by umilayers fit")
@@ -416,6 +431,15 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    config = fit_config(args)
+    apply_thread_policy(args.threads, config.runtime.device)
+    compare(args.store, args.out, methods=args.methods, seeds=args.seeds, lr_grid=args.lr_grid, config=config,
+            overwrite=args.overwrite)
+    print((Path(args.out) / "compare.md").read_text(), end="")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     apply_thread_policy(args.threads, args.device)
     subset = [m for m in args.modalities.split(",") if m] if args.modalities else None
@@ -431,13 +455,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(demo_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"synth": _synth, "check": _check, "fit": _fit, "evaluate": _evaluate}
+    commands = {"synth": _synth, "check": _check, "fit": _fit, "compare": _compare, "evaluate": _evaluate}
     try:
         return commands[args.command](args)
     except USER_ERRORS as err:
         return report_error(f"umilayers {args.command}", err)
     except KeyboardInterrupt:
-        hint = "; the last finished epoch is kept: add --resume to continue" if args.command == "fit" else ""
+        hint = {"fit": "; the last finished epoch is kept: add --resume to continue",
+                "compare": "; rerun the same command to continue"}.get(args.command, "")
         print(f"umilayers {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

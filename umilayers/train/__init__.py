@@ -6,6 +6,7 @@ and ``umilayers.evaluate`` load it on first use, as does ``umilayers fit``.
 - :mod:`umilayers.train.config`: :class:`FitConfig` and its concerns :class:`TrainConfig`,
   :class:`RuntimeConfig` (and :class:`~umilayers.model.ModelConfig`);
 - :mod:`umilayers.train.run`: :func:`fit`, :func:`evaluate`, the run directory;
+- :mod:`umilayers.train.compare`: :func:`compare`, umi against its baselines at the same budget;
 - :mod:`umilayers.train.loop`: one step, one epoch, prediction and metrics;
 - :mod:`umilayers.train.distributed`: process groups and a world-size-independent sampler;
 - :mod:`umilayers.train.checkpoint`: random-number state and derived seeds.
@@ -18,6 +19,7 @@ Example::
 """
 
 from umilayers.model import ModelConfig
+from umilayers.train.compare import compare
 from umilayers.train.config import FitConfig, RuntimeConfig, TrainConfig
 from umilayers.train.distributed import process_group
 from umilayers.train.loop import Callback, FitEvent, metric_score
@@ -26,6 +28,7 @@ from umilayers.train.run import RunExistsError, evaluate, fit
 __all__ = [
     "fit",
     "evaluate",
+    "compare",
     "FitConfig",
     "ModelConfig",
     "TrainConfig",
