@@ -58,7 +58,7 @@ def by_hand(store: FeatureStore, out: Path, methods: str, seeds: int, lr_grid: S
         extra = {"predictor": predictor} if predictor else {}
         base = FitConfig.from_options(**options, **extra).train.peak_lr()
 
-        def run(lr: float, seed: int) -> dict:
+        def run(lr: float, seed: int, name: str = name, method: str = method, extra: dict = extra) -> dict:
             folder = out / f"{name}-{lr:g}-{seed}"
             metrics = fit(store, method, folder, seed=seed, lr=lr, **options, **extra)
             for subset in subsets:

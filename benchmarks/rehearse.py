@@ -69,7 +69,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-
 import numpy as np
 
 from umilayers.data import FeatureStore
@@ -512,8 +511,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "goals": {"loss_fall": LOSS_FALL, "pseudo": PSEUDO_GOAL, "val_vs_chance": VAL_GOAL},
         "config": {"size": size_name, "sizes": {b: vars(SIZES[size_name][b]) for b in args.benchmarks},
                    "train_rows": args.train_rows, "seeds": args.seeds, "variants": args.variants,
-                   "stage1_only": args.stage1_only, "store_seconds": stores_s, "threads": threads, "mean_signal": MEAN_SIGNAL,
-                   "epic_tail": EPIC_TAIL},
+                   "stage1_only": args.stage1_only, "store_seconds": stores_s, "threads": threads,
+                   "mean_signal": MEAN_SIGNAL, "epic_tail": EPIC_TAIL},
         "machine": info,
         "load_average_1min_after": _common.machine_info().get("load_average_1min"),
         "rows": rows,

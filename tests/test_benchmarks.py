@@ -20,9 +20,8 @@ from tests.tolerances import tol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common  # noqa: E402
-import train_step  # noqa: E402
-
 import attention as attention_benchmark  # noqa: E402  (benchmarks/attention.py)
+import train_step  # noqa: E402
 
 TINY = {"tokens": {"rgb": 9, "audio": 5}, "feature_dim": 12, "num_tokens": 8, "dim": 16,
         "projection_depth": 1, "fusion_depth": 2, "heads": 2, "head_dim": 12, "classes": 7, "branches": 2}
@@ -188,7 +187,8 @@ def test_time_breakdown_attributes_every_part():
     total = sum(p["forward_s"] + p["backward_s"] for p in parts.values())
     assert total <= found["step_s"] * 1.001
     # the hooks and wrapped kernels are gone afterwards
-    assert all(isinstance(t.backend, str) for t in (model.transformer, *(p.encoder for p in model.projections.values())))
+    layers = (model.transformer, *(p.encoder for p in model.projections.values()))
+    assert all(isinstance(t.backend, str) for t in layers)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not any("_qkv" in vars(m) for m in model.modules())
 

@@ -58,8 +58,8 @@ from umilayers.train.presets import PRESETS, preset_options
 from umilayers.train.run import RUN_FILES
 
 __all__ = ["ArgumentParser", "HelpFormatter", "flag", "add_fit_arguments", "fit_config", "parse_fit_args",
-           "add_preset_argument", "preset_defaults", "build_parser", "USER_ERRORS", "error_message", "report_error", "describe_run",
-           "synth_next_steps", "main"]
+           "add_preset_argument", "preset_defaults", "build_parser", "USER_ERRORS", "error_message", "report_error",
+           "describe_run", "synth_next_steps", "main"]
 
 #: Titles of the ``--help`` sections, one per concern of :class:`~umilayers.train.FitConfig`.
 GROUPS = {"method": "method", "model": "model (ModelConfig)", "train": "training (TrainConfig)",

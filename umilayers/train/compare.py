@@ -290,7 +290,9 @@ class _Comparison:
             self._progress(name, record, None)
             return record
         folder = self.out / "runs" / name
-        metrics = fit(self.store, out=folder, config=self.cfg, resume=True, callback=self.callback, seed=seed,
+        # fit refuses resume where no run was started: resume only a run that wrote its config
+        started = (folder / "config.json").is_file()
+        metrics = fit(self.store, out=folder, config=self.cfg, resume=started, callback=self.callback, seed=seed,
                       lr=lr, **_method_options(method))
         scores: dict[str, dict] = {"val": {}, "test": {}}
         for subset in self.subsets:
@@ -482,7 +484,8 @@ def render(result: Mapping[str, Any]) -> str:
     body = []
     for method, p in result["paired"].items():
         low_high = p["interval"]
-        interval = "n/a" if low_high is None else f"[{_fmt(low_high[0], metric, '+')}, {_fmt(low_high[1], metric, '+')}]"
+        interval = ("n/a" if low_high is None
+                    else f"[{_fmt(low_high[0], metric, '+')}, {_fmt(low_high[1], metric, '+')}]")
         body.append([method, ", ".join(_fmt(d, metric, "+") for d in p["differences"]), _fmt(p["mean"], metric, "+"),
                      interval, result["verdicts"][method]])
     lines += [_table(["method X", "per seed", "mean", "95% interval", "verdict"], body), ""]
