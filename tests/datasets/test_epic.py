@@ -430,6 +430,7 @@ def _long_clip(tmp_path):
 
 
 def test_audio_statistics_and_crops_of_the_released_code(tmp_path):
+    _needs("audio")
     clip = _long_clip(tmp_path)
     whole = epic.build_extractor("audio", tmp_path, _config(audio_frames=256))
     full, valid = whole.load(clip)
@@ -480,6 +481,7 @@ def test_rgb_short_side_then_centre_crop(epic_data):
     assert epic._load_image(path, 16, "RGB").shape == (16, 16, 3)
     assert not np.array_equal(epic._load_image(path, 16, "RGB"), original[4:20, 8:24])
     clip = epic.EpicClip("x", "P01", "P01_01", 0.0, 0.1, 1, 2, 0, 0)
+    _needs("rgb")  # the extractor below; the frame loading above needs pillow only
     video, _ = epic.build_extractor("rgb", epic_data["frames"], _config(image_size=16, short_side=24)).load(clip)
     mean, std = torch.tensor(epic._RGBExtractor.mean), torch.tensor(epic._RGBExtractor.std)
     expected = (torch.from_numpy(original[4:20, 8:24].copy()).float() / 255 - mean) / std
