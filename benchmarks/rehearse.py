@@ -229,10 +229,7 @@ class _MultiCaptionRetrieval(_RetrievalTask):
 
     def sample(self, n: int):
         z = self.rng.standard_normal((n, self.latent))
-        signals = {}
-        for m, g in self.geometry.items():
-            chunk = z[:, self.chunks[m]]
-            signals[m] = self.cfg.amplitude * chunk @ g.basis.T / math.sqrt(chunk.shape[1])
+        signals = self._signals(z)
         text, lengths = _captions(self, z, self.captions)
         return signals, text, {"target_lengths": lengths}
 

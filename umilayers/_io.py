@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
-from typing import IO, Any, Callable, Union
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Union
 
 import numpy as np
 
@@ -42,6 +44,7 @@ __all__ = [
     "atomic_numpy_save",
     "read_json",
     "append_jsonl",
+    "remove_entries",
     "fsync_dir",
     "file_mode",
 ]
@@ -165,3 +168,13 @@ def append_jsonl(path: PathLike, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def remove_entries(folder: PathLike, names: Iterable[str]) -> None:
+    """Remove the files and folders ``names`` of ``folder`` that exist (what ``--overwrite`` clears)."""
+    for name in names:
+        target = Path(folder) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()

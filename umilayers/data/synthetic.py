@@ -371,12 +371,17 @@ class _RetrievalTask:
         if cfg.caption_nuisance:  # drawn after text_map: a store without nuisance is unchanged
             self.nuisance_map = rng.standard_normal((self.latent, cfg.text_dim)) / math.sqrt(self.latent)
 
-    def sample(self, n: int):
-        z = self.rng.standard_normal((n, self.latent))
+    def _signals(self, z: np.ndarray) -> dict[str, np.ndarray]:
+        """Each modality's signal of the latents ``z``: its chunk of ``z`` through its basis."""
         signals = {}
         for m, g in self.geometry.items():
             chunk = z[:, self.chunks[m]]
             signals[m] = self.cfg.amplitude * chunk @ g.basis.T / math.sqrt(chunk.shape[1])
+        return signals
+
+    def sample(self, n: int):
+        z = self.rng.standard_normal((n, self.latent))
+        signals = self._signals(z)
         t, d = self.cfg.text_tokens, self.cfg.text_dim
         lengths = self.rng.integers(max(1, t // 2), t + 1, size=n).astype(np.int64)
         text = 2.0 * (z @ self.text_map)[:, None, :]

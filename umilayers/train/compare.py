@@ -44,7 +44,6 @@ import io
 import itertools
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from umilayers._io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from umilayers._io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, remove_entries
 from umilayers._validation import InvalidArgument, check_choice, check_int, check_number
 from umilayers.baselines import PREDICTORS
 from umilayers.data import FeatureStore
@@ -231,12 +230,7 @@ def _prepare(out: Path, settings: dict, overwrite: bool) -> None:
     """Refuse a folder holding another comparison (or another thing); write ``settings.json``."""
     saved_path = out / "settings.json"
     if overwrite:
-        for name in COMPARE_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_entries(out, COMPARE_FILES)
     if saved_path.is_file():
         saved = read_json(saved_path)
         if saved != settings:

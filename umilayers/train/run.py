@@ -55,7 +55,6 @@ import copy
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from umilayers._io import append_jsonl, atomic_numpy_save, atomic_torch_save, atomic_write_json, read_json
+from umilayers._io import (
+    append_jsonl,
+    atomic_numpy_save,
+    atomic_torch_save,
+    atomic_write_json,
+    read_json,
+    remove_entries,
+)
 from umilayers._progress import Heartbeat
 from umilayers._validation import InvalidArgument, OutputExistsError
 from umilayers._version import __version__
@@ -189,12 +195,7 @@ def _prepare_run_dir(out: Path, cfg: FitConfig, store: FeatureStore, resume: boo
     finished = (out / "metrics.json").is_file()
     started = (out / "checkpoint.pt").is_file() or (out / "config.json").is_file()
     if overwrite:
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_entries(out, RUN_FILES)
         started = finished = False
     elif not resume and (finished or started):
         what = "a finished run (metrics.json)" if finished else "an unfinished run (checkpoint.pt)"
