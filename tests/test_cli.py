@@ -86,7 +86,11 @@ def _fit_parser() -> argparse.ArgumentParser:
     (["--normalize", "rows"], "--normalize: expected one of ['inputs', 'slots'], got 'rows'"),
     (["--heads", "3"], "--heads: must divide --dim=256, got --heads=3"),
     (["--branches", "3"], "--branches must divide --num-tokens"),
-    (["--pseudo-window", "30"], "--pseudo-window: expected 1 <= --pseudo-window <= --unimodal-epochs=20, got 30"),
+    (["--pseudo-window", "30"], "--pseudo-window: expected 1 <= --pseudo-window <= min(--unimodal-epochs=20, 63), "
+                                "got 30"),
+    # the bank's limit, refused before stage 1 rather than by the bank once the models are trained
+    (["--unimodal-epochs", "100", "--pseudo-window", "64"],
+     "--pseudo-window: expected 1 <= --pseudo-window <= min(--unimodal-epochs=100, 63), got 64"),
     (["--method", "unimodal"], "--modality: method 'unimodal' needs the modality to train on"),
 ])
 def test_bad_options_name_the_flag_as_typed(argv, message, capsys):

@@ -65,13 +65,14 @@ from umilayers._validation import (
     format_indices,
 )
 
-__all__ = ["PseudoLabelBank", "closest_to_truth"]
+__all__ = ["MAX_WINDOW", "PseudoLabelBank", "closest_to_truth"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 _FORMAT = "umilayers.PseudoLabelBank"
 _VERSION = 2  # 1: one row for every sample and modality (never released, not read)
-_MAX_WINDOW = 63  # bits of the int64 mask that stay non-negative
+#: The most epochs a bank averages (``window``): the bits of the int64 mask that stay non-negative.
+MAX_WINDOW = 63
 _MODALITY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _NAME_BY_DTYPE = {dtype: name for name, dtype in _DTYPE_BY_NAME.items()}
@@ -133,9 +134,9 @@ def _check_config(num_samples, num_outputs, modalities, window, total_epochs, dt
     for name, value in (("num_samples", num_samples), ("num_outputs", num_outputs),
                         ("window", window), ("total_epochs", total_epochs)):
         check_positive_int(name, value)
-    if window > total_epochs or window > _MAX_WINDOW:
+    if window > total_epochs or window > MAX_WINDOW:
         raise ValueError(f"window: expected 1 <= window <= min(total_epochs={total_epochs}, "
-                         f"{_MAX_WINDOW}), got {window}")
+                         f"{MAX_WINDOW}), got {window}")
     if isinstance(modalities, str) or not isinstance(modalities, Sequence):
         raise TypeError(f"modalities: expected a sequence of names, got {modalities!r}")
     names = list(modalities)

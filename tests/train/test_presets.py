@@ -11,8 +11,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from umilayers.pseudo_labels import MAX_WINDOW
+from umilayers.train import FitConfig
 from umilayers.train.presets import BENCHMARKS, preset_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -51,3 +54,27 @@ def test_the_paper_preset_stage1_learns(benchmark, tmp_path):
     # 0.2%, SGD at 1e-1 by 23-25%; the robot preset's by 43-60%
     for modality, losses in row["stage1"].items():
         assert losses["last"] < 0.85 * losses["first"], (modality, losses)
+
+
+def test_the_scaled_window_stays_within_the_bank():
+    # e / 20 of 200 unimodal epochs is 100, more than a bank averages: capped, and valid as a whole
+    options = rehearse.scaled_options("epic", rehearse.Size(48, 48, 6, 200))
+    assert options["pseudo_window"] == MAX_WINDOW
+    assert FitConfig.from_options(**options).train.window() == MAX_WINDOW
+
+
+def test_chance_is_never_below_the_majority_share_of_training():
+    train = np.array([5, 5, 5, 1, 2, 3])
+    assert rehearse.majority_chance(train, np.array([0, 1, 2, 3])) == 0.5  # val holds none of class 5
+    assert rehearse.majority_chance(train, np.array([5, 5, 5, 1])) == 0.75
+
+
+def test_the_default_epic_size_gives_stage1_sharp_pseudo_labels(tmp_path):
+    # at 20 unimodal epochs (one step each) the pseudo-labels picked the right class but stayed flat
+    # (entropy 0.99 of log C); the default size's unimodal epochs must make them informative
+    size = replace(rehearse.SIZES["default"]["epic"], eval=8)
+    spec = rehearse.SPECS["epic"]
+    small = {m: (min(k, 6), min(d, 48)) for m, (k, d) in spec.shapes.items()}
+    store = rehearse.make_store("epic", tmp_path / "store", size, spec=replace(spec, shapes=small))
+    row = rehearse.rehearse("epic", store, size, tmp_path / "run", stage1_only=True)
+    assert row["goals"]["pseudo_labels_informative"]["met"], row["goals"]["pseudo_labels_informative"]["why"]

@@ -37,6 +37,7 @@ from umilayers._config import Config, OptionSpec, option, option_specs
 from umilayers._validation import InvalidArgument
 from umilayers.baselines import METHODS, PREDICTORS
 from umilayers.model import ModelConfig
+from umilayers.pseudo_labels import MAX_WINDOW
 
 __all__ = ["BASE_LR", "BASE_BATCH", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "RuntimeConfig", "FitConfig",
            "drop_epochs"]
@@ -231,11 +232,12 @@ class FitConfig(Config):
             if train.unimodal_epochs < 1:
                 raise InvalidArgument("unimodal_epochs", "pseudo-labels need at least one unimodal epoch "
                                                          "(or turn {use_pseudo} off)", refs=("use_pseudo",))
-            if train.pseudo_window is not None and not 1 <= train.pseudo_window <= train.unimodal_epochs:
+            limit = min(train.unimodal_epochs, MAX_WINDOW)  # the bank averages at most MAX_WINDOW epochs
+            if train.pseudo_window is not None and not 1 <= train.pseudo_window <= limit:
                 raise InvalidArgument(
                     "pseudo_window",
-                    f"expected 1 <= {{pseudo_window}} <= {{unimodal_epochs}}={train.unimodal_epochs}, "
-                    f"got {train.pseudo_window}", refs=("pseudo_window", "unimodal_epochs"),
+                    f"expected 1 <= {{pseudo_window}} <= min({{unimodal_epochs}}={train.unimodal_epochs}, "
+                    f"{MAX_WINDOW}), got {train.pseudo_window}", refs=("pseudo_window", "unimodal_epochs"),
                 )
 
     @property
