@@ -44,10 +44,11 @@ both training splits:
   describes all of it plus its own nuisance).
 
 Sizes: ``--quick`` (CI smoke test, goals reported, not checked: 25 s on the 2-core machine),
-the default (CPU; measured 2026-12-07 on the loaded 2-core machine, run as two processes at
-once: EPIC 15 min, robot 22 min, MSR-VTT 13 min of wall time; EPIC's val goal is not checked
-at this size) and ``--size gpu`` (``benchmarks/gpu.sh``; its sizes are estimates, not yet timed
-on a GPU). Writes ``results/rehearse[_quick|_gpu].json``.
+the default (CPU; EPIC 12 min a seed with one thread, 7 min with two, on the quiet 2-core
+machine, about 10 GiB peak memory: the attention maps of 784 tokens at batch 96; robot 22 min and
+MSR-VTT 13 min on the loaded machine, run as two processes at once) and ``--size gpu``
+(``benchmarks/gpu.sh``; its sizes are estimates, not yet timed on a GPU). Writes
+``results/rehearse[_quick|_gpu].json``.
 
 Usage::
 
