@@ -369,8 +369,10 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(finished, tmp_path):
     import time
 
     run = tmp_path / "run"
+    # far more epochs than it can run before the signal: 200 tiny epochs once ended (exit 0) before
+    # a parent slowed by a loaded machine sent it
     argv = [sys.executable, "-m", "umilayers", "fit", str(finished / "store"), "--out", str(run), *TINY,
-            "--epochs", "200"]
+            "--epochs", "100000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
