@@ -369,18 +369,23 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(finished, tmp_path):
     import time
 
     run = tmp_path / "run"
-    # far more epochs than it can run before the signal: 200 tiny epochs once ended (exit 0) before
-    # a parent slowed by a loaded machine sent it
+    # far more epochs than it can run before the signal
     argv = [sys.executable, "-m", "umilayers", "fit", str(finished / "store"), "--out", str(run), *TINY,
             "--epochs", "100000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run / "log.jsonl").exists() or "multimodal" not in (run / "log.jsonl").read_text():
-        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-        time.sleep(0.2)
-    child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=120)
+    # SIGINT's default for the child, as in a terminal: a shell's background job (CI started with
+    # `&`) ignores SIGINT, the child inherits that, and Python then never raises KeyboardInterrupt
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").exists() or "multimodal" not in (run / "log.jsonl").read_text():
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()  # no-op once it has exited
     assert child.returncode == 130 and out == ""
     assert err.strip().splitlines() == [
         "umilayers fit: interrupted; the last finished epoch is kept: add --resume to continue"]
