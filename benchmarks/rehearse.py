@@ -319,7 +319,7 @@ def pseudo_quality(run: Path, store: FeatureStore) -> dict[str, Any]:
 
     bank = PseudoLabelBank.load(run / "pseudo_labels")
     train = list(store.splits_with_role("train"))
-    truth = np.concatenate([store.targets(s) for s in train]) if store.task != "retrieval" else None
+    truth = training_targets(store)
     per: dict[str, float] = {}
     agreement: dict[str, float] = {}  # classification: top-1 of the pseudo-labels on their rows
     if store.task == "retrieval":
@@ -363,10 +363,16 @@ def majority_chance(train: np.ndarray, split: np.ndarray) -> float:
     return float(max(np.mean(split == majority), np.mean(train == majority)))
 
 
+def training_targets(store: FeatureStore) -> Optional[np.ndarray]:
+    """The targets of every training row, in the bank's row order (None for retrieval: captions)."""
+    if store.task == "retrieval":
+        return None
+    return np.concatenate([store.targets(s) for s in store.splits_with_role("train")])
+
+
 def chance(store: FeatureStore, split: str = "val") -> dict[str, float]:
     """The val metric of an uninformed prediction (the module docstring's chance)."""
-    train = np.concatenate([store.targets(s) for s in store.splits_with_role("train")]) \
-        if store.task != "retrieval" else None
+    train = training_targets(store)
     if store.task == "classification":
         return {"top1": majority_chance(train, store.targets(split))}
     if store.task == "regression":
@@ -440,8 +446,7 @@ def rehearse(benchmark: str, store: FeatureStore, size: Size, run: Path, seed: i
     if store.task == "classification":
         row["single_modality_bound"] = single_modality_bound(epic_frequencies(store.num_outputs))
         # the ceiling at this size: no model names a class it never saw in training
-        train = np.concatenate([store.targets(s) for s in store.splits_with_role("train")])
-        row["val_rows_of_training_classes"] = float(np.isin(store.targets("val"), train).mean())
+        row["val_rows_of_training_classes"] = float(np.isin(store.targets("val"), training_targets(store)).mean())
     row["goals"] = goals(row)
     return row
 
